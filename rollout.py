@@ -1,0 +1,308 @@
+"""
+Batched sampling from a `model.Transformer` with a preallocated KV cache, and the two CLIs built on it.
+
+How `generate` works, in the order it happens:
+
+1. Plan. Prompts are sorted by length (less padding) and packed into batches whose KV cache
+   (rows x (longest prompt + max_new_tokens)) fits `max_batch_tokens`. A batch is a list of
+   (prompt, first sample, number of samples); a prompt whose n samples alone exceed the budget is
+   split into several groups (each group prefills it again).
+2. Prefill, once per prompt. The distinct prompts of a batch are RIGHT-padded to a common length and
+   run through a small cache of their own (in position chunks, so prefill logits stay bounded). A
+   token at position p always lives in cache slot p (model.KVCache), so a causal "slot <= position"
+   mask is all the masking ragged prompts need: the pads of a short prompt sit in slots after its
+   real tokens, no real token can see them, and its decode steps overwrite them one by one. Only
+   the last real token's logits are kept.
+3. Prefix sharing. Each prompt's filled cache rows are copied to its n decode rows, and its
+   last-token logits are repeated n times; every row then draws its own first token.
+4. Decode. One token per row per step; attention only over the filled part of the cache. Rows stop
+   on any of `stop_ids` (finish_reason "stop", the stop token is kept in the sample) or after
+   `max_new_tokens` ("length"). Finished rows are carried along (their outputs ignored) and the loop
+   ends as soon as every row has finished.
+
+Sampling: temperature T (T = 0 is greedy), then top-k, then top-p (nucleus), then one categorical
+draw (Gumbel-max with exponential noise from the seeded `torch.Generator`, so runs are reproducible
+on a given device and batch plan).
+
+Logprobs: each sampled token's logprob is log softmax(logits / T) — the tempered distribution
+BEFORE top-k / top-p truncation (T = 0 is treated as T = 1). That is exactly what the GRPO trainer
+recomputes from a full teacher-forced forward with `token_logprobs`, the one function both use, so
+old-policy and new-policy logprobs are comparable. (Truncation is a sampling filter, not part of the
+policy whose gradient we take.)
+
+CLIs:
+    python rollout.py --model DIR --prompts prompts.jsonl --samples N --max-new-tokens M \
+        --temperature T --top-k K --top-p P --seed S --out out.jsonl
+        prompts line {"id": ..., "messages": [...]} -> out line {"id": ..., "samples": [{"text", "finish_reason"}]}
+    python rollout.py --teacher DIR|sim --users users.jsonl --samples 8 --out teacher.jsonl \
+        [--temperature T --max-new-tokens M --seed S --batch-users U]
+        out line per user {"user_id", "samples": [{"text", "finish_reason", "parse"}]}; restartable.
+    `--samples 1 --temperature 0` gives any checkpoint's greedy predictions for evaluate.py.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+DEFAULT_MAX_BATCH_TOKENS = 1 << 17  # KV-cache slots per batch (rows x (prompt + new tokens))
+PREFILL_LOGITS_BUDGET = 1 << 26  # floats of prefill logits held at once (256 MB)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+
+
+@dataclasses.dataclass
+class Sample:
+    tokens: list  # completion token ids, incl. the stop token when finish_reason == "stop"
+    logprobs: list  # one per token: log softmax(logits / T) of the token (see module docstring)
+    finish_reason: str  # "stop" | "length"
+
+
+# -----------------------------------------------------------------------------
+# Sampling math: small pure functions on logits [B, V]
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    """Per-token logprob under the tempered distribution: log softmax(logits / T)[token]; T = 0 -> T = 1.
+
+    logits [..., V], tokens [...] -> [...] float32. The ONE logprob function: the sampler records it
+    and the GRPO trainer recomputes it from a teacher-forced forward. Written as
+    logit - logsumexp so autograd keeps no second [..., V] tensor.
+    """
+    logits = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits per row (ties with the k-th kept), the rest -inf. k <= 0: no-op."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Nucleus: keep the smallest set of most likely tokens whose probability mass reaches p. p >= 1: no-op."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = mass_before >= p  # never drops the most likely token (mass_before = 0)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row: greedy when temperature == 0, else temperature -> top-k -> top-p -> categorical.
+
+    The categorical draw is Gumbel-max in its exponential form, argmax(probs / E) with E ~ Exp(1):
+    one kernel, no host sync, reproducible from `generator`. Returns (tokens [B], logprobs [B]).
+    """
+    logits = logits.float()
+    if temperature <= 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        scaled = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        tokens = (probs / noise).argmax(dim=-1)
+    return tokens, token_logprobs(logits, tokens, temperature)
+
+
+# -----------------------------------------------------------------------------
+# Batch planning
+
+
+def plan_batches(lengths, n, max_new_tokens, max_batch_tokens):
+    """Pack prompts into batches whose KV cache, rows x (longest prompt + max_new_tokens), fits the budget.
+
+    Returns a list of batches; a batch is a list of (prompt_index, first_sample, n_samples). Prompts
+    go in ascending length so a batch pads little. A prompt whose n rows alone do not fit is split
+    into groups of as many rows as fit (at least one), each group a batch of its own.
+    """
+    batches, current, current_rows, current_len = [], [], 0, 0
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        row_cost = lengths[i] + max_new_tokens
+        if n * row_cost > max_batch_tokens:  # too big alone: groups of as many rows as fit
+            per_group = max(1, max_batch_tokens // row_cost)
+            for first in range(0, n, per_group):
+                batches.append([(i, first, min(per_group, n - first))])
+            continue
+        new_len = max(current_len, row_cost)
+        if current and (current_rows + n) * new_len > max_batch_tokens:
+            batches.append(current)
+            current, current_rows, new_len = [], 0, row_cost
+        current.append((i, 0, n))
+        current_rows, current_len = current_rows + n, new_len
+    if current:
+        batches.append(current)
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# The engine
+
+
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+def prefill(model, prompts, cache, logits_budget=PREFILL_LOGITS_BUDGET):
+    """Run right-padded prompts through the model once, filling `cache` rows 0..P-1 (slot = position).
+
+    The prompts go in chunks of positions so the [P, chunk, vocab] logits stay within `logits_budget`
+    floats (a 150k vocabulary times long prompts would not fit otherwise); the cache makes the chunks
+    exact, since a query attends to every earlier slot. Returns each prompt's last-token logits [P, V].
+    """
+    device = _model_device(model)
+    n_prompts, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(n_prompts, width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+    ids = ids.to(device)
+    last = [len(p) - 1 for p in prompts]
+    chunk = max(1, logits_budget // (n_prompts * model.args.vocab_size))
+    last_logits = [None] * n_prompts
+    for start in range(0, width, chunk):
+        stop = min(width, start + chunk)
+        positions = torch.arange(start, stop, device=device).expand(n_prompts, stop - start)
+        logits = model(ids[:, start:stop], positions, cache)
+        for r in range(n_prompts):
+            if start <= last[r] < stop:
+                last_logits[r] = logits[r, last[r] - start]
+    return torch.stack(last_logits)
+
+
+def share_prefix(prompt_cache, cache, row_prompt, width):
+    """Prefix sharing: decode-cache row r <- prompt-cache row row_prompt[r], slots 0..width-1, all layers."""
+    cache.k[:, :, :, :width] = prompt_cache.k[:, :, :, :width].index_select(1, row_prompt)
+    cache.v[:, :, :, :width] = prompt_cache.v[:, :, :, :width].index_select(1, row_prompt)
+
+
+@torch.inference_mode()
+def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
+             seed=None, generator=None, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS, progress=False):
+    """Sample n completions for each token-id prompt; returns [prompt_index][sample_index] -> Sample.
+
+    See the module docstring for the algorithm. `generator` (a torch.Generator on the model's device)
+    wins over `seed`; with neither, a fresh random seed is drawn. Results are reproducible for the same
+    seed, prompts, settings, `max_batch_tokens` and device.
+    """
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"generate: n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+    device = _model_device(model)
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    stop = torch.tensor(sorted(set(int(s) for s in stop_ids)) or [-1], device=device)
+    results = [[None] * n for _ in prompts]
+    batches = plan_batches([len(p) for p in prompts], n, max_new_tokens, max_batch_tokens)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts) * n, unit="sample", desc="generate", dynamic_ncols=True)
+    for batch in batches:
+        samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch],
+                                  max_new_tokens, temperature, top_k, top_p, stop, generator, bar)
+        for (i, first, count), group in zip(batch, samples):
+            results[i][first:first + count] = group
+        if bar is not None:
+            bar.update(sum(c for _, _, c in batch))
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, top_p, stop, generator, bar):
+    """One planned batch: prefill each prompt once, copy to counts[i] rows, decode. Returns [[Sample]]."""
+    device = _model_device(model)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    counts_t = torch.tensor(counts, device=device)
+    rows = int(counts_t.sum())
+
+    width = int(lengths.max())
+    prompt_cache = model.setup_cache(len(prompts), width)
+    last_logits = prefill(model, prompts, prompt_cache)
+    row_prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
+    cache = model.setup_cache(rows, width + max_new_tokens)
+    share_prefix(prompt_cache, cache, row_prompt, width)
+    del prompt_cache
+
+    positions = lengths.index_select(0, row_prompt)  # where each row's next token goes
+    out_tokens = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+    out_logprobs = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
+    n_steps = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    token, logprob = sample_tokens(last_logits.index_select(0, row_prompt), temperature, top_k, top_p, generator)
+    for step in range(max_new_tokens):
+        out_tokens[:, step] = token
+        out_logprobs[:, step] = logprob
+        hit = torch.isin(token, stop) & ~done
+        n_steps.masked_fill_(hit, step + 1)
+        done |= hit
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = model(token[:, None], positions[:, None], cache)[:, -1]
+        positions += 1
+        token, logprob = sample_tokens(logits, temperature, top_k, top_p, generator)
+
+    out_tokens, out_logprobs = out_tokens.cpu(), out_logprobs.cpu()
+    n_steps, done = n_steps.tolist(), done.tolist()
+    samples, row = [], 0
+    for count in counts:
+        group = []
+        for _ in range(count):
+            k = n_steps[row]
+            group.append(Sample(out_tokens[row, :k].tolist(), out_logprobs[row, :k].tolist(), "stop" if done[row] else "length"))
+            row += 1
+        samples.append(group)
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer helpers
+
+
+def load_tokenizer(path):
+    """The checkpoint's own tokenizer (transformers.AutoTokenizer), from local files only."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def chat_prompt_ids(tokenizer, messages, **template_kwargs):
+    """Token ids of `messages` rendered with the checkpoint's chat template, ending in the assistant turn's opening."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kwargs)
+    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def stop_ids_for(tokenizer):
+    """Ids that end a completion: eos, the end-of-turn tokens the vocabulary has, and generation_config.json's eos list."""
+    ids = set()
+    eos = tokenizer.eos_token_id
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    gen_config = os.path.join(str(getattr(tokenizer, "name_or_path", "")), "generation_config.json")
+    if os.path.isfile(gen_config):
+        with open(gen_config, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(ids)
+
+
+def completion_text(tokenizer, sample, stop_ids):
+    """A sample's text: its tokens without the final stop token, special tokens dropped."""
+    tokens = sample.tokens[:-1] if sample.finish_reason == "stop" and sample.tokens and sample.tokens[-1] in stop_ids else sample.tokens
+    return tokenizer.decode(tokens, skip_special_tokens=True)
