@@ -1,0 +1,436 @@
+"""
+One decoder-only Transformer for the Llama-3 / Qwen2 / Qwen2.5 / Qwen3 families, built from a
+Hugging Face `config.json`, reading and writing HF-named safetensors, with a preallocated KV cache.
+
+Module names are HF's own (`model.layers.3.self_attn.q_proj`, ...), so a checkpoint's tensors load
+by name with no conversion table, and RoPE is HF's rotate-half form, so q/k weights need no
+permutation. Family differences are three switches in ModelArgs: q/k/v bias (Qwen2), per-head
+RMSNorm of q and k (Qwen3), and llama3 rope scaling (Llama 3.1+). Every number this file computes is
+checked against transformers in tests/test_model.py.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "generation_config.json")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "qwen3"
+    vocab_size: int = 32000
+    dim: int = 256                      # hidden_size
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4                 # < n_heads: grouped-query attention
+    head_dim: int = 64                  # Qwen3 may have head_dim != dim // n_heads
+    intermediate_size: int = 768
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {} or {"rope_type": "llama3"|"linear", ...}
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False              # Qwen2 always; Llama/Qwen3 when attention_bias
+    o_bias: bool = False                # Llama/Qwen3 attention_bias also puts a bias on o_proj
+    mlp_bias: bool = False              # Llama mlp_bias
+    qk_norm: bool = False               # Qwen3
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Read an HF config.json dict; anything we would silently get wrong is an error naming the field."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED:
+            raise ValueError(f"config.json: model_type {model_type!r} is not supported; expected one of {sorted(SUPPORTED)}")
+        for arch in cfg.get("architectures") or []:
+            if arch != SUPPORTED[model_type]:
+                raise ValueError(f"config.json: architectures {arch!r} is not supported; expected {SUPPORTED[model_type]!r}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported; expected 'silu'")
+        if cfg.get("use_sliding_window"):
+            raise ValueError("config.json: use_sliding_window=true is not supported; expected false")
+        # transformers 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported; expected default, llama3 or linear")
+        scaling = {}
+        if rope_type != "default":
+            scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
+            scaling["rope_type"] = rope_type
+            scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+        n_heads = cfg["num_attention_heads"]
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    def to_hf_config(self) -> dict:
+        """The config.json transformers needs to rebuild this model (for models made from scratch)."""
+        if self.model_type not in SUPPORTED:
+            raise ValueError(f"ModelArgs.model_type {self.model_type!r} is not supported; expected one of {sorted(SUPPORTED)}")
+        if self.model_type == "qwen2" and (self.o_bias or not self.qkv_bias):
+            raise ValueError("ModelArgs: qwen2 has q/k/v bias and no o_proj bias; expected qkv_bias=True, o_bias=False")
+        if self.model_type != "qwen2" and self.qkv_bias != self.o_bias:
+            raise ValueError(f"ModelArgs: {self.model_type} attention_bias covers q/k/v and o; expected qkv_bias == o_bias")
+        if self.qk_norm != (self.model_type == "qwen3"):
+            raise ValueError(f"ModelArgs: qk_norm={self.qk_norm} does not fit model_type {self.model_type!r}")
+        cfg = {
+            "architectures": [SUPPORTED[self.model_type]], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size, "rms_norm_eps": self.norm_eps, "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings, "tie_word_embeddings": self.tie_embeddings,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default", **self.rope_scaling},
+        }
+        if self.model_type != "qwen2":
+            cfg["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
+            cfg["mlp_bias"] = self.mlp_bias
+        return cfg
+
+
+# -----------------------------------------------------------------------------
+# RoPE (HF rotate-half convention)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama-3.1 ("llama3") or linear scaling when configured."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = args.rope_scaling
+    if s.get("rope_type") == "linear":
+        return inv_freq / s["factor"]
+    if s.get("rope_type") == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions, inv_freq, dtype):
+    """cos/sin tables [B, T, 1, head_dim] for the given per-row positions, computed in float32."""
+    freqs = positions[..., None].float() * inv_freq.float()     # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, D] rotated by position: x*cos + rotate_half(x)*sin, rotate_half(a, b) = (-b, a)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values: k, v [n_layers, B, n_kv_heads, max_len, head_dim].
+
+    Semantics of Transformer.forward(input_ids[B,T], positions[B,T], cache, attn_mask):
+      * cache slot == position. Each new token's k/v is written at slot positions[b, t] of row b
+        (overwriting what was there), so rows may be at different positions (ragged prompts).
+      * A query at position p in row b attends to slots s <= p of row b (causal over the cache), and,
+        if attn_mask[B, S] (bool, S >= the slots used, True = real token) is given, only to slots
+        where attn_mask[b, s] is True. Its own slot s == p is always allowed, so a pad query never
+        attends to nothing (its output is finite garbage that you ignore).
+      * Attention reads only slots 0..max(positions) (the filled part); stale values in later slots
+        are never seen, because a row's queries only look at slots <= their own position.
+    Ragged prompts, right-padded: prefill with positions = arange(T) on every row and no mask; row b's
+    next-token logits are at index len_b - 1; then decode row b at position len_b, len_b + 1, ...
+    (its pad slots get overwritten before any query can see them). Left padding also works: give
+    attn_mask False on the pad slots (RoPE is relative, so the shift does not change the result).
+    """
+
+    def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+    def update(self, layer, positions, k, v):
+        """Write k, v [B, T, n_kv_heads, head_dim] at slots `positions` [B, T] of each row."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, positions] = k
+        self.v[layer][rows, :, positions] = v
+
+    def copy_rows(self, src, dst):
+        """Prefix sharing: copy whole cache rows, cache[dst[i]] = cache[src[i]] (index lists or tensors)."""
+        src = torch.as_tensor(src, device=self.k.device)
+        dst = torch.as_tensor(dst, device=self.k.device)
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+
+# -----------------------------------------------------------------------------
+# The model (module names = HF names)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in float32 then cast back before the weight, exactly as HF does (bf16 parity).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.args, self.layer = args, layer
+        h, kv, d = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, h * d, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, kv * d, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, kv * d, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(h * d, args.dim, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(d, args.norm_eps)
+            self.k_norm = RMSNorm(d, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, positions, cache):
+        B, T, _ = x.shape
+        a = self.args
+        q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim)
+        k = self.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim)
+        v = self.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim)
+        if a.qk_norm:  # Qwen3: RMSNorm per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if cache is not None:
+            cache.update(self.layer, positions, k.transpose(1, 2), v.transpose(1, 2))
+            S = mask.shape[-1]  # only the filled part of the cache
+            k, v = cache.k[self.layer, :, :, :S], cache.v[self.layer, :, :, :S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=a.n_kv_heads != a.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask=None, positions=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, config: dict | None = None):
+        super().__init__()
+        self.args = args
+        self.config = dict(config) if config is not None else args.to_hf_config()  # raw HF config.json
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args, i) for i in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps),
+        ))
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the RoPE frequencies.
+        self.inv_freq = rope_inv_freq(args)  # always on CPU first (even under a meta-device context)
+        self.gradient_checkpointing = False  # recompute each block's activations in backward (SFT/RL memory)
+
+    def tie_weights(self):
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def setup_cache(self, batch_size, max_len, dtype=None) -> KVCache:
+        """A KV cache for this model on its device (dtype defaults to the model's)."""
+        w = self.model.embed_tokens.weight
+        a = self.args
+        return KVCache(a.n_layers, batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or w.dtype, w.device)
+
+    def forward(self, input_ids, positions=None, cache=None, attn_mask=None):
+        """input_ids [B, T] -> float32 logits [B, T, vocab].
+
+        No cache: causal attention in index order; `positions` (default arange(T)) only set RoPE;
+        attn_mask [B, T] (bool, True = real token) hides pad keys. With a cache: see KVCache.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if positions is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        mask = None
+        if cache is not None:
+            S = int(positions.max()) + 1
+            if S > cache.max_len:
+                raise ValueError(f"KVCache: position {S - 1} does not fit max_len {cache.max_len}")
+            slots = torch.arange(S, device=device)
+            mask = slots <= positions[:, :, None]                                  # [B, T, S]
+            if attn_mask is not None:
+                mask = mask & (attn_mask[:, None, :S] | (slots == positions[:, :, None]))
+            mask = mask[:, None]                                                   # [B, 1, T, S]
+        elif attn_mask is not None:
+            idx = torch.arange(T, device=device)
+            causal = idx[None, :] <= idx[:, None]                                  # [T, T]
+            mask = (causal & (attn_mask[:, None, :] | (idx[None, :] == idx[:, None])))[:, None]
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, positions, cache)
+        return self.lm_head(self.model.norm(x)).float()
+
+
+# -----------------------------------------------------------------------------
+# Init, load, save
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, std=0.02, seed=0):
+    """Fresh weights for a model trained from scratch: N(0, std) matrices, zero biases, unit norms."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():  # shared (tied) tensors appear once
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _read_safetensors(path, device):
+    """All tensors of an HF checkpoint dir: model.safetensors or the shards in model.safetensors.index.json."""
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name), device=str(device)))
+    return state
+
+
+def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
+    """Build the model on the meta device (no random init) and assign the checkpoint's tensors."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    try:
+        args = ModelArgs.from_hf_config(config)
+    except ValueError as e:
+        raise ValueError(f"{path}/{e}") from None
+    with torch.device("meta"):
+        model = Transformer(args, config)
+    expected = set(model.state_dict())
+    if args.tie_embeddings:
+        expected.discard("lm_head.weight")
+    state = _read_safetensors(path, device)
+    state = {k: v.to(dtype) for k, v in state.items()
+             if k in expected}  # lm_head.weight of a tied model and rotary_emb.inv_freq are ignored
+    missing = sorted(expected - set(state))
+    if missing:
+        raise KeyError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                       f" expected by model_type {args.model_type!r}")
+    unexpected = sorted(k for k in _tensor_names(path) if k not in expected
+                        and not k.endswith("rotary_emb.inv_freq") and not (args.tie_embeddings and k == "lm_head.weight"))
+    if unexpected:
+        raise KeyError(f"{path}: checkpoint has tensor(s) this model does not use: {unexpected[:5]}")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        want = shapes[k]
+        if v.shape != want:
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json implies {tuple(want)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # assign=True replaced the shared parameter; share it again
+    return model.eval()
+
+
+def _tensor_names(path):
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            return list(json.load(f)["weight_map"])
+    with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def save_model(model: Transformer, out_dir, tokenizer_dir=None):
+    """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files."""
+    from safetensors.torch import save_file
+    from confprofile import atomic_write_text
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        del state["lm_head.weight"]  # safetensors refuses shared tensors; HF re-ties from the config
+    dtype = model.model.embed_tokens.weight.dtype
+    config = dict(model.config)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    tmp = os.path.join(out_dir, ".tmp-model.safetensors")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    index = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.exists(index):  # a stale index would make loaders read old shards
+        os.unlink(index)
+    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(out_dir, name)):
+                shutil.copyfile(src, os.path.join(out_dir, name))
+    return out_dir
