@@ -1,0 +1,309 @@
+"""
+Stage 1 aggregation: vote the N teacher answers per user, calibrate the pooled confidence, and
+write the SFT set (plus an audit trail and a summary).
+
+    python calibrate.py --samples teacher.jsonl --users train.jsonl --out sft.jsonl
+        [--method quantile|none|isotonic] [--dev-labels labels.jsonl] [--weighting confidence|majority]
+        [--audit audit.jsonl] [--target full|labels_only] [--single-answer]
+
+Per user and dimension (DESIGN "Stage 1 formulas"): the confidence-weighted vote gives the
+pseudo-label ŷ and the pooled confidence r = (S_ŷ / Σ_k S_k) · mean{c_i : y_i = ŷ} (confprofile.vote).
+Calibration then maps r to a level 1..10 within each dimension, over all users:
+
+* quantile (default): equal-frequency levels by rank, ties share a level — the calibrated
+  confidence is spread evenly over 1..10 and orders users by reliability;
+* none: r rounded half up and clamped to 1..10;
+* isotonic: P(ŷ correct | r) fitted by pool-adjacent-violators on a small labelled dev set,
+  then the level nearest to 10·P.
+
+The SFT target per dimension is ŷ, the calibrated level, and the evidence of the highest-confidence
+answer that agrees with ŷ. A user is kept only if every dimension has at least one valid answer;
+the others are reported (summary, audit) and left out, so no target is made up.
+"""
+import argparse
+import json
+import math
+import sys
+
+from confprofile import (DataError, atomic_write_text, dimensions, format_answer, load_taxonomy,
+                         parse_answer, read_users, render_prompt, vote, write_jsonl)
+
+LEVELS = 10
+METHODS = ("quantile", "none", "isotonic")
+
+# -----------------------------------------------------------------------------
+# Calibration: pure functions of one dimension's pooled confidences.
+
+
+def calibrate_quantile(values, levels=LEVELS):
+    """Quantile calibration: level = 1 + floor(levels · (m − ½) / n), m = the 1-based mid-rank of the
+    value among all n values (ascending; tied values share their mid-rank, hence their level).
+
+    (m − ½)/n is the Hazen percentile, always in (0, 1), so levels are 1..levels and equally
+    frequent for distinct values (n = 20: ranks 1–2 -> 1, 3–4 -> 2, ...). Constant input and n = 1
+    give the middle level 1 + levels/2 (6 of 10): no information, no extreme."""
+    n = len(values)
+    order = sorted(range(n), key=lambda i: values[i])
+    out = [0] * n
+    start = 0
+    while start < n:
+        end = start  # [start, end] is one tie group in sorted order
+        while end + 1 < n and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        midrank = (start + end) / 2 + 1
+        level = min(levels, 1 + math.floor(levels * (midrank - 0.5) / n))
+        for j in range(start, end + 1):
+            out[order[j]] = level
+        start = end + 1
+    return out
+
+
+def calibrate_none(values, levels=LEVELS):
+    """No calibration: the pooled confidence rounded half up and clamped to 1..levels."""
+    return [min(levels, max(1, math.floor(v + 0.5))) for v in values]
+
+
+def probability_to_level(p, levels=LEVELS):
+    """The level whose c/levels is nearest to the probability p, clamped to 1..levels (round half up)."""
+    return min(levels, max(1, math.floor(levels * p + 0.5)))
+
+
+def isotonic_blocks(values, correct):
+    """Isotonic regression by pool-adjacent-violators: P(correct) non-decreasing in the value.
+
+    Equal values are pooled first (a function of r gives one answer per r); then adjacent blocks
+    whose means decrease are merged, weighted by size. Returns [(lowest value, mean correct)] ascending."""
+    pairs = sorted(zip(values, correct), key=lambda t: t[0])
+    blocks = []  # [lowest value, sum correct, count]
+    for v, y in pairs:
+        if blocks and blocks[-1][3] == v:
+            blocks[-1][1] += float(y)
+            blocks[-1][2] += 1
+        else:
+            blocks.append([v, float(y), 1, v])  # [lowest value, sum, count, last value]
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
+            last = blocks.pop()
+            blocks[-1][1] += last[1]
+            blocks[-1][2] += last[2]
+            blocks[-1][3] = last[3]
+    return [(b[0], b[1] / b[2]) for b in blocks]
+
+
+def fit_isotonic(values, correct, levels=LEVELS):
+    """Fit isotonic calibration on a labelled dev set: r -> P(correct) (a step function; below the
+    lowest dev value, the first step) -> level (probability_to_level). Returns the callable r -> level;
+    its `.probability` attribute is the callable r -> P(correct) and `.blocks` the fitted steps."""
+    if not values:
+        raise ValueError("fit_isotonic: needs at least one labelled value")
+    blocks = isotonic_blocks(values, correct)
+
+    def probability(r):
+        p = blocks[0][1]
+        for low, mean in blocks:
+            if r >= low:
+                p = mean
+            else:
+                break
+        return p
+
+    def level(r):
+        return probability_to_level(probability(r), levels)
+
+    level.probability, level.blocks = probability, blocks
+    return level
+
+
+# -----------------------------------------------------------------------------
+# Reading teacher samples
+
+
+def read_samples(path):
+    """teacher.jsonl -> [{"user_id", "samples": [...], ...}], validated; errors name file:line: field."""
+    records, first_line = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; expected one teacher record per line") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected an object {{\"user_id\", \"samples\"}}")
+            uid = rec.get("user_id")
+            if not isinstance(uid, str) or not uid:
+                raise DataError(f"{where}: user_id: expected a non-empty string, got {uid!r}")
+            if uid in first_line:
+                raise DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]}); expected one line per user")
+            first_line[uid] = lineno
+            samples = rec.get("samples")
+            if not isinstance(samples, list):
+                raise DataError(f"{where}: samples: expected a list of {{\"text\", \"finish_reason\", \"parse\"}}")
+            for i, s in enumerate(samples):
+                if not isinstance(s, dict) or not (isinstance(s.get("text"), str) or isinstance(s.get("parse"), dict)):
+                    raise DataError(f"{where}: samples[{i}]: expected an object with a string \"text\" (or a \"parse\")")
+            records.append(rec)
+    return records
+
+
+def read_dev_labels(path, taxonomy):
+    """A labelled dev set for isotonic calibration: JSONL lines with "user_id" and "labels"."""
+    return {u["user_id"]: u["labels"] for u in read_users(path, require_labels=True, taxonomy=taxonomy)}
+
+
+def sample_parse(sample, taxonomy):
+    """The parse of one sample. The text is re-parsed when present (a stored parse may come from an
+    older parser; parsing is cheap); a stored "parse" is used only when there is no text."""
+    if isinstance(sample.get("text"), str):
+        return parse_answer(sample["text"], taxonomy)
+    return sample["parse"]
+
+
+def all_dims_valid(parse, dims):
+    return all(parse["dims"].get(d) is not None for d in dims)
+
+
+# -----------------------------------------------------------------------------
+# The SFT set
+
+
+def histogram(levels, n_levels=LEVELS):
+    return {str(k): sum(1 for v in levels if v == k) for k in range(1, n_levels + 1)}
+
+
+def build_sft(teacher, users_by_id, taxonomy, method="quantile", weighting="confidence", target="full",
+              single_answer=False, dev_labels=None, levels=LEVELS):
+    """Vote, calibrate, and make the SFT records. Returns (sft_records, audit_records, summary)."""
+    dims = dimensions(taxonomy)
+    voted, audit, dropped, missing_by_dim = [], [], [], {d: 0 for d in dims}
+    n_samples = n_format_ok = 0
+    for rec in teacher:
+        parses = [sample_parse(s, taxonomy) for s in rec["samples"]]
+        n_samples += len(parses)
+        n_format_ok += sum(1 for p in parses if p.get("format_ok"))
+        used = parses
+        if single_answer:  # the ablation without voting: each user's first answer valid in every dimension
+            used = [p for p in parses if all_dims_valid(p, dims)][:1]
+        votes = vote(used, taxonomy, weighting)
+        entry = {"user_id": rec["user_id"],
+                 "answers": [{"format_ok": p.get("format_ok", False),
+                              "dims": {d: (None if p["dims"].get(d) is None else
+                                           [p["dims"][d]["label"], p["dims"][d]["confidence"]]) for d in dims}}
+                             for p in parses]}
+        missing = [d for d in dims if votes[d] is None]
+        if missing:
+            for d in missing:
+                missing_by_dim[d] += 1
+            dropped.append(rec["user_id"])
+            entry.update(kept=False, reason=f"no valid answer for {', '.join(missing)}")
+            audit.append(entry)
+            continue
+        entry["kept"] = True
+        voted.append((rec, votes, entry))
+        audit.append(entry)
+
+    calibrated = {}  # dim -> list of levels, aligned with `voted`
+    for d in dims:
+        values = [v[d]["pooled_confidence"] for _, v, _ in voted]
+        if method == "quantile":
+            calibrated[d] = calibrate_quantile(values, levels)
+        elif method == "none":
+            calibrated[d] = calibrate_none(values, levels)
+        elif method == "isotonic":
+            dev = [(v[d]["pooled_confidence"], v[d]["label"] == dev_labels[r["user_id"]][d])
+                   for r, v, _ in voted if r["user_id"] in (dev_labels or {})]
+            if not dev:
+                raise DataError("--dev-labels: no labelled user is among the kept users of --samples; "
+                                "expected user_ids that the teacher answered")
+            level_of = fit_isotonic([x for x, _ in dev], [y for _, y in dev], levels)
+            calibrated[d] = [level_of(x) for x in values]
+        else:
+            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+
+    sft = []
+    for i, (rec, votes, entry) in enumerate(voted):
+        uid = rec["user_id"]
+        if isinstance(rec.get("messages"), list):  # the prompt the teacher saw, when it was stored
+            prompt = [m for m in rec["messages"] if m.get("role") != "assistant"]
+        elif uid in users_by_id:
+            prompt = render_prompt(users_by_id[uid], taxonomy)
+        else:
+            raise DataError(f"user_id {uid!r}: not in --users and no stored \"messages\"; expected the users file the teacher labelled")
+        profile = {d: {"label": votes[d]["label"], "confidence": calibrated[d][i], "evidence": votes[d]["evidence"]}
+                   for d in dims}
+        answer = format_answer(profile, taxonomy, labels_only=(target == "labels_only"))
+        level_by_dim = {d: calibrated[d][i] for d in dims}
+        sft.append({"user_id": uid, "messages": prompt + [{"role": "assistant", "content": answer}],
+                    "calibrated": level_by_dim})
+        entry["vote"] = {d: {"label": votes[d]["label"], "scores": votes[d]["scores"], "n_valid": votes[d]["n_valid"],
+                             "pooled_confidence": round(votes[d]["pooled_confidence"], 6),
+                             "calibrated": level_by_dim[d]} for d in dims}
+
+    summary = {
+        "method": method, "weighting": weighting, "target": target, "single_answer": single_answer,
+        "users_total": len(teacher), "users_kept": len(sft), "users_without_valid_answer": len(dropped),
+        "dropped_user_ids": dropped[:50], "missing_by_dimension": missing_by_dim,
+        "samples_total": n_samples, "samples_format_ok": n_format_ok,
+        "label_distribution": {d: {} for d in dims},
+        "confidence_histogram_before": {}, "confidence_histogram_after": {},
+    }
+    for d in dims:
+        for _, votes, _ in voted:
+            label = votes[d]["label"]
+            summary["label_distribution"][d][label] = summary["label_distribution"][d].get(label, 0) + 1
+        raw = calibrate_none([v[d]["pooled_confidence"] for _, v, _ in voted], levels)
+        summary["confidence_histogram_before"][d] = histogram(raw, levels)
+        summary["confidence_histogram_after"][d] = histogram(calibrated[d], levels)
+    return sft, audit, summary
+
+
+def print_summary(summary, file=sys.stdout):
+    s = summary
+    print(f"users: {s['users_kept']} kept, {s['users_without_valid_answer']} without a valid answer "
+          f"(of {s['users_total']}); samples format_ok {s['samples_format_ok']}/{s['samples_total']}; "
+          f"method={s['method']} weighting={s['weighting']} target={s['target']} single_answer={s['single_answer']}", file=file)
+    print(f"{'dimension':<12} {'confidence 1..10 before (rounded pooled) -> after (calibrated)':<60}", file=file)
+    for d in s["label_distribution"]:
+        before = " ".join(f"{v:>4}" for v in s["confidence_histogram_before"][d].values())
+        after = " ".join(f"{v:>4}" for v in s["confidence_histogram_after"][d].values())
+        print(f"{d:<12} {before}\n{'':<12} {after}", file=file)
+        labels = ", ".join(f"{k}:{v}" for k, v in sorted(s["label_distribution"][d].items(), key=lambda t: -t[1]))
+        print(f"{'':<12} labels {labels}", file=file)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Vote teacher answers, calibrate confidence, write the SFT set.")
+    ap.add_argument("--samples", required=True, help="teacher.jsonl: {user_id, samples: [{text, finish_reason, parse}]}")
+    ap.add_argument("--users", help="the users file the teacher labelled (prompts are re-rendered from it)")
+    ap.add_argument("--out", required=True, help="the SFT set (JSONL); the summary goes to <out>.summary.json")
+    ap.add_argument("--method", choices=METHODS, default="quantile", help="confidence calibration")
+    ap.add_argument("--dev-labels", help="labelled dev users {user_id, labels} (required by --method isotonic)")
+    ap.add_argument("--weighting", choices=("confidence", "majority"), default="confidence", help="vote weights")
+    ap.add_argument("--audit", help="write one audit line per user (answers, vote scores, pooled and calibrated confidence)")
+    ap.add_argument("--target", choices=("full", "labels_only"), default="full", help="labels_only drops confidence and evidence (ablation)")
+    ap.add_argument("--single-answer", action="store_true", help="use each user's first valid answer only (ablation: no vote)")
+    ap.add_argument("--taxonomy", help="taxonomy JSON (default: taxonomy.json)")
+    args = ap.parse_args(argv)
+    if args.method == "isotonic" and not args.dev_labels:
+        ap.error("--method isotonic needs --dev-labels (a labelled dev set)")
+
+    try:
+        taxonomy = load_taxonomy(args.taxonomy)
+        teacher = read_samples(args.samples)
+        users_by_id = {u["user_id"]: u for u in read_users(args.users, taxonomy=taxonomy)} if args.users else {}
+        dev_labels = read_dev_labels(args.dev_labels, taxonomy) if args.dev_labels else None
+        sft, audit, summary = build_sft(teacher, users_by_id, taxonomy, args.method, args.weighting, args.target,
+                                        args.single_answer, dev_labels)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    write_jsonl(args.out, sft)
+    if args.audit:
+        write_jsonl(args.audit, audit)
+    atomic_write_text(args.out + ".summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
