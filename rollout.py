@@ -306,3 +306,256 @@ def completion_text(tokenizer, sample, stop_ids):
     """A sample's text: its tokens without the final stop token, special tokens dropped."""
     tokens = sample.tokens[:-1] if sample.finish_reason == "stop" and sample.tokens and sample.tokens[-1] in stop_ids else sample.tokens
     return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+# -----------------------------------------------------------------------------
+# Input files
+
+
+def read_prompts(path):
+    """Read a prompts JSONL: one {"id": ..., "messages": [{"role", "content"}, ...]} per line.
+
+    Blank lines are skipped; anything else malformed is a ValueError "file:line: field: expected ...".
+    """
+    records, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; expected one object per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object {{\"id\", \"messages\"}}, got {type(record).__name__}")
+            if "id" not in record or not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+                raise ValueError(f"{where}: id: expected a string or integer, got {record.get('id')!r}")
+            messages = record.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ValueError(f"{where}: messages: expected a non-empty list of {{\"role\", \"content\"}}, got {messages!r:.80}")
+            for k, m in enumerate(messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError(f"{where}: messages[{k}]: expected {{\"role\": str, \"content\": str}}, got {m!r:.80}")
+            if record["id"] in seen:
+                raise ValueError(f"{where}: id: duplicate {record['id']!r} (first on line {seen[record['id']]}); expected unique ids")
+            seen[record["id"]] = lineno
+            records.append(record)
+    return records
+
+
+def resume_output(path):
+    """User ids already written to a teacher output file, after cutting off a half-written last line.
+
+    A killed run can leave at most one partial line (lines are written whole, then flushed and
+    fsynced); it is truncated here so the rerun rewrites that user. A complete line that is not a
+    JSON object with a user_id is an error naming the line: that file was not written by us.
+    """
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        print(f"{path}: dropping a half-written last line ({len(data) - len(complete)} bytes) from an interrupted run", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+            f.flush()
+            os.fsync(f.fileno())
+    done = set()
+    for lineno, line in enumerate(complete.decode("utf-8").split("\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            uid = json.loads(line)["user_id"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{lineno}: expected a teacher output line {{\"user_id\", \"samples\"}}; "
+                             f"is --out pointing at the right file?") from None
+        if uid in done:
+            raise ValueError(f"{path}:{lineno}: user_id: {uid!r} written twice; expected one line per user")
+        done.add(uid)
+    return done
+
+
+# -----------------------------------------------------------------------------
+# Teachers: something that turns chat prompts into n answer texts. Everything after the text
+# (parsing, the output line, restarts) is shared by the real checkpoint and the simulated teacher.
+
+
+def _derived_seed(*parts):
+    """A 63-bit seed from any values, stable across runs and machines (unlike Python's hash())."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class CheckpointTeacher:
+    """A real checkpoint: chat template -> generate (prefix-shared n samples) -> decoded texts."""
+
+    def __init__(self, path, device, dtype, max_new_tokens, temperature, top_k, top_p, max_batch_tokens, template_kwargs):
+        from model import load_model
+        self.model = load_model(path, dtype=dtype, device=device)
+        self.tokenizer = load_tokenizer(path)
+        self.stop_ids = stop_ids_for(self.tokenizer)
+        self.settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             max_batch_tokens=max_batch_tokens)
+        self.template_kwargs = template_kwargs
+        self.device = device
+
+    def answer(self, message_lists, n, seeds):
+        """[[(text, finish_reason, n_tokens)] * n] per chat. One generate() call for the whole batch,
+        seeded from all its users' seeds (samples depend on the batch, as batched sampling does)."""
+        prompts = [chat_prompt_ids(self.tokenizer, m, **self.template_kwargs) for m in message_lists]
+        generator = torch.Generator(device=self.device).manual_seed(_derived_seed(*seeds))
+        out = generate(self.model, prompts, n=n, stop_ids=self.stop_ids, generator=generator, **self.settings)
+        return [[(completion_text(self.tokenizer, s, self.stop_ids), s.finish_reason, len(s.tokens)) for s in group]
+                for group in out]
+
+
+class SimulatedTeacher:
+    """profilebench.SimTeacher (a simulated teacher, no weights) behind the same interface."""
+
+    def __init__(self, taxonomy, seed, temperature):
+        import profilebench
+        kwargs = {} if temperature is None else {"temperature": temperature}
+        self.sim = profilebench.SimTeacher(taxonomy, seed=seed, **kwargs)
+
+    def answer(self, message_lists, n, seeds):
+        """Same shape as CheckpointTeacher.answer. SimTeacher seeds each user from its --seed and the
+        user's visible data, so answers do not depend on batches or restarts (`seeds` is not needed)."""
+        return [[(text, "stop", 0) for text in self.sim.answer(messages, n)] for messages in message_lists]
+
+
+def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True):
+    """Stage 1 teacher labelling: render, sample n answers, parse, append one whole line per user.
+
+    Restartable: users already in `out_path` are skipped. Each user has its own seed (from `seed`
+    and its user_id); a checkpoint's samples depend on the seeds of its whole batch (batches are
+    cut from the full user list, so a rerun reproduces an uninterrupted run except in the batch
+    that was being written when it was killed). The simulated teacher's depend on the user only.
+    Returns (users written, tokens generated).
+    """
+    from confprofile import append_jsonl, parse_answer, render_prompt
+    done = resume_output(out_path)
+    batches = [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
+    todo = sum(1 for u in users if u["user_id"] not in done)
+    if done:
+        print(f"{out_path}: {len(done)} users already labelled, {todo} to go", file=sys.stderr)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=todo, unit="user", desc="teacher", dynamic_ncols=True)
+    written, n_tokens, t0 = 0, 0, time.perf_counter()
+    with open(out_path, "a", encoding="utf-8") as f:
+        for batch in batches:
+            batch = [u for u in batch if u["user_id"] not in done]
+            if not batch:
+                continue
+            seeds = [_derived_seed(seed, u["user_id"]) for u in batch]
+            answers = teacher.answer([render_prompt(u, taxonomy) for u in batch], n, seeds)
+            for user, samples in zip(batch, answers):
+                append_jsonl(f, {"user_id": user["user_id"], "samples": [
+                    {"text": text, "finish_reason": reason, "parse": parse_answer(text, taxonomy)}
+                    for text, reason, _ in samples]})
+                n_tokens += sum(k for _, _, k in samples)
+            written += len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s")
+    if bar is not None:
+        bar.close()
+    return written, n_tokens
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample from a checkpoint (--model), or label users with a teacher (--teacher).")
+    p.add_argument("--model", help="HF checkpoint dir to sample from (generic mode, with --prompts)")
+    p.add_argument("--prompts", help="JSONL of {\"id\", \"messages\"} (generic mode)")
+    p.add_argument("--teacher", help="teacher labelling: an HF checkpoint dir, or 'sim' for profilebench.SimTeacher")
+    p.add_argument("--users", help="users JSONL to label (teacher mode)")
+    p.add_argument("--taxonomy", default=None, help="taxonomy.json (teacher mode; default: the repo's)")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--samples", type=int, default=1, help="samples per prompt / user")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="new tokens per sample at most")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0; sim: its own default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
+    p.add_argument("--seed", type=int, default=0, help="makes the samples reproducible")
+    p.add_argument("--batch-users", type=int, default=64, help="users per generate() call (teacher mode)")
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help="KV-cache slots per batch")
+    p.add_argument("--template-kwargs", type=json.loads, default={}, help="JSON passed to the chat template, e.g. '{\"enable_thinking\": false}'")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if (args.model is None) == (args.teacher is None):
+        p.error("give exactly one of --model (with --prompts) or --teacher (with --users)")
+    if args.model is not None and args.prompts is None:
+        p.error("--model needs --prompts")
+    if args.teacher is not None and args.users is None:
+        p.error("--teacher needs --users")
+    if args.samples < 1 or args.max_new_tokens < 1 or args.batch_users < 1:
+        p.error("--samples, --max-new-tokens and --batch-users must be >= 1")
+    return args
+
+
+def _dtype(args):
+    name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    return getattr(torch, name)
+
+
+def run_prompts(args):
+    """Generic mode: chat prompts -> n samples each -> {"id", "samples": [{"text", "finish_reason"}]} lines."""
+    from confprofile import write_jsonl
+    from model import load_model
+    records = read_prompts(args.prompts)
+    model = load_model(args.model, dtype=_dtype(args), device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    stop_ids = stop_ids_for(tokenizer)
+    prompts = [chat_prompt_ids(tokenizer, r["messages"], **args.template_kwargs) for r in records]
+    t0 = time.perf_counter()
+    out = generate(model, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
+                   temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop_ids=stop_ids, seed=args.seed, max_batch_tokens=args.max_batch_tokens,
+                   progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    write_jsonl(args.out, [{"id": r["id"], "samples": [{"text": completion_text(tokenizer, s, stop_ids),
+                                                        "finish_reason": s.finish_reason} for s in group]}
+                           for r, group in zip(records, out)])
+    n_tokens = sum(len(s.tokens) for group in out for s in group)
+    print(f"{len(records)} prompts x {args.samples} samples -> {args.out}: "
+          f"{n_tokens} tokens in {seconds:.1f} s, {n_tokens / seconds:.1f} tokens/s")
+
+
+def run_teacher(args):
+    """Teacher mode: users -> rendered prompts -> n answers each, parsed -> one line per user (restartable)."""
+    from confprofile import load_taxonomy, read_users
+    taxonomy = load_taxonomy(args.taxonomy)
+    users = read_users(args.users, taxonomy=taxonomy)
+    if args.teacher == "sim":
+        teacher = SimulatedTeacher(taxonomy, args.seed, args.temperature)
+    else:
+        teacher = CheckpointTeacher(args.teacher, args.device, _dtype(args), args.max_new_tokens,
+                                    1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p,
+                                    args.max_batch_tokens, args.template_kwargs)
+    t0 = time.perf_counter()
+    written, n_tokens = label_users(teacher, users, taxonomy, args.out, args.samples, seed=args.seed,
+                                    batch_users=args.batch_users, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    rate = f", {n_tokens} tokens, {n_tokens / seconds:.1f} tokens/s" if n_tokens else ""
+    print(f"{written} users labelled x {args.samples} samples -> {args.out} in {seconds:.1f} s "
+          f"({written / max(seconds, 1e-9):.1f} users/s{rate})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.teacher is not None:
+        run_teacher(args)
+    else:
+        run_prompts(args)
+
+
+if __name__ == "__main__":
+    main()

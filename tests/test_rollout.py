@@ -1,0 +1,297 @@
+"""rollout.py: the sampler against transformers and against itself, the sampling math by hand, the CLIs.
+
+Tiny random checkpoints come from tests/tiny_checkpoints.py (vocab 256, hidden 64, 2 layers).
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import rollout
+from model import load_model
+from tiny_checkpoints import hf_greedy, hf_model, make_checkpoint
+
+EOS = 2  # tiny_checkpoints' eos id; hf_greedy stops there
+PROMPTS = [[5, 17, 99], [7, 3, 11, 200, 64, 31, 9, 150, 42, 77, 18], [250], [33, 34, 35, 36, 37, 38]]
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    path = make_checkpoint("qwen3", tmp_path_factory.mktemp("qwen3"), seed=1)
+    return path, load_model(path)
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    path = make_checkpoint("llama3", tmp_path_factory.mktemp("llama3"), seed=2)
+    return path, load_model(path)
+
+
+def teacher_forced_logprobs(model, prompt, sample, temperature):
+    """Logprobs of a completion from ONE full forward over prompt + completion (no cache)."""
+    ids = torch.tensor([prompt + sample.tokens])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:-1]
+    return rollout.token_logprobs(logits, torch.tensor(sample.tokens), temperature)
+
+
+# -----------------------------------------------------------------------------
+# Sampling math, hand-computed
+
+
+def test_token_logprobs_by_hand():
+    logits = torch.tensor([[0.0, float(torch.log(torch.tensor(3.0)))]])  # probs 1/4, 3/4
+    tokens = torch.tensor([1])
+    assert rollout.token_logprobs(logits, tokens, 1.0).item() == pytest.approx(torch.log(torch.tensor(0.75)).item(), abs=1e-6)
+    # T = 0.5 squares the odds: 1/10, 9/10
+    assert rollout.token_logprobs(logits, tokens, 0.5).item() == pytest.approx(torch.log(torch.tensor(0.9)).item(), abs=1e-6)
+    # T = 0 (greedy) reports the untempered distribution
+    assert rollout.token_logprobs(logits, tokens, 0.0).item() == pytest.approx(torch.log(torch.tensor(0.75)).item(), abs=1e-6)
+
+
+def test_top_k_and_top_p_filters_by_hand():
+    inf = float("-inf")
+    assert rollout.top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 2).tolist() == [[inf, 3.0, 2.0, inf]]
+    assert rollout.top_k_filter(torch.tensor([[1.0, 3.0]]), 0).tolist() == [[1.0, 3.0]]
+    logits = torch.log(torch.tensor([[0.15, 0.5, 0.05, 0.3]]))
+    # p = 0.8: 0.5 + 0.3 reaches 0.8 -> keep those two; p = 0.81 needs the 0.15 too
+    assert torch.isfinite(rollout.top_p_filter(logits, 0.8)).tolist() == [[False, True, False, True]]
+    assert torch.isfinite(rollout.top_p_filter(logits, 0.81)).tolist() == [[True, True, False, True]]
+    assert torch.isfinite(rollout.top_p_filter(logits, 0.1)).tolist() == [[False, True, False, False]]
+
+
+def test_sample_tokens_draws_from_the_filtered_tempered_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logits = torch.log(probs).expand(40000, 4)
+    g = torch.Generator().manual_seed(0)
+    tokens, logprobs = rollout.sample_tokens(logits, temperature=1.0, generator=g)
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert torch.allclose(freq, probs, atol=0.01)
+    assert torch.allclose(logprobs, torch.log(probs)[tokens], atol=1e-6)
+    # top-k = 2 at T = 0.5: weights 0.3^2, 0.4^2 -> 9/25, 16/25 over tokens 2, 3
+    tokens, logprobs = rollout.sample_tokens(logits, temperature=0.5, top_k=2, generator=g)
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert torch.allclose(freq, torch.tensor([0.0, 0.0, 9 / 25, 16 / 25]), atol=0.01)
+    # the logprob is of the tempered distribution before truncation: p^2 / sum p^2 (sum = 0.3)
+    assert torch.allclose(logprobs, torch.log(probs[tokens] ** 2 / 0.3), atol=1e-5)
+    greedy, _ = rollout.sample_tokens(logits[:3], temperature=0.0)
+    assert greedy.tolist() == [3, 3, 3]
+
+
+def test_plan_batches_by_hand():
+    # row costs (length + 5 new): prompt1 8, prompt0 10, prompt2 15; budget 40 KV slots
+    assert rollout.plan_batches([5, 3, 10], n=2, max_new_tokens=5, max_batch_tokens=40) == \
+        [[(1, 0, 2), (0, 0, 2)], [(2, 0, 2)]]
+    # 4 rows of 15 do not fit 40: groups of 2 rows, each its own batch
+    assert rollout.plan_batches([10], n=4, max_new_tokens=5, max_batch_tokens=40) == [[(0, 0, 2)], [(0, 2, 2)]]
+
+
+# -----------------------------------------------------------------------------
+# The engine against transformers and against itself
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_greedy_ragged_batch_equals_one_at_a_time_and_transformers(family, request):
+    path, model = request.getfixturevalue(family)
+    hf = hf_model(path)
+    batched = rollout.generate(model, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[EOS])
+    # a tiny token budget: one prompt per batch, the longest one split across batches
+    split = rollout.generate(model, PROMPTS, n=3, max_new_tokens=12, temperature=0, stop_ids=[EOS], max_batch_tokens=40)
+    for prompt, [sample], group in zip(PROMPTS, batched, split):
+        alone = rollout.generate(model, [prompt], max_new_tokens=12, temperature=0, stop_ids=[EOS])[0][0]
+        reference = hf_greedy(hf, prompt, 12)
+        assert sample.tokens == alone.tokens == reference
+        assert all(s.tokens == reference for s in group)
+        assert sample.finish_reason == ("stop" if reference[-1] == EOS else "length")
+
+
+def test_prefix_shared_cache_gives_the_same_logits_as_unshared(qwen3):
+    _, model = qwen3
+    prompts, n = PROMPTS[:2], 3
+    width = max(map(len, prompts))
+    row_prompt = torch.tensor([0, 0, 0, 1, 1, 1])
+    shared_src = model.setup_cache(2, width)
+    first = rollout.prefill(model, prompts, shared_src)
+    shared = model.setup_cache(2 * n, width + 4)
+    rollout.share_prefix(shared_src, shared, row_prompt, width)
+    unshared = model.setup_cache(2 * n, width + 4)  # every row prefilled on its own
+    first_unshared = rollout.prefill(model, [prompts[i] for i in row_prompt.tolist()], unshared)
+    assert torch.allclose(first.index_select(0, row_prompt), first_unshared, atol=1e-5)
+    positions = torch.tensor([len(prompts[i]) for i in row_prompt.tolist()])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # a few decode steps with different tokens per row
+        token = torch.randint(3, 256, (2 * n,), generator=g)
+        with torch.no_grad():
+            a = model(token[:, None], positions[:, None], shared)[:, -1]
+            b = model(token[:, None], positions[:, None], unshared)[:, -1]
+        assert torch.allclose(a, b, atol=1e-5)
+        positions += 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
+def test_sampler_logprobs_equal_teacher_forced(qwen3, temperature, top_k, top_p):
+    _, model = qwen3
+    out = rollout.generate(model, PROMPTS, n=3, max_new_tokens=10, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=0)
+    for prompt, group in zip(PROMPTS, out):
+        assert len({tuple(s.tokens) for s in group}) > 1  # each row drew its own tokens, first one included
+        for sample in group:
+            assert len(sample.logprobs) == len(sample.tokens)
+            expected = teacher_forced_logprobs(model, prompt, sample, temperature)
+            assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
+
+
+def test_stop_ids_and_max_new_tokens_are_honoured(qwen3):
+    _, model = qwen3
+    free = rollout.generate(model, [PROMPTS[1]], max_new_tokens=12, temperature=0)[0][0].tokens
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # first occurrence at index k >= 2
+    stopped = rollout.generate(model, [PROMPTS[1]], max_new_tokens=12, temperature=0, stop_ids=[free[k], 255])[0][0]
+    assert stopped.tokens == free[:k + 1] and stopped.finish_reason == "stop"
+    short = rollout.generate(model, [PROMPTS[1]], max_new_tokens=2, temperature=0)[0][0]
+    assert short.tokens == free[:2] and short.finish_reason == "length"
+    # sampled rows: a "stop" sample ends at its first stop id, a "length" one has none and is full length
+    stops = {free[k], 7, 100}
+    for group in rollout.generate(model, PROMPTS, n=4, max_new_tokens=8, stop_ids=stops, seed=3):
+        for s in group:
+            if s.finish_reason == "stop":
+                assert s.tokens[-1] in stops and not stops & set(s.tokens[:-1])
+            else:
+                assert len(s.tokens) == 8 and not stops & set(s.tokens)
+
+
+def test_same_seed_same_samples_different_seed_different(qwen3):
+    _, model = qwen3
+    kwargs = dict(n=4, max_new_tokens=8, temperature=1.0, top_p=0.95)
+    a = rollout.generate(model, PROMPTS, seed=11, **kwargs)
+    b = rollout.generate(model, PROMPTS, generator=torch.Generator().manual_seed(11), **kwargs)
+    c = rollout.generate(model, PROMPTS, seed=12, **kwargs)
+    assert a == b
+    assert [[s.tokens for s in g] for g in a] != [[s.tokens for s in g] for g in c]
+
+
+# -----------------------------------------------------------------------------
+# CLIs with a tiny tokenizer (byte-level BPE + ChatML template)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_chat_checkpoint(out_dir):
+    """A tiny Qwen3 checkpoint with a BPE tokenizer (vocab 300) and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the user watched cooking videos", "gender age education"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+    make_checkpoint("qwen3", out_dir, seed=4, vocab_size=len(fast), eos_token_id=fast.eos_token_id,
+                    max_position_embeddings=4096)
+    fast.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    return make_chat_checkpoint(tmp_path_factory.mktemp("chat"))
+
+
+def test_tokenizer_helpers(chat_checkpoint):
+    tok = rollout.load_tokenizer(chat_checkpoint)
+    ids = rollout.chat_prompt_ids(tok, [{"role": "user", "content": "hi"}])
+    assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert rollout.stop_ids_for(tok) == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
+
+
+def test_cli_round_trip(chat_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"id": "a", "messages": [{"role": "user", "content": "the user watched"}]},
+               {"id": 7, "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "age"}]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", chat_checkpoint, "--prompts", str(prompts), "--samples", "3", "--max-new-tokens", "6",
+            "--temperature", "0.8", "--seed", "5", "--out", str(out), "--no-progress"]
+    rollout.main(argv)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["a", 7]
+    # the same samples as calling the library directly with the same seed
+    tok, model = rollout.load_tokenizer(chat_checkpoint), load_model(chat_checkpoint)
+    stop = rollout.stop_ids_for(tok)
+    direct = rollout.generate(model, [rollout.chat_prompt_ids(tok, r["messages"]) for r in records], n=3,
+                              max_new_tokens=6, temperature=0.8, stop_ids=stop, seed=5)
+    for line, group in zip(lines, direct):
+        assert [s["text"] for s in line["samples"]] == [rollout.completion_text(tok, s, stop) for s in group]
+        assert [s["finish_reason"] for s in line["samples"]] == [s.finish_reason for s in group]
+    rollout.main(argv)  # a rerun with the same seed writes the same file
+    assert [json.loads(x) for x in out.read_text().splitlines()] == lines
+
+    prompts.write_text(json.dumps(records[0]) + "\n" + json.dumps({"id": "b", "messages": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: messages"):
+        rollout.main(argv)
+    prompts.write_text(json.dumps(records[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: invalid JSON"):
+        rollout.main(argv)
+
+
+# -----------------------------------------------------------------------------
+# Teacher labelling: restartable, one whole line per user
+
+USERS = [{"user_id": f"u{i}", "behavior": {"watched": ["cooking videos", "stock market news"][: 1 + i % 2]},
+          "demographic": {"age": str(20 + i)}} for i in range(5)]
+
+
+def _labelled(path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("teacher", ["checkpoint", "sim"])
+def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint, tmp_path):
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    teacher_arg = chat_checkpoint if teacher == "checkpoint" else "sim"
+    if teacher == "sim":
+        pytest.importorskip("profilebench").SimTeacher  # noqa: B018 (fails loudly if the class is missing)
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    base = ["--teacher", teacher_arg, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
+            "--seed", "1", "--batch-users", "1", "--no-progress"]
+    rollout.main(base + ["--out", str(full)])
+    lines = _labelled(full)
+    assert [x["user_id"] for x in lines] == [u["user_id"] for u in USERS]
+    for x in lines:
+        assert len(x["samples"]) == 2
+        for s in x["samples"]:
+            assert set(s) == {"text", "finish_reason", "parse"} and s["finish_reason"] in ("stop", "length")
+            assert set(s["parse"]) == {"format_ok", "dims"}
+    # a run killed while writing user 3: two whole lines and half of the third
+    text = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut.write_text(text[0] + text[1] + text[2][:17], encoding="utf-8")
+    rollout.main(base + ["--out", str(cut)])
+    assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")  # batch_users=1: exactly reproduced
+    rollout.main(base + ["--out", str(cut)])  # nothing left to do: nothing written
+    assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
+
+
+def test_greedy_predictions_batch_many_users(chat_checkpoint, tmp_path, monkeypatch):
+    """--samples 1 --temperature 0 (predictions for evaluate.py): users go to generate() many at a time,
+    and batching does not change greedy answers."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    calls = []
+    real_generate = rollout.generate
+
+    def counting_generate(model, prompts, **kw):
+        calls.append(len(prompts))
+        return real_generate(model, prompts, **kw)
+
+    monkeypatch.setattr(rollout, "generate", counting_generate)
+    base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "1", "--temperature", "0",
+            "--max-new-tokens", "6", "--no-progress"]
+    rollout.main(base + ["--out", str(tmp_path / "a.jsonl")])
+    assert calls == [5]
+    rollout.main(base + ["--out", str(tmp_path / "b.jsonl"), "--batch-users", "2"])
+    assert calls == [5, 2, 2, 1]
+    assert _labelled(tmp_path / "a.jsonl") == _labelled(tmp_path / "b.jsonl")
