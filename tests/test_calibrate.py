@@ -1,0 +1,199 @@
+"""calibrate.py: the three calibrations with hand-computed levels, and the CLI end to end on a
+hand-made teacher.jsonl (tiny two-dimension taxonomy so every number can be checked by hand)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import calibrate as cal
+from calibrate import calibrate_none, calibrate_quantile, fit_isotonic
+from confprofile import DataError, parse_answer, read_users
+
+# -----------------------------------------------------------------------------
+# quantile: level = 1 + floor(10 · (midrank − ½) / n)
+
+
+def test_quantile_distinct_values_are_equal_frequency():
+    assert calibrate_quantile(list(range(10))) == list(range(1, 11))  # n = 10: rank r -> level r
+    assert calibrate_quantile([0.5 * i for i in range(20)]) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10]
+    assert calibrate_quantile(list(range(10))[::-1]) == list(range(10, 0, -1))  # order of input kept
+
+
+def test_quantile_ties_share_a_level():
+    # sorted 1, 2, 2, 3, 5 (n = 5): midranks 1, 2.5, 2.5, 4, 5
+    # -> 1 + floor(10·0.5/5) = 2, 1 + floor(10·2/5) = 5, 1 + floor(10·3.5/5) = 8, 1 + floor(10·4.5/5) = 10
+    assert calibrate_quantile([3, 1, 2, 2, 5]) == [8, 2, 5, 5, 10]
+    # 4 zeros + 4 tens (n = 8): midranks 2.5 and 6.5 -> 1 + floor(10·2/8) = 3 and 1 + floor(10·6/8) = 8
+    assert calibrate_quantile([0, 10, 0, 10, 0, 10, 0, 10]) == [3, 8] * 4
+
+
+def test_quantile_constant_input_and_tiny_n():
+    assert calibrate_quantile([4.2] * 7) == [6] * 7  # midrank 4: 1 + floor(10·3.5/7) = 6
+    assert calibrate_quantile([7.0]) == [6]  # n = 1: 1 + floor(10·0.5) = 6
+    assert calibrate_quantile([]) == []
+    # n = 3 < levels: 1 + floor(10·0.5/3) = 2, 1 + floor(10·1.5/3) = 6, 1 + floor(10·2.5/3) = 9
+    assert calibrate_quantile([9.0, 0.0, 3.3]) == [9, 2, 6]
+    assert calibrate_quantile([1, 2], levels=4) == [2, 4]  # 1 + floor(4·0.5/2) = 2, 1 + floor(4·1.5/2) = 4
+
+
+# -----------------------------------------------------------------------------
+# none and isotonic
+
+
+def test_none_rounds_half_up_and_clamps():
+    assert calibrate_none([0.0, 0.5, 1.49, 5.5, 9.51, 10.0, 12]) == [1, 1, 1, 6, 10, 10, 10]
+
+
+def test_isotonic_pool_adjacent_violators_by_hand():
+    # r: 1 2 3 4 5, correct: 0 1 0 1 1 -> (2, 3) violate and pool to 0.5
+    level = fit_isotonic([5, 2, 3, 1, 4], [1, 1, 0, 0, 1])
+    assert level.blocks == [(1, 0.0), (2, 0.5), (4, 1.0), (5, 1.0)]
+    assert [level.probability(x) for x in [0, 1, 2, 2.5, 3, 3.9, 4, 9]] == [0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
+    assert [level(x) for x in [0, 1, 2.5, 4, 9]] == [1, 1, 5, 10, 10]
+
+
+def test_isotonic_equal_values_pooled_first_and_all_violating():
+    # r = 1 twice (correct 1, 0) -> 0.5; r = 2: 0; violates -> pooled (1 + 0 + 0) / 3
+    level = fit_isotonic([1, 1, 2], [True, False, False])
+    assert level.blocks == [(1, pytest.approx(1 / 3))]
+    assert level(1.5) == 3  # round(10/3) = 3
+    with pytest.raises(ValueError):
+        fit_isotonic([], [])
+
+
+def test_probability_to_level():
+    assert [cal.probability_to_level(p) for p in [0.0, 0.04, 0.26, 0.5, 0.86, 1.0]] == [1, 1, 3, 5, 9, 10]
+
+
+# -----------------------------------------------------------------------------
+# The CLI end to end
+
+TAXONOMY = {"name": "tiny", "dimensions": {"gender": {"description": "Gender.", "classes": ["male", "female", "NA"]},
+                                           "age": {"description": "Age.", "classes": ["young", "old", "NA"]}}}
+
+
+def answer(g, gc, ge, a, ac, ae):
+    return json.dumps({"gender": {"label": g, "confidence": gc, "evidence": ge}, "age": {"label": a, "confidence": ac, "evidence": ae}})
+
+
+TEACHER = [
+    # gender: female 8 + 9 -> S 17, r = 17/17 · 8.5 = 8.5, evidence of the 9. age: young 6 vs old 4 -> r = 6/10 · 6 = 3.6
+    ("u1", [answer("female", 8, "makeup", "young", 6, "games"), answer("female", 9, "self-report", "old", 4, "news"), "garbage"]),
+    # gender: male 5 vs female 5, tied twice -> NA, r = 0, no evidence. age: old 7 + 9 -> r = 8.0
+    ("u2", [answer("male", 5, "beard", "old", 7, "retired"), answer("female", 5, "pink", "old", 9, "pension")]),
+    # one answer: r = its confidence
+    ("u3", ["<think>{hmm}</think>" + answer("NA", 3, "none", "young", 10, "school")]),
+    # no valid age anywhere -> left out and reported
+    ("u4", ["nonsense", '{"gender": {"label": "male", "confidence": 7}}']),
+]
+
+
+@pytest.fixture
+def world(tmp_path):
+    (tmp_path / "tax.json").write_text(json.dumps(TAXONOMY), encoding="utf-8")
+    with open(tmp_path / "teacher.jsonl", "w", encoding="utf-8") as f:
+        for uid, texts in TEACHER:
+            f.write(json.dumps({"user_id": uid, "samples": [{"text": t, "finish_reason": "stop"} for t in texts]}) + "\n")
+    with open(tmp_path / "users.jsonl", "w", encoding="utf-8") as f:
+        for uid, _ in TEACHER:
+            f.write(json.dumps({"user_id": uid, "behavior": {"watched": ["化妆教程"]}, "demographic": {"signature": "你好"}},
+                               ensure_ascii=False) + "\n")
+    return tmp_path
+
+
+def run(world, *extra):
+    argv = ["--samples", str(world / "teacher.jsonl"), "--users", str(world / "users.jsonl"), "--out", str(world / "sft.jsonl"),
+            "--taxonomy", str(world / "tax.json"), "--audit", str(world / "audit.jsonl"), *extra]
+    summary = cal.main(argv)
+    sft = [json.loads(line) for line in open(world / "sft.jsonl", encoding="utf-8")]
+    return sft, summary
+
+
+def targets(sft):
+    return {r["user_id"]: {d: (v["label"], v["confidence"], v["evidence"]) for d, v in json.loads(r["messages"][-1]["content"]).items()}
+            for r in sft}
+
+
+def test_cli_quantile_end_to_end(world):
+    sft, summary = run(world)
+    # kept n = 3. gender r: u1 8.5, u2 0, u3 3 -> ranks 3, 1, 2 -> levels 9, 2, 6 (see the quantile test)
+    # age r: u1 3.6, u2 8.0, u3 10 -> ranks 1, 2, 3 -> levels 2, 6, 9
+    assert targets(sft) == {
+        "u1": {"gender": ("female", 9, "self-report"), "age": ("young", 2, "games")},
+        "u2": {"gender": ("NA", 2, ""), "age": ("old", 6, "pension")},
+        "u3": {"gender": ("NA", 6, "none"), "age": ("young", 9, "school")}}
+    assert sft[0]["messages"][-1]["content"] == (
+        '{"gender": {"label": "female", "confidence": 9, "evidence": "self-report"}, '
+        '"age": {"label": "young", "confidence": 2, "evidence": "games"}}')
+    assert [r["calibrated"] for r in sft] == [{"gender": 9, "age": 2}, {"gender": 2, "age": 6}, {"gender": 6, "age": 9}]
+    tax = json.loads((world / "tax.json").read_text())
+    for r in sft:
+        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+        assert "化妆教程" in r["messages"][1]["content"]
+        assert parse_answer(r["messages"][-1]["content"], tax)["format_ok"]
+    assert summary["users_kept"] == 3 and summary["users_without_valid_answer"] == 1
+    assert summary["dropped_user_ids"] == ["u4"] and summary["missing_by_dimension"] == {"gender": 0, "age": 1}
+    assert summary["samples_total"] == 8 and summary["samples_format_ok"] == 5  # u1: 2, u2: 2, u3: 1 (think ok)
+    assert summary["label_distribution"] == {"gender": {"female": 1, "NA": 2}, "age": {"young": 2, "old": 1}}
+    # before = pooled rounded half up: gender 8.5 -> 9, 0 -> 1, 3 -> 3; after = 9, 2, 6
+    assert summary["confidence_histogram_before"]["gender"] == {str(k): int(k in (1, 3, 9)) for k in range(1, 11)}
+    assert summary["confidence_histogram_after"]["gender"] == {str(k): int(k in (2, 6, 9)) for k in range(1, 11)}
+    assert json.loads((world / "sft.jsonl.summary.json").read_text()) == summary
+    audit = [json.loads(line) for line in open(world / "audit.jsonl", encoding="utf-8")]
+    assert [a["user_id"] for a in audit] == ["u1", "u2", "u3", "u4"]
+    assert audit[0]["answers"][1]["dims"] == {"gender": ["female", 9], "age": ["old", 4]}
+    assert audit[0]["vote"]["age"] == {"label": "young", "scores": {"young": 6, "old": 4}, "n_valid": 2,
+                                       "pooled_confidence": 3.6, "calibrated": 2}
+    assert audit[3]["kept"] is False and audit[3]["reason"] == "no valid answer for age"
+
+
+def test_cli_none_majority_single_answer_labels_only(world):
+    sft, _ = run(world, "--method", "none")  # round(8.5) = 9, round(3.6) = 4, 0 -> 1, 8, 3, 10
+    assert [r["calibrated"] for r in sft] == [{"gender": 9, "age": 4}, {"gender": 1, "age": 8}, {"gender": 3, "age": 10}]
+    # majority: u1 age young 1 vs old 1, highest single confidence young 6 > 4 -> young, r = 1/2 · 6 = 3 -> 3
+    sft, summary = run(world, "--method", "none", "--weighting", "majority")
+    assert sft[0]["calibrated"] == {"gender": 9, "age": 3} and summary["weighting"] == "majority"
+    # single answer: each user's first answer valid in every dimension; r = its confidence
+    sft, _ = run(world, "--method", "none", "--single-answer")
+    assert targets(sft)["u1"] == {"gender": ("female", 8, "makeup"), "age": ("young", 6, "games")}
+    assert targets(sft)["u2"] == {"gender": ("male", 5, "beard"), "age": ("old", 7, "retired")}
+    sft, summary = run(world, "--target", "labels_only")
+    assert sft[0]["messages"][-1]["content"] == '{"gender": "female", "age": "young"}'
+    assert sft[0]["calibrated"] == {"gender": 9, "age": 2} and summary["target"] == "labels_only"
+
+
+def test_cli_isotonic_with_dev_labels(world):
+    dev = [("u1", "female", "old"), ("u2", "male", "old"), ("u3", "NA", "young")]
+    with open(world / "dev.jsonl", "w") as f:
+        for uid, gl, al in dev:
+            f.write(json.dumps({"user_id": uid, "labels": {"gender": gl, "age": al}}) + "\n")
+    sft, _ = run(world, "--method", "isotonic", "--dev-labels", str(world / "dev.jsonl"))
+    # gender (r, correct): (0, F) (3, T) (8.5, T) -> P 0, 1, 1 -> levels 1, 10, 10 for u2, u3, u1
+    # age: u1 (3.6, F: young != old), u2 (8, T), u3 (10, T) -> 1, 10, 10
+    assert [r["calibrated"] for r in sft] == [{"gender": 10, "age": 1}, {"gender": 1, "age": 10}, {"gender": 10, "age": 10}]
+
+
+def test_cli_errors(world, tmp_path):
+    with pytest.raises(SystemExit):
+        run(world, "--method", "isotonic")  # no dev labels
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user_id": "u1", "samples": [{"text": "x"}]}\n{"user_id": "u1", "samples": []}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: user_id: duplicate 'u1'"):
+        cal.read_samples(bad)
+    bad.write_text('{"user_id": "u1", "samples": [{"finish_reason": "stop"}]}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: samples\[0\]: expected an object with a string \"text\""):
+        cal.read_samples(bad)
+    tax = json.loads((world / "tax.json").read_text())
+    teacher = cal.read_samples(world / "teacher.jsonl")
+    with pytest.raises(DataError, match="'u1': not in --users"):
+        cal.build_sft(teacher, {}, tax)
+
+
+def test_cli_subprocess_prints_summary(world):
+    out = subprocess.run([sys.executable, "calibrate.py", "--samples", str(world / "teacher.jsonl"), "--users",
+                          str(world / "users.jsonl"), "--out", str(world / "sft2.jsonl"), "--taxonomy", str(world / "tax.json")],
+                         capture_output=True, text=True, timeout=60, cwd=cal.__file__.rsplit("/", 1)[0])
+    assert out.returncode == 0, out.stderr
+    assert "3 kept, 1 without a valid answer (of 4)" in out.stdout
+    assert len(read_users(world / "users.jsonl", taxonomy=TAXONOMY)) == 4
