@@ -1,0 +1,384 @@
+"""
+Evaluation of profiles against gold labels (DESIGN.md "Evaluation").
+
+A prediction is a label ŷ with a confidence c (the stated 1..10, or a pooled 0..10 after a vote).
+At threshold τ it abstains when ŷ = NA or c < τ; a missing or invalid prediction always abstains.
+Per dimension d:
+    P_d = correct non-abstained / non-abstained      (undefined -> null when nothing is predicted)
+    R_d = correct non-abstained / gold non-NA
+    F1_d = 2 P R / (P + R)                           (0 when P or R is 0 or undefined)
+A non-NA prediction on a gold-NA user is a false positive (non-abstained, never correct); NA on
+gold NA is neither. Headline: avg_f1 = mean F1_d over the dimensions at τ = 0. The sweep τ = 1..10
+gives, per τ, the mean over dimensions of P (over the dimensions where P is defined), R and F1.
+Calibration: ECE over 10 bins of c/10 on the non-abstained predictions at τ = 0, correctness
+= (label == gold); AUROC of the same confidences for the same correctness.
+
+CLI: python evaluate.py --predictions preds.jsonl --data test.jsonl --out DIR [--vote] [--weighting confidence|majority]
+A predictions line is {"user_id", "profile": {dim: {"label", "confidence"}}} or {"user_id", "text"}
+(parsed with confprofile.parse_answer) or {"user_id", "samples": [{"text", ...}, ...]} (the first
+sample, or with --vote the Stage-1 vote of all samples: label ŷ, confidence = pooled confidence).
+Writes DIR/metrics.json, DIR/report.md and DIR/pr_curve.csv.
+"""
+import argparse
+import json
+import math
+import os
+
+import confprofile
+
+TAUS = tuple(range(1, 11))
+N_BINS = 10
+NO_PREDICTION = "—"  # confusion-matrix column for a missing or invalid prediction
+
+# -----------------------------------------------------------------------------
+# Metrics: small pure functions, one per formula
+
+
+def abstains(label, confidence, tau):
+    """Evaluation: a prediction abstains when ŷ = NA or c < τ (missing/invalid: label None, always abstains).
+    A prediction without a stated confidence (labels-only) only counts at τ = 0."""
+    if label is None or label == "NA":
+        return True
+    if confidence is None:
+        return tau > 0
+    return confidence < tau
+
+
+def count_outcomes(pairs, tau):
+    """(non-abstained, correct non-abstained, gold non-NA) over pairs (gold, label, confidence)."""
+    n_predicted = n_correct = n_gold = 0
+    for gold, label, confidence in pairs:
+        n_gold += gold != "NA"
+        if abstains(label, confidence, tau):
+            continue
+        n_predicted += 1
+        n_correct += label == gold  # a non-NA label on gold NA is a false positive
+    return n_predicted, n_correct, n_gold
+
+
+def precision_recall_f1(n_correct, n_predicted, n_gold):
+    """P = correct non-abstained / non-abstained, R = correct non-abstained / gold non-NA, F1 = 2PR/(P+R).
+    P (R) is None when its denominator is 0; F1 is 0 unless both are positive."""
+    precision = n_correct / n_predicted if n_predicted else None
+    recall = n_correct / n_gold if n_gold else None
+    if not precision or not recall:
+        return precision, recall, 0.0
+    return precision, recall, 2 * precision * recall / (precision + recall)
+
+
+def mean_defined(values):
+    """Mean of the values that are not None (None if there are none)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def confidence_bin(confidence, n_bins=N_BINS):
+    """Bin of c/10 in ((b)/n_bins, (b+1)/n_bins], b = 0..n_bins-1 (c = 0 goes to bin 0).
+    Computed as ceil(c·n_bins/10) - 1 so that integer confidences never land in the wrong bin by rounding."""
+    return min(n_bins - 1, max(0, math.ceil(confidence * n_bins / 10) - 1))
+
+
+def reliability_table(confidences, correct, n_bins=N_BINS):
+    """Per bin of c/10: n, mean c/10 and accuracy (the reliability diagram as rows)."""
+    rows = [{"bin": f"({b / n_bins:.1f}, {(b + 1) / n_bins:.1f}]", "n": 0, "mean_confidence": None, "accuracy": None}
+            for b in range(n_bins)]
+    sums = [[0.0, 0] for _ in range(n_bins)]
+    for c, ok in zip(confidences, correct):
+        b = confidence_bin(c, n_bins)
+        rows[b]["n"] += 1
+        sums[b][0] += c / 10
+        sums[b][1] += bool(ok)
+    for row, (conf_sum, n_ok) in zip(rows, sums):
+        if row["n"]:
+            row["mean_confidence"] = conf_sum / row["n"]
+            row["accuracy"] = n_ok / row["n"]
+    return rows
+
+
+def expected_calibration_error(confidences, correct, n_bins=N_BINS):
+    """ECE = Σ_b (n_b / n) · |accuracy_b − mean(c/10)_b| over 10 bins of c/10 (None when n = 0)."""
+    n = len(confidences)
+    if n == 0:
+        return None
+    rows = reliability_table(confidences, correct, n_bins)
+    return sum(r["n"] / n * abs(r["accuracy"] - r["mean_confidence"]) for r in rows if r["n"])
+
+
+def auroc(scores, correct):
+    """AUROC of a score for correctness = P(score of a correct item > score of an incorrect one),
+    ties counting 1/2 (the Mann–Whitney U statistic over n_correct · n_incorrect). None if either is empty."""
+    pairs = sorted(zip(scores, correct), key=lambda p: p[0])
+    n_pos = sum(1 for _, ok in pairs if ok)
+    n_neg = len(pairs) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):  # average 1-based ranks over runs of tied scores
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        mean_rank = (i + 1 + j) / 2
+        rank_sum += mean_rank * sum(1 for _, ok in pairs[i:j] if ok)
+        i = j
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def confusion_matrix(pairs, classes):
+    """{gold: {predicted: count}} over all classes; column NO_PREDICTION for a missing/invalid prediction."""
+    columns = list(classes) + [NO_PREDICTION]
+    matrix = {g: {p: 0 for p in columns} for g in classes}
+    for gold, label, _ in pairs:
+        matrix[gold][label if label is not None else NO_PREDICTION] += 1
+    return matrix
+
+
+# -----------------------------------------------------------------------------
+# evaluate(): profiles + gold users -> metrics dict
+
+
+def _prediction_pairs(pred_profiles, users, taxonomy):
+    """Per dimension, (gold, label | None, confidence | None) for every user, in user order."""
+    dims = taxonomy["dimensions"]
+    pairs = {d: [] for d in dims}
+    for user in users:
+        labels = user.get("labels")
+        if not isinstance(labels, dict):
+            raise ValueError(f"user {user.get('user_id')!r}: labels: missing; evaluation data needs gold labels")
+        profile = pred_profiles.get(user["user_id"]) or {}
+        for dim, spec in dims.items():
+            gold = labels.get(dim)
+            if gold not in spec["classes"]:
+                raise ValueError(f"user {user['user_id']!r}: labels.{dim}: expected one of {spec['classes']}, got {gold!r}")
+            entry = profile.get(dim)
+            if entry is None:
+                pairs[dim].append((gold, None, None))
+                continue
+            label, confidence = entry.get("label"), entry.get("confidence")
+            if label not in spec["classes"]:
+                raise ValueError(f"prediction for {user['user_id']!r}: {dim}.label: expected one of {spec['classes']}, got {label!r}")
+            if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))):
+                raise ValueError(f"prediction for {user['user_id']!r}: {dim}.confidence: expected a number 0..10, got {confidence!r}")
+            pairs[dim].append((gold, label, confidence))
+    return pairs
+
+
+def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS):
+    """Metrics of DESIGN "Evaluation" for pred_profiles {user_id: {dim: {"label", "confidence"} | None} | None}
+    against users with gold labels. A user absent from pred_profiles abstains everywhere and is
+    reported in n_missing / missing_user_ids; a user_id not in users is an error. format_failure_rate
+    defaults to the share of given profiles that are None (unparseable)."""
+    known = {u["user_id"] for u in users}
+    unknown = [uid for uid in pred_profiles if uid not in known]
+    if unknown:
+        raise ValueError(f"predictions: user_id {unknown[0]!r} (and {len(unknown) - 1} more) not in the evaluation data")
+    missing = [u["user_id"] for u in users if u["user_id"] not in pred_profiles]
+    if format_failure_rate is None:
+        given = list(pred_profiles.values())
+        format_failure_rate = sum(p is None for p in given) / len(given) if given else 0.0
+    pairs = _prediction_pairs(pred_profiles, users, taxonomy)
+    dims = list(taxonomy["dimensions"])
+
+    per_dimension, curves = {}, {d: [] for d in dims}
+    for dim in dims:
+        for tau in (0,) + tuple(taus):
+            n_predicted, n_correct, n_gold = count_outcomes(pairs[dim], tau)
+            p, r, f1 = precision_recall_f1(n_correct, n_predicted, n_gold)
+            curves[dim].append({"tau": tau, "precision": p, "recall": r, "f1": f1, "n_predicted": n_predicted})
+        at0 = curves[dim][0]
+        n_gold_na = sum(1 for g, _, _ in pairs[dim] if g == "NA")
+        per_dimension[dim] = {
+            "precision": at0["precision"], "recall": at0["recall"], "f1": at0["f1"],
+            "support": sum(1 for g, _, _ in pairs[dim] if g != "NA"),
+            "n_predicted": at0["n_predicted"], "n_gold_na": n_gold_na,
+            "false_positives_on_gold_na": sum(1 for g, y, _ in pairs[dim] if g == "NA" and y not in (None, "NA")),
+        }
+    n_cells = len(users) * len(dims)
+    threshold_sweep = []
+    for i, tau in enumerate(taus, start=1):
+        rows = [curves[d][i] for d in dims]
+        threshold_sweep.append({
+            "tau": tau,
+            "precision": mean_defined(r["precision"] for r in rows),
+            "recall": mean_defined(r["recall"] for r in rows),
+            "f1": sum(r["f1"] for r in rows) / len(rows),
+            "coverage": sum(r["n_predicted"] for r in rows) / n_cells if n_cells else 0.0,
+        })
+
+    confidences, correct = [], []  # non-abstained at τ = 0, all dimensions pooled
+    for dim in dims:
+        for gold, label, confidence in pairs[dim]:
+            if not abstains(label, confidence, 0) and confidence is not None:
+                confidences.append(confidence)
+                correct.append(label == gold)
+    return {
+        "avg_f1": sum(per_dimension[d]["f1"] for d in dims) / len(dims),
+        "per_dimension": per_dimension,
+        "threshold_sweep": threshold_sweep,
+        "ece": expected_calibration_error(confidences, correct),
+        "auroc": auroc(confidences, correct),
+        "mean_confidence": sum(confidences) / len(confidences) if confidences else None,
+        "format_failure_rate": format_failure_rate,
+        "n_users": len(users),
+        "n_missing": len(missing),
+        "missing_user_ids": missing[:20],
+        "reliability": reliability_table(confidences, correct),
+        "confusion": {d: confusion_matrix(pairs[d], taxonomy["dimensions"][d]["classes"]) for d in dims},
+        "curves": curves,
+    }
+
+
+# -----------------------------------------------------------------------------
+# Reading predictions (the CLI's input)
+
+
+def profile_from_parse(parsed):
+    """parse_answer result -> profile {dim: {"label", "confidence"} | None} (None when unparseable)."""
+    dims = parsed["dims"]
+    if all(v is None for v in dims.values()):
+        return None
+    return {d: (None if v is None else {"label": v["label"], "confidence": v["confidence"]}) for d, v in dims.items()}
+
+
+def profile_from_vote(voted):
+    """vote() result -> profile whose confidence is the pooled confidence r."""
+    if all(v is None for v in voted.values()):
+        return None
+    return {d: (None if v is None else {"label": v["label"], "confidence": v["pooled_confidence"]}) for d, v in voted.items()}
+
+
+def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confidence"):
+    """Read a predictions JSONL -> (pred_profiles, n_answers, n_format_failures).
+
+    Errors name file, line and field: malformed JSON, a missing user_id, a user_id that is not in
+    the evaluation data, a duplicate user_id, a line with none of profile / text / samples."""
+    pred_profiles, first_line = {}, {}
+    n_answers = n_failures = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise confprofile.DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}") from None
+            uid = record.get("user_id") if isinstance(record, dict) else None
+            if not isinstance(uid, str):
+                raise confprofile.DataError(f"{where}: user_id: expected a string, got {uid!r}")
+            if uid not in known_ids:
+                raise confprofile.DataError(f"{where}: user_id: {uid!r} is not in the evaluation data; expected one of its ids")
+            if uid in first_line:
+                raise confprofile.DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]})")
+            first_line[uid] = lineno
+            if "profile" in record:
+                profile = record["profile"]
+                if profile is not None and not isinstance(profile, dict):
+                    raise confprofile.DataError(f"{where}: profile: expected an object {{dim: {{label, confidence}}}} or null")
+                n_answers += 1
+                n_failures += profile is None
+                pred_profiles[uid] = profile
+            elif "text" in record:
+                parsed = confprofile.parse_answer(record["text"], taxonomy)
+                n_answers += 1
+                n_failures += not parsed["format_ok"]
+                pred_profiles[uid] = profile_from_parse(parsed)
+            elif "samples" in record:
+                samples = record["samples"]
+                if not isinstance(samples, list) or not samples or not all(isinstance(s, dict) for s in samples):
+                    raise confprofile.DataError(f"{where}: samples: expected a non-empty list of {{\"text\", ...}} objects")
+                parsed = [confprofile.parse_answer(s.get("text"), taxonomy) for s in (samples if use_vote else samples[:1])]
+                n_answers += len(parsed)
+                n_failures += sum(not p["format_ok"] for p in parsed)
+                if use_vote:
+                    pred_profiles[uid] = profile_from_vote(confprofile.vote(parsed, taxonomy, weighting))
+                else:
+                    pred_profiles[uid] = profile_from_parse(parsed[0])
+            else:
+                raise confprofile.DataError(f"{where}: expected one of the fields profile, text, samples")
+    return pred_profiles, n_answers, n_failures
+
+
+# -----------------------------------------------------------------------------
+# Reports
+
+
+def _fmt(x, digits=3):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def render_report(metrics, title="Evaluation"):
+    """report.md: per-dimension table, the τ sweep, the reliability table, confusion matrices."""
+    m = metrics
+    lines = [f"# {title}", "",
+             f"users: {m['n_users']} (missing predictions: {m['n_missing']}); **avg F1 = {_fmt(m['avg_f1'])}**; "
+             f"ECE = {_fmt(m['ece'])}; AUROC = {_fmt(m['auroc'])}; mean confidence = {_fmt(m['mean_confidence'], 2)}; "
+             f"format failure rate = {_fmt(m['format_failure_rate'])}", ""]
+    if m["missing_user_ids"]:
+        lines += [f"missing (first {len(m['missing_user_ids'])}): {', '.join(m['missing_user_ids'])}", ""]
+    lines += ["## Per dimension (τ = 0)", "",
+              "| dimension | precision | recall | F1 | support | predicted | gold NA | false positives on gold NA |",
+              "|---|---|---|---|---|---|---|---|"]
+    for dim, r in m["per_dimension"].items():
+        lines.append(f"| {dim} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']} | "
+                     f"{r['n_predicted']} | {r['n_gold_na']} | {r['false_positives_on_gold_na']} |")
+    lines += ["", "## Threshold sweep (means over dimensions; abstain when NA or c < τ)", "",
+              "| τ | precision | recall | F1 | coverage |", "|---|---|---|---|---|"]
+    for r in m["threshold_sweep"]:
+        lines.append(f"| {r['tau']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {_fmt(r['coverage'])} |")
+    lines += ["", "## Reliability (non-abstained predictions at τ = 0, all dimensions)", "",
+              "| c/10 bin | n | mean c/10 | accuracy |", "|---|---|---|---|"]
+    for r in m["reliability"]:
+        lines.append(f"| {r['bin']} | {r['n']} | {_fmt(r['mean_confidence'])} | {_fmt(r['accuracy'])} |")
+    lines += ["", f"## Confusion matrices (rows: gold, columns: predicted; {NO_PREDICTION} = no valid prediction)"]
+    for dim, matrix in m["confusion"].items():
+        columns = list(next(iter(matrix.values())))
+        lines += ["", f"### {dim}", "", "| gold \\ predicted | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        for gold, row in matrix.items():
+            lines.append(f"| {gold} | " + " | ".join(str(row[c]) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_pr_curve(metrics):
+    """pr_curve.csv: one row per (dimension or "mean", τ = 0..10)."""
+    rows = ["dimension,tau,precision,recall,f1,n_predicted"]
+    for dim, curve in metrics["curves"].items():
+        for r in curve:
+            rows.append(f"{dim},{r['tau']},{_fmt(r['precision'], 4)},{_fmt(r['recall'], 4)},{r['f1']:.4f},{r['n_predicted']}")
+    curves = list(metrics["curves"].values())
+    for i, tau in enumerate(r["tau"] for r in curves[0]):  # the mean over dimensions, as in threshold_sweep
+        at = [c[i] for c in curves]
+        rows.append(f"mean,{tau},{_fmt(mean_defined(r['precision'] for r in at), 4)},"
+                    f"{_fmt(mean_defined(r['recall'] for r in at), 4)},{sum(r['f1'] for r in at) / len(at):.4f},"
+                    f"{sum(r['n_predicted'] for r in at)}")
+    return "\n".join(rows).replace("—", "") + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate predicted profiles against gold labels.")
+    parser.add_argument("--predictions", required=True, help="predictions JSONL (profile | text | samples per line)")
+    parser.add_argument("--data", required=True, help="users JSONL with gold labels (e.g. test.jsonl)")
+    parser.add_argument("--out", required=True, help="output folder for metrics.json, report.md, pr_curve.csv")
+    parser.add_argument("--vote", action="store_true", help="with samples: vote all samples instead of using the first")
+    parser.add_argument("--weighting", default="confidence", choices=confprofile.WEIGHTINGS, help="vote weighting")
+    parser.add_argument("--taxonomy", default=None, help="taxonomy JSON (default: taxonomy.json)")
+    args = parser.parse_args(argv)
+    taxonomy = confprofile.load_taxonomy(args.taxonomy)
+    users = confprofile.read_users(args.data, require_labels=True, taxonomy=taxonomy)
+    preds, n_answers, n_failures = load_predictions(args.predictions, taxonomy, {u["user_id"] for u in users},
+                                                    args.vote, args.weighting)
+    metrics = evaluate(preds, users, taxonomy, format_failure_rate=n_failures / n_answers if n_answers else 0.0)
+    metrics["inputs"] = {"predictions": args.predictions, "data": args.data, "vote": args.vote,
+                         "weighting": args.weighting, "n_answers": n_answers}
+    summary = {k: v for k, v in metrics.items() if k != "curves"}
+    confprofile.atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    confprofile.atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}"))
+    confprofile.atomic_write_text(os.path.join(args.out, "pr_curve.csv"), render_pr_curve(metrics))
+    sweep = " ".join(f"{r['tau']}:{_fmt(r['precision'], 2)}" for r in metrics["threshold_sweep"])
+    print(f"avg_f1 {metrics['avg_f1']:.4f} | ece {_fmt(metrics['ece'])} | auroc {_fmt(metrics['auroc'])} | "
+          f"format failures {metrics['format_failure_rate']:.3f} | missing {metrics['n_missing']} | precision@tau {sweep}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
