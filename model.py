@@ -61,6 +61,9 @@ class ModelArgs:
         # transformers 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1.0):
+            raise ValueError(f"config.json: partial_rotary_factor {partial} is not supported; expected 1.0")
         if rope_type not in ("default", "llama3", "linear"):
             raise ValueError(f"config.json: rope type {rope_type!r} is not supported; expected default, llama3 or linear")
         scaling = {}
@@ -168,10 +171,12 @@ class KVCache(nn.Module):
         attends to nothing (its output is finite garbage that you ignore).
       * Attention reads only slots 0..max(positions) (the filled part); stale values in later slots
         are never seen, because a row's queries only look at slots <= their own position.
+      * positions default to arange(T) on every row (a prefill from slot 0).
     Ragged prompts, right-padded: prefill with positions = arange(T) on every row and no mask; row b's
     next-token logits are at index len_b - 1; then decode row b at position len_b, len_b + 1, ...
     (its pad slots get overwritten before any query can see them). Left padding also works: give
     attn_mask False on the pad slots (RoPE is relative, so the shift does not change the result).
+    Prefix sharing: prefill a prompt in one row, then copy_rows() it to the rows of its samples.
     """
 
     def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
@@ -348,8 +353,9 @@ def init_weights(model: Transformer, std=0.02, seed=0):
     return model
 
 
-def _read_safetensors(path, device):
-    """All tensors of an HF checkpoint dir: model.safetensors or the shards in model.safetensors.index.json."""
+def _read_safetensors(path, device, dtype):
+    """All tensors of an HF checkpoint dir (model.safetensors or the shards of model.safetensors.index.json),
+    cast to `dtype` shard by shard so at most one shard exists in both dtypes."""
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -361,7 +367,7 @@ def _read_safetensors(path, device):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(path, name), device=str(device)))
+        state.update({k: v.to(dtype) for k, v in load_file(os.path.join(path, name), device=str(device)).items()})
     return state
 
 
@@ -378,35 +384,23 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     expected = set(model.state_dict())
     if args.tie_embeddings:
         expected.discard("lm_head.weight")
-    state = _read_safetensors(path, device)
-    state = {k: v.to(dtype) for k, v in state.items()
-             if k in expected}  # lm_head.weight of a tied model and rotary_emb.inv_freq are ignored
+    state = _read_safetensors(path, device, dtype)
     missing = sorted(expected - set(state))
     if missing:
         raise KeyError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
                        f" expected by model_type {args.model_type!r}")
-    unexpected = sorted(k for k in _tensor_names(path) if k not in expected
-                        and not k.endswith("rotary_emb.inv_freq") and not (args.tie_embeddings and k == "lm_head.weight"))
+    ignored = lambda k: k.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and k == "lm_head.weight")
+    unexpected = sorted(k for k in state if k not in expected and not ignored(k))
     if unexpected:
         raise KeyError(f"{path}: checkpoint has tensor(s) this model does not use: {unexpected[:5]}")
+    state = {k: v for k, v in state.items() if k in expected}
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     for k, v in state.items():
-        want = shapes[k]
-        if v.shape != want:
-            raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json implies {tuple(want)}")
+        if v.shape != shapes[k]:
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json implies {tuple(shapes[k])}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced the shared parameter; share it again
     return model.eval()
-
-
-def _tensor_names(path):
-    from safetensors import safe_open
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            return list(json.load(f)["weight_map"])
-    with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
-        return list(f.keys())
 
 
 def save_model(model: Transformer, out_dir, tokenizer_dir=None):
@@ -414,7 +408,7 @@ def save_model(model: Transformer, out_dir, tokenizer_dir=None):
     from safetensors.torch import save_file
     from confprofile import atomic_write_text
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         del state["lm_head.weight"]  # safetensors refuses shared tensors; HF re-ties from the config
     dtype = model.model.embed_tokens.weight.dtype

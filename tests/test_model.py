@@ -205,13 +205,23 @@ def test_from_scratch_model_saves_a_checkpoint_transformers_loads(tmp_path):
     assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-5
 
 
-def test_missing_tensor_is_an_error_naming_it(checkpoints, tmp_path):
+def test_missing_unexpected_or_misshapen_tensor_is_an_error_naming_it(checkpoints, tmp_path):
     src = checkpoints["qwen2"]
     state = load_file(os.path.join(src, "model.safetensors"))
     del state["model.layers.1.self_attn.k_proj.bias"]
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias"):
+    with pytest.raises(KeyError, match=r"missing tensor.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+        load_model(tmp_path)
+    state["model.layers.1.self_attn.k_proj.bias"] = torch.zeros(32)
+    state["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(64)  # Qwen2 has no o_proj bias
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=r"does not use.*model\.layers\.1\.self_attn\.o_proj\.bias"):
+        load_model(tmp_path)
+    state["model.layers.1.self_attn.k_proj.bias"] = torch.zeros(31)
+    del state["model.layers.1.self_attn.o_proj.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"k_proj\.bias has shape \(31,\), config.json implies \(32,\)"):
         load_model(tmp_path)
 
 
