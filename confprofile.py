@@ -7,6 +7,7 @@ parsing (`parse_answer`, with its acceptance rules in its docstring), the canoni
 (`format_answer`), and the Stage-1 vote (`vote_scores`, `vote_label`, `pooled_confidence`, `vote`).
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -424,8 +425,10 @@ _FENCE = re.compile(r"\A```[A-Za-z0-9_+-]*[ \t]*\n(.*?)\n?[ \t]*(?:```)?\Z", re.
 _CONFIDENCE_TEXT = re.compile(r"\A\s*(\d{1,3}(?:\.\d+)?)\s*(?:/\s*10(?:\.0+)?)?\s*\Z")
 
 
+@functools.lru_cache(maxsize=256)
 def _name_map(names):
-    """normalized name -> name; a normalized form shared by two names maps to None (ambiguous)."""
+    """normalized name -> name for a tuple of names; a normalized form shared by two names maps to
+    None (ambiguous). Cached: it is built per dimension of every parsed answer."""
     out = {}
     for name in names:
         key = normalize_name(name)
@@ -549,7 +552,7 @@ def parse_answer(text, taxonomy):
         fence = _FENCE.match(body)
         if fence:
             body = fence.group(1).strip()
-        dim_names = _name_map(taxonomy["dimensions"])
+        dim_names = _name_map(tuple(taxonomy["dimensions"]))
         found, pos, tries = None, body.find("{"), 0
         while pos != -1 and tries < MAX_CANDIDATES:
             pairs, complete, end = _scan_object(body, pos)
@@ -565,7 +568,7 @@ def parse_answer(text, taxonomy):
         for key, value in pairs:  # in order, so the last duplicate wins
             dim = dim_names.get(normalize_name(key))
             if dim:
-                classes = _name_map(taxonomy["dimensions"][dim]["classes"])
+                classes = _name_map(tuple(taxonomy["dimensions"][dim]["classes"]))
                 result["dims"][dim] = _parse_dimension(value, classes)
         result["format_ok"] = (complete and start == 0 and end == len(body)
                                and all(v is not None for v in result["dims"].values()))
