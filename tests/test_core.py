@@ -100,6 +100,11 @@ def test_read_users_invalid_utf8_names_line(tmp_path):
         cp.read_users(p)
 
 
+def test_read_users_skips_blank_lines_and_a_bom(tmp_path):
+    p = write(tmp_path, b'\xef\xbb\xbf{"user_id": "a"}\n\n  \r\n{"user_id": "b", "behavior": null}\n')
+    assert cp.read_users(p) == [{"user_id": "a"}, {"user_id": "b", "behavior": None}]
+
+
 def test_read_users_require_labels(tmp_path):
     p = write(tmp_path, '{"user_id": "a"}\n')
     assert cp.read_users(p) == [{"user_id": "a"}]  # every field but user_id may be missing
@@ -257,6 +262,7 @@ PARSER_TABLE = [
     ('{"gender": {"label": "female"}}', False, 0, {"gender": None}),  # object form needs a confidence
     # 69-74: huge and odd inputs (work is capped)
     ("{" * 100_000, False, 0, {}),
+    ("```json\n" + "x" * 200_000, False, 0, {}),  # an unclosed fence around nothing
     ("x" * 200_000 + FULL, False, 0, {}),  # the answer starts after the first 100,000 characters
     (FULL + " " * 200_000, True, 6, {}),
     (FULL + "x" * 200_000, False, 6, {}),
