@@ -18,7 +18,9 @@ The real ProfileBench (Douyin users) is not public, so the embedded default runs
 
 When gold is NA (`gold_labels`):
 * the user declined a dimension (rate `WorldConfig.declined[dim]`): that dimension then leaves no
-  trace in the record (no self-report, no cues, no revealing signature), so nobody can know it;
+  direct trace in the record (no self-report, no cues, no revealing signature). Correlated
+  dimensions still hint at it (a retiree who declined age), as in real data; gold stays NA, so
+  guessing it is a false positive;
 * occupation is NA for adults outside the class list (homemakers, the unemployed: rate `no_occupation`);
 * industry is NA for school pupils (under 18), for the retired and for users with NA occupation.
 
