@@ -681,12 +681,229 @@ def vote(parsed_answers, taxonomy, weighting="confidence"):
 
 
 # =============================================================================
-# Pipeline CLI: `python confprofile.py demo` — RESERVED for the lead (added last, below this line).
+# The pipeline: `python confprofile.py demo` runs every stage through the scripts' own command lines,
+# printing each one, so the run doubles as a tutorial. A stage whose output is complete is skipped
+# (a `.done/<stage>` marker is written only after it succeeded); SFT and RL resume their own state.
 # =============================================================================
+
+DEMO_ROWS = [  # (key, row of the paper-shaped table)
+    ("teacher_single", "teacher, one answer"),
+    ("teacher_vote", "teacher, vote@8"),
+    ("student_init", "student before training"),
+    ("student_sft", "after SFT"),
+    ("student_rl", "after SFT + RL"),
+]
+# The component study: each variant is one switch of the normal scripts.
+SFT_ABLATIONS = [  # (key, description, calibrate.py flags)
+    ("sft_single_answer", "SFT on one teacher answer (no voting)", ["--single-answer"]),
+    ("sft_majority", "SFT on a plain majority vote", ["--weighting", "majority"]),
+    ("sft_no_calibration", "SFT without calibration", ["--method", "none"]),
+    ("sft_labels_only", "SFT on labels only (no confidence / evidence)", ["--target", "labels_only"]),
+]
+RL_ABLATIONS = [  # (key, description, rl.py flags)
+    ("rl_no_filter", "RL without difficulty filter", ["--difficulty", "off"]),
+    ("rl_majority", "RL with plain-majority quasi-labels", ["--quasi-label", "majority"]),
+    ("rl_no_weighting", "RL without confidence weighting", ["--confidence-weighting", "off"]),
+    ("rl_live", "RL with live (unfrozen) confidence", ["--confidence-weighting", "live"]),
+]
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    out: str = "runs/demo"            # every file of the run goes below this folder
+    seed: int = 0                     # world, teacher, SFT and RL seed
+    quick: bool = False               # smaller world and fewer steps (~3 min; the CI end-to-end test)
+    ablations: bool = False           # also run the component study (a longer run)
+    n_train: int = 4000               # unlabelled training users
+    n_test: int = 1000                # labelled test users
+    teacher_samples: int = 8          # N teacher answers per user
+    sft_config: str = "configs/sft_demo.json"
+    rl_config: str = "configs/rl_demo.json"
+    eval_max_new_tokens: int = 320    # greedy answer budget of the student at evaluation
+    threads: int = 0                  # torch threads per stage (0 = torch's default)
+
+
+# --quick: what changes (everything else is the default run)
+QUICK = {"n_train": 400, "n_test": 200}
+QUICK_SFT = ["--max-steps", "60", "--eval-every", "30"]
+QUICK_RL = ["--max-steps", "3"]
+
+
+def _stage(name, argv, out, log, done=True):
+    """Run `python argv...` as its own process unless out/.done/<name> says it already finished."""
+    marker = os.path.join(out, ".done", name)
+    shown = "python " + " ".join(_quote(a) for a in argv)
+    if done and os.path.exists(marker):
+        print(f"[skip] {name}: finished earlier ({marker})", flush=True)
+        log.append({"stage": name, "command": shown, "skipped": True})
+        return
+    print(f"\n=== {name}\n$ {shown}", flush=True)
+    import subprocess
+    import time
+    t0 = time.time()
+    script = argv[0] if os.path.exists(argv[0]) else os.path.join(ROOT, argv[0])  # run from any folder
+    subprocess.run([sys.executable, script] + [str(a) for a in argv[1:]], check=True)
+    seconds = time.time() - t0
+    print(f"[done] {name} in {seconds:.0f}s", flush=True)
+    log.append({"stage": name, "command": shown, "seconds": round(seconds, 1)})
+    if done:
+        atomic_write_text(marker, shown + "\n")
+
+
+def _quote(arg):
+    import shlex
+    return shlex.quote(str(arg))
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _mean_pr(metrics, taxonomy):
+    dims = dimensions(taxonomy)
+    per = metrics["per_dimension"]
+    return (sum(per[d]["precision"] for d in dims) / len(dims), sum(per[d]["recall"] for d in dims) / len(dims))
+
+
+def results_table(rows, taxonomy):
+    """Markdown, the paper's shape: F1 per dimension, average F1, P / R at tau=0, ECE, mean confidence."""
+    dims = dimensions(taxonomy)
+    lines = ["| row | " + " | ".join(dims) + " | **avg F1** | P | R | ECE | mean conf |",
+             "|---" * (len(dims) + 6) + "|"]
+    for name, m in rows:
+        p, r = _mean_pr(m, taxonomy)
+        cells = [f"{100 * m['per_dimension'][d]['f1']:.1f}" for d in dims]
+        conf = m.get("mean_confidence")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{100 * m['avg_f1']:.2f}** | {100 * p:.1f} | {100 * r:.1f} | "
+                     f"{m['ece']:.3f} | {'-' if conf is None else f'{conf:.2f}'} |")
+    return "\n".join(lines)
+
+
+def sweep_table(rows):
+    """Precision / recall (means over dimensions, %) at each confidence threshold tau = 1..10."""
+    taus = [s["tau"] for s in rows[0][1]["threshold_sweep"]]
+    lines = ["| row | " + " | ".join(f"τ={t}" for t in taus) + " |", "|---" * (len(taus) + 1) + "|"]
+    for name, m in rows:
+        cells = [f"{100 * s['precision']:.0f}/{100 * s['recall']:.0f}" for s in m["threshold_sweep"]]
+        lines.append(f"| {name} (P/R) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _predict_and_evaluate(key, model_dir, cfg, world, out, log, extra=()):
+    """Greedy answers of a checkpoint on the test users (rollout.py), then evaluate.py; returns metrics."""
+    eval_dir = os.path.join(out, "eval", key)
+    preds = os.path.join(eval_dir, "predictions.jsonl")
+    _stage(f"predict_{key}", ["rollout.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
+                              "--temperature", "0", "--max-new-tokens", cfg.eval_max_new_tokens, "--out", preds,
+                              "--no-progress", *extra], out, log)
+    _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
+           out, log)
+    return _read_json(os.path.join(eval_dir, "metrics.json"))
+
+
+def run_demo(cfg):
+    """The whole Conf-Profile pipeline on the synthetic world; writes results.md / results.json."""
+    import time
+    t_start = time.time()
+    if cfg.quick:
+        for k, v in QUICK.items():
+            setattr(cfg, k, v)
+    out, seed, log = cfg.out, str(cfg.seed), []
+    os.makedirs(out, exist_ok=True)
+    save_config(cfg, out, "demo_config.json")
+    if cfg.threads:
+        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+    taxonomy = load_taxonomy()
+    for key in ("sft_config", "rl_config"):  # configs/ of the repository unless the path exists as given
+        if not os.path.exists(getattr(cfg, key)):
+            setattr(cfg, key, os.path.join(ROOT, getattr(cfg, key)))
+    world = os.path.join(out, "world")
+    sft_dir, rl_dir, init_dir = (os.path.join(out, d) for d in ("sft", "rl", "student_init"))
+    sft_extra = QUICK_SFT if cfg.quick else []
+    rl_extra = QUICK_RL if cfg.quick else []
+
+    # Stage 0: the synthetic world (users with hidden attributes; labels only for the test users).
+    _stage("world", ["profilebench.py", "--out", world, "--n-train", cfg.n_train, "--n-test", cfg.n_test, "--seed", seed],
+           out, log)
+    # Stage 1a: the (simulated) teacher answers every user N times; the test answers give the teacher rows.
+    for split in ("train", "test"):
+        _stage(f"teacher_{split}", ["rollout.py", "--teacher", "sim", "--users", f"{world}/{split}.jsonl", "--samples",
+                                    cfg.teacher_samples, "--seed", seed, "--out", f"{out}/teacher_{split}.jsonl",
+                                    "--no-progress"], out, log)
+    rows = {}
+    for key, extra in (("teacher_single", []), ("teacher_vote", ["--vote"])):
+        eval_dir = os.path.join(out, "eval", key)
+        _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", f"{out}/teacher_test.jsonl", "--data",
+                                   f"{world}/test.jsonl", "--out", eval_dir, *extra], out, log)
+        rows[key] = _read_json(os.path.join(eval_dir, "metrics.json"))
+    # Stage 1b: vote + calibrate into the SFT set; Stage 1c: build the tiny student and distil.
+    _stage("calibrate", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users", f"{world}/train.jsonl",
+                         "--out", f"{out}/sft.jsonl", "--audit", f"{out}/audit.jsonl"], out, log)
+    sft_common = ["--config", cfg.sft_config, "--model", init_dir, "--data", f"{out}/sft.jsonl", "--seed", seed, *sft_extra]
+    resume = ["--resume"] if os.path.isdir(os.path.join(sft_dir, "train_state")) else []
+    _stage("sft", ["sft.py", *sft_common, "--output-dir", sft_dir, *resume], out, log)
+    rows["student_init"] = _predict_and_evaluate("student_init", init_dir, cfg, world, out, log)
+    rows["student_sft"] = _predict_and_evaluate("student_sft", sft_dir, cfg, world, out, log)
+    # Stage 2: confidence-guided GRPO from the SFT student, on the unlabelled train users.
+    rl_common = ["--config", cfg.rl_config, "--model", sft_dir, "--data", f"{world}/train.jsonl", "--stage1",
+                 f"{out}/sft.jsonl", "--seed", seed, *rl_extra]
+    resume = ["--resume"] if os.path.isdir(os.path.join(rl_dir, "train_state")) else []
+    _stage("rl", ["rl.py", *rl_common, "--output-dir", rl_dir, *resume], out, log)
+    rows["student_rl"] = _predict_and_evaluate("student_rl", rl_dir, cfg, world, out, log)
+
+    named = [(name, rows[key]) for key, name in DEMO_ROWS]
+    results = {"config": dataclasses.asdict(cfg), "rows": {key: rows[key] for key, _ in DEMO_ROWS}, "stages": log}
+    md = ["# Conf-Profile on the synthetic ProfileBench world", "",
+          f"{cfg.n_test} test users, seed {cfg.seed}{' (--quick)' if cfg.quick else ''}. F1 / P / R in %, at τ = 0.", "",
+          results_table(named, taxonomy), "", "## Precision / recall over the confidence threshold τ", "",
+          sweep_table(named[2:]), ""]
+
+    if cfg.ablations:
+        ablation_rows = [("full method", rows["student_rl"], "after SFT + RL")]
+        for key, desc, flags in SFT_ABLATIONS:
+            adir = os.path.join(out, "ablations", key)
+            _stage(f"calibrate_{key}", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users",
+                                        f"{world}/train.jsonl", "--out", f"{adir}/sft.jsonl", *flags], out, log)
+            resume = ["--resume"] if os.path.isdir(os.path.join(adir, "sft", "train_state")) else []
+            _stage(f"sft_{key}", ["sft.py", "--config", cfg.sft_config, "--model", init_dir, "--data", f"{adir}/sft.jsonl",
+                                  "--seed", seed, *sft_extra, "--output-dir", f"{adir}/sft", *resume], out, log)
+            ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
+                                  f"after SFT (compare: {100 * rows['student_sft']['avg_f1']:.2f})"))
+        for key, desc, flags in RL_ABLATIONS:
+            adir = os.path.join(out, "ablations", key)
+            resume = ["--resume"] if os.path.isdir(os.path.join(adir, "rl", "train_state")) else []
+            _stage(f"rl_{key}", ["rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *resume], out, log)
+            ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
+        results["ablations"] = {desc: m for desc, m, _ in ablation_rows}
+        md += ["## Ablations (each one switch of the normal scripts)", "",
+               "| variant | compared at | avg F1 | Δ vs full | mean stated conf |", "|---|---|---|---|---|"]
+        full = rows["student_rl"]["avg_f1"]
+        for desc, m, stage in ablation_rows:
+            md.append(f"| {desc} | {stage} | {100 * m['avg_f1']:.2f} | {100 * (m['avg_f1'] - full):+.2f} | "
+                      f"{m.get('mean_confidence', float('nan')):.2f} |")
+        md.append("")
+
+    minutes = (time.time() - t_start) / 60
+    results["minutes"] = round(minutes, 2)
+    md += ["## Commands (each stage's equivalent command line)", "", "```"] + [s["command"] for s in log] + ["```", "",
+           f"Wall time of this invocation: {minutes:.1f} min."]
+    atomic_write_text(os.path.join(out, "results.md"), "\n".join(md) + "\n")
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print("\n" + "\n".join(md[:5]) + "\n")
+    print(f"\nwrote {out}/results.md and {out}/results.json ({minutes:.1f} min)")
+    return results
 
 
 def main(argv=None):
-    raise SystemExit("usage: python confprofile.py demo   (the pipeline CLI is not written yet)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "demo":
+        raise SystemExit("usage: python confprofile.py demo [--out runs/demo] [--quick] [--seed S] [--ablations]\n"
+                         "  runs the whole Conf-Profile pipeline on the embedded synthetic default (see README)")
+    cfg, rest = load_config(DemoConfig, argv[1:])
+    if rest:
+        raise SystemExit(f"confprofile.py demo: unexpected arguments {rest}")
+    run_demo(cfg)
 
 
 if __name__ == "__main__":
