@@ -299,11 +299,13 @@ def smol(tmp_path_factory):
     start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_GGUF)
     config = AutoConfig.from_pretrained(folder, gguf_file=SMOL_GGUF)
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device("meta"):  # no random init of 135M weights that are overwritten anyway
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_gguf_checkpoint(os.path.join(folder, SMOL_GGUF), return_tensors=True, model_to_load=hf)["tensors"]
-    result = hf.load_state_dict(tensors, strict=False)
+    result = hf.load_state_dict(tensors, strict=False, assign=True)
     assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys  # tied embeddings
     hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)  # its inv_freq buffer was on meta
     hf.eval()
     out = tmp_path_factory.mktemp("smollm2")
     hf.save_pretrained(out)
