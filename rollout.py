@@ -86,33 +86,48 @@ def top_k_filter(logits, k):
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def nucleus_mask(sorted_logits, p):
+    """Top-p on logits sorted in descending order: True where a token falls outside the smallest set of
+    most likely tokens whose probability mass reaches p (the most likely token is always kept)."""
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
+    return mass_before >= p
+
+
 def top_p_filter(logits, p):
     """Nucleus: keep the smallest set of most likely tokens whose probability mass reaches p. p >= 1: no-op."""
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-    drop_sorted = mass_before >= p  # never drops the most likely token (mass_before = 0)
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool).scatter(-1, order, nucleus_mask(sorted_logits, p))
     return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row: greedy when temperature == 0, else temperature -> top-k -> top-p -> categorical.
 
-    The categorical draw is Gumbel-max in its exponential form, argmax(probs / E) with E ~ Exp(1):
-    one kernel, no host sync, reproducible from `generator`. Returns (tokens [B], logprobs [B]).
+    Same distribution as top_p_filter(top_k_filter(logits / T, k), p) followed by a softmax draw
+    (up to exact ties at the k-th logit), computed the cheap way: top-k keeps only the k best (sorted) candidates, top-p works on those
+    (or on a full sort without top-k), and the draw is Gumbel-max, argmax(logit - log E) with
+    E ~ Exp(1) from `generator` — no softmax, no host sync, reproducible.
+    Returns (tokens [B], logprobs [B]); logprobs from token_logprobs (see there: before truncation).
     """
     logits = logits.float()
     if temperature <= 0:
         tokens = logits.argmax(dim=-1)
-    else:
-        scaled = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-        probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-        tokens = (probs / noise).argmax(dim=-1)
-    return tokens, token_logprobs(logits, tokens, temperature)
+        return tokens, token_logprobs(logits, tokens, 0.0)
+    scaled = logits / temperature if temperature != 1.0 else logits
+    candidates, index = scaled, None
+    if 0 < top_k < scaled.size(-1):
+        candidates, index = torch.topk(scaled, top_k, dim=-1)  # sorted, descending
+    elif top_p < 1.0:
+        candidates, index = torch.sort(scaled, dim=-1, descending=True)
+    if top_p < 1.0:
+        candidates = candidates.masked_fill(nucleus_mask(candidates, top_p), float("-inf"))
+    noise = torch.empty_like(candidates).exponential_(1.0, generator=generator).log_()
+    choice = (candidates - noise).argmax(dim=-1)
+    tokens = choice if index is None else index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return tokens, token_logprobs(scaled, tokens, 1.0)  # scaled is already logits / T
 
 
 # -----------------------------------------------------------------------------

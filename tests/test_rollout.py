@@ -75,6 +75,11 @@ def test_sample_tokens_draws_from_the_filtered_tempered_distribution():
     assert torch.allclose(freq, torch.tensor([0.0, 0.0, 9 / 25, 16 / 25]), atol=0.01)
     # the logprob is of the tempered distribution before truncation: p^2 / sum p^2 (sum = 0.3)
     assert torch.allclose(logprobs, torch.log(probs[tokens] ** 2 / 0.3), atol=1e-5)
+    # top-p = 0.6 alone: 0.4 + 0.3 reach it -> 4/7, 3/7 over tokens 3, 2; logprobs untruncated
+    tokens, logprobs = rollout.sample_tokens(logits, temperature=1.0, top_p=0.6, generator=g)
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert torch.allclose(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), atol=0.01)
+    assert torch.allclose(logprobs, torch.log(probs)[tokens], atol=1e-6)
     greedy, _ = rollout.sample_tokens(logits[:3], temperature=0.0)
     assert greedy.tolist() == [3, 3, 3]
 

