@@ -171,7 +171,8 @@ class KVCache(nn.Module):
         attends to nothing (its output is finite garbage that you ignore).
       * Attention reads only slots 0..max(positions) (the filled part); stale values in later slots
         are never seen, because a row's queries only look at slots <= their own position.
-      * positions default to arange(T) on every row (a prefill from slot 0).
+      * positions default to arange(T) on every row (a prefill from slot 0). B must equal the cache's
+        batch size: row b of the input is row b of the cache.
     Ragged prompts, right-padded: prefill with positions = arange(T) on every row and no mask; row b's
     next-token logits are at index len_b - 1; then decode row b at position len_b, len_b + 1, ...
     (its pad slots get overwritten before any query can see them). Left padding also works: give
@@ -239,12 +240,13 @@ class Attention(nn.Module):
         if a.qk_norm:  # Qwen3: RMSNorm per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if cache is not None:
-            cache.update(self.layer, positions, k.transpose(1, 2), v.transpose(1, 2))
-            S = mask.shape[-1]  # only the filled part of the cache
+            cache.update(self.layer, positions, k, v)
+            S = mask.shape[-1]  # attend over the filled part of the cache only
             k, v = cache.k[self.layer, :, :, :S], cache.v[self.layer, :, :, :S]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=a.n_kv_heads != a.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
 
