@@ -214,6 +214,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+    if temperature <= 0 and n > 1:  # greedy samples of one prompt are identical: decode one row each
+        return [[dataclasses.replace(s, tokens=list(s.tokens), logprobs=list(s.logprobs)) for _ in range(n) for s in group]
+                for group in generate(model, prompts, 1, max_new_tokens, 0.0, top_k, top_p, stop_ids, seed,
+                                      generator, max_batch_tokens, progress)]
     device = _model_device(model)
     if generator is None:
         generator = torch.Generator(device=device)
@@ -222,16 +226,14 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
     results = [[None] * n for _ in prompts]
     batches = plan_batches([len(p) for p in prompts], n, max_new_tokens, max_batch_tokens)
     bar = None
-    if progress:
+    if progress:  # counts generated tokens; the total (every row to max_new_tokens) shrinks as rows stop
         from tqdm import tqdm
-        bar = tqdm(total=len(prompts) * n, unit="sample", desc="generate", dynamic_ncols=True)
+        bar = tqdm(total=len(prompts) * n * max_new_tokens, unit="tok", unit_scale=True, desc="generate", dynamic_ncols=True)
     for batch in batches:
         samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch],
                                   max_new_tokens, temperature, top_k, top_p, stop, generator, bar)
         for (i, first, count), group in zip(batch, samples):
             results[i][first:first + count] = group
-        if bar is not None:
-            bar.update(sum(c for _, _, c in batch))
     if bar is not None:
         bar.close()
     return results
@@ -257,6 +259,7 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
     out_logprobs = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
     n_steps = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
     done = torch.zeros(rows, dtype=torch.bool, device=device)
+    n_done = 0
 
     token, logprob = sample_tokens(last_logits.index_select(0, row_prompt), temperature, top_k, top_p, generator)
     for step in range(max_new_tokens):
@@ -265,7 +268,10 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
         hit = torch.isin(token, stop) & ~done
         n_steps.masked_fill_(hit, step + 1)
         done |= hit
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if bar is not None:
+            bar.update(rows - n_done)  # every row still running wrote a token this step
+        n_done = int(done.sum())  # the one host sync per step: it lets the loop end early
+        if step == max_new_tokens - 1 or n_done == rows:
             break
         logits = model(token[:, None], positions[:, None], cache)[:, -1]
         positions += 1
@@ -273,6 +279,9 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
 
     out_tokens, out_logprobs = out_tokens.cpu(), out_logprobs.cpu()
     n_steps, done = n_steps.tolist(), done.tolist()
+    if bar is not None:
+        bar.total -= rows * max_new_tokens - sum(n_steps)
+        bar.refresh()
     samples, row = [], 0
     for count in counts:
         group = []
