@@ -402,34 +402,95 @@ def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
 
 
 # -----------------------------------------------------------------------------
-# The trainer's side of the ratio: logprobs of the rollouts under the current policy
+# The trainer's side of the ratio: logprobs of the rollouts under the current policy, prompt shared
 
 
-def completion_logprobs(model, prompts, completions, temperature):
-    """Teacher-forced forward of right-padded prompt + completion rows.
+def pack_groups(packs):
+    """Lay out [(prompt, [completion, ...]), ...] as rows [prompt, c1, c2, ...] (right-padded), so the
+    prompt is run once per row instead of once per completion: the training-side twin of the
+    sampler's prefix sharing (a 440-token prompt with 6 completions of 150: 1,340 tokens, not 3,540).
 
-    Returns (logp [N, C], entropy [N, C]) for the completion tokens, C = longest completion: logp by
-    rollout.token_logprobs (the sampler's function, same temperature), entropy without gradient.
-    The logits at index len(prompt) - 1 + k predict completion token k.
-    """
+    Completion j of a row sits at positions P, P+1, ... (P = prompt length), exactly where it sat
+    when sampled, and attends to the prompt and to itself only (segment mask). Returns ids [R, T],
+    positions [R, T], mask [R, 1, T, T] (True = may attend), and per completion n (in order):
+    row [N], index [N, C] (where the state that predicts its token k is: P - 1 for k = 0, else the
+    previous token) and targets [N, C] (C = longest completion; pads point at a real state and are
+    masked out of the loss by the caller)."""
+    width = max(len(p) + sum(len(c) for c in cs) for p, cs in packs)
+    n_comp = sum(len(cs) for _, cs in packs)
+    c_max = max(len(c) for _, cs in packs for c in cs)
+    ids = torch.zeros(len(packs), width, dtype=torch.long)
+    positions = torch.zeros(len(packs), width, dtype=torch.long)
+    segment = torch.full((len(packs), width), -1, dtype=torch.long)  # 0 = prompt, j + 1 = completion j, -1 = pad
+    row = torch.zeros(n_comp, dtype=torch.long)
+    index = torch.zeros(n_comp, c_max, dtype=torch.long)
+    targets = torch.zeros(n_comp, c_max, dtype=torch.long)
+    n = 0
+    for r, (prompt, completions) in enumerate(packs):
+        P = len(prompt)
+        ids[r, :P], positions[r, :P], segment[r, :P] = torch.tensor(prompt), torch.arange(P), 0
+        offset = P
+        for j, c in enumerate(completions):
+            L = len(c)
+            ids[r, offset:offset + L] = torch.tensor(c)
+            positions[r, offset:offset + L] = P + torch.arange(L)
+            segment[r, offset:offset + L] = j + 1
+            row[n] = r
+            index[n] = P - 1
+            index[n, 1:L] = torch.arange(offset, offset + L - 1)
+            targets[n, :L] = torch.tensor(c)
+            n, offset = n + 1, offset + L
+    i = torch.arange(width)
+    causal = i[None, :] <= i[:, None]                                            # [T, T]
+    same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # key is prompt or own segment
+    mask = (causal & same) | torch.eye(width, dtype=torch.bool)                  # a pad query sees itself: no NaN
+    return ids, positions, mask[:, None], row, index, targets
+
+
+def completion_logprobs(model, packs, temperature):
+    """Teacher-forced logprobs of every completion in `packs` (see pack_groups) under `model`.
+
+    Runs model.py's blocks with the segment mask (the same layers, RoPE and weights that
+    Transformer.forward runs; tests/test_rl.py checks the result against one plain forward per
+    completion), applies the final norm and lm_head only at the states that predict completion
+    tokens (never the prompt's: less time and memory with a big vocabulary), and returns
+    (logp [N, C] from rollout.token_logprobs at `temperature`, entropy [N, C] without gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from model import rope_cos_sin
     from rollout import token_logprobs
     device = next(model.parameters()).device
-    n, width = len(prompts), max(len(p) + len(c) for p, c in zip(prompts, completions))
-    c_max = max(len(c) for c in completions)
-    ids = torch.zeros(n, width, dtype=torch.long)
-    targets = torch.zeros(n, c_max, dtype=torch.long)
-    index = torch.zeros(n, c_max, dtype=torch.long)
-    for r, (p, c) in enumerate(zip(prompts, completions)):
-        ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-        targets[r, : len(c)] = torch.tensor(c)
-        index[r] = (len(p) - 1 + torch.arange(c_max)).clamp(max=width - 1)
-    ids, targets, index = ids.to(device), targets.to(device), index.to(device)
-    logits = model(ids)
-    logits = logits[torch.arange(n, device=device)[:, None], index]       # [N, C, V]
+    ids, positions, mask, row, index, targets = (t.to(device) for t in pack_groups(packs))
+    x = model.model.embed_tokens(ids)
+    if model.inv_freq.device != device:
+        model.inv_freq = model.inv_freq.to(device)
+    cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
+    for layer in model.model.layers:
+        if model.gradient_checkpointing and model.training:
+            x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, mask)
+    states = x[row[:, None], index]                                              # [N, C, dim]
+    logits = model.lm_head(model.model.norm(states)).float()                     # [N, C, V]
     logp = token_logprobs(logits, targets, temperature)
     with torch.no_grad():
         entropy = token_entropy(logits, temperature)
     return logp, entropy
+
+
+def micro_batches(groups, limit):
+    """Cut groups [(prompt, [rollout rows])] into micro-batches of at most `limit` rollouts; a group
+    larger than that is split (each part takes its own copy of the prompt). A micro-batch is a list
+    of (prompt, rows) packs."""
+    parts = [(p, rows[k:k + limit]) for p, rows in groups for k in range(0, len(rows), limit)]
+    batches, current, size = [], [], 0
+    for p, rows in parts:
+        if current and size + len(rows) > limit:
+            batches.append(current)
+            current, size = [], 0
+        current.append((p, rows))
+        size += len(rows)
+    return batches + ([current] if current else [])
 
 
 def padded(rows, width, dtype=torch.float32):
@@ -463,46 +524,47 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator,
     # The training set of this step: every rollout of a kept user. With beta = 0 a rollout whose
     # advantage is exactly 0 (a zero-variance group) has loss exactly 0: it still counts in the
     # normaliser, but its forward/backward is skipped.
-    rows = []
+    kept, n_rows, n_mask = [], 0, 0
     for i, samples in enumerate(groups):
         if not scored.keep[i]:
             continue
-        for j, s in enumerate(samples):
-            mask = scored.token_masks[i][j]
-            rows.append({"prompt": prompts[i], "tokens": s.tokens, "sampler_logp": s.logprobs, "mask": mask,
-                         "adv": float(advantages[i, j]), "skip": cfg.beta == 0 and float(advantages[i, j]) == 0.0})
+        rows = [{"tokens": s.tokens, "sampler_logp": s.logprobs, "mask": scored.token_masks[i][j],
+                 "adv": float(advantages[i, j])} for j, s in enumerate(samples)]
+        n_rows, n_mask = n_rows + len(rows), n_mask + sum(sum(r["mask"]) for r in rows)
+        live = [r for r in rows if cfg.beta > 0 or r["adv"] != 0.0]
+        if live:
+            kept.append((prompts[i], live))
     # the loss normaliser of the GLOBAL batch: every rank's share of the loss uses the same denominator
-    counts = torch.tensor([len(rows), sum(sum(r["mask"]) for r in rows)], dtype=torch.float64, device=device)
-    all_reduce_sum(counts)
+    counts = all_reduce_sum(torch.tensor([n_rows, n_mask], dtype=torch.float64, device=device))
     n_seq, n_tok = counts.tolist()
     normaliser = {"dapo": n_tok, "grpo": n_seq, "dr_grpo": n_seq * cfg.max_new_tokens}[cfg.loss_type]
-    live = [r for r in rows if not r["skip"]]
-    micro = [live[k: k + cfg.micro_batch_size] for k in range(0, len(live), cfg.micro_batch_size)]
+    micro = micro_batches(kept, cfg.micro_batch_size)
 
     t1 = time.time()
     model.train()
     sums = dict.fromkeys(["loss", "entropy", "kl", "clip_low", "clip_high", "clip_region", "lp_diff", "tokens",
-                          "trained_tokens"], 0.0)
+                          "trained_tokens", "forward_tokens"], 0.0)
     lp_diff_max = 0.0
     old_logps, ref_logps, grad_norm = {}, {}, 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     for it in range(cfg.num_iterations):
         for k, mb in enumerate(micro):
-            c_max = max(len(r["tokens"]) for r in mb)
-            mask = padded([r["mask"] for r in mb], c_max).to(device)
-            adv = torch.tensor([r["adv"] for r in mb], device=device)
+            packs = [(p, [r["tokens"] for r in rows]) for p, rows in mb]
+            rows = [r for _, rows in mb for r in rows]
+            c_max = max(len(r["tokens"]) for r in rows)
+            mask = padded([r["mask"] for r in rows], c_max).to(device)
+            adv = torch.tensor([r["adv"] for r in rows], device=device)
             with autocast_for(device):
-                logp, entropy = completion_logprobs(model, [r["prompt"] for r in mb], [r["tokens"] for r in mb],
-                                                    cfg.temperature)
+                logp, entropy = completion_logprobs(model, packs, cfg.temperature)
+            sums["forward_tokens"] += sum(len(p) + sum(len(c) for c in cs) for p, cs in packs)
             if it == 0:
                 # same parameters as the sampler: this is the ratio's "old" policy (ratio = 1 now)
                 old_logps[k] = logp.detach()
                 if cfg.beta > 0:
                     with torch.no_grad(), autocast_for(device):
-                        ref_logps[k], _ = completion_logprobs(ref_model, [r["prompt"] for r in mb],
-                                                              [r["tokens"] for r in mb], cfg.temperature)
-                filled = padded([[1] * len(r["tokens"]) for r in mb], c_max).to(device).bool()
-                gap = (logp.detach() - padded([r["sampler_logp"] for r in mb], c_max).to(device)).abs()[filled]
+                        ref_logps[k], _ = completion_logprobs(ref_model, packs, cfg.temperature)
+                filled = padded([[1] * len(r["tokens"]) for r in rows], c_max).to(device).bool()
+                gap = (logp.detach() - padded([r["sampler_logp"] for r in rows], c_max).to(device)).abs()[filled]
                 sums["lp_diff"] += gap.sum().item()
                 sums["tokens"] += gap.numel()
                 lp_diff_max = max(lp_diff_max, gap.max().item())
@@ -543,7 +605,6 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator,
         "reward_sq": (flat_rewards ** 2).sum().item(), "zero_var_groups": zero_var,
         "zero_var_kept": sum(float(scored.rewards[i].std()) == 0.0 for i in kept_groups),
         "len_sum": sum(lengths), "truncated": sum(s.finish_reason == "length" for g in groups for s in g),
-        "forward_tokens": cfg.num_iterations * sum(len(r["prompt"]) + len(r["tokens"]) for r in live),
         **sums, **scored.stats,
     }
     keys = sorted(local)
@@ -563,7 +624,7 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator,
         "clip_low": t["clip_low"] / max(t["trained_tokens"], 1), "clip_high": t["clip_high"] / max(t["trained_tokens"], 1),
         "clip_region": t["clip_region"] / max(t["trained_tokens"], 1),
         "lp_diff_mean": t["lp_diff"] / max(t["tokens"], 1), "lp_diff_max": peak.item(),
-        "grad_norm": grad_norm, "lr": lr, "trained_seqs": len(live), "loss_seqs": n_seq,
+        "grad_norm": grad_norm, "lr": lr, "loss_seqs": n_seq,
         "rollout_s": t_rollout, "train_s": t_train,
         "rollout_tok_s": t["len_sum"] / max(t_rollout, 1e-9),
         "train_tok_s": t["forward_tokens"] / max(t_train, 1e-9),

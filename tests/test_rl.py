@@ -228,18 +228,16 @@ def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tin
 
     captured = {}
 
-    def keep_logits(module, inputs, logits):
+    def keep_logits(module, inputs, logits):  # lm_head's output: [completion, token k, vocab]
         logits.retain_grad()
         captured["logits"] = logits
-    model.register_forward_hook(keep_logits)
+    model.lm_head.register_forward_hook(keep_logits)
     prompt = tok.encode("hello user data", add_special_tokens=False)
-    logp, _ = rl.completion_logprobs(model, [prompt, prompt], [s.tokens for s in samples], 1.0)
-    width = logp.shape[1]
-    mask = rl.padded(scored.token_masks[0], width)
+    logp, _ = rl.completion_logprobs(model, [(prompt, [s.tokens for s in samples])], 1.0)
+    mask = rl.padded(scored.token_masks[0], logp.shape[1])
     rl.grpo_loss(logp, logp.detach(), adv, mask, "dapo", 0.2, 0.28).backward()
-    grad = captured["logits"].grad  # [2, prompt + completion, V]; position len(prompt)-1+k predicts token k
     for r, s in enumerate(samples):
-        per_token = grad[r, len(prompt) - 1: len(prompt) - 1 + len(s.tokens)].abs().sum(-1)
+        per_token = captured["logits"].grad[r, : len(s.tokens)].abs().sum(-1)
         on_conf = per_token[torch.tensor(conf[r])]
         off_conf = per_token[~torch.tensor(conf[r])]
         assert (off_conf > 0).all()
@@ -247,6 +245,25 @@ def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tin
             assert (on_conf == 0).all()  # exactly zero, not small
         else:
             assert (on_conf > 0).all()
+
+
+def test_prompt_shared_packs_give_the_logprobs_of_one_plain_forward_per_completion():
+    from rollout import token_logprobs
+    model = toy_model(seed=1)
+    packs = [([1, 2, 3], [[4, 5], [6, 7, 8, 9], [10]]), ([11, 12], [[13, 14, 15]])]
+    logp, entropy = rl.completion_logprobs(model, packs, 0.7)
+    n = 0
+    for prompt, completions in packs:
+        for c in completions:
+            logits = model(torch.tensor([prompt + c]))[0, len(prompt) - 1: len(prompt) + len(c) - 1]
+            assert torch.allclose(logp[n, : len(c)], token_logprobs(logits, torch.tensor(c), 0.7), atol=1e-5)
+            assert torch.allclose(entropy[n, : len(c)], rl.token_entropy(logits, 0.7), atol=1e-5)
+            n += 1
+
+
+def test_micro_batches_split_big_groups_and_fill_up_to_the_limit():
+    groups = [("p", [1, 2, 3, 4, 5]), ("q", [6, 7]), ("r", [8])]
+    assert rl.micro_batches(groups, 3) == [[("p", [1, 2, 3])], [("p", [4, 5])], [("q", [6, 7]), ("r", [8])]]
 
 
 # -----------------------------------------------------------------------------
