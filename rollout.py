@@ -17,8 +17,9 @@ How `generate` works, in the order it happens:
    last-token logits are repeated n times; every row then draws its own first token.
 4. Decode. One token per row per step; attention only over the filled part of the cache. Rows stop
    on any of `stop_ids` (finish_reason "stop", the stop token is kept in the sample) or after
-   `max_new_tokens` ("length"). Finished rows are carried along (their outputs ignored) and the loop
-   ends as soon as every row has finished.
+   `max_new_tokens` ("length"). Finished rows ride along (outputs ignored) until a quarter of the
+   batch has finished; then the cache is compacted to the running rows (COMPACT_AT). The loop ends
+   as soon as every row has finished.
 
 Sampling: temperature T (T = 0 is greedy), then top-k, then top-p (nucleus), then one categorical
 draw (Gumbel-max with exponential noise from the seeded `torch.Generator`, so runs are reproducible
@@ -51,6 +52,7 @@ import torch
 
 DEFAULT_MAX_BATCH_TOKENS = 1 << 17  # KV-cache slots per batch (rows x (prompt + new tokens))
 PREFILL_LOGITS_BUDGET = 1 << 26  # floats of prefill logits held at once (256 MB)
+COMPACT_AT = 0.75  # drop finished rows from the decode batch once at most this share of it still runs
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
 
 
@@ -200,6 +202,14 @@ def share_prefix(prompt_cache, cache, row_prompt, width):
     cache.v[:, :, :, :width] = prompt_cache.v[:, :, :, :width].index_select(1, row_prompt)
 
 
+def compact_cache(model, cache, keep):
+    """A new cache holding only rows `keep` of `cache` (finished rows are dropped, not decoded on)."""
+    small = model.setup_cache(len(keep), cache.max_len)
+    torch.index_select(cache.k, 1, keep, out=small.k)
+    torch.index_select(cache.v, 1, keep, out=small.v)
+    return small
+
+
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
              seed=None, generator=None, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS, progress=False):
@@ -257,37 +267,45 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
     positions = lengths.index_select(0, row_prompt)  # where each row's next token goes
     out_tokens = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
     out_logprobs = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
-    n_steps = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    n_done = 0
+    n_tokens = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
+    stopped = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that ended on a stop id
+    live = torch.arange(rows, device=device)  # decode row i (cache row i) produces output row live[i]
+    running = torch.ones(rows, dtype=torch.bool, device=device)  # decode rows not finished yet
+    n_running = rows
 
     token, logprob = sample_tokens(last_logits.index_select(0, row_prompt), temperature, top_k, top_p, generator)
     for step in range(max_new_tokens):
-        out_tokens[:, step] = token
-        out_logprobs[:, step] = logprob
-        hit = torch.isin(token, stop) & ~done
-        n_steps.masked_fill_(hit, step + 1)
-        done |= hit
+        out_tokens[live, step] = token
+        out_logprobs[live, step] = logprob
+        hit = torch.isin(token, stop) & running
+        running &= ~hit
+        ended = live[hit]
+        stopped[ended] = True
+        n_tokens[ended] = step + 1
         if bar is not None:
-            bar.update(rows - n_done)  # every row still running wrote a token this step
-        n_done = int(done.sum())  # the one host sync per step: it lets the loop end early
-        if step == max_new_tokens - 1 or n_done == rows:
+            bar.update(n_running)  # every row still running wrote a token this step
+        n_running = int(running.sum())  # the one host sync per step: it lets the loop end early
+        if step == max_new_tokens - 1 or n_running == 0:
             break
+        if n_running <= COMPACT_AT * len(live):  # drop finished rows instead of decoding them further
+            keep = running.nonzero().squeeze(1)
+            cache = compact_cache(model, cache, keep)
+            live, token, positions, running = live[keep], token[keep], positions[keep], running[keep]
         logits = model(token[:, None], positions[:, None], cache)[:, -1]
         positions += 1
         token, logprob = sample_tokens(logits, temperature, top_k, top_p, generator)
 
     out_tokens, out_logprobs = out_tokens.cpu(), out_logprobs.cpu()
-    n_steps, done = n_steps.tolist(), done.tolist()
+    n_tokens, stopped = n_tokens.tolist(), stopped.tolist()
     if bar is not None:
-        bar.total -= rows * max_new_tokens - sum(n_steps)
+        bar.total -= rows * max_new_tokens - sum(n_tokens)
         bar.refresh()
     samples, row = [], 0
     for count in counts:
         group = []
         for _ in range(count):
-            k = n_steps[row]
-            group.append(Sample(out_tokens[row, :k].tolist(), out_logprobs[row, :k].tolist(), "stop" if done[row] else "length"))
+            k = n_tokens[row]
+            group.append(Sample(out_tokens[row, :k].tolist(), out_logprobs[row, :k].tolist(), "stop" if stopped[row] else "length"))
             row += 1
         samples.append(group)
     return samples

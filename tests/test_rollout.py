@@ -134,11 +134,16 @@ def test_prefix_shared_cache_gives_the_same_logits_as_unshared(qwen3):
         positions += 1
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
-def test_sampler_logprobs_equal_teacher_forced(qwen3, temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,stop_ids", [(1.0, 0, 1.0, ()), (0.7, 20, 0.9, range(3, 256, 7))])
+def test_sampler_logprobs_equal_teacher_forced(qwen3, temperature, top_k, top_p, stop_ids):
+    """Also with many stop ids: rows finish at different steps and the decode cache is compacted
+    (rollout.COMPACT_AT) several times; every later logprob still matches a full forward."""
     _, model = qwen3
     out = rollout.generate(model, PROMPTS, n=3, max_new_tokens=10, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=0)
+                           top_p=top_p, stop_ids=stop_ids, seed=0)
+    lengths = sorted(len(s.tokens) for group in out for s in group)
+    if stop_ids:
+        assert lengths[0] < 5 and lengths[-1] >= 6  # some rows stopped early, others decoded on after compaction
     for prompt, group in zip(PROMPTS, out):
         assert len({tuple(s.tokens) for s in group}) > 1  # each row drew its own tokens, first one included
         for sample in group:
