@@ -475,7 +475,7 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
     that was being written when it was killed). The simulated teacher's depend on the user only.
     Returns (users written, tokens generated).
     """
-    from confprofile import append_jsonl, parse_answer, render_prompt
+    from confprofile import dumps_line, parse_answer, render_prompt
     done = resume_output(out_path)
     batches = [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
     todo = sum(1 for u in users if u["user_id"] not in done)
@@ -494,10 +494,12 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
             seeds = [_derived_seed(seed, u["user_id"]) for u in batch]
             answers = teacher.answer([render_prompt(u, taxonomy) for u in batch], n, seeds)
             for user, samples in zip(batch, answers):
-                append_jsonl(f, {"user_id": user["user_id"], "samples": [
+                f.write(dumps_line({"user_id": user["user_id"], "samples": [
                     {"text": text, "finish_reason": reason, "parse": parse_answer(text, taxonomy)}
-                    for text, reason, _ in samples]})
+                    for text, reason, _ in samples]}))
                 n_tokens += sum(k for _, _, k in samples)
+            f.flush()  # whole lines reach the file once per batch (a kill leaves at most one partial
+            os.fsync(f.fileno())  # line, cut off by resume_output); one fsync per batch, not per user
             written += len(batch)
             if bar is not None:
                 bar.update(len(batch))
@@ -568,7 +570,7 @@ def run_prompts(args):
                            for r, group in zip(records, out)])
     n_tokens = sum(len(s.tokens) for group in out for s in group)
     print(f"{len(records)} prompts x {args.samples} samples -> {args.out}: "
-          f"{n_tokens} tokens in {seconds:.1f} s, {n_tokens / seconds:.1f} tokens/s")
+          f"{n_tokens} sampled tokens in {seconds:.1f} s, {n_tokens / seconds:.1f} tokens/s")
 
 
 def run_teacher(args):
