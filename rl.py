@@ -248,16 +248,11 @@ def k3_kl(logp, ref_logp):
     return torch.exp(delta) - delta - 1
 
 
-def loss_normaliser(masks, loss_type, max_new_tokens):
-    """Denominator of the batch loss for `loss_type`, from the loss masks of the WHOLE batch
-    (all micro-batches, all ranks): dapo = number of loss tokens; grpo = number of sequences (each
-    sequence's mean is taken first, see loss_numerator); dr_grpo = sequences * max_new_tokens."""
-    n_seq = sum(m.shape[0] for m in masks)
-    if loss_type == "dapo":
-        return float(sum(int(m.sum()) for m in masks))
-    if loss_type == "grpo":
-        return float(n_seq)
-    return float(n_seq * max_new_tokens)
+def loss_normaliser(n_sequences, n_loss_tokens, loss_type, max_new_tokens):
+    """Denominator of the batch loss for `loss_type`, counted over the WHOLE batch (all micro-batches,
+    all ranks): dapo = loss tokens; grpo = sequences (each sequence's token mean is taken first, see
+    loss_numerator); dr_grpo = sequences * max_new_tokens (a constant: no length bias at all)."""
+    return float({"dapo": n_loss_tokens, "grpo": n_sequences, "dr_grpo": n_sequences * max_new_tokens}[loss_type])
 
 
 def loss_numerator(per_token, mask, loss_type):
@@ -280,7 +275,7 @@ def grpo_loss(logp, old_logp, advantages, mask, loss_type, epsilon, epsilon_high
     if beta > 0:
         per_token = per_token + beta * k3_kl(logp, ref_logp)
     if normaliser is None:
-        normaliser = loss_normaliser([mask], loss_type, max_new_tokens or mask.shape[1])
+        normaliser = loss_normaliser(mask.shape[0], mask.sum().item(), loss_type, max_new_tokens or mask.shape[1])
     return loss_numerator(per_token, mask, loss_type) / normaliser
 
 
@@ -537,7 +532,7 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator,
     # the loss normaliser of the GLOBAL batch: every rank's share of the loss uses the same denominator
     counts = all_reduce_sum(torch.tensor([n_rows, n_mask], dtype=torch.float64, device=device))
     n_seq, n_tok = counts.tolist()
-    normaliser = {"dapo": n_tok, "grpo": n_seq, "dr_grpo": n_seq * cfg.max_new_tokens}[cfg.loss_type]
+    normaliser = loss_normaliser(n_seq, n_tok, cfg.loss_type, cfg.max_new_tokens)
     micro = micro_batches(kept, cfg.micro_batch_size)
 
     t1 = time.time()
