@@ -399,14 +399,61 @@ def lr_at(step, cfg, total_steps=None):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def stochastic_round_to_bf16(x):
+    """fp32 -> bf16, rounding up or down at random with probability proportional to the distance
+    (unbiased: E[round(x)] = x). bf16 keeps the top 16 bits of an fp32; adding uniform noise to the
+    16 dropped bits before truncating rounds up exactly with the probability of the dropped fraction."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW for bf16 parameters (big models on one GPU: no fp32 master copy). Moments are kept in bf16,
+    the step is computed in fp32 and written back with stochastic rounding. Why: with round-to-nearest,
+    an update smaller than half a bf16 step is lost (lr 1e-5 vs a step of ~1e-4 for a weight of 0.02),
+    so the model would barely move; stochastic rounding is unbiased, so small updates add up."""
+
+    CHUNK = 1 << 24  # elements per fp32 work chunk: bounds the temporaries of huge matrices (embeddings)
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+                for w, g, m, v in zip(*(t.view(-1).split(self.CHUNK) for t in
+                                        (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))):
+                    g32 = g.float()
+                    m32 = m.float().lerp_(g32, 1 - b1)
+                    v32 = v.float().mul_(b2).addcmul_(g32, g32, value=1 - b2)
+                    m.copy_(m32)
+                    v.copy_(v32)
+                    w32 = w.float().mul_(1 - lr * wd).addcdiv_(m32 / c1, (v32 / c2).sqrt_().add_(eps), value=-lr)
+                    w.copy_(stochastic_round_to_bf16(w32))
+
+
 def build_optimizer(model, cfg):
-    """AdamW; weight decay only on matrices (norm gains and biases are not decayed)."""
+    """AdamW (AdamWBF16 for bf16 parameters); weight decay only on matrices (not norm gains or biases)."""
     params = [p for p in unwrap(model).parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             fused=torch.cuda.is_available() and params[0].is_cuda)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if params[0].dtype == torch.bfloat16:
+        return AdamWBF16(groups, lr=cfg.lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=params[0].is_cuda)
 
 
 # -----------------------------------------------------------------------------
@@ -612,8 +659,10 @@ def train(cfg, rank, world_size, local_rank, device):
         if done % cfg.log_every == 0 or done == total_steps:
             dt = time.time() - t_last
             record = {"step": done, "epoch": round(step / steps_per_epoch, 3), "loss": stats[0].item() / n_targets,
-                      "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / max(dt, 1e-9)}
+                      "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens_seen, "seconds": dt,
+                      "tokens_per_s": tokens_seen / max(dt, 1e-9)}
             tokens_seen, t_last = 0, time.time()
+        t_pause = time.time()  # eval and checkpoint time do not count against training tokens/s
         if eval_examples and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
             record = record or {"step": done}
             record["eval_loss"] = evaluate_loss(unwrap(model), eval_examples, cfg.batch_size // n_micro, pad_id, device,
@@ -629,6 +678,7 @@ def train(cfg, rank, world_size, local_rank, device):
                 save_training_state(state_dir, model, optimizer, done,
                                     {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch})
             barrier()
+        t_last += time.time() - t_pause
     else:
         step = total_steps
     if main_process:

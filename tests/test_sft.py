@@ -237,3 +237,26 @@ def test_config_errors_list_valid_keys(world):
         sft.main(run_args(world, world.dir / "bad", no_such_key=1))
     with pytest.raises(ConfigError, match="multiple of world_size"):
         sft.main(run_args(world, world.dir / "bad", batch_size=9, grad_accum=2))
+
+
+def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
+    torch.manual_seed(0)
+    # 1 + 2^-9 lies a quarter of a bf16 step (2^-7) above 1: rounds up 1/4 of the time, mean exact.
+    x = torch.full((200_000,), 1 + 2 ** -9)
+    r = sft.stochastic_round_to_bf16(x)
+    assert set(r.float().unique().tolist()) == {1.0, 1 + 2 ** -7}
+    assert r.float().mean().item() == pytest.approx(1 + 2 ** -9, abs=2e-5)
+    # 100 Adam steps of lr 1e-3 on weights = 1 (bf16 step 2^-7 = 0.0078): fp32 AdamW moves them by 0.1,
+    # bf16 round-to-nearest AdamW not at all, AdamWBF16 by 0.1 on average.
+    w = {name: torch.nn.Parameter(torch.ones(4096, dtype=dt)) for name, dt in
+         (("fp32", torch.float32), ("nearest", torch.bfloat16), ("ours", torch.bfloat16))}
+    opts = {"fp32": torch.optim.AdamW([w["fp32"]], lr=1e-3, weight_decay=0.0),
+            "nearest": torch.optim.AdamW([w["nearest"]], lr=1e-3, weight_decay=0.0),
+            "ours": sft.AdamWBF16([w["ours"]], lr=1e-3)}
+    for _ in range(100):
+        for name, p in w.items():
+            p.grad = torch.ones_like(p)
+            opts[name].step()
+    assert w["fp32"].mean().item() == pytest.approx(0.9, abs=1e-4)
+    assert w["nearest"].float().mean().item() == 1.0
+    assert w["ours"].float().mean().item() == pytest.approx(0.9, abs=2e-3)
