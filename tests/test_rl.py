@@ -332,3 +332,44 @@ def test_resume_equals_uninterrupted(tmp_path):
     ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in mb] == [1, 2, 3, 4]  # the lost step 3 was dropped and redone
     assert [r["reward_mean"] for r in ma] == [r["reward_mean"] for r in mb]
+
+
+DDP_SCRIPT = r'''
+import json, sys, torch
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import rl, test_rl as T
+from sft import setup_distributed, cleanup_distributed
+rank, world, _, _ = setup_distributed()
+model = T.toy_model()
+cfg = T.toy_config(sys.argv[2], max_steps=3)
+
+def batch(step):  # the 4 prompts are the global batch: each rank takes its share
+    prompts, score = T.toy_batch(step)
+    return prompts[rank::world], score
+rl.train(cfg, model, batch, stop_ids=[], rank=rank, world_size=world)
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+copies = [torch.zeros_like(flat) for _ in range(world)]
+torch.distributed.all_gather(copies, flat)
+if rank == 0:
+    print(json.dumps({"same": all(torch.equal(copies[0], c) for c in copies), "moved": (flat != T.toy_model_flat()).any().item()}))
+cleanup_distributed()
+'''
+
+
+def toy_model_flat():
+    return torch.cat([p.detach().flatten() for p in toy_model().parameters()])
+
+
+def test_two_process_torchrun_sums_gradients_over_ranks(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), root,
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"same": True, "moved": True}  # every rank applied the same (summed) update
+    m = read_metrics(tmp_path / "out")
+    assert [r["loss_seqs"] for r in m] == [32.0, 32.0, 32.0]  # the normaliser counts both ranks' rollouts
