@@ -8,7 +8,7 @@ How `generate` works, in the order it happens:
    (prompt, first sample, number of samples); a prompt whose n samples alone exceed the budget is
    split into several groups (each group prefills it again).
 2. Prefill, once per prompt. The distinct prompts of a batch are RIGHT-padded to a common length and
-   run through a small cache of their own (in position chunks, so prefill logits stay bounded). A
+   run through a small cache of their own (in position chunks, to bound activation memory). A
    token at position p always lives in cache slot p (model.KVCache), so a causal "slot <= position"
    mask is all the masking ragged prompts need: the pads of a short prompt sit in slots after its
    real tokens, no real token can see them, and its decode steps overwrite them one by one. Only
@@ -39,6 +39,8 @@ CLIs:
         [--temperature T --max-new-tokens M --seed S --batch-users U]
         out line per user {"user_id", "samples": [{"text", "finish_reason", "parse"}]}; restartable.
     `--samples 1 --temperature 0` gives any checkpoint's greedy predictions for evaluate.py.
+    Both: --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
+    --device cpu|cuda, --dtype float32|bfloat16, --no-progress. The last line printed gives tokens/s.
 """
 import argparse
 import dataclasses
@@ -51,7 +53,7 @@ import time
 import torch
 
 DEFAULT_MAX_BATCH_TOKENS = 1 << 17  # KV-cache slots per batch (rows x (prompt + new tokens))
-PREFILL_LOGITS_BUDGET = 1 << 26  # floats of prefill logits held at once (256 MB)
+PREFILL_CHUNK_TOKENS = 8192  # prompt tokens per prefill forward (bounds activation memory)
 COMPACT_AT = 0.75  # drop finished rows from the decode batch once at most this share of it still runs
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
 
@@ -170,12 +172,14 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
-def prefill(model, prompts, cache, logits_budget=PREFILL_LOGITS_BUDGET):
+def prefill(model, prompts, cache, chunk_tokens=PREFILL_CHUNK_TOKENS):
     """Run right-padded prompts through the model once, filling `cache` rows 0..P-1 (slot = position).
 
-    The prompts go in chunks of positions so the [P, chunk, vocab] logits stay within `logits_budget`
-    floats (a 150k vocabulary times long prompts would not fit otherwise); the cache makes the chunks
-    exact, since a query attends to every earlier slot. Returns each prompt's last-token logits [P, V].
+    Returns each prompt's last-token logits [P, V]. Two things keep this cheap for big vocabularies
+    and long prompts: the vocabulary projection runs only on one position per prompt (a pre-hook on
+    `lm_head` picks it; model.forward itself projects every position), and the prompts go in chunks
+    of positions, at most `chunk_tokens` tokens per forward, which the cache makes exact (a query
+    attends to every earlier slot).
     """
     device = _model_device(model)
     n_prompts, width = len(prompts), max(len(p) for p in prompts)
@@ -183,17 +187,22 @@ def prefill(model, prompts, cache, logits_budget=PREFILL_LOGITS_BUDGET):
     for r, p in enumerate(prompts):
         ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
     ids = ids.to(device)
-    last = [len(p) - 1 for p in prompts]
-    chunk = max(1, logits_budget // (n_prompts * model.args.vocab_size))
-    last_logits = [None] * n_prompts
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    rows = torch.arange(n_prompts, device=device)
+    chunk = max(1, chunk_tokens // n_prompts)
+    last_logits = None
     for start in range(0, width, chunk):
         stop = min(width, start + chunk)
-        positions = torch.arange(start, stop, device=device).expand(n_prompts, stop - start)
-        logits = model(ids[:, start:stop], positions, cache)
-        for r in range(n_prompts):
-            if start <= last[r] < stop:
-                last_logits[r] = logits[r, last[r] - start]
-    return torch.stack(last_logits)
+        pick = (last - start).clamp(0, stop - start - 1)  # each row's last token if it is in this chunk
+        hook = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][rows, pick][:, None],))
+        try:
+            positions = torch.arange(start, stop, device=device).expand(n_prompts, stop - start)
+            logits = model(ids[:, start:stop], positions, cache)[:, 0]  # [P, V]
+        finally:
+            hook.remove()
+        in_chunk = ((last >= start) & (last < stop))[:, None]
+        last_logits = logits if last_logits is None else torch.where(in_chunk, logits, last_logits)
+    return last_logits
 
 
 def share_prefix(prompt_cache, cache, row_prompt, width):

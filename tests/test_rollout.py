@@ -111,6 +111,18 @@ def test_greedy_ragged_batch_equals_one_at_a_time_and_transformers(family, reque
         assert sample.finish_reason == ("stop" if reference[-1] == EOS else "length")
 
 
+@pytest.mark.parametrize("chunk_tokens", [8192, 9])  # one forward; or chunks of 2 positions x 4 prompts
+def test_prefill_gives_each_prompts_last_token_logits(qwen3, chunk_tokens):
+    _, model = qwen3
+    cache = model.setup_cache(len(PROMPTS), max(map(len, PROMPTS)))
+    logits = rollout.prefill(model, PROMPTS, cache, chunk_tokens=chunk_tokens)
+    assert logits.shape == (len(PROMPTS), model.args.vocab_size)
+    for prompt, row in zip(PROMPTS, logits):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt]))[0, -1]  # a full forward, no cache, no padding
+        assert torch.allclose(row, expected, atol=1e-4)
+
+
 def test_prefix_shared_cache_gives_the_same_logits_as_unshared(qwen3):
     _, model = qwen3
     prompts, n = PROMPTS[:2], 3
