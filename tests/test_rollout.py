@@ -80,6 +80,15 @@ def test_sample_tokens_draws_from_the_filtered_tempered_distribution():
     freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
     assert torch.allclose(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), atol=0.01)
     assert torch.allclose(logprobs, torch.log(probs)[tokens], atol=1e-6)
+    # a 1000-token vocabulary with a peaked head (top-2 mass 0.907, top-3 0.996): the nucleus is
+    # found among the probed top tokens (p=0.9), or needs the full sort (p=0.95 probing 2, p=0.999)
+    peaked = torch.cat([torch.tensor([12.0, 11.0, 10.0]), torch.zeros(997)])
+    for p, probe in [(0.9, 256), (0.9, 2), (0.95, 2), (0.999, 256)]:
+        values, index = rollout.nucleus_candidates(peaked[None], p, probe)
+        kept = index[0][~rollout.nucleus_mask(values, p)[0]].tolist()
+        expected = torch.isfinite(rollout.top_p_filter(peaked[None], p)[0]).nonzero().squeeze(1).tolist()
+        assert sorted(kept) == expected
+    assert len(expected) > 256  # p = 0.999 needed the full sort
     greedy, _ = rollout.sample_tokens(logits[:3], temperature=0.0)
     assert greedy.tolist() == [3, 3, 3]
 
