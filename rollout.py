@@ -293,8 +293,9 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
     rows = int(counts_t.sum())
 
     width = int(lengths.max())
-    prompt_cache = model.setup_cache(len(prompts), width)
-    last_logits = prefill(model, prompts, prompt_cache)
+    eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model decodes; prefill (new shapes
+    prompt_cache = eager.setup_cache(len(prompts), width)  # every batch, an lm_head hook) runs eagerly
+    last_logits = prefill(eager, prompts, prompt_cache)
     row_prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
     cache = model.setup_cache(rows, width + max_new_tokens)
     share_prefix(prompt_cache, cache, row_prompt, width)

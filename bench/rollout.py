@@ -154,7 +154,7 @@ def theirs(hf, prompts, n, args, seed):
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) \
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.temperature > 0 else dict(do_sample=False)
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, num_return_sequences=n,
                       pad_token_id=0, **sampling)
@@ -219,7 +219,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row (both engines)")
     p.add_argument("--prompt-len", type=int, default=48, help="longest prompt (others down to half)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = off (transformers' default is 50)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (passed to generate() as is: its own default is 50)")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per engine; the best is reported")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
