@@ -74,8 +74,7 @@ def token_logprobs(logits, tokens, temperature=1.0):
     """Per-token logprob under the tempered distribution: log softmax(logits / T)[token]; T = 0 -> T = 1.
 
     logits [..., V], tokens [...] -> [...] float32. The ONE logprob function: the sampler records it
-    and the GRPO trainer recomputes it from a teacher-forced forward. Written as
-    logit - logsumexp so autograd keeps no second [..., V] tensor.
+    and the GRPO trainer recomputes it from a teacher-forced forward (differentiable).
     """
     logits = logits.float()
     if temperature > 0 and temperature != 1.0:
@@ -127,8 +126,8 @@ def sample_categorical(logits, generator=None):
     """One draw per row from softmax(logits) by inverse CDF: the first index whose cumulative
     probability exceeds u ~ U(0, total). Tokens at -inf (probability 0) are never drawn.
 
-    Three passes over the row and one random number per row: on CPU torch.multinomial is ~20x slower
-    and Gumbel noise for every vocabulary entry ~15x; neither needs a host sync on GPU, nor does this.
+    Three passes over the row and one random number per row (on CPU torch.multinomial is ~20x slower
+    and Gumbel noise for every vocabulary entry ~15x); no host sync on GPU.
     """
     cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
     u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
@@ -141,7 +140,7 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     Same distribution as top_p_filter(top_k_filter(logits / T, k), p) followed by a softmax draw
     (up to exact ties at the k-th logit), computed the cheap way: with top-k only the k best
     candidates (sorted) are kept, top-p works on those (or on a full sort without top-k), and the
-    draw is sample_categorical from `generator` (reproducible, no host sync).
+    draw is sample_categorical from `generator` (reproducible).
     Returns (tokens [B], logprobs [B]); logprobs from token_logprobs (see there: before truncation).
     """
     logits = logits.float()
