@@ -34,6 +34,7 @@ Helpers rl.py reuses (names are stable):
     assistant_mask(tokenizer, messages, **template_kwargs) -> (input_ids, loss_mask)
     pad_batch(sequences, masks, pad_id, device) -> (input_ids[B,T], loss_mask[B,T]) right-padded tensors
     masked_nll_sum(logits, input_ids, loss_mask) -> (sum of NLL over masked targets, their count)
+    answer_nll_sum(model, input_ids, loss_mask)   the same, projecting only the answer positions onto the vocab
     autocast_for(device)                      bf16 autocast on CUDA, a no-op on CPU
     all_reduce_sum(tensor)                    sum over processes (a no-op in one process)
 """
@@ -389,6 +390,23 @@ def masked_nll_sum(logits, input_ids, loss_mask):
     return F.cross_entropy(picked.float(), targets, reduction="sum"), int(target_mask.sum())
 
 
+def answer_nll_sum(model, input_ids, loss_mask):
+    """masked_nll_sum(model(input_ids), ...) without projecting the prompt onto the vocabulary: a forward
+    pre-hook on lm_head keeps only the positions that predict a target (t - 1 for every target t), so
+    the vocabulary matmul -- the biggest one of a small model, the biggest activation of a 150k-vocab
+    one -- runs on the answer tokens only. Returns (sum of NLL, number of targets)."""
+    target_mask = loss_mask[:, 1:]
+    predicts = F.pad(target_mask, (0, 1))  # position t-1 predicts token t
+    hook = unwrap(model).lm_head.register_forward_pre_hook(lambda module, args: (args[0][predicts],))
+    try:
+        with autocast_for(input_ids.device):
+            logits = model(input_ids)  # [N, V]
+    finally:
+        hook.remove()
+    targets = input_ids[:, 1:][target_mask]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(target_mask.sum())
+
+
 def lr_at(step, cfg, total_steps=None):
     """Learning rate at 0-based optimizer step: linear warmup to cfg.lr over warmup_steps, then cosine
     decay to cfg.lr * min_lr_ratio at the last step."""
@@ -522,9 +540,7 @@ def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches[rank::world_size]:
         ids, lm = pad_batch([examples[i][0] for i in batch], [examples[i][1] for i in batch], pad_id, device)
-        with autocast_for(device):
-            logits = model(ids)
-        nll, n = masked_nll_sum(logits, ids, lm)
+        nll, n = answer_nll_sum(model, ids, lm)
         total += torch.tensor([nll.item(), n], dtype=torch.float64, device=device)
     all_reduce_sum(total)
     model.train()
@@ -640,9 +656,7 @@ def train(cfg, rank, world_size, local_rank, device):
             # DDP all-reduces gradients only on the last micro-batch of the step.
             sync = world_size == 1 or k == len(mine) - 1
             with (contextlib.nullcontext() if sync else model.no_sync()):
-                with autocast_for(device):
-                    logits = model(ids)
-                nll, _ = masked_nll_sum(logits, ids, lm)
+                nll, _ = answer_nll_sum(model, ids, lm)
                 # DDP averages gradients over processes; * world_size turns that into the global token mean.
                 (nll * (world_size / n_targets)).backward()
             step_loss += nll.item()

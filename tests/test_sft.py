@@ -260,3 +260,15 @@ def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
     assert w["fp32"].mean().item() == pytest.approx(0.9, abs=1e-4)
     assert w["nearest"].float().mean().item() == 1.0
     assert w["ours"].float().mean().item() == pytest.approx(0.9, abs=2e-3)
+
+
+def test_answer_nll_sum_equals_full_logits_loss(world):
+    from model import load_model
+    model = load_model(world.student)
+    chats = synthetic_chats(3, seed=5)
+    examples, _ = sft.encode_chats(__import__("transformers").AutoTokenizer.from_pretrained(world.student), chats, 512, {})
+    ids, lm = sft.pad_batch([e[0] for e in examples], [e[1] for e in examples], 0, "cpu")
+    full, n_full = sft.masked_nll_sum(model(ids), ids, lm)
+    fast, n_fast = sft.answer_nll_sum(model, ids, lm)
+    assert n_full == n_fast == sum(sum(m[1:]) for _, m in examples)
+    assert fast.item() == pytest.approx(full.item(), rel=1e-5)
