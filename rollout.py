@@ -52,7 +52,9 @@ import time
 
 import torch
 
-DEFAULT_MAX_BATCH_TOKENS = 1 << 17  # KV-cache slots per batch (rows x (prompt + new tokens))
+# KV-cache slots per batch (rows x (prompt + new tokens)). CPU: 64k (SmolLM2-135M: 3 GB fp32; more rows
+# do not run faster there). GPU: 128k (Qwen3-8B bf16: 19 GB); lower it for bigger models.
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1 << 16, "cuda": 1 << 17}
 PREFILL_CHUNK_TOKENS = 8192  # prompt tokens per prefill forward (bounds activation memory)
 NUCLEUS_PROBE = 256  # top-p looks for its nucleus among this many most likely tokens before a full sort
 COMPACT_AT = 0.75  # drop finished rows from the decode batch once at most this share of it still runs
@@ -247,12 +249,12 @@ def compact_cache(model, cache, keep):
 
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
-             seed=None, generator=None, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS, progress=False):
+             seed=None, generator=None, max_batch_tokens=None, progress=False):
     """Sample n completions for each token-id prompt; returns [prompt_index][sample_index] -> Sample.
 
     See the module docstring for the algorithm. `generator` (a torch.Generator on the model's device)
     wins over `seed`; with neither, a fresh random seed is drawn. Results are reproducible for the same
-    seed, prompts, settings, `max_batch_tokens` and device.
+    seed, prompts, settings, `max_batch_tokens` and device. `max_batch_tokens` None: the device's default.
     """
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"generate: n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
@@ -269,6 +271,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     stop = torch.tensor(sorted(set(int(s) for s in stop_ids)) or [-1], device=device)
     results = [[None] * n for _ in prompts]
+    if max_batch_tokens is None:
+        max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cuda"])
     batches = plan_batches([len(p) for p in prompts], n, max_new_tokens, max_batch_tokens)
     bar = None
     if progress:  # counts generated tokens; the total (every row to max_new_tokens) shrinks as rows stop
@@ -564,7 +568,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="makes the samples reproducible")
     p.add_argument("--batch-users", type=int, default=64, help="users per generate() call (teacher mode)")
-    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help="KV-cache slots per batch")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="KV-cache slots per batch (default: 64k on cpu, 128k on cuda)")
     p.add_argument("--template-kwargs", type=json.loads, default={}, help="JSON passed to the chat template, e.g. '{\"enable_thinking\": false}'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
