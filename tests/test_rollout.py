@@ -304,6 +304,10 @@ def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint,
     assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")  # batch_users=1: exactly reproduced
     rollout.main(base + ["--out", str(cut)])  # nothing left to do: nothing written
     assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
+    # a complete line we did not write is an error naming it, not something to skip or overwrite
+    cut.write_text(text[0] + "not a teacher line\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cut\.jsonl:2: expected a teacher output line"):
+        rollout.main(base + ["--out", str(cut)])
 
 
 def test_greedy_predictions_batch_many_users(chat_checkpoint, tmp_path, monkeypatch):
