@@ -740,22 +740,19 @@ def read_stage1(path, taxonomy):
     return out
 
 
-def profile_of(parsed):
-    """A parsed answer as evaluate()'s prediction: the dimensions that parse (None if none does)."""
-    dims = {d: v for d, v in parsed["dims"].items() if v is not None}
-    return dims or None
-
-
 def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_tokens):
-    """Greedy answers on labelled users, scored by evaluate.py: avg F1, mean stated confidence, format failures."""
-    from evaluate import evaluate
+    """Greedy answers on labelled users, scored by evaluate.py: avg F1, the mean stated confidence
+    (all dimensions, NA included: what the policy says) and evaluate.py's mean confidence of the
+    non-abstained predictions, format failures."""
+    from evaluate import evaluate, profile_from_parse
     from rollout import completion_text, generate
     groups = generate(model, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids)
     parsed = [parse_answer(completion_text(tokenizer, g[0], set(stop_ids)), taxonomy) for g in groups]
-    metrics = evaluate({u["user_id"]: profile_of(p) for u, p in zip(users, parsed)}, users, taxonomy)
-    confidences = [v["confidence"] for p in parsed for v in p["dims"].values() if v and v["confidence"]]
-    return {"dev_avg_f1": metrics["avg_f1"], "dev_confidence": sum(confidences) / max(len(confidences), 1),
-            "dev_format_fail": sum(not p["format_ok"] for p in parsed) / max(len(parsed), 1)}
+    failures = sum(not p["format_ok"] for p in parsed) / max(len(parsed), 1)
+    metrics = evaluate({u["user_id"]: profile_from_parse(p) for u, p in zip(users, parsed)}, users, taxonomy, failures)
+    stated = [v["confidence"] for p in parsed for v in p["dims"].values() if v and v["confidence"]]
+    return {"dev_avg_f1": metrics["avg_f1"], "dev_confidence": sum(stated) / max(len(stated), 1),
+            "dev_mean_confidence": metrics["mean_confidence"], "dev_format_fail": failures}
 
 
 def run(cfg, rank, world_size, device):
