@@ -308,9 +308,9 @@ def test_twenty_grpo_steps_raise_a_learnable_reward(tmp_path):
     cfg = toy_config(tmp_path, num_iterations=2, micro_batch_size=10)  # 2 passes, 4 micro-batches of 32 rollouts
     assert rl.train(cfg, model, toy_batch, stop_ids=[]) == 20
     m = read_metrics(tmp_path)
-    first = sum(r["reward_mean"] for r in m[:3]) / 3
+    first = m[0]["reward_mean"]  # the untrained policy: TARGET is about 1 token in 16
     last = sum(r["reward_mean"] for r in m[-3:]) / 3
-    assert first < 0.2 and last > first + 0.3, (first, last)
+    assert first < 0.2 and last > 0.6, (first, last)
     # same function, same weights, same temperature: sampler and trainer logprobs agree
     assert max(r["lp_diff_max"] for r in m) < 1e-4
     assert any(r["clip_region"] > 0 for r in m)  # the 2nd pass moves ratios off 1 enough to clip sometimes
