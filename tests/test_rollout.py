@@ -284,8 +284,6 @@ def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint,
     users = tmp_path / "users.jsonl"
     users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
     teacher_arg = chat_checkpoint if teacher == "checkpoint" else "sim"
-    if teacher == "sim":
-        pytest.importorskip("profilebench").SimTeacher  # noqa: B018 (fails loudly if the class is missing)
     full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
     base = ["--teacher", teacher_arg, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
             "--seed", "1", "--batch-users", "1", "--no-progress"]
