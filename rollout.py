@@ -233,10 +233,14 @@ def prefill(model, prompts, cache, chunk_tokens=PREFILL_CHUNK_TOKENS):
     return last_logits
 
 
-def share_prefix(prompt_cache, cache, row_prompt, width):
-    """Prefix sharing: decode-cache row r <- prompt-cache row row_prompt[r], slots 0..width-1, all layers."""
-    cache.k[:, :, :, :width] = prompt_cache.k[:, :, :, :width].index_select(1, row_prompt)
-    cache.v[:, :, :, :width] = prompt_cache.v[:, :, :, :width].index_select(1, row_prompt)
+def share_prefix(prompt_cache, cache, counts, width):
+    """Prefix sharing: prompt-cache row i (slots 0..width-1, every layer) is copied to the next counts[i]
+    rows of the decode cache, by broadcasting (no gathered temporary of the decode rows' size)."""
+    first = 0
+    for i, count in enumerate(counts):
+        cache.k[:, first:first + count, :, :width] = prompt_cache.k[:, i:i + 1, :, :width]
+        cache.v[:, first:first + count, :, :width] = prompt_cache.v[:, i:i + 1, :, :width]
+        first += count
 
 
 def compact_cache(model, cache, keep):
@@ -301,7 +305,7 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
     last_logits = prefill(eager, prompts, prompt_cache)
     row_prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
     cache = model.setup_cache(rows, width + max_new_tokens)
-    share_prefix(prompt_cache, cache, row_prompt, width)
+    share_prefix(prompt_cache, cache, counts, width)
     del prompt_cache
 
     positions = lengths.index_select(0, row_prompt)  # where each row's next token goes

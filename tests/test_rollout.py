@@ -140,7 +140,7 @@ def test_prefix_shared_cache_gives_the_same_logits_as_unshared(qwen3):
     shared_src = model.setup_cache(2, width)
     first = rollout.prefill(model, prompts, shared_src)
     shared = model.setup_cache(2 * n, width + 4)
-    rollout.share_prefix(shared_src, shared, row_prompt, width)
+    rollout.share_prefix(shared_src, shared, [n, n], width)
     unshared = model.setup_cache(2 * n, width + 4)  # every row prefilled on its own
     first_unshared = rollout.prefill(model, [prompts[i] for i in row_prompt.tolist()], unshared)
     assert torch.allclose(first.index_select(0, row_prompt), first_unshared, atol=1e-5)
