@@ -2,7 +2,7 @@
 Seconds per GRPO step: rl.py's grpo_step vs TRL's GRPOTrainer (HF generate, no vLLM), on the same tiny
 model, prompts, G, completion length, optimizer and loss, in one run; plus the peak memory of both.
 
-    python bench/grpo.py [--steps 5] [--users 4] [--generations 8] [--new-tokens 64] [--device cpu]
+    python bench/grpo.py [--steps 5] [--users 4] [--generations 8] [--new-tokens 64] [--device cpu] [--repeats 2]
 
 One GRPO step = sample G completions for each of B prompts, score them, compute advantages, one
 forward/backward over the B*G rollouts in one micro-batch, one AdamW step. Both sides: fp32, no
@@ -180,7 +180,9 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64, help="completion length (forced on both sides)")
     p.add_argument("--prompt-words", type=int, default=48, help="words per prompt")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (0 = torch's default; 1 avoids "
+                   "OpenMP oversubscription on a shared machine, which can slow a tiny model 10x)")
+    p.add_argument("--repeats", type=int, default=2, help="alternate ours/TRL this many times; each side's best run counts")
     p.add_argument("--trl-venv", default="/tmp/trl-venv", help="where TRL is installed (created on first use)")
     p.add_argument("--model-dir", default="", help="reuse a model dir (default: build the demo-size model)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -197,17 +199,21 @@ def main():
     model_dir = args.model_dir or os.path.join(tempfile.mkdtemp(), "model")
     if not args.model_dir:
         build_model(model_dir)
-    ours = worker(sys.executable, "ours", args, model_dir)
-    trl = worker(trl_python, "trl", args, model_dir)
-    assert ours["prompt_tokens"] == trl["prompt_tokens"], (ours["prompt_tokens"], trl["prompt_tokens"])
-
     def mean(xs):
         return sum(xs) / len(xs)
+
+    runs = {"ours": [], "trl": []}
+    for _ in range(args.repeats):  # alternate, so a load spike from other processes hits both sides
+        runs["ours"].append(worker(sys.executable, "ours", args, model_dir))
+        runs["trl"].append(worker(trl_python, "trl", args, model_dir))
+    ours, trl = (min(runs[k], key=lambda r: mean(r["step_s"])) for k in ("ours", "trl"))
+    assert ours["prompt_tokens"] == trl["prompt_tokens"], (ours["prompt_tokens"], trl["prompt_tokens"])
 
     rows = args.users * args.generations
     print(f"GRPO step, {args.device}: demo-size Qwen3 (4 layers, hidden 256, vocab 2048), B={args.users} prompts of "
           f"{min(ours['prompt_tokens'])}-{max(ours['prompt_tokens'])} tokens x G={args.generations}, "
-          f"{args.new_tokens} new tokens each, fp32, {args.steps} timed steps")
+          f"{args.new_tokens} new tokens each, fp32, {args.threads or 'default'} thread(s), best of {args.repeats} x "
+          f"{args.steps} timed steps")
     print(f"{'':<28}{'s/step':>10}{'rollouts/s':>12}{'peak MB':>10}")
     for name, r in (("ours (rl.py grpo_step)", ours), ("TRL GRPOTrainer 1.16.0", trl)):
         print(f"{name:<28}{mean(r['step_s']):>10.3f}{rows / mean(r['step_s']):>12.1f}{r['peak_mb']:>10.0f}")
