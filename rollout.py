@@ -323,9 +323,8 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
         out_logprobs[live, step] = logprob
         hit = torch.isin(token, stop) & running
         running &= ~hit
-        ended = live[hit]
-        stopped[ended] = True
-        n_tokens[ended] = step + 1
+        stopped[live] |= hit  # index tensors, not boolean masks: no host sync on GPU
+        n_tokens[live] = torch.where(hit, step + 1, n_tokens[live])
         if bar is not None:
             bar.update(n_running)  # every row still running wrote a token this step
         n_running = int(running.sum())  # the one host sync per step: it lets the loop end early
