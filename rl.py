@@ -1,7 +1,7 @@
 """
 Stage 2 of Conf-Profile: confidence-guided GRPO on unlabelled users (DESIGN.md "Stage 2").
 
-    python rl.py                                   # CPU demo: configs/rl_demo.json, from runs/demo/sft/final
+    python rl.py                                   # CPU demo: configs/rl_demo.json, from runs/demo/sft
     python rl.py --config configs/X.json [--key value ...] [--resume]
     torchrun --nproc_per_node=2 rl.py ...          # data-parallel: each rank its own users
 
@@ -41,9 +41,16 @@ What Conf-Profile changes, and why (each is an option, so each can be switched o
     shows the inflation. Every mode but `live` masks the confidence tokens.
 
 What we drop: a value model, reward models, KL by default, entropy bonuses, vLLM / TRL machinery.
-Rollouts come from rollout.generate (prefix-shared prefill of each prompt, G rows of one KV cache);
-the ratio's logprobs come from rollout.token_logprobs, the same function the sampler used, at the
-same temperature, and the gap between sampler and trainer logprobs is logged every step.
+Rollouts come from rollout.generate (prefix-shared prefill of each prompt, G rows of one KV cache).
+Training shares the prompt too: a group is one row [prompt, c1, ..., cG] whose completions attend
+to the prompt and to themselves only, so the prompt's activations are computed once, not G times.
+The ratio's logprobs come from rollout.token_logprobs, the same function the sampler used, at the
+same temperature; with num_iterations = 1 the "old" logprobs are the trainer's own first pass
+(ratio exactly 1, as in TRL), and the gap to the sampler's logprobs is logged every step.
+Each step: B users -> G rollouts each -> parse -> quasi labels -> difficulty filter -> rewards ->
+advantages -> num_iterations optimizer steps, each over all kept rollouts in micro-batches with
+gradient accumulation (the loss is normalised over the whole batch, so micro-batching and the
+number of torchrun processes do not change the update).
 
 The file reads top to bottom: config, the Stage 2 formulas as small pure functions (tested with
 hand-computed numbers in tests/test_rl.py), the confidence-token mask, then the loop and main().
