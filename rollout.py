@@ -58,7 +58,8 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1 << 16, "cuda": 1 << 17}
 PREFILL_CHUNK_TOKENS = 8192  # prompt tokens per prefill forward (bounds activation memory)
 NUCLEUS_PROBE = 256  # top-p looks for its nucleus among this many most likely tokens before a full sort
 COMPACT_AT = 0.75  # drop finished rows from the decode batch once at most this share of it still runs
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>",
+                      "<|end|>")
 
 
 @dataclasses.dataclass
@@ -266,7 +267,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
         if len(p) == 0:
             raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
     if temperature <= 0 and n > 1:  # greedy samples of one prompt are identical: decode one row each
-        return [[dataclasses.replace(s, tokens=list(s.tokens), logprobs=list(s.logprobs)) for _ in range(n) for s in group]
+        return [[dataclasses.replace(s, tokens=list(s.tokens), logprobs=list(s.logprobs))
+                 for _ in range(n) for s in group]
                 for group in generate(model, prompts, 1, max_new_tokens, 0.0, top_k, top_p, stop_ids, seed,
                                       generator, max_batch_tokens, progress)]
     device = _model_device(model)
@@ -281,7 +283,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
     bar = None
     if progress:  # counts generated tokens; the total (every row to max_new_tokens) shrinks as rows stop
         from tqdm import tqdm
-        bar = tqdm(total=len(prompts) * n * max_new_tokens, unit="tok", unit_scale=True, desc="generate", dynamic_ncols=True)
+        bar = tqdm(total=len(prompts) * n * max_new_tokens, unit="tok", unit_scale=True, desc="generate",
+                   dynamic_ncols=True)
     for batch in batches:
         samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch],
                                   max_new_tokens, temperature, top_k, top_p, stop, generator, bar)
@@ -348,7 +351,8 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
         group = []
         for _ in range(count):
             k = n_tokens[row]
-            group.append(Sample(out_tokens[row, :k].tolist(), out_logprobs[row, :k].tolist(), "stop" if stopped[row] else "length"))
+            group.append(Sample(out_tokens[row, :k].tolist(), out_logprobs[row, :k].tolist(),
+                                "stop" if stopped[row] else "length"))
             row += 1
         samples.append(group)
     return samples
@@ -373,7 +377,7 @@ def chat_prompt_ids(tokenizer, messages, **template_kwargs):
 
 
 def stop_ids_for(tokenizer):
-    """Ids that end a completion: eos, the end-of-turn tokens the vocabulary has, and generation_config.json's eos list."""
+    """Ids that end a completion: eos, the vocabulary's end-of-turn tokens, generation_config.json's eos list."""
     ids = set()
     eos = tokenizer.eos_token_id
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
@@ -389,7 +393,9 @@ def stop_ids_for(tokenizer):
 
 def completion_text(tokenizer, sample, stop_ids):
     """A sample's text: its tokens without the final stop token, special tokens dropped."""
-    tokens = sample.tokens[:-1] if sample.finish_reason == "stop" and sample.tokens and sample.tokens[-1] in stop_ids else sample.tokens
+    tokens = sample.tokens
+    if sample.finish_reason == "stop" and tokens and tokens[-1] in stop_ids:
+        tokens = tokens[:-1]
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
@@ -411,19 +417,24 @@ def read_prompts(path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; expected one object per line") from None
+                raise ValueError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; "
+                                 "expected one object per line") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object {{\"id\", \"messages\"}}, got {type(record).__name__}")
+                raise ValueError(f"{where}: expected a JSON object {{\"id\", \"messages\"}}, "
+                                 f"got {type(record).__name__}")
             if "id" not in record or not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
                 raise ValueError(f"{where}: id: expected a string or integer, got {record.get('id')!r}")
             messages = record.get("messages")
             if not isinstance(messages, list) or not messages:
-                raise ValueError(f"{where}: messages: expected a non-empty list of {{\"role\", \"content\"}}, got {messages!r:.80}")
+                raise ValueError(f"{where}: messages: expected a non-empty list of {{\"role\", \"content\"}}, "
+                                 f"got {messages!r:.80}")
             for k, m in enumerate(messages):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"{where}: messages[{k}]: expected {{\"role\": str, \"content\": str}}, got {m!r:.80}")
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise ValueError(f"{where}: messages[{k}]: expected {{\"role\": str, \"content\": str}}, "
+                                     f"got {m!r:.80}")
             if record["id"] in seen:
-                raise ValueError(f"{where}: id: duplicate {record['id']!r} (first on line {seen[record['id']]}); expected unique ids")
+                raise ValueError(f"{where}: id: duplicate {record['id']!r} (first on line {seen[record['id']]}); "
+                                 "expected unique ids")
             seen[record["id"]] = lineno
             records.append(record)
     return records
@@ -442,7 +453,8 @@ def resume_output(path):
         data = f.read()
     complete = data[: data.rfind(b"\n") + 1]
     if len(complete) < len(data):
-        print(f"{path}: dropping a half-written last line ({len(data) - len(complete)} bytes) from an interrupted run", file=sys.stderr)
+        print(f"{path}: dropping a half-written last line ({len(data) - len(complete)} bytes) from an "
+              "interrupted run", file=sys.stderr)
         with open(path, "r+b") as f:
             f.truncate(len(complete))
             f.flush()
@@ -475,7 +487,8 @@ def _derived_seed(*parts):
 class CheckpointTeacher:
     """A real checkpoint: chat template -> generate (prefix-shared n samples) -> decoded texts."""
 
-    def __init__(self, path, device, dtype, max_new_tokens, temperature, top_k, top_p, max_batch_tokens, template_kwargs):
+    def __init__(self, path, device, dtype, max_new_tokens, temperature, top_k, top_p, max_batch_tokens,
+                 template_kwargs):
         from model import load_model
         self.model = load_model(path, dtype=dtype, device=device)
         self.tokenizer = load_tokenizer(path)
@@ -557,7 +570,8 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a checkpoint (--model), or label users with a teacher (--teacher).")
+    p = argparse.ArgumentParser(description="Sample from a checkpoint (--model), or label users with a teacher "
+                                            "(--teacher).")
     p.add_argument("--model", help="HF checkpoint dir to sample from (generic mode, with --prompts)")
     p.add_argument("--prompts", help="JSONL of {\"id\", \"messages\"} (generic mode)")
     p.add_argument("--teacher", help="teacher labelling: an HF checkpoint dir, or 'sim' for profilebench.SimTeacher")
@@ -571,8 +585,10 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="makes the samples reproducible")
     p.add_argument("--batch-users", type=int, default=64, help="users per generate() call (teacher mode)")
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="KV-cache slots per batch (default: 64k on cpu, 128k on cuda)")
-    p.add_argument("--template-kwargs", type=json.loads, default={}, help="JSON passed to the chat template, e.g. '{\"enable_thinking\": false}'")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="KV-cache slots per batch (default: 64k on cpu, 128k on cuda)")
+    p.add_argument("--template-kwargs", type=json.loads, default={},
+                   help="JSON passed to the chat template, e.g. '{\"enable_thinking\": false}'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -187,7 +187,8 @@ def run_case(name, path, args, device, dtype):
         model = torch.compile(model, dynamic=True)
     a = (model._orig_mod if args.compile else model).args
     print(f"\n{name}: {a.n_layers} layers, hidden {a.dim}, vocab {a.vocab_size}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {str(dtype).removeprefix('torch.')} on {device}")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{str(dtype).removeprefix('torch.')} on {device}")
     for shape in args.shapes:
         n_prompts, n = (int(x) for x in shape.split("x"))
         prompts = make_prompts(n_prompts, args.prompt_len, a.vocab_size, seed=1)
@@ -226,7 +227,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (GPU)")
     p.add_argument("--bandwidth", action="store_true", help="also measure batch-1 bandwidth on CPU")
-    p.add_argument("--peak-bandwidth", type=float, default=None, help="GB/s of the device, if not in the built-in table")
+    p.add_argument("--peak-bandwidth", type=float, default=None,
+                   help="GB/s of the device, if not in the built-in table")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = p.parse_args(argv)
     args.shapes = args.shapes.split(",")
