@@ -25,6 +25,8 @@ What it does, and why:
   output_dir/metrics.jsonl, the resumable state to output_dir/train_state/.
 * `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
   BPE tokenizer trained on the corpus, a ChatML chat template, a tiny from-scratch Qwen3.
+* `dtype: bfloat16` (big models on one GPU) keeps weights, grads and AdamW moments in bf16 and writes
+  each update back with stochastic rounding (`AdamWBF16`); float32 is plain torch AdamW.
 
 Helpers rl.py reuses (names are stable):
     setup_distributed() -> (rank, world_size, local_rank, device); cleanup_distributed(); unwrap(model)
@@ -39,7 +41,6 @@ Helpers rl.py reuses (names are stable):
     all_reduce_sum(tensor)                    sum over processes (a no-op in one process)
 """
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -318,6 +319,8 @@ def read_chats(path):
 def encode_chats(tokenizer, records, max_len, template_kwargs, where="data"):
     """assistant_mask for many records (rendered one by one, tokenized in one batch call);
     records longer than max_len are left out and counted. Returns ([(input_ids, loss_mask)], n_too_long)."""
+    if not records:
+        return [], 0
     rendered = [render_chat(tokenizer, r["messages"], **template_kwargs) for r in records]
     prompt_ids = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
     input_ids = tokenizer([f for _, f in rendered], add_special_tokens=False)["input_ids"]
