@@ -65,7 +65,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from confprofile import ConfigError, append_jsonl, load_config, parse_answer, save_config, vote
 
@@ -496,6 +495,7 @@ def micro_batches(groups, limit):
 
 
 def padded(rows, width, dtype=torch.float32):
+    """Ragged per-token lists -> a [len(rows), width] tensor, zero after each row's end (= not in the loss)."""
     out = torch.zeros(len(rows), width, dtype=dtype)
     for r, row in enumerate(rows):
         out[r, : len(row)] = torch.tensor(row, dtype=dtype)
