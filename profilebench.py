@@ -534,7 +534,7 @@ class SimTeacher:
             for phrase in behavior.get(list_name) or []:
                 entry = self.lexicon.get(phrase) if isinstance(phrase, str) else None
                 if entry:
-                    items.append(_Evidence(entry[0], entry[1], 1.0, f'{list_name} "{phrase}"'))
+                    items.append(_Evidence(entry[0], entry[1], 1.0, f"{list_name}: {phrase}"))
         demo = data.get("demographic") or {}
         age = str(demo.get("age", "")).strip()
         if age.isdigit():
@@ -549,7 +549,7 @@ class SimTeacher:
         signature = str(demo.get("signature", ""))
         for occupation, texts in SIGNATURES_OCCUPATION.items():
             if signature in texts:
-                items.append(_Evidence("occupation", occupation, self.self_report_weight, f'signature "{signature}"', True))
+                items.append(_Evidence("occupation", occupation, self.self_report_weight, f"signature: {signature}", True))
         region = str(demo.get("region", ""))
         if any(region == _text(c, lang) for c in COUNTIES for lang in TEMPLATES):
             items.append(_Evidence("occupation", "farmer", 0.5, f"lives in {region}", True))

@@ -1,0 +1,57 @@
+"""End to end: `python confprofile.py demo --quick` runs every stage through the scripts' own command
+lines, writes the paper-shaped table, and a second invocation skips every finished stage."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ["teacher_single", "teacher_vote", "student_init", "student_sft", "student_rl"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(out))  # run from another folder
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_demo_writes_every_row(quick_run):
+    out, stdout = quick_run
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert list(results["rows"]) == ROWS
+    for key in ROWS:
+        m = results["rows"][key]
+        assert 0.0 <= m["avg_f1"] <= 1.0
+        assert len(m["threshold_sweep"]) == 10
+        assert set(m["per_dimension"]) == {"gender", "age", "education", "industry", "occupation", "life_stage"}
+    rows = results["rows"]
+    # The Stage-1 premise on the world: voting 8 answers beats one answer.
+    assert rows["teacher_vote"]["avg_f1"] > rows["teacher_single"]["avg_f1"] + 0.05
+    # SFT teaches the untrained student the answer format and something of the users.
+    assert rows["student_init"]["format_failure_rate"] > 0.9
+    assert rows["student_sft"]["format_failure_rate"] < 0.2
+    assert rows["student_sft"]["avg_f1"] > rows["student_init"]["avg_f1"] + 0.05
+    md = (out / "results.md").read_text(encoding="utf-8")
+    for name in ("teacher, one answer", "teacher, vote@8", "student before training", "after SFT", "after SFT + RL"):
+        assert f"| {name} |" in md
+    # Each stage's equivalent command line is printed and recorded (the run doubles as a tutorial).
+    for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py"):
+        assert f"$ python {script}" in stdout
+    # Finished SFT / RL outputs are HF checkpoints.
+    for d in ("sft", "rl", "student_init"):
+        assert (out / d / "config.json").exists() and (out / d / "model.safetensors").exists()
+
+
+def test_quick_demo_second_run_skips_finished_stages(quick_run):
+    out, _ = quick_run
+    cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "=== " not in proc.stdout  # no stage ran again
+    assert proc.stdout.count("[skip]") >= 12
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["rows"]["student_rl"]["avg_f1"] >= 0
