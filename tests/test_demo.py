@@ -40,8 +40,10 @@ def test_quick_demo_writes_every_row(quick_run):
     for name in ("teacher, one answer", "teacher, vote@8", "student before training", "after SFT", "after SFT + RL"):
         assert f"| {name} |" in md
     # Each stage's equivalent command line is printed and recorded (the run doubles as a tutorial).
+    shown = [line for line in stdout.splitlines() if line.startswith("$ ")]
     for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py"):
-        assert f"$ python {script}" in stdout
+        assert any(f" {script} " in line for line in shown), script
+    assert any(line.startswith("$ torchrun --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
     # Finished SFT / RL outputs are HF checkpoints.
     for d in ("sft", "rl", "student_init"):
         assert (out / d / "config.json").exists() and (out / d / "model.safetensors").exists()
