@@ -542,6 +542,7 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
         from tqdm import tqdm
         bar = tqdm(total=todo, unit="user", desc="teacher", dynamic_ncols=True)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as f:
         for batch in batches:
             batch = [u for u in batch if u["user_id"] not in done]
