@@ -551,10 +551,10 @@ def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size)
 
 
 def prepare_student(cfg, rank):
-    """init_student: build the demo student at cfg.model unless a checkpoint is already there."""
-    if not cfg.init_student or os.path.exists(os.path.join(cfg.model, "config.json")):
-        return
-    if rank == 0:
+    """init_student: build the demo student at cfg.model unless a checkpoint is already there.
+    Only rank 0 looks and builds; every rank then meets at the barrier (a rank that looked itself could
+    see rank 0's fresh config.json, skip the barrier and deadlock the others)."""
+    if cfg.init_student and rank == 0 and not os.path.exists(os.path.join(cfg.model, "config.json")):
         t0 = time.time()
         texts = corpus_texts(cfg.student_corpus or [cfg.data])
         build_demo_student(texts, cfg.model, vocab_size=cfg.student_vocab_size, hidden=cfg.student_hidden,
