@@ -550,6 +550,17 @@ def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size)
     return (total[0] / total[1]).item()
 
 
+def open_metrics(path, start_step):
+    """metrics.jsonl for appending: a fresh run starts it empty; a resumed one keeps the lines of the
+    steps it resumes after (a killed run may have logged steps past its last checkpoint)."""
+    kept = []
+    if start_step and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+    atomic_write_text(path, "".join(kept))
+    return open(path, "a", encoding="utf-8")
+
+
 def prepare_student(cfg, rank):
     """init_student: build the demo student at cfg.model unless a checkpoint is already there.
     Only rank 0 looks and builds; every rank then meets at the barrier (a rank that looked itself could
@@ -632,7 +643,7 @@ def train(cfg, rank, world_size, local_rank, device):
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}", flush=True)
 
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a", encoding="utf-8") if main_process else None
+    metrics_file = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start_step) if main_process else None
     bar = None
     if main_process:
         from tqdm import tqdm
