@@ -765,10 +765,19 @@ def _read_json(path):
         return json.load(f)
 
 
+def _mean_defined(values):
+    values = [v for v in values if v is not None]  # precision is undefined (None) where nothing was predicted
+    return sum(values) / len(values) if values else None
+
+
+def _pct(x, digits=1):
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
 def _mean_pr(metrics, taxonomy):
-    dims = dimensions(taxonomy)
     per = metrics["per_dimension"]
-    return (sum(per[d]["precision"] for d in dims) / len(dims), sum(per[d]["recall"] for d in dims) / len(dims))
+    dims = dimensions(taxonomy)
+    return _mean_defined(per[d]["precision"] for d in dims), _mean_defined(per[d]["recall"] for d in dims)
 
 
 def results_table(rows, taxonomy):
@@ -778,10 +787,10 @@ def results_table(rows, taxonomy):
              "|---" * (len(dims) + 6) + "|"]
     for name, m in rows:
         p, r = _mean_pr(m, taxonomy)
-        cells = [f"{100 * m['per_dimension'][d]['f1']:.1f}" for d in dims]
-        conf = m.get("mean_confidence")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{100 * m['avg_f1']:.2f}** | {100 * p:.1f} | {100 * r:.1f} | "
-                     f"{m['ece']:.3f} | {'-' if conf is None else f'{conf:.2f}'} |")
+        cells = [_pct(m["per_dimension"][d]["f1"]) for d in dims]
+        conf, ece = m.get("mean_confidence"), m.get("ece")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_pct(m['avg_f1'], 2)}** | {_pct(p)} | {_pct(r)} | "
+                     f"{'-' if ece is None else f'{ece:.3f}'} | {'-' if conf is None else f'{conf:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -790,7 +799,7 @@ def sweep_table(rows):
     taus = [s["tau"] for s in rows[0][1]["threshold_sweep"]]
     lines = ["| row | " + " | ".join(f"τ={t}" for t in taus) + " |", "|---" * (len(taus) + 1) + "|"]
     for name, m in rows:
-        cells = [f"{100 * s['precision']:.0f}/{100 * s['recall']:.0f}" for s in m["threshold_sweep"]]
+        cells = [f"{_pct(s['precision'], 0)}/{_pct(s['recall'], 0)}" for s in m["threshold_sweep"]]
         lines.append(f"| {name} (P/R) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -886,8 +895,9 @@ def run_demo(cfg):
                "| variant | compared at | avg F1 | Δ vs full | mean stated conf |", "|---|---|---|---|---|"]
         full = rows["student_rl"]["avg_f1"]
         for desc, m, stage in ablation_rows:
+            conf = m.get("mean_confidence")
             md.append(f"| {desc} | {stage} | {100 * m['avg_f1']:.2f} | {100 * (m['avg_f1'] - full):+.2f} | "
-                      f"{m.get('mean_confidence', float('nan')):.2f} |")
+                      f"{'-' if conf is None else f'{conf:.2f}'} |")
         md.append("")
 
     minutes = (time.time() - t_start) / 60
