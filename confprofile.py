@@ -735,7 +735,11 @@ def _stage(name, argv, out, log, done=True):
     shown = ("" if argv[0] == "torchrun" else "python ") + " ".join(_quote(a) for a in argv)
     if done and os.path.exists(marker):
         print(f"[skip] {name}: finished earlier ({marker})", flush=True)
-        log.append({"stage": name, "command": shown, "skipped": True})
+        try:
+            seconds = _read_json(marker)["seconds"]  # what the stage took when it ran
+        except (ValueError, KeyError, TypeError):
+            seconds = None
+        log.append({"stage": name, "command": shown, "seconds": seconds, "skipped": True})
         return
     print(f"\n=== {name}\n$ {shown}", flush=True)
     import subprocess
@@ -752,7 +756,7 @@ def _stage(name, argv, out, log, done=True):
     print(f"[done] {name} in {seconds:.0f}s", flush=True)
     log.append({"stage": name, "command": shown, "seconds": round(seconds, 1)})
     if done:
-        atomic_write_text(marker, shown + "\n")
+        atomic_write_text(marker, json.dumps({"command": shown, "seconds": round(seconds, 1)}) + "\n")
 
 
 def _quote(arg):
@@ -804,13 +808,14 @@ def sweep_table(rows):
     return "\n".join(lines)
 
 
-def _predict_and_evaluate(key, model_dir, cfg, world, out, log, extra=()):
+def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=None):
     """Greedy answers of a checkpoint on the test users (rollout.py), then evaluate.py; returns metrics."""
     eval_dir = os.path.join(out, "eval", key)
     preds = os.path.join(eval_dir, "predictions.jsonl")
     _stage(f"predict_{key}", ["rollout.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
-                              "--temperature", "0", "--max-new-tokens", cfg.eval_max_new_tokens, "--out", preds,
-                              "--no-progress", *extra], out, log)
+                              "--temperature", "0", "--max-new-tokens", max_new_tokens or cfg.eval_max_new_tokens,
+                              "--out", preds,
+                              "--no-progress"], out, log)
     _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
            out, log)
     return _read_json(os.path.join(eval_dir, "metrics.json"))
@@ -858,7 +863,8 @@ def run_demo(cfg):
     sft_common = ["--config", cfg.sft_config, "--model", init_dir, "--data", f"{out}/sft.jsonl", "--seed", seed, *sft_extra]
     resume = ["--resume"] if os.path.isdir(os.path.join(sft_dir, "train_state")) else []
     _stage("sft", [*launch, "sft.py", *sft_common, "--output-dir", sft_dir, *resume], out, log)
-    rows["student_init"] = _predict_and_evaluate("student_init", init_dir, cfg, world, out, log)
+    # The untrained student never stops and never writes a valid answer: 64 tokens show that as well as 320.
+    rows["student_init"] = _predict_and_evaluate("student_init", init_dir, cfg, world, out, log, max_new_tokens=64)
     rows["student_sft"] = _predict_and_evaluate("student_sft", sft_dir, cfg, world, out, log)
     # Stage 2: confidence-guided GRPO from the SFT student, on the unlabelled train users.
     rl_common = ["--config", cfg.rl_config, "--model", sft_dir, "--data", f"{world}/train.jsonl", "--stage1",
@@ -901,13 +907,16 @@ def run_demo(cfg):
         md.append("")
 
     minutes = (time.time() - t_start) / 60
+    stage_minutes = sum(s["seconds"] or 0 for s in log) / 60
     results["minutes"] = round(minutes, 2)
-    md += ["## Commands (each stage's equivalent command line)", "", "```"] + [s["command"] for s in log] + ["```", "",
-           f"Wall time of this invocation: {minutes:.1f} min."]
+    results["stage_minutes"] = round(stage_minutes, 2)
+    md += ["## Commands (each stage's equivalent command line, with the time it took)", "", "```"]
+    md += [f"{s['command']}    # {'?' if s['seconds'] is None else round(s['seconds'])} s" for s in log] + ["```", "",
+           f"Stages took {stage_minutes:.1f} min in all; this invocation {minutes:.1f} min."]
     atomic_write_text(os.path.join(out, "results.md"), "\n".join(md) + "\n")
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print("\n" + "\n".join(md[:5]) + "\n")
-    print(f"\nwrote {out}/results.md and {out}/results.json ({minutes:.1f} min)")
+    print(f"\nwrote {out}/results.md and {out}/results.json (stages {stage_minutes:.1f} min; this invocation {minutes:.1f} min)")
     return results
 
 
