@@ -717,6 +717,7 @@ def train(cfg, rank, world_size, local_rank, device):
         return None
     if main_process:
         save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model)
+        shutil.rmtree(state_dir, ignore_errors=True)  # finished: the resumable state (3x the model) is dead weight
         print(f"saved the final checkpoint to {cfg.output_dir}", flush=True)
     barrier()
     return cfg.output_dir

@@ -201,6 +201,7 @@ def test_resume_after_kill_is_bit_exact(world):
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     subprocess.run([sys.executable, "sft.py", *run_args(world, killed, save_every=2), "--resume"], cwd=ROOT, env=env,
                    check=True, timeout=120, capture_output=True)
+    assert not os.path.exists(killed / "train_state")  # finished: the resumable state is removed
     a, b = weights(straight), weights(killed)
     assert a.keys() == b.keys()
     for k in a:
