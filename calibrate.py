@@ -25,7 +25,7 @@ import json
 import math
 import sys
 
-from confprofile import (DataError, atomic_write_text, dimensions, format_answer, load_taxonomy,
+from confprofile import (DataError, atomic_write_text, iter_jsonl, dimensions, format_answer, load_taxonomy,
                          parse_answer, read_users, render_prompt, vote, write_jsonl)
 
 LEVELS = 10
@@ -120,30 +120,22 @@ def fit_isotonic(values, correct, levels=LEVELS):
 def read_samples(path):
     """teacher.jsonl -> [{"user_id", "samples": [...], ...}], validated; errors name file:line: field."""
     records, first_line = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; expected one teacher record per line") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected an object {{\"user_id\", \"samples\"}}")
-            uid = rec.get("user_id")
-            if not isinstance(uid, str) or not uid:
-                raise DataError(f"{where}: user_id: expected a non-empty string, got {uid!r}")
-            if uid in first_line:
-                raise DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]}); expected one line per user")
-            first_line[uid] = lineno
-            samples = rec.get("samples")
-            if not isinstance(samples, list):
-                raise DataError(f"{where}: samples: expected a list of {{\"text\", \"finish_reason\", \"parse\"}}")
-            for i, s in enumerate(samples):
-                if not isinstance(s, dict) or not (isinstance(s.get("text"), str) or isinstance(s.get("parse"), dict)):
-                    raise DataError(f"{where}: samples[{i}]: expected an object with a string \"text\" (or a \"parse\")")
-            records.append(rec)
+    for lineno, where, rec in iter_jsonl(path, expected="one teacher record per line"):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object {{\"user_id\", \"samples\"}}")
+        uid = rec.get("user_id")
+        if not isinstance(uid, str) or not uid:
+            raise DataError(f"{where}: user_id: expected a non-empty string, got {uid!r}")
+        if uid in first_line:
+            raise DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]}); expected one line per user")
+        first_line[uid] = lineno
+        samples = rec.get("samples")
+        if not isinstance(samples, list):
+            raise DataError(f"{where}: samples: expected a list of {{\"text\", \"finish_reason\", \"parse\"}}")
+        for i, s in enumerate(samples):
+            if not isinstance(s, dict) or not (isinstance(s.get("text"), str) or isinstance(s.get("parse"), dict)):
+                raise DataError(f"{where}: samples[{i}]: expected an object with a string \"text\" (or a \"parse\")")
+        records.append(rec)
     return records
 
 

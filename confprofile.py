@@ -57,6 +57,26 @@ def append_jsonl(f, record):
     os.fsync(f.fileno())
 
 
+def iter_jsonl(path, expected="one JSON object per line"):
+    """Yield (lineno, "file:line", record) for every non-blank line of a JSONL file: the one reader
+    behind the pipeline's JSONL inputs (teacher samples, predictions, prompts). A leading BOM is
+    skipped; invalid UTF-8 or JSON is a DataError naming file, line and column."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: invalid UTF-8 at byte {e.start}; expected UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; expected {expected}") from None
+            yield lineno, where, record
+
+
 # -----------------------------------------------------------------------------
 # Config: a dataclass per script, JSON file + `--key value` overrides, unknown keys rejected
 

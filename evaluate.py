@@ -253,48 +253,40 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
     the evaluation data, a duplicate user_id, a line with none of profile / text / samples."""
     pred_profiles, first_line = {}, {}
     n_answers = n_failures = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise confprofile.DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}") from None
-            uid = record.get("user_id") if isinstance(record, dict) else None
-            if not isinstance(uid, str):
-                raise confprofile.DataError(f"{where}: user_id: expected a string, got {uid!r}")
-            if uid not in known_ids:
-                raise confprofile.DataError(f"{where}: user_id: {uid!r} is not in the evaluation data; expected one of its ids")
-            if uid in first_line:
-                raise confprofile.DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]})")
-            first_line[uid] = lineno
-            if "profile" in record:
-                profile = record["profile"]
-                if profile is not None and not isinstance(profile, dict):
-                    raise confprofile.DataError(f"{where}: profile: expected an object {{dim: {{label, confidence}}}} or null")
-                n_answers += 1
-                n_failures += profile is None
-                pred_profiles[uid] = profile
-            elif "text" in record:
-                parsed = confprofile.parse_answer(record["text"], taxonomy)
-                n_answers += 1
-                n_failures += not parsed["format_ok"]
-                pred_profiles[uid] = profile_from_parse(parsed)
-            elif "samples" in record:
-                samples = record["samples"]
-                if not isinstance(samples, list) or not samples or not all(isinstance(s, dict) for s in samples):
-                    raise confprofile.DataError(f"{where}: samples: expected a non-empty list of {{\"text\", ...}} objects")
-                parsed = [confprofile.parse_answer(s.get("text"), taxonomy) for s in (samples if use_vote else samples[:1])]
-                n_answers += len(parsed)
-                n_failures += sum(not p["format_ok"] for p in parsed)
-                if use_vote:
-                    pred_profiles[uid] = profile_from_vote(confprofile.vote(parsed, taxonomy, weighting))
-                else:
-                    pred_profiles[uid] = profile_from_parse(parsed[0])
+    for lineno, where, record in confprofile.iter_jsonl(path, expected="one prediction object per line"):
+        uid = record.get("user_id") if isinstance(record, dict) else None
+        if not isinstance(uid, str):
+            raise confprofile.DataError(f"{where}: user_id: expected a string, got {uid!r}")
+        if uid not in known_ids:
+            raise confprofile.DataError(f"{where}: user_id: {uid!r} is not in the evaluation data; expected one of its ids")
+        if uid in first_line:
+            raise confprofile.DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]})")
+        first_line[uid] = lineno
+        if "profile" in record:
+            profile = record["profile"]
+            if profile is not None and not isinstance(profile, dict):
+                raise confprofile.DataError(f"{where}: profile: expected an object {{dim: {{label, confidence}}}} or null")
+            n_answers += 1
+            n_failures += profile is None
+            pred_profiles[uid] = profile
+        elif "text" in record:
+            parsed = confprofile.parse_answer(record["text"], taxonomy)
+            n_answers += 1
+            n_failures += not parsed["format_ok"]
+            pred_profiles[uid] = profile_from_parse(parsed)
+        elif "samples" in record:
+            samples = record["samples"]
+            if not isinstance(samples, list) or not samples or not all(isinstance(s, dict) for s in samples):
+                raise confprofile.DataError(f"{where}: samples: expected a non-empty list of {{\"text\", ...}} objects")
+            parsed = [confprofile.parse_answer(s.get("text"), taxonomy) for s in (samples if use_vote else samples[:1])]
+            n_answers += len(parsed)
+            n_failures += sum(not p["format_ok"] for p in parsed)
+            if use_vote:
+                pred_profiles[uid] = profile_from_vote(confprofile.vote(parsed, taxonomy, weighting))
             else:
-                raise confprofile.DataError(f"{where}: expected one of the fields profile, text, samples")
+                pred_profiles[uid] = profile_from_parse(parsed[0])
+        else:
+            raise confprofile.DataError(f"{where}: expected one of the fields profile, text, samples")
     return pred_profiles, n_answers, n_failures
 
 

@@ -409,34 +409,26 @@ def read_prompts(path):
     Blank lines are skipped; anything else malformed is a ValueError "file:line: field: expected ...".
     """
     records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; "
-                                 "expected one object per line") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object {{\"id\", \"messages\"}}, "
-                                 f"got {type(record).__name__}")
-            if "id" not in record or not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-                raise ValueError(f"{where}: id: expected a string or integer, got {record.get('id')!r}")
-            messages = record.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ValueError(f"{where}: messages: expected a non-empty list of {{\"role\", \"content\"}}, "
-                                 f"got {messages!r:.80}")
-            for k, m in enumerate(messages):
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                    raise ValueError(f"{where}: messages[{k}]: expected {{\"role\": str, \"content\": str}}, "
-                                     f"got {m!r:.80}")
-            if record["id"] in seen:
-                raise ValueError(f"{where}: id: duplicate {record['id']!r} (first on line {seen[record['id']]}); "
-                                 "expected unique ids")
-            seen[record["id"]] = lineno
-            records.append(record)
+    from confprofile import iter_jsonl
+    for lineno, where, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object {{\"id\", \"messages\"}}, "
+                             f"got {type(record).__name__}")
+        if "id" not in record or not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+            raise ValueError(f"{where}: id: expected a string or integer, got {record.get('id')!r}")
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: messages: expected a non-empty list of {{\"role\", \"content\"}}, "
+                             f"got {messages!r:.80}")
+        for k, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ValueError(f"{where}: messages[{k}]: expected {{\"role\": str, \"content\": str}}, "
+                                 f"got {m!r:.80}")
+        if record["id"] in seen:
+            raise ValueError(f"{where}: id: duplicate {record['id']!r} (first on line {seen[record['id']]}); "
+                             "expected unique ids")
+        seen[record["id"]] = lineno
+        records.append(record)
     return records
 
 
