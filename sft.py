@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from confprofile import ConfigError, append_jsonl, atomic_write_text, load_config, save_config
+from confprofile import ConfigError, append_jsonl, atomic_write_text, iter_jsonl, load_config, save_config
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -295,22 +295,15 @@ def _name(tokenizer):
 def read_chats(path):
     """SFT records of a JSONL file; each needs messages ending with an assistant answer."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-            msgs = r.get("messages") if isinstance(r, dict) else None
-            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                                for m in msgs):
-                raise ValueError(f"{path}:{n}: messages: expected a list of {{'role', 'content'}} objects")
-            if msgs[-1]["role"] != "assistant":
-                raise ValueError(f"{path}:{n}: messages: expected the last message to be the assistant answer, "
-                                 f"got role {msgs[-1]['role']!r}")
-            records.append(r)
+    for _, where, r in iter_jsonl(path, expected="one SFT record per line"):
+        msgs = r.get("messages") if isinstance(r, dict) else None
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                            for m in msgs):
+            raise ValueError(f"{where}: messages: expected a list of {{'role', 'content'}} objects")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: messages: expected the last message to be the assistant answer, "
+                             f"got role {msgs[-1]['role']!r}")
+        records.append(r)
     if not records:
         raise ValueError(f"{path}: no SFT records")
     return records
