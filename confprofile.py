@@ -57,23 +57,27 @@ def append_jsonl(f, record):
     os.fsync(f.fileno())
 
 
-def iter_jsonl(path, expected="one JSON object per line"):
+def iter_jsonl(path, expected="one JSON object per line", strict=False):
     """Yield (lineno, "file:line", record) for every non-blank line of a JSONL file: the one reader
-    behind the pipeline's JSONL inputs (teacher samples, predictions, prompts). A leading BOM is
-    skipped; invalid UTF-8 or JSON is a DataError naming file, line and column."""
+    behind the pipeline's JSONL inputs (users, teacher samples, predictions, prompts, SFT chats). A
+    leading BOM is skipped; invalid UTF-8 or JSON is a DataError naming file, line and column.
+    strict: a key repeated within one object, NaN or Infinity is an error too (user records)."""
+    hooks = dict(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant) if strict else {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\n")  # columns within the line
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: invalid UTF-8 at byte {e.start}; expected UTF-8 text") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, **hooks)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; expected {expected}") from None
+            except DataError as e:  # from the strict hooks
+                raise DataError(f"{where}: {e}") from None
             yield lineno, where, record
 
 
@@ -316,25 +320,14 @@ def read_users(path, require_labels=False, taxonomy=None):
     Records are returned exactly as read (no defaults filled in), so they round-trip byte for byte."""
     taxonomy = taxonomy or load_taxonomy()
     users, first_line = [], {}
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
-    for lineno, raw in enumerate(raw_lines, start=1):
+    for lineno, where, record in iter_jsonl(path, expected="one user object per line", strict=True):
         try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}; expected UTF-8 text") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
             validate_user(record, taxonomy, require_labels)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}; expected one user object per line") from None
         except DataError as e:
-            raise DataError(f"{path}:{lineno}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
         uid = record["user_id"]
         if uid in first_line:
-            raise DataError(f"{path}:{lineno}: user_id: duplicate {uid!r} (first on line {first_line[uid]}); expected unique ids")
+            raise DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]}); expected unique ids")
         first_line[uid] = lineno
         users.append(record)
     return users
