@@ -129,7 +129,7 @@ def load_config(cls, argv=None, default_config=None):
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(f"usage: --config FILE.json [--key value ...]\nkeys (default):")
+            print("usage: --config FILE.json [--key value ...]\nkeys (default):")
             for f in dataclasses.fields(cls):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 print(f"  --{f.name.replace('_', '-'):<28} {default!r}")

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from confprofile import ConfigError, append_jsonl, load_config, parse_answer, save_config, vote
+from confprofile import ConfigError, append_jsonl, parse_answer, save_config, vote
 
 # -----------------------------------------------------------------------------
 # Config
@@ -834,13 +834,8 @@ def run(cfg, rank, world_size, device):
 
 
 def main(argv=None):
-    from sft import cleanup_distributed, setup_distributed
-    cfg, positional = load_config(RLConfig, argv, default_config=DEFAULT_CONFIG)
-    if positional:
-        raise ConfigError(f"unexpected argument(s) {positional}; use --key value (see --help)")
-    rank, world_size, local_rank, device = setup_distributed()
-    if cfg.device != "auto" and world_size == 1:
-        device = torch.device(cfg.device)
+    from sft import cleanup_distributed, setup_run
+    cfg, rank, world_size, _, device = setup_run(RLConfig, argv, DEFAULT_CONFIG)
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes {world_size}")
     try:

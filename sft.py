@@ -716,13 +716,19 @@ def train(cfg, rank, world_size, local_rank, device):
     return cfg.output_dir
 
 
-def main(argv=None):
-    cfg, positional = load_config(SFTConfig, argv, default_config=DEFAULT_CONFIG)
+def setup_run(config_class, argv, default_config):
+    """Shared start of sft.py and rl.py: strict config, process group (under torchrun), device."""
+    cfg, positional = load_config(config_class, argv, default_config=default_config)
     if positional:
         raise ConfigError(f"unexpected argument(s) {positional}; use --key value (see --help)")
     rank, world_size, local_rank, device = setup_distributed()
     if cfg.device != "auto" and world_size == 1:
         device = torch.device(cfg.device)
+    return cfg, rank, world_size, local_rank, device
+
+
+def main(argv=None):
+    cfg, rank, world_size, local_rank, device = setup_run(SFTConfig, argv, DEFAULT_CONFIG)
     check_config(cfg, world_size)
     try:
         return train(cfg, rank, world_size, local_rank, device)
