@@ -745,7 +745,8 @@ QUICK_RL = ["--max-steps", "3"]
 def _stage(name, argv, out, log, done=True):
     """Run `python argv...` as its own process unless out/.done/<name> says it already finished."""
     marker = os.path.join(out, ".done", name)
-    shown = ("" if argv[0] == "torchrun" else "python ") + " ".join(_quote(a) for a in argv)
+    torchrun = argv[0] == "torchrun"  # argv = ["torchrun", "--nproc_per_node=K", script, ...] or [script, ...]
+    shown = ("" if torchrun else "python ") + " ".join(_quote(a) for a in argv)
     if done and os.path.exists(marker):
         print(f"[skip] {name}: finished earlier ({marker})", flush=True)
         try:
@@ -759,17 +760,22 @@ def _stage(name, argv, out, log, done=True):
     import time
     t0 = time.time()
     argv = [str(a) for a in argv]
-    prefix = [sys.executable]
-    if argv[0] == "torchrun":  # `python -m torch.distributed.run` is what the torchrun command runs
+    prefix, env = [sys.executable], None
+    if torchrun:  # `python -m torch.distributed.run` is what the torchrun command runs; one thread per process
         prefix, argv = [sys.executable, "-m", "torch.distributed.run", argv[1]], argv[2:]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
     script = argv[0] if os.path.exists(argv[0]) else os.path.join(ROOT, argv[0])  # run from any folder
-    env = dict(os.environ, OMP_NUM_THREADS="1") if prefix[-1].startswith("--nproc") else None
     subprocess.run(prefix + [script] + argv[1:], check=True, env=env)
     seconds = time.time() - t0
     print(f"[done] {name} in {seconds:.0f}s", flush=True)
     log.append({"stage": name, "command": shown, "seconds": round(seconds, 1)})
     if done:
         atomic_write_text(marker, json.dumps({"command": shown, "seconds": round(seconds, 1)}) + "\n")
+
+
+def _resume(run_dir):
+    """["--resume"] when sft.py / rl.py left a checkpoint in run_dir (killed before the end), else []."""
+    return ["--resume"] if os.path.isdir(os.path.join(run_dir, "train_state")) else []
 
 
 def _quote(arg):
@@ -782,19 +788,15 @@ def _read_json(path):
         return json.load(f)
 
 
-def _mean_defined(values):
-    values = [v for v in values if v is not None]  # precision is undefined (None) where nothing was predicted
-    return sum(values) / len(values) if values else None
-
-
 def _pct(x, digits=1):
     return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
 def _mean_pr(metrics, taxonomy):
+    from evaluate import mean_defined  # here, not at the top: evaluate.py imports this module
     per = metrics["per_dimension"]
-    dims = dimensions(taxonomy)
-    return _mean_defined(per[d]["precision"] for d in dims), _mean_defined(per[d]["recall"] for d in dims)
+    dims = dimensions(taxonomy)  # precision is undefined (None) for a dimension where nothing was predicted
+    return mean_defined(per[d]["precision"] for d in dims), mean_defined(per[d]["recall"] for d in dims)
 
 
 def results_table(rows, taxonomy):
@@ -827,8 +829,7 @@ def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=N
     preds = os.path.join(eval_dir, "predictions.jsonl")
     _stage(f"predict_{key}", ["rollout.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
                               "--temperature", "0", "--max-new-tokens", max_new_tokens or cfg.eval_max_new_tokens,
-                              "--out", preds,
-                              "--no-progress"], out, log)
+                              "--out", preds, "--no-progress"], out, log)
     _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
            out, log)
     return _read_json(os.path.join(eval_dir, "metrics.json"))
@@ -873,17 +874,19 @@ def run_demo(cfg):
     # Stage 1b: vote + calibrate into the SFT set; Stage 1c: build the tiny student and distil.
     _stage("calibrate", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users", f"{world}/train.jsonl",
                          "--out", f"{out}/sft.jsonl", "--audit", f"{out}/audit.jsonl"], out, log)
-    sft_common = ["--config", cfg.sft_config, "--model", init_dir, "--data", f"{out}/sft.jsonl", "--seed", seed, *sft_extra]
-    resume = ["--resume"] if os.path.isdir(os.path.join(sft_dir, "train_state")) else []
-    _stage("sft", [*launch, "sft.py", *sft_common, "--output-dir", sft_dir, *resume], out, log)
+
+    def sft_stage(name, data, run_dir):  # the main SFT run and each SFT ablation differ only in data and folder
+        _stage(name, [*launch, "sft.py", "--config", cfg.sft_config, "--model", init_dir, "--data", data, "--seed", seed,
+                      *sft_extra, "--output-dir", run_dir, *_resume(run_dir)], out, log)
+
+    sft_stage("sft", f"{out}/sft.jsonl", sft_dir)
     # The untrained student never stops and never writes a valid answer: 64 tokens show that as well as 320.
     rows["student_init"] = _predict_and_evaluate("student_init", init_dir, cfg, world, out, log, max_new_tokens=64)
     rows["student_sft"] = _predict_and_evaluate("student_sft", sft_dir, cfg, world, out, log)
     # Stage 2: confidence-guided GRPO from the SFT student, on the unlabelled train users.
     rl_common = ["--config", cfg.rl_config, "--model", sft_dir, "--data", f"{world}/train.jsonl", "--stage1",
                  f"{out}/sft.jsonl", "--seed", seed, *rl_extra]
-    resume = ["--resume"] if os.path.isdir(os.path.join(rl_dir, "train_state")) else []
-    _stage("rl", [*launch, "rl.py", *rl_common, "--output-dir", rl_dir, *resume], out, log)
+    _stage("rl", [*launch, "rl.py", *rl_common, "--output-dir", rl_dir, *_resume(rl_dir)], out, log)
     rows["student_rl"] = _predict_and_evaluate("student_rl", rl_dir, cfg, world, out, log)
 
     named = [(name, rows[key]) for key, name in DEMO_ROWS]
@@ -899,15 +902,13 @@ def run_demo(cfg):
             adir = os.path.join(out, "ablations", key)
             _stage(f"calibrate_{key}", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users",
                                         f"{world}/train.jsonl", "--out", f"{adir}/sft.jsonl", *flags], out, log)
-            resume = ["--resume"] if os.path.isdir(os.path.join(adir, "sft", "train_state")) else []
-            _stage(f"sft_{key}", [*launch, "sft.py", "--config", cfg.sft_config, "--model", init_dir, "--data", f"{adir}/sft.jsonl",
-                                  "--seed", seed, *sft_extra, "--output-dir", f"{adir}/sft", *resume], out, log)
+            sft_stage(f"sft_{key}", f"{adir}/sft.jsonl", f"{adir}/sft")
             ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
                                   f"after SFT (compare: {100 * rows['student_sft']['avg_f1']:.2f})"))
         for key, desc, flags in RL_ABLATIONS:
             adir = os.path.join(out, "ablations", key)
-            resume = ["--resume"] if os.path.isdir(os.path.join(adir, "rl", "train_state")) else []
-            _stage(f"rl_{key}", [*launch, "rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *resume], out, log)
+            _stage(f"rl_{key}", [*launch, "rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *_resume(f"{adir}/rl")],
+                   out, log)
             ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
         results["ablations"] = {desc: m for desc, m, _ in ablation_rows}
         md += ["## Ablations (each one switch of the normal scripts)", "",
