@@ -1,7 +1,6 @@
 """confprofile core: taxonomy, user records, prompts, the answer parser, the canonical answer and the
 Stage-1 vote — every expected number below is computed by hand in the comment next to it."""
 import json
-import os
 import random
 import re
 import time

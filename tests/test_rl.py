@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rl
-from confprofile import format_answer, load_taxonomy, parse_answer
+from confprofile import format_answer, load_taxonomy
 from rollout import Sample
 
 # A two-dimension taxonomy keeps the hand computations short (the functions only read its dimensions).

@@ -1,10 +1,8 @@
 """sft.py: the loss mask against the rendered chat template, token by token (demo tokenizer and the official
 Qwen3 tokenizer), the schedule, loss going down, bit-exact resume, DDP == one process, HF parity."""
-import glob
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import types
