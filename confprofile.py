@@ -621,11 +621,16 @@ def format_answer(profile, taxonomy, labels_only=False):
 WEIGHTINGS = ("confidence", "majority")
 
 
-def vote_scores(labels, confidences, weighting="confidence"):
-    """Stage 1 vote score: S_k = Σ_i c_i · 1[y_i = k]  (weighting "majority": c_i = 1)."""
+def vote_scores(labels, confidences, weighting="confidence", na_weight=1.0):
+    """Stage 1 vote score: S_k = Σ_i c_i · 1[y_i = k]  (weighting "majority": c_i = 1).
+
+    na_weight scales the votes for NA (S_NA = na_weight · Σ_i c_i · 1[y_i = NA]): NA says "too little
+    evidence", not "evidence for a class"; below 1 it lets a label most answers agree on outvote a
+    few hesitant NAs. 1 (the default, and always in Stage 1) counts NA as one class among the others."""
     scores = {}
     for y, c in zip(labels, confidences):
-        scores[y] = scores.get(y, 0) + (1 if weighting == "majority" else c)
+        w = 1 if weighting == "majority" else c
+        scores[y] = scores.get(y, 0) + (w * na_weight if y == "NA" else w)
     return scores
 
 
@@ -662,12 +667,13 @@ def best_evidence(labels, confidences, evidences, label):
     return best
 
 
-def vote(parsed_answers, taxonomy, weighting="confidence"):
+def vote(parsed_answers, taxonomy, weighting="confidence", na_weight=1.0):
     """Merge N parsed answers per dimension: {dim: {"label", "pooled_confidence", "scores", "n_valid",
     "evidence"} | None}; None when no answer has a valid value for that dimension.
 
     parsed_answers: parse_answer results (or their "dims" dicts). Invalid dimensions are skipped.
-    An answer without a stated confidence (labels-only format) counts as confidence 1."""
+    An answer without a stated confidence (labels-only format) counts as confidence 1.
+    na_weight: see vote_scores (Stage 2's quasi labels may discount NA; Stage 1 does not)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"vote: weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
     out = {}
@@ -684,7 +690,7 @@ def vote(parsed_answers, taxonomy, weighting="confidence"):
         if not labels:
             out[dim] = None
             continue
-        scores = vote_scores(labels, confidences, weighting)
+        scores = vote_scores(labels, confidences, weighting, na_weight)
         label = vote_label(scores, labels, confidences)
         out[dim] = {"label": label,
                     "pooled_confidence": pooled_confidence(scores, label, labels, confidences),
@@ -718,6 +724,8 @@ RL_ABLATIONS = [  # (key, description, rl.py flags)
     ("rl_majority", "RL with plain-majority quasi-labels", ["--quasi-label", "majority"]),
     ("rl_no_weighting", "RL without confidence weighting", ["--confidence-weighting", "off"]),
     ("rl_live", "RL with live (unfrozen) confidence", ["--confidence-weighting", "live"]),
+    ("rl_sequence_advantage", "RL with one advantage per rollout (plain GRPO)", ["--advantage", "sequence"]),
+    ("rl_na_as_class", "RL with NA a full class in the vote (na_weight 1)", ["--na-weight", "1"]),
 ]
 
 

@@ -14,6 +14,7 @@ Calibration: ECE over 10 bins of c/10 on the non-abstained predictions at τ = 0
 = (label == gold); AUROC of the same confidences for the same correctness.
 
 CLI: python evaluate.py --predictions preds.jsonl --data test.jsonl --out DIR [--vote] [--weighting confidence|majority]
+     [--na-weight W]
 A predictions line is {"user_id", "profile": {dim: {"label", "confidence"}}} or {"user_id", "text"}
 (parsed with confprofile.parse_answer) or {"user_id", "samples": [{"text", ...}, ...]} (the first
 sample, or with --vote the Stage-1 vote of all samples: label ŷ, confidence = pooled confidence).
@@ -246,7 +247,7 @@ def profile_from_vote(voted):
     return {d: (None if v is None else {"label": v["label"], "confidence": v["pooled_confidence"]}) for d, v in voted.items()}
 
 
-def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confidence"):
+def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confidence", na_weight=1.0):
     """Read a predictions JSONL -> (pred_profiles, n_answers, n_format_failures).
 
     Errors name file, line and field: malformed JSON, a missing user_id, a user_id that is not in
@@ -282,7 +283,7 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
             n_answers += len(parsed)
             n_failures += sum(not p["format_ok"] for p in parsed)
             if use_vote:
-                pred_profiles[uid] = profile_from_vote(confprofile.vote(parsed, taxonomy, weighting))
+                pred_profiles[uid] = profile_from_vote(confprofile.vote(parsed, taxonomy, weighting, na_weight))
             else:
                 pred_profiles[uid] = profile_from_parse(parsed[0])
         else:
@@ -353,15 +354,16 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder for metrics.json, report.md, pr_curve.csv")
     parser.add_argument("--vote", action="store_true", help="with samples: vote all samples instead of using the first")
     parser.add_argument("--weighting", default="confidence", choices=confprofile.WEIGHTINGS, help="vote weighting")
+    parser.add_argument("--na-weight", type=float, default=1.0, help="weight of NA answers in the vote (rl.py's na_weight)")
     parser.add_argument("--taxonomy", default=None, help="taxonomy JSON (default: taxonomy.json)")
     args = parser.parse_args(argv)
     taxonomy = confprofile.load_taxonomy(args.taxonomy)
     users = confprofile.read_users(args.data, require_labels=True, taxonomy=taxonomy)
     preds, n_answers, n_failures = load_predictions(args.predictions, taxonomy, {u["user_id"] for u in users},
-                                                    args.vote, args.weighting)
+                                                    args.vote, args.weighting, args.na_weight)
     metrics = evaluate(preds, users, taxonomy, format_failure_rate=n_failures / n_answers if n_answers else 0.0)
     metrics["inputs"] = {"predictions": args.predictions, "data": args.data, "vote": args.vote,
-                         "weighting": args.weighting, "n_answers": n_answers}
+                         "weighting": args.weighting, "na_weight": args.na_weight, "n_answers": n_answers}
     summary = {k: v for k, v in metrics.items() if k != "curves"}
     confprofile.atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     confprofile.atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}"))

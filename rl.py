@@ -32,6 +32,16 @@ What Conf-Profile changes, and why (each is an option, so each can be switched o
   * reward = format term + confidence-weighted agreement, r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd,
     s = +1 / -1 for agreeing / disagreeing with the quasi label, fmt = -1 (and no agreement terms)
     for an answer that does not parse. A confident wrong answer costs more than a hesitant one.
+  * credit per dimension (`advantage = dimension`, our choice; `sequence` is plain GRPO). A profile
+    is six answers in one sequence: with one advantage per rollout, a rollout right on five
+    dimensions and wrong on one pushes its wrong label up too. So each dimension's reward
+    r_jd = fmt_j + w_jd * s_jd gets its own group-relative advantage, given to the tokens of that
+    dimension's answer (from its key to the next key); tokens outside every answer get the
+    advantage of r_j. The mean of r_jd over d is r_j, so nothing else changes.
+  * NA in the quasi-label vote (`na_weight`, our choice). NA means "too little evidence", not
+    "evidence for a class". At na_weight = 1 (Stage 1's vote) three hesitant NAs outvote two samples
+    that agree on a label, and RL then teaches the policy to say NA wherever it is unsure: it buys
+    consistency with recall. na_weight < 1 discounts the NA votes.
   * frozen confidence (`confidence_weighting`). If w_jd is the rollout's own stated confidence and the
     policy may change it, RL learns to say "10" whenever it agrees with the crowd: confidence inflates
     and stops meaning anything. So by default (`rollout_masked`) w is the stated confidence, but the
@@ -77,6 +87,7 @@ CHOICES = {
     "difficulty": ("rollout", "stage1", "off"),
     "confidence_weighting": ("rollout_masked", "stage1", "live", "off"),
     "scale_rewards": ("group", "none"),
+    "advantage": ("dimension", "sequence"),
     "loss_type": ("dapo", "grpo", "dr_grpo"),
     "dtype": ("float32", "bfloat16"),
 }
@@ -101,12 +112,14 @@ class RLConfig:
     max_batch_tokens: int = 0        # 0 = rollout.py's default token budget per generate() chunk
     # Conf-Profile
     quasi_label: str = "confidence"
+    na_weight: float = 1.0           # weight of an NA answer in the quasi-label vote (1 = as in Stage 1)
     difficulty: str = "rollout"
     low: float = 0.0                 # keep users with low <= difficulty <= high (0..10 confidence scale)
     high: float = 10.0
     confidence_weighting: str = "rollout_masked"
     # GRPO
     scale_rewards: str = "group"
+    advantage: str = "dimension"     # dimension: each dimension's tokens get that dimension's advantage
     loss_type: str = "dapo"
     epsilon: float = 0.2
     epsilon_high: float = 0.28
@@ -156,17 +169,17 @@ class RLConfig:
 # Stage 2 formulas: pure functions (tests/test_rl.py checks each with hand-computed numbers)
 
 
-def quasi_labels(parsed, taxonomy, weighting="confidence"):
+def quasi_labels(parsed, taxonomy, weighting="confidence", na_weight=1.0):
     """Stage 2 quasi ground truth: the Stage-1 vote over one user's G rollouts.
 
     S_k = sum_j c_j * 1[y_j = k] (weighting="confidence") or sum_j 1[y_j = k] ("majority"); the quasi
     label is argmax_k S_k with pooled confidence (S_y / sum_k S_k) * mean{c_j : y_j = y}. Only
-    rollouts that parse take part. Returns confprofile.vote's {dim: {"label", "pooled_confidence", ...} | None}.
+    rollouts that parse take part. na_weight < 1 discounts the votes for NA (confprofile.vote_scores). Returns confprofile.vote's {dim: {"label", "pooled_confidence", ...} | None}.
     """
     valid = [p for p in parsed if p["format_ok"]]
     if not valid:
         return {d: None for d in taxonomy["dimensions"]}
-    return vote(valid, taxonomy, weighting=weighting)
+    return vote(valid, taxonomy, weighting=weighting, na_weight=na_weight)
 
 
 def difficulty(quasi, stage1_confidence=None):
@@ -195,7 +208,8 @@ def difficulty_mask(values, low, high):
 
 
 def rollout_reward(parsed, quasi, weighting, stage1_confidence=None):
-    """Stage 2 reward of one rollout: r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd.
+    """Stage 2 reward of one rollout: r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd  (= the mean of
+    dimension_rewards).
 
     fmt_j = -1 if the answer does not parse (and then no agreement terms), else 0.
     s_jd = +1 if the rollout's label for d equals the quasi label, else -1. A dimension the rollout
@@ -208,27 +222,44 @@ def rollout_reward(parsed, quasi, weighting, stage1_confidence=None):
     """
     if not parsed["format_ok"]:
         return -1.0
-    total = 0.0
+    return sum(dimension_rewards(parsed, quasi, weighting, stage1_confidence)) / len(quasi)
+
+
+def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None):
+    """The reward of one rollout split by dimension: r_jd = fmt_j + w_jd * s_jd (see rollout_reward),
+    so that r_j = (1/|D|) sum_d r_jd. An unparseable answer gets -1 on every dimension. Returns
+    [r_jd for d in quasi] (taxonomy order)."""
+    if not parsed["format_ok"]:
+        return [-1.0] * len(quasi)
+    out = []
     for d, q in quasi.items():
-        if q is None:
-            continue
         answer = parsed["dims"].get(d)
-        if answer is None:
-            total -= 1.0
-            continue
-        s = 1.0 if answer["label"] == q["label"] else -1.0
-        if weighting in ("rollout_masked", "live"):
-            w = (answer["confidence"] or 1) / 10  # a labels-only answer counts as confidence 1, as in vote
-        elif weighting == "stage1":
-            w = stage1_confidence[d] / 10
+        if q is None:
+            out.append(0.0)
+        elif answer is None:
+            out.append(-1.0)
         else:
-            w = 1.0
-        total += w * s
-    return total / len(quasi)
+            s = 1.0 if answer["label"] == q["label"] else -1.0
+            if weighting in ("rollout_masked", "live"):
+                w = (answer["confidence"] or 1) / 10  # a labels-only answer counts as confidence 1, as in vote
+            elif weighting == "stage1":
+                w = stage1_confidence[d] / 10
+            else:
+                w = 1.0
+            out.append(w * s)
+    return out
+
+
+def token_advantages(dim_advantages, seq_advantage, token_dims):
+    """Per-token advantages of one rollout: a token inside dimension d's answer gets A_jd (the
+    group-relative advantage of r_jd), a token outside every dimension (braces, a <think> block)
+    the advantage of the whole reward. dim_advantages [D], token_dims [T] ints (-1 = outside)."""
+    return [seq_advantage if d < 0 else dim_advantages[d] for d in token_dims]
 
 
 def group_advantages(rewards, scale_rewards="group", eps=1e-4):
-    """GRPO group-relative advantages: A_j = (r_j - mean_G r) / (std_G r + eps), rewards [B, G].
+    """GRPO group-relative advantages: A_j = (r_j - mean_G r) / (std_G r + eps), rewards [B, G]
+    (or [B, G, D]: each dimension normalised over its own group).
 
     std is the unbiased (n - 1) standard deviation, as in TRL. A group whose rewards are all equal
     gets A = 0 (it carries no signal). scale_rewards="none" keeps A_j = r_j - mean_G r.
@@ -241,9 +272,10 @@ def group_advantages(rewards, scale_rewards="group", eps=1e-4):
 
 def clipped_surrogate(logp, old_logp, advantages, epsilon, epsilon_high):
     """PPO/GRPO clipped surrogate per token: -min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A),
-    rho = exp(logp - old_logp). logp, old_logp [N, T]; advantages [N]. Returns (loss [N, T], rho)."""
+    rho = exp(logp - old_logp). logp, old_logp [N, T]; advantages [N] (one per sequence) or [N, T]
+    (one per token). Returns (loss [N, T], rho)."""
     ratio = torch.exp(logp - old_logp)
-    a = advantages[:, None]
+    a = advantages if advantages.dim() == 2 else advantages[:, None]
     loss = -torch.minimum(ratio * a, ratio.clamp(1 - epsilon, 1 + epsilon_high) * a)
     return loss, ratio
 
@@ -289,7 +321,7 @@ def clip_fractions(ratio, advantages, mask, epsilon, epsilon_high):
     """Fractions of loss tokens where the clip is active (TRL's clip_ratio/low, /high, /region):
     low = rho < 1 - eps with A < 0, high = rho > 1 + eps_high with A > 0, region = either."""
     mask = mask.bool()
-    a = advantages[:, None].expand_as(ratio)
+    a = (advantages if advantages.dim() == 2 else advantages[:, None]).expand_as(ratio)
     low = (ratio < 1 - epsilon) & (a < 0) & mask
     high = (ratio > 1 + epsilon_high) & (a > 0) & mask
     n = mask.sum().clamp(min=1)
@@ -353,6 +385,42 @@ def token_char_ends(tokenizer, ids):
     return ends
 
 
+# Where a dimension's answer starts: its key, as confprofile.parse_answer matches keys.
+KEY = re.compile(r'"([^"\\]{1,64})"\s*:')
+
+
+def dimension_token_index(tokenizer, completion_ids, taxonomy, text=None):
+    """For each token of a completion, the index (taxonomy order) of the dimension whose answer it
+    belongs to, or -1 outside every dimension (the opening brace, a <think> block).
+
+    A dimension's answer runs from its key ("gender":) to the next dimension's key, the last one to
+    the end of the text; a key counts at its first occurrence after the last "</think>". A token
+    belongs where its first character is. `text` as in confidence_token_mask. This is what lets
+    `advantage = dimension` give each dimension's label and evidence tokens their own advantage.
+    """
+    from confprofile import _name_map, normalize_name
+    ids = list(completion_ids)
+    if text is None:
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+    names = _name_map(tuple(taxonomy["dimensions"]))
+    order = {d: i for i, d in enumerate(taxonomy["dimensions"])}
+    begin = text.rfind("</think>")
+    begin = 0 if begin < 0 else begin + len("</think>")
+    starts = {}
+    for m in KEY.finditer(text, begin):
+        dim = names.get(normalize_name(m.group(1)))
+        if dim and dim not in starts:
+            starts[dim] = m.start()
+    bounds = sorted((start, order[d]) for d, start in starts.items())
+    out, start, k = [], 0, -1
+    for end in token_char_ends(tokenizer, ids):
+        while k + 1 < len(bounds) and bounds[k + 1][0] <= start:
+            k += 1
+        out.append(bounds[k][1] if k >= 0 else -1)
+        start = end
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Scoring one step's rollouts for Conf-Profile (parse -> quasi labels -> filter -> rewards -> token masks)
 
@@ -360,32 +428,39 @@ def token_char_ends(tokenizer, ids):
 @dataclass
 class Scored:
     """What the trainer needs from a task: rewards [B, G], which users to train on, and per rollout
-    the 0/1 loss mask over its completion tokens. `stats` are sums/counts logged as metrics."""
+    the 0/1 loss mask over its completion tokens. `stats` are sums/counts logged as metrics.
+    For per-dimension advantages also the rewards split by dimension [B, G, D] (their mean over D
+    is `rewards`) and per rollout each token's dimension (-1 = none)."""
     rewards: torch.Tensor
     keep: list
     token_masks: list                 # [B][G] -> list[int], 1 = the token takes part in the loss
     stats: dict = field(default_factory=dict)
+    dim_rewards: torch.Tensor = None  # [B, G, D]
+    token_dims: list = None           # [B][G] -> list[int]
 
 
 def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
     """Conf-Profile scoring of B users' G rollouts each (groups[i][j] = rollout.Sample)."""
     from rollout import completion_text, stop_ids_for
     stop_ids = set(stop_ids_for(tokenizer))
-    rewards, keep_values, token_masks = [], [], []
+    rewards, keep_values, token_masks, dim_rewards, token_dims = [], [], [], [], []
     stats = {"rollouts": 0, "format_fail": 0, "conf_sum": 0.0, "conf_n": 0, "agree": 0, "agree_n": 0, "difficulty_sum": 0.0}
     for samples, user in zip(groups, users):
         parsed = [parse_answer(completion_text(tokenizer, s, stop_ids), taxonomy) for s in samples]
-        quasi = quasi_labels(parsed, taxonomy, cfg.quasi_label)
+        quasi = quasi_labels(parsed, taxonomy, cfg.quasi_label, cfg.na_weight)
         frozen = stage1[user["user_id"]] if stage1 is not None else None
         level = difficulty(quasi, frozen if cfg.difficulty == "stage1" else None)
         keep_values.append(None if cfg.difficulty == "off" else level)
         rewards.append([rollout_reward(p, quasi, cfg.confidence_weighting, frozen) for p in parsed])
-        masks = []
+        dim_rewards.append([dimension_rewards(p, quasi, cfg.confidence_weighting, frozen) for p in parsed])
+        masks, dims = [], []
         for s, p in zip(samples, parsed):
             mask = [1] * len(s.tokens)
             if cfg.mask_confidence:
                 mask = [0 if c else 1 for c in confidence_token_mask(tokenizer, s.tokens)]
             masks.append(mask)
+            if cfg.advantage == "dimension":
+                dims.append(dimension_token_index(tokenizer, s.tokens, taxonomy))
             stats["rollouts"] += 1
             stats["format_fail"] += not p["format_ok"]
             for d, answer in p["dims"].items():
@@ -396,10 +471,13 @@ def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
                     stats["agree"] += answer["label"] == quasi[d]["label"]
                     stats["agree_n"] += 1
         token_masks.append(masks)
+        token_dims.append(dims)
         stats["difficulty_sum"] += level
     keep, counts = difficulty_mask(keep_values, cfg.low, cfg.high)
     stats.update(counts)
-    return Scored(torch.tensor(rewards, dtype=torch.float32), keep, token_masks, stats)
+    return Scored(torch.tensor(rewards, dtype=torch.float32), keep, token_masks, stats,
+                  torch.tensor(dim_rewards, dtype=torch.float32),
+                  token_dims if cfg.advantage == "dimension" else None)
 
 
 # -----------------------------------------------------------------------------
@@ -522,6 +600,9 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator,
     t_rollout = time.time() - t0
     scored = score(groups)
     advantages = group_advantages(scored.rewards, cfg.scale_rewards)
+    per_dimension = cfg.advantage == "dimension" and scored.token_dims is not None
+    if per_dimension:
+        dim_advantages = group_advantages(scored.dim_rewards, cfg.scale_rewards)  # [B, G, D]
 
     # The training set of this step: every rollout of a kept user. With beta = 0 a rollout whose
     # advantage is exactly 0 (a zero-variance group) has loss exactly 0: it still counts in the
@@ -531,9 +612,11 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator,
         if not scored.keep[i]:
             continue
         rows = [{"tokens": s.tokens, "sampler_logp": s.logprobs, "mask": scored.token_masks[i][j],
-                 "adv": float(advantages[i, j])} for j, s in enumerate(samples)]
+                 "adv": (token_advantages(dim_advantages[i, j].tolist(), float(advantages[i, j]), scored.token_dims[i][j])
+                         if per_dimension else [float(advantages[i, j])] * len(s.tokens))}
+                for j, s in enumerate(samples)]
         n_rows, n_mask = n_rows + len(rows), n_mask + sum(sum(r["mask"]) for r in rows)
-        live = [r for r in rows if cfg.beta > 0 or r["adv"] != 0.0]
+        live = [r for r in rows if cfg.beta > 0 or any(a != 0.0 for a in r["adv"])]
         if live:
             kept.append((prompts[i], live))
     # the loss normaliser of the GLOBAL batch: every rank's share of the loss uses the same denominator
@@ -555,7 +638,7 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator,
             rows = [r for _, rows in mb for r in rows]
             c_max = max(len(r["tokens"]) for r in rows)
             mask = padded([r["mask"] for r in rows], c_max).to(device)
-            adv = torch.tensor([r["adv"] for r in rows], device=device)
+            adv = padded([r["adv"] for r in rows], c_max).to(device)  # [N, C]: one advantage per token
             with autocast_for(device):
                 logp, entropy = completion_logprobs(model, packs, cfg.temperature)
             sums["forward_tokens"] += sum(len(p) + sum(len(c) for c in cs) for p, cs in packs)

@@ -414,6 +414,16 @@ def test_na_wins_like_any_class():
     assert v["label"] == "NA" and v["pooled_confidence"] == pytest.approx(17 / 27 * 8.5)
 
 
+def test_na_weight_discounts_only_the_na_votes():
+    # NA 6 + NA 4 = 10 > male 7 as one class; with na_weight 0.5, S_NA = 5 < 7: male, r = 7/12 · 7
+    assert cp.vote_scores(["NA", "NA", "male"], [6, 4, 7], na_weight=0.5) == {"NA": 5.0, "male": 7}
+    assert cp.vote_scores(["NA", "NA", "male"], [6, 4, 7], "majority", na_weight=0.5) == {"NA": 1.0, "male": 1}
+    v = vote(answers(("NA", 6), ("NA", 4), ("male", 7)), TAX)["gender"]
+    assert v["label"] == "NA"
+    v = vote(answers(("NA", 6), ("NA", 4), ("male", 7)), TAX, na_weight=0.5)["gender"]
+    assert v["label"] == "male" and v["pooled_confidence"] == pytest.approx(7 / 12 * 7)
+
+
 def test_vote_skips_invalid_and_none_when_nothing_valid():
     v = vote(answers(("female", 6), (None, None), ("female", 4)), TAX)
     assert v["gender"]["n_valid"] == 2 and v["gender"]["pooled_confidence"] == pytest.approx(5.0)

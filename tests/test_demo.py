@@ -66,9 +66,10 @@ def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     shown = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
     for flags in ("--single-answer", "--weighting majority", "--method none", "--target labels_only",
-                  "--difficulty off", "--quasi-label majority", "--confidence-weighting off", "--confidence-weighting live"):
+                  "--difficulty off", "--quasi-label majority", "--confidence-weighting off", "--confidence-weighting live",
+                  "--advantage sequence", "--na-weight 1"):
         assert any(flags in line for line in shown), flags
     ablations = json.loads((out / "results.json").read_text(encoding="utf-8"))["ablations"]
-    assert len(ablations) == 9 and "full method" in ablations
+    assert len(ablations) == 11 and "full method" in ablations
     assert all(0.0 <= m["avg_f1"] <= 1.0 for m in ablations.values())
     assert "## Ablations" in (out / "results.md").read_text(encoding="utf-8")

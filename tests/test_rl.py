@@ -82,6 +82,48 @@ def test_rollout_reward_format_failure_and_missing_quasi_label():
     assert rl.rollout_reward(answer("male", 8, "18-24", 5), {**QUASI, "age": None}, "rollout_masked") == pytest.approx(0.4)
 
 
+def test_dimension_rewards_split_the_reward_by_dimension():
+    # own confidences 8 (agrees) and 5 (disagrees): r_gender = 0.8, r_age = -0.5; their mean is r_j
+    parsed = answer("male", 8, "18-24", 5)
+    assert rl.dimension_rewards(parsed, QUASI, "rollout_masked") == pytest.approx([0.8, -0.5])
+    assert rl.dimension_rewards(parsed, QUASI, "stage1", {"gender": 3, "age": 6}) == pytest.approx([0.3, -0.6])
+    assert rl.dimension_rewards(parsed, {**QUASI, "age": None}, "off") == pytest.approx([1.0, 0.0])
+    assert rl.dimension_rewards(BROKEN, QUASI, "rollout_masked") == [-1.0, -1.0]
+    missing = {"format_ok": True, "dims": {"gender": None, "age": {"label": "25-30", "confidence": 4, "evidence": ""}}}
+    assert rl.dimension_rewards(missing, QUASI, "rollout_masked") == pytest.approx([-1.0, 0.4])
+    for p in (parsed, BROKEN, missing):
+        assert sum(rl.dimension_rewards(p, QUASI, "rollout_masked")) / 2 == pytest.approx(rl.rollout_reward(p, QUASI, "rollout_masked"))
+
+
+def test_quasi_labels_with_na_discounted():
+    # gender: NA 9 + NA 6 = 15 against male 7 + 5 = 12: NA wins the Stage-1 vote; with na_weight 0.5,
+    # S_NA = 7.5 < 12 and male wins, pooled = 12 / 19.5 * mean(7, 5)
+    parsed = [answer("NA", 9, "18-24", 6), answer("NA", 6, "18-24", 6), answer("male", 7, "NA", 2), answer("male", 5, "NA", 2)]
+    assert rl.quasi_labels(parsed, TAX)["gender"]["label"] == "NA"
+    q = rl.quasi_labels(parsed, TAX, na_weight=0.5)
+    assert q["gender"]["label"] == "male" and q["gender"]["pooled_confidence"] == pytest.approx(12 / 19.5 * 6)
+    assert q["age"]["label"] == "18-24" and q["age"]["pooled_confidence"] == pytest.approx(12 / 14 * 6)
+
+
+def test_dimension_token_index_follows_the_keys():
+    tok = qwen3_tokenizer()
+    text = '<think>"gender": maybe</think>' + format_answer(PROFILE, TAX)
+    ids = tok.encode(text, add_special_tokens=False)
+    dims = rl.dimension_token_index(tok, ids, TAX)
+    pieces = [tok.decode([t]) for t in ids]
+    by_dim = {k: "".join(p for p, d in zip(pieces, dims) if d == k) for k in (-1, 0, 1)}
+    # the <think> block (with its fake key) and the opening brace are outside; each answer runs to the
+    # next key; a token goes where its first character is (Qwen merges '{"' and ' "' into one token)
+    assert by_dim[-1] == '<think>"gender": maybe</think>{"'
+    assert by_dim[0] == 'gender": {"label": "female", "confidence": 8, "evidence": "makeup tutorials, 10 posts"}, "'
+    assert by_dim[1] == 'age": {"label": "25-30", "confidence": 10, "evidence": "self-reported 27"}}'
+    assert rl.dimension_token_index(tok, tok.encode("no answer", add_special_tokens=False), TAX) == [-1, -1]
+
+
+def test_token_advantages_per_dimension():
+    assert rl.token_advantages([0.5, -2.0], 0.1, [-1, 0, 0, 1, 1, -1]) == [0.1, 0.5, 0.5, -2.0, -2.0, 0.1]
+
+
 # -----------------------------------------------------------------------------
 # advantages
 
@@ -122,6 +164,12 @@ def test_clipped_surrogate_clip_fractions_and_their_zero_gradient():
     assert logp.grad[:, 0].tolist() == pytest.approx([0.0, 0.0, 1.5, -2.0])  # clipped tokens get no gradient
     fr = rl.clip_fractions(ratio.detach(), adv, torch.ones(4, 1), 0.2, 0.28)
     assert fr == pytest.approx({"clip_low": 0.25, "clip_high": 0.25, "clip_region": 0.5})
+    # one advantage per token ([N, T]) gives the same as one per sequence broadcast over its tokens
+    per_token_adv = adv[:, None].expand(4, 3)
+    logp3, old3 = logp.detach().expand(4, 3), old.expand(4, 3)
+    assert torch.equal(rl.clipped_surrogate(logp3, old3, per_token_adv, 0.2, 0.28)[0],
+                       rl.clipped_surrogate(logp3, old3, adv, 0.2, 0.28)[0])
+    assert rl.clip_fractions(ratio.detach(), adv[:, None], torch.ones(4, 1), 0.2, 0.28) == pytest.approx(fr)
 
 
 def test_k3_kl_and_beta_term():
@@ -245,6 +293,36 @@ def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tin
             assert (on_conf == 0).all()  # exactly zero, not small
         else:
             assert (on_conf > 0).all()
+
+
+def test_per_dimension_advantages_reach_only_the_dimension_that_differs(tiny_checkpoint):
+    """Two rollouts that agree on five dimensions and differ on gender: with advantage=dimension only
+    the gender answer's tokens (and those outside every answer) carry an advantage; with one
+    advantage per rollout every token does."""
+    from rollout import load_tokenizer, stop_ids_for
+    tax = load_taxonomy()
+    tok = load_tokenizer(tiny_checkpoint)
+    eos = stop_ids_for(tok)[0]
+    profiles = [{d: {"label": s["classes"][0], "confidence": 7, "evidence": "x"} for d, s in tax["dimensions"].items()}
+                for _ in range(2)]
+    profiles[1]["gender"] = {"label": "female", "confidence": 3, "evidence": "y"}
+    samples = [Sample(tok.encode(format_answer(p, tax), add_special_tokens=False) + [eos], [], "stop") for p in profiles]
+    cfg = rl.RLConfig(num_generations=2)
+    scored = rl.score_profiles([samples], [{"user_id": "u1"}], tax, tok, cfg)
+    # quasi gender = male (S 7 > 3): rewards 0.7 and -0.3 on gender, equal elsewhere
+    assert scored.dim_rewards[0, :, 0].tolist() == pytest.approx([0.7, -0.3])
+    assert scored.dim_rewards[0, 0, 1:].tolist() == scored.dim_rewards[0, 1, 1:].tolist()
+    dim_adv = rl.group_advantages(scored.dim_rewards)[0]
+    seq_adv = rl.group_advantages(scored.rewards)[0]
+    for j, s in enumerate(samples):
+        dims = scored.token_dims[0][j]
+        adv = rl.token_advantages(dim_adv[j].tolist(), float(seq_adv[j]), dims)
+        text = lambda keep: tok.decode([t for t, d in zip(s.tokens, dims) if keep(d)])
+        assert 'gender": {"label": "' + profiles[j]["gender"]["label"] + '"' in text(lambda d: d == 0)
+        assert 'gender"' not in text(lambda d: d != 0)
+        assert all(a == 0.0 for a, d in zip(adv, dims) if d > 0)       # five equal dimensions: no signal
+        assert all(abs(a) > 0.5 for a, d in zip(adv, dims) if d <= 0)  # gender (and the brace) carry it
+    assert (seq_adv.abs() > 0.5).all()  # the whole-rollout advantage would push every token
 
 
 def test_prompt_shared_packs_give_the_logprobs_of_one_plain_forward_per_completion():
