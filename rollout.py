@@ -46,11 +46,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 # KV-cache slots per batch (rows x (prompt + new tokens)). CPU: 64k (SmolLM2-135M: 3 GB fp32; more rows
 # do not run faster there). GPU: 128k (Qwen3-8B bf16: 19 GB); lower it for bigger models.
@@ -125,16 +127,39 @@ def nucleus_candidates(logits, p, probe=NUCLEUS_PROBE):
     return torch.sort(logits, dim=-1, descending=True)
 
 
+def _first_above(cdf, u):
+    """Per row, the first index i with cdf[i] > u, never past the last index that adds mass (u drawn
+    below the total can still round up to it, and trailing zero-probability entries must not win)."""
+    index = torch.searchsorted(cdf, u, right=True)
+    return torch.minimum(index, torch.searchsorted(cdf, cdf[..., -1:].contiguous(), right=False))
+
+
 def sample_categorical(logits, generator=None):
     """One draw per row from softmax(logits) by inverse CDF: the first index whose cumulative
     probability exceeds u ~ U(0, total). Tokens at -inf (probability 0) are never drawn.
 
-    Three passes over the row and one random number per row (on CPU torch.multinomial is ~20x slower
-    and Gumbel noise for every vocabulary entry ~15x); no host sync on GPU.
+    One random number per row (on CPU torch.multinomial is ~20x slower and Gumbel noise for every
+    vocabulary entry ~15x); no host sync on GPU. The CDF is walked in two levels, because a cumsum over
+    the whole vocabulary is one long sequential pass (as slow as the softmax itself): sum blocks of
+    ~sqrt(V) probabilities, pick the block whose cumulative mass exceeds u, then the token by a cumsum
+    inside that block only. Same distribution; only the summation order differs.
+
+    Returns (index [B], log_z [B]) with log_z = logsumexp(logits), free from the same softmax: its
+    largest probability is exp(max - log_z) = 1 / sum exp(logits - max). (torch.logsumexp would run a
+    second, slower exp over the whole row.)
     """
-    cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    rows, vocab = probs.shape
+    block = 1 << round(math.log2(vocab) / 2)
+    pad = -vocab % block
+    blocks = (F.pad(probs, (0, pad)) if pad else probs).view(rows, -1, block)
+    block_cdf = blocks.sum(dim=-1).cumsum_(dim=-1)                          # [B, V / block]
+    u = torch.rand(rows, 1, generator=generator, device=probs.device) * block_cdf[:, -1:]
+    b = _first_above(block_cdf, u)                                          # [B, 1]
+    inside = blocks[torch.arange(rows, device=probs.device), b.squeeze(1)].cumsum_(dim=-1)  # [B, block]
+    j = _first_above(inside, u - (block_cdf.gather(1, b) - inside[:, -1:]))  # u minus the mass before block b
+    log_z = logits.amax(dim=-1) - probs.amax(dim=-1).log()
+    return (b * block + j).squeeze(1), log_z
 
 
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -144,7 +169,8 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     (up to exact ties at the k-th logit), computed the cheap way: with top-k only the k best
     candidates (sorted) are kept, top-p works on those (or on a full sort without top-k), and the
     draw is sample_categorical from `generator` (reproducible).
-    Returns (tokens [B], logprobs [B]); logprobs from token_logprobs (see there: before truncation).
+    Returns (tokens [B], logprobs [B]); logprobs = token_logprobs (see there: before truncation), taken
+    from the draw's own normaliser when nothing was truncated (one exp pass over the vocabulary, not two).
     """
     logits = logits.float()
     if temperature <= 0:
@@ -158,8 +184,10 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         candidates, index = nucleus_candidates(scaled, top_p)
     if top_p < 1.0:
         candidates = candidates.masked_fill(nucleus_mask(candidates, top_p), float("-inf"))
-    choice = sample_categorical(candidates, generator)
-    tokens = choice if index is None else index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    choice, log_z = sample_categorical(candidates, generator)
+    if index is None:  # drawn from the whole tempered distribution: its normaliser is the logprob's
+        return choice, scaled.gather(-1, choice.unsqueeze(-1)).squeeze(-1) - log_z
+    tokens = index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return tokens, token_logprobs(scaled, tokens, 1.0)  # scaled is already logits / T
 
 

@@ -93,6 +93,22 @@ def test_sample_tokens_draws_from_the_filtered_tempered_distribution():
     assert greedy.tolist() == [3, 3, 3]
 
 
+def test_two_level_draw_matches_the_distribution_and_never_draws_masked_tokens():
+    # 1000 tokens: blocks of 32 with a zero-padded tail; whole blocks and the last tokens masked out
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, generator=g)
+    logits[64:96] = float("-inf")  # block 2 has no mass
+    logits[990:] = float("-inf")   # nor the end of the last real block
+    probs = torch.softmax(logits, dim=-1)
+    tokens, log_z = rollout.sample_categorical(logits.expand(200000, 1000), g)
+    freq = torch.bincount(tokens, minlength=1000).float() / len(tokens)
+    assert freq[probs == 0].sum().item() == 0
+    assert (freq - probs).abs().max().item() < 0.002
+    assert torch.allclose(log_z, torch.logsumexp(logits, dim=-1).expand(200000), atol=1e-6)
+    sampled, logprobs = rollout.sample_tokens(logits.expand(1000, 1000), 0.7, generator=g)
+    assert torch.allclose(logprobs, rollout.token_logprobs(logits.expand(1000, 1000), sampled, 0.7), atol=1e-6)
+
+
 def test_plan_batches_by_hand():
     # row costs (length + 5 new): prompt1 8, prompt0 10, prompt2 15; budget 40 KV slots
     assert rollout.plan_batches([5, 3, 10], n=2, max_new_tokens=5, max_batch_tokens=40) == \
