@@ -13,13 +13,16 @@ How `generate` works, in the order it happens:
    mask is all the masking ragged prompts need: the pads of a short prompt sit in slots after its
    real tokens, no real token can see them, and its decode steps overwrite them one by one. Only
    the last real token's logits are kept.
-3. Prefix sharing. Each prompt's filled cache rows are copied to its n decode rows, and its
-   last-token logits are repeated n times; every row then draws its own first token.
-4. Decode. One token per row per step; attention only over the filled part of the cache. Rows stop
-   on any of `stop_ids` (finish_reason "stop", the stop token is kept in the sample) or after
+3. Prefix sharing. The prompt cache becomes the shared prefix of a model.PrefixSharedCache: each
+   prompt's keys/values stay ONE copy, read once per decode step for all its n rows, and each row
+   gets a cache of its own for the tokens it generates. Each prompt's last-token logits are repeated
+   n times; every row then draws its own first token.
+4. Decode. One token per row per step; each row attends to its prompt and to its own tokens so far,
+   under one softmax (exactly as if the prompt had been copied into the row). Rows stop on any of
+   `stop_ids` (finish_reason "stop", the stop token is kept in the sample) or after
    `max_new_tokens` ("length"). Finished rows ride along (outputs ignored) until a quarter of the
-   batch has finished; then the cache is compacted to the running rows (COMPACT_AT). The loop ends
-   as soon as every row has finished.
+   batch has finished; then the cache keeps only the running rows (COMPACT_AT; the prompts stay).
+   The loop ends as soon as every row has finished.
 
 Sampling: temperature T (T = 0 is greedy), then top-k, then top-p (nucleus), then one categorical
 draw by inverse CDF with one uniform number per row from the seeded `torch.Generator`, so runs are
@@ -53,6 +56,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from model import PrefixSharedCache
 
 # KV-cache slots per batch (rows x (prompt + new tokens)). CPU: 64k (SmolLM2-135M: 3 GB fp32; more rows
 # do not run faster there). GPU: 128k (Qwen3-8B bf16: 19 GB); lower it for bigger models.
@@ -262,24 +267,6 @@ def prefill(model, prompts, cache, chunk_tokens=PREFILL_CHUNK_TOKENS):
     return last_logits
 
 
-def share_prefix(prompt_cache, cache, counts, width):
-    """Prefix sharing: prompt-cache row i (slots 0..width-1, every layer) is copied to the next counts[i]
-    rows of the decode cache, by broadcasting (no gathered temporary of the decode rows' size)."""
-    first = 0
-    for i, count in enumerate(counts):
-        cache.k[:, first:first + count, :, :width] = prompt_cache.k[:, i:i + 1, :, :width]
-        cache.v[:, first:first + count, :, :width] = prompt_cache.v[:, i:i + 1, :, :width]
-        first += count
-
-
-def compact_cache(model, cache, keep):
-    """A new cache holding only rows `keep` of `cache` (finished rows are dropped, not decoded on)."""
-    small = model.setup_cache(len(keep), cache.max_len)
-    torch.index_select(cache.k, 1, keep, out=small.k)
-    torch.index_select(cache.v, 1, keep, out=small.v)
-    return small
-
-
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
              seed=None, generator=None, max_batch_tokens=None, progress=False):
@@ -324,7 +311,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
 
 
 def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, top_p, stop, generator, bar):
-    """One planned batch: prefill each prompt once, copy to counts[i] rows, decode. Returns [[Sample]]."""
+    """One planned batch: prefill each prompt once, decode counts[i] rows on it. Returns [[Sample]]."""
     device = _model_device(model)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     counts_t = torch.tensor(counts, device=device)
@@ -335,8 +322,7 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
     prompt_cache = eager.setup_cache(len(prompts), width)  # every batch, an lm_head hook) runs eagerly
     last_logits = prefill(eager, prompts, prompt_cache)
     row_prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
-    cache = model.setup_cache(rows, width + max_new_tokens)
-    share_prefix(prompt_cache, cache, counts, width)
+    cache = PrefixSharedCache(prompt_cache, lengths, counts, max_new_tokens)  # the prompts stay one copy each
     del prompt_cache
 
     positions = lengths.index_select(0, row_prompt)  # where each row's next token goes
@@ -363,7 +349,7 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
             break
         if n_running <= COMPACT_AT * len(live):  # drop finished rows instead of decoding them further
             keep = running.nonzero().squeeze(1)
-            cache = compact_cache(model, cache, keep)
+            cache = cache.select_rows(keep)
             live, token, positions, running = live[keep], token[keep], positions[keep], running[keep]
         logits = model(token[:, None], positions[:, None], cache)[:, -1]
         positions += 1
