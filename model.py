@@ -1,6 +1,7 @@
 """
 One decoder-only Transformer for the Llama-3 / Qwen2 / Qwen2.5 / Qwen3 families, built from a
-Hugging Face `config.json`, reading and writing HF-named safetensors, with a preallocated KV cache.
+Hugging Face `config.json`, reading and writing HF-named safetensors, with a preallocated KV cache
+(and, for decoding several samples of each prompt, a cache that holds each prompt once).
 
 Module names are HF's own (`model.layers.3.self_attn.q_proj`, ...), so a checkpoint's tensors load
 by name with no conversion table, and RoPE is HF's rotate-half form, so q/k weights need no
@@ -8,6 +9,7 @@ permutation. Family differences are three switches in ModelArgs: q/k/v bias (Qwe
 RMSNorm of q and k (Qwen3), and llama3 rope scaling (Llama 3.1+). Every number this file computes is
 checked against transformers in tests/test_model.py.
 """
+import copy
 import json
 import math
 import os
@@ -177,7 +179,8 @@ class KVCache(nn.Module):
     next-token logits are at index len_b - 1; then decode row b at position len_b, len_b + 1, ...
     (its pad slots get overwritten before any query can see them). Left padding also works: give
     attn_mask False on the pad slots (RoPE is relative, so the shift does not change the result).
-    Prefix sharing: prefill a prompt in one row, then copy_rows() it to the rows of its samples.
+    Prefix sharing: prefill a prompt in one row, then copy_rows() it to the rows of its samples, or
+    decode on a PrefixSharedCache built from it (one copy of the prompt for all its samples).
     """
 
     def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
@@ -220,7 +223,7 @@ class KVCache(nn.Module):
         self.v[:, dst] = self.v[:, src]
 
 
-class PrefixSharedCache(nn.Module):
+class PrefixSharedCache:
     """Decode cache for several samples of each prompt: ONE copy of each prompt's keys/values (the
     prefix) plus, per sample row, the keys/values of the tokens it generated (its suffix).
 
@@ -232,8 +235,9 @@ class PrefixSharedCache(nn.Module):
       prefix_k, prefix_v [n_layers, P, n_kv, Lp, head_dim]: a KVCache filled by a prefill of the P
         prompts, right-padded (slot = position; prompt i has prompt_lengths[i] real slots).
       k, v [n_layers, B, n_kv, max_new, head_dim]: row b's generated tokens; the token at position p
-        is in slot p - prompt_lengths[row_prompt[b]] (its first generated token in slot 0).
-      row_prompt [B]: the prompt of each row, rows of one prompt next to each other, prompts in order.
+        is in slot p - (its prompt's length), so its first generated token is in slot 0.
+      Rows: counts[i] rows per prompt i, the rows of one prompt next to each other, prompts in order.
+    Tensors live on the prompt cache's device (no .to(): built where it is used, for one generate).
 
     Semantics of Transformer.forward(input_ids [B, 1], positions [B, 1], cache) (decode: one token per
     row, no attn_mask): row b's query attends to the real slots of its prompt and to its own suffix
@@ -244,40 +248,33 @@ class PrefixSharedCache(nn.Module):
     a P x n_max table, with empty places when prompts have fewer rows (after select_rows).
     """
 
-    def __init__(self, prompt_cache, prompt_lengths, counts, max_new_tokens):
-        super().__init__()
+    def __init__(self, prompt_cache: KVCache, prompt_lengths, counts, max_new_tokens):
         device = prompt_cache.k.device
         width = int(max(prompt_lengths))
-        self.register_buffer("prefix_k", prompt_cache.k[:, :, :, :width], persistent=False)
-        self.register_buffer("prefix_v", prompt_cache.v[:, :, :, :width], persistent=False)
+        self.prefix_k, self.prefix_v = prompt_cache.k[:, :, :, :width], prompt_cache.v[:, :, :, :width]
         n_layers, n_prompts, n_kv, _, head_dim = self.prefix_k.shape
         lengths = torch.as_tensor(prompt_lengths, device=device)
         counts = torch.as_tensor(counts, device=device)
         rows = int(counts.sum())
         self.n_max = int(counts.max())
-        self.row_prompt = torch.repeat_interleave(torch.arange(n_prompts, device=device), counts)
+        row_prompt = torch.repeat_interleave(torch.arange(n_prompts, device=device), counts)
         first_row = torch.cumsum(counts, 0) - counts
-        self.grid = self.row_prompt * self.n_max + torch.arange(rows, device=device) - first_row[self.row_prompt]
-        self.row_length = lengths[self.row_prompt]
+        self.grid = row_prompt * self.n_max + torch.arange(rows, device=device) - first_row[row_prompt]
+        self.row_length = lengths[row_prompt]
         # 0 on a prompt's real slots, -inf on its pads; added to the prefix scores [P, n_kv, n_max * group, Lp]
         pads = torch.arange(width, device=device) >= lengths[:, None]
         self.prefix_bias = torch.zeros(n_prompts, 1, 1, width, dtype=self.prefix_k.dtype,
                                        device=device).masked_fill(pads[:, None, None], float("-inf"))
         shape = (n_layers, rows, n_kv, max_new_tokens, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=self.prefix_k.dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=self.prefix_k.dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=self.prefix_k.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=self.prefix_k.dtype, device=device)
         self.max_new = max_new_tokens
 
     def select_rows(self, keep):
         """The same cache for rows `keep` only (finished rows dropped); the prefix is shared, not copied."""
-        small = PrefixSharedCache.__new__(PrefixSharedCache)
-        nn.Module.__init__(small)
-        small.register_buffer("prefix_k", self.prefix_k, persistent=False)
-        small.register_buffer("prefix_v", self.prefix_v, persistent=False)
-        small.register_buffer("k", self.k.index_select(1, keep), persistent=False)
-        small.register_buffer("v", self.v.index_select(1, keep), persistent=False)
-        small.n_max, small.prefix_bias, small.max_new = self.n_max, self.prefix_bias, self.max_new
-        small.row_prompt, small.grid, small.row_length = self.row_prompt[keep], self.grid[keep], self.row_length[keep]
+        small = copy.copy(self)
+        small.k, small.v = self.k.index_select(1, keep), self.v.index_select(1, keep)
+        small.grid, small.row_length = self.grid[keep], self.row_length[keep]
         return small
 
     def attention_mask(self, positions, attn_mask=None):
