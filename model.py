@@ -1,6 +1,7 @@
 """
 One decoder-only Transformer for the Llama-3 / Qwen2 / Qwen2.5 / Qwen3 families, built from a
-Hugging Face `config.json`, reading and writing HF-named safetensors, with a preallocated KV cache.
+Hugging Face `config.json`, reading and writing HF-named safetensors, with a preallocated KV cache
+(and, for decoding several samples of each prompt, a cache that holds each prompt once).
 
 Module names are HF's own (`model.layers.3.self_attn.q_proj`, ...), so a checkpoint's tensors load
 by name with no conversion table, and RoPE is HF's rotate-half form, so q/k weights need no
@@ -8,6 +9,7 @@ permutation. Family differences are three switches in ModelArgs: q/k/v bias (Qwe
 RMSNorm of q and k (Qwen3), and llama3 rope scaling (Llama 3.1+). Every number this file computes is
 checked against transformers in tests/test_model.py.
 """
+import copy
 import json
 import math
 import os
@@ -177,7 +179,8 @@ class KVCache(nn.Module):
     next-token logits are at index len_b - 1; then decode row b at position len_b, len_b + 1, ...
     (its pad slots get overwritten before any query can see them). Left padding also works: give
     attn_mask False on the pad slots (RoPE is relative, so the shift does not change the result).
-    Prefix sharing: prefill a prompt in one row, then copy_rows() it to the rows of its samples.
+    Prefix sharing: prefill a prompt in one row, then copy_rows() it to the rows of its samples, or
+    decode on a PrefixSharedCache built from it (one copy of the prompt for all its samples).
     """
 
     def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
@@ -193,12 +196,147 @@ class KVCache(nn.Module):
         self.k[layer][rows, :, positions] = k
         self.v[layer][rows, :, positions] = v
 
+    def attention_mask(self, positions, attn_mask=None):
+        """The bool mask [B, 1, T, S] of the semantics above, S = max(positions) + 1; built once per forward."""
+        S = int(positions.max()) + 1
+        if S > self.max_len:
+            raise ValueError(f"KVCache: position {S - 1} does not fit max_len {self.max_len}")
+        slots = torch.arange(S, device=positions.device)
+        mask = slots <= positions[:, :, None]                                      # [B, T, S]
+        if attn_mask is not None:
+            mask = mask & (attn_mask[:, None, :S] | (slots == positions[:, :, None]))
+        return mask[:, None]
+
+    def attend(self, layer, q, k, v, positions, mask):
+        """Store k, v [B, T, n_kv, D] of the new tokens, then attention of q [B, T, H, D] over the filled
+        slots -> [B, H, T, D]."""
+        self.update(layer, positions, k, v)
+        S = mask.shape[-1]  # attend over the filled part of the cache only
+        return F.scaled_dot_product_attention(q.transpose(1, 2), self.k[layer, :, :, :S], self.v[layer, :, :, :S],
+                                              attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
+
     def copy_rows(self, src, dst):
         """Prefix sharing: copy whole cache rows, cache[dst[i]] = cache[src[i]] (index lists or tensors)."""
         src = torch.as_tensor(src, device=self.k.device)
         dst = torch.as_tensor(dst, device=self.k.device)
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
+
+
+class PrefixSharedCache:
+    """Decode cache for several samples of each prompt: ONE copy of each prompt's keys/values (the
+    prefix) plus, per sample row, the keys/values of the tokens it generated (its suffix).
+
+    With a KVCache every row holds its own copy of the prompt, so each decode step reads that prompt
+    n times from memory; here it is read once per prompt ("cascade" attention), and the memory is
+    P prompts + B suffixes instead of B x (prompt + suffix). Exact: each query attends to the same
+    keys as with copied rows, under one softmax.
+
+      prefix_k, prefix_v [n_layers, P, n_kv, Lp, head_dim]: a KVCache filled by a prefill of the P
+        prompts, right-padded (slot = position; prompt i has prompt_lengths[i] real slots).
+      k, v [n_layers, B, n_kv, max_new, head_dim]: row b's generated tokens; the token at position p
+        is in slot p - (its prompt's length), so its first generated token is in slot 0.
+      Rows: counts[i] rows per prompt i, the rows of one prompt next to each other, prompts in order.
+    Tensors live on the prompt cache's device (no .to(): built where it is used, for one generate).
+
+    Semantics of Transformer.forward(input_ids [B, 1], positions [B, 1], cache) (decode: one token per
+    row, no attn_mask): row b's query attends to the real slots of its prompt and to its own suffix
+    slots up to its own (just written) one.
+
+    The attention to the prefix runs per prompt, with the queries of its rows stacked ([P, n_kv,
+    n_max * group, D] against [P, n_kv, Lp, D]): `grid` places row b at position (prompt, sample) of
+    a P x n_max table, with empty places when prompts have fewer rows (after select_rows).
+    """
+
+    def __init__(self, prompt_cache: KVCache, prompt_lengths, counts, max_new_tokens):
+        device = prompt_cache.k.device
+        width = int(max(prompt_lengths))
+        self.prefix_k, self.prefix_v = prompt_cache.k[:, :, :, :width], prompt_cache.v[:, :, :, :width]
+        n_layers, n_prompts, n_kv, _, head_dim = self.prefix_k.shape
+        lengths = torch.as_tensor(prompt_lengths, device=device)
+        counts = torch.as_tensor(counts, device=device)
+        rows = int(counts.sum())
+        self.n_max = int(counts.max())
+        row_prompt = torch.repeat_interleave(torch.arange(n_prompts, device=device), counts)
+        first_row = torch.cumsum(counts, 0) - counts
+        self.grid = row_prompt * self.n_max + torch.arange(rows, device=device) - first_row[row_prompt]
+        self.row_length = lengths[row_prompt]
+        # 0 on a prompt's real slots, -inf on its pads; added to the prefix scores [P, n_kv, n_max * group, Lp]
+        pads = torch.arange(width, device=device) >= lengths[:, None]
+        self.prefix_bias = torch.zeros(n_prompts, 1, 1, width, dtype=self.prefix_k.dtype,
+                                       device=device).masked_fill(pads[:, None, None], float("-inf"))
+        shape = (n_layers, rows, n_kv, max_new_tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=self.prefix_k.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=self.prefix_k.dtype, device=device)
+        self.max_new = max_new_tokens
+
+    def select_rows(self, keep):
+        """The same cache for rows `keep` only (finished rows dropped); the prefix is shared, not copied."""
+        small = copy.copy(self)
+        small.k, small.v = self.k.index_select(1, keep), self.v.index_select(1, keep)
+        small.grid, small.row_length = self.grid[keep], self.row_length[keep]
+        return small
+
+    def attention_mask(self, positions, attn_mask=None):
+        """(slot, S, later), built once per forward: each row's suffix slot for this step [B, 1], the
+        number of suffix slots to read, and None when every row is at slot S - 1 (rows decode in
+        lockstep), else the bool [B, 1, 1, S] of each row's later, stale slots, which it must not see."""
+        if positions.shape[1] != 1 or attn_mask is not None:
+            raise ValueError("PrefixSharedCache: decode steps only (one token per row, no attn_mask); "
+                             "prefill prompts into a KVCache")
+        slot = positions - self.row_length[:, None]
+        first, S = int(slot.min()), int(slot.max()) + 1
+        if first < 0 or S > self.max_new:
+            raise ValueError(f"PrefixSharedCache: suffix slots {first}..{S - 1} outside 0..{self.max_new - 1}")
+        later = None if first == S - 1 else (torch.arange(S, device=slot.device) > slot)[:, None, None]
+        return slot, S, later
+
+    def _to_prompts(self, x):
+        """Rows [B, n_kv, group, X] -> per prompt [P, n_kv, n_max * group, X] (empty places zero)."""
+        B, n_kv, group, X = x.shape
+        P = self.prefix_k.shape[1]
+        if B != P * self.n_max:  # rows were dropped: scatter them to their places
+            x = x.new_zeros(P * self.n_max, n_kv, group, X).index_copy_(0, self.grid, x)
+        return x.view(P, self.n_max, n_kv, group, X).transpose(1, 2).reshape(P, n_kv, self.n_max * group, X)
+
+    def _to_rows(self, x, group):
+        """Per prompt [P, n_kv, n_max * group, X] -> rows [B, n_kv, group, X] (inverse of _to_prompts)."""
+        P, n_kv, _, X = x.shape
+        x = x.view(P, n_kv, self.n_max, group, X).transpose(1, 2).reshape(P * self.n_max, n_kv, group, X)
+        return x if len(self.grid) == P * self.n_max else x.index_select(0, self.grid)
+
+    def attend(self, layer, q, k, v, positions, mask):
+        """Store k, v [B, 1, n_kv, D] in the suffix, then attention of q [B, 1, H, D] -> [B, H, 1, D].
+
+        softmax over [prefix scores, suffix scores] (one normaliser), then weights @ values per part.
+        The group of H / n_kv query heads that share a kv head is one matrix against that head's keys
+        (no K/V expansion, no per-head copies)."""
+        slot, S, later = mask
+        if later is None:  # lockstep: every row writes slot S - 1, a plain slice (an index_put costs 3x)
+            self.k[layer, :, :, S - 1] = k[:, 0]
+            self.v[layer, :, :, S - 1] = v[:, 0]
+        else:
+            self.update(layer, slot, k, v)
+        B, _, H, D = q.shape
+        n_kv = k.shape[2]
+        group = H // n_kv
+        q = q.view(B, n_kv, group, D) * (1.0 / math.sqrt(D))  # head h uses kv head h // group, as in HF
+        Lp = self.prefix_k.shape[3]
+        prefix = self._to_rows(self._to_prompts(q) @ self.prefix_k[layer].transpose(-1, -2) + self.prefix_bias,
+                               group)                                                      # [B, n_kv, group, Lp]
+        suffix = q @ self.k[layer, :, :, :S].transpose(-1, -2)                             # [B, n_kv, group, S]
+        if later is not None:
+            suffix = suffix.masked_fill(later, float("-inf"))
+        weights = torch.softmax(torch.cat([prefix, suffix], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+        y = self._to_rows(self._to_prompts(weights[..., :Lp]) @ self.prefix_v[layer], group)
+        y = y + weights[..., Lp:] @ self.v[layer, :, :, :S]                               # [B, n_kv, group, D]
+        return y.reshape(B, H, 1, D)
+
+    def update(self, layer, slot, k, v):
+        """Write k, v [B, 1, n_kv_heads, head_dim] at suffix slots `slot` [B, 1] of each row."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, slot] = k
+        self.v[layer][rows, :, slot] = v
 
 
 # -----------------------------------------------------------------------------
@@ -241,13 +379,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            cache.update(self.layer, positions, k, v)
-            S = mask.shape[-1]  # attend over the filled part of the cache only
-            k, v = cache.k[self.layer, :, :, :S], cache.v[self.layer, :, :, :S]
+            y = cache.attend(self.layer, q, k, v, positions, mask)
         else:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=a.n_kv_heads != a.n_heads)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=a.n_kv_heads != a.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
 
 
@@ -305,7 +441,8 @@ class Transformer(nn.Module):
         """input_ids [B, T] -> float32 logits [B, T, vocab].
 
         No cache: causal attention in index order; `positions` (default arange(T)) only set RoPE;
-        attn_mask [B, T] (bool, True = real token) hides pad keys. With a cache: see KVCache.
+        attn_mask [B, T] (bool, True = real token) hides pad keys. With a cache: see KVCache, or
+        PrefixSharedCache for decode steps of n samples per prompt.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -317,14 +454,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         mask = None
         if cache is not None:
-            S = int(positions.max()) + 1
-            if S > cache.max_len:
-                raise ValueError(f"KVCache: position {S - 1} does not fit max_len {cache.max_len}")
-            slots = torch.arange(S, device=device)
-            mask = slots <= positions[:, :, None]                                  # [B, T, S]
-            if attn_mask is not None:
-                mask = mask & (attn_mask[:, None, :S] | (slots == positions[:, :, None]))
-            mask = mask[:, None]                                                   # [B, 1, T, S]
+            mask = cache.attention_mask(positions, attn_mask)
         elif attn_mask is not None:
             idx = torch.arange(T, device=device)
             causal = idx[None, :] <= idx[:, None]                                  # [T, T]

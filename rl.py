@@ -51,7 +51,7 @@ What Conf-Profile changes, and why (each is an option, so each can be switched o
     shows the inflation. Every mode but `live` masks the confidence tokens.
 
 What we drop: a value model, reward models, KL by default, entropy bonuses, vLLM / TRL machinery.
-Rollouts come from rollout.generate (prefix-shared prefill of each prompt, G rows of one KV cache).
+Rollouts come from rollout.generate (one prefill per prompt, its KV cache shared by its G rows).
 Training shares the prompt too: a group is one row [prompt, c1, ..., cG] whose completions attend
 to the prompt and to themselves only, so the prompt's activations are computed once, not G times.
 The ratio's logprobs come from rollout.token_logprobs, the same function the sampler used, at the

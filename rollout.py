@@ -13,13 +13,16 @@ How `generate` works, in the order it happens:
    mask is all the masking ragged prompts need: the pads of a short prompt sit in slots after its
    real tokens, no real token can see them, and its decode steps overwrite them one by one. Only
    the last real token's logits are kept.
-3. Prefix sharing. Each prompt's filled cache rows are copied to its n decode rows, and its
-   last-token logits are repeated n times; every row then draws its own first token.
-4. Decode. One token per row per step; attention only over the filled part of the cache. Rows stop
-   on any of `stop_ids` (finish_reason "stop", the stop token is kept in the sample) or after
+3. Prefix sharing. The prompt cache becomes the shared prefix of a model.PrefixSharedCache: each
+   prompt's keys/values stay ONE copy, read once per decode step for all its n rows, and each row
+   gets a cache of its own for the tokens it generates. Each prompt's last-token logits are repeated
+   n times; every row then draws its own first token.
+4. Decode. One token per row per step; each row attends to its prompt and to its own tokens so far,
+   under one softmax (exactly as if the prompt had been copied into the row). Rows stop on any of
+   `stop_ids` (finish_reason "stop", the stop token is kept in the sample) or after
    `max_new_tokens` ("length"). Finished rows ride along (outputs ignored) until a quarter of the
-   batch has finished; then the cache is compacted to the running rows (COMPACT_AT). The loop ends
-   as soon as every row has finished.
+   batch has finished; then the cache keeps only the running rows (COMPACT_AT; the prompts stay).
+   The loop ends as soon as every row has finished.
 
 Sampling: temperature T (T = 0 is greedy), then top-k, then top-p (nucleus), then one categorical
 draw by inverse CDF with one uniform number per row from the seeded `torch.Generator`, so runs are
@@ -46,11 +49,15 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
+
+from model import PrefixSharedCache
 
 # KV-cache slots per batch (rows x (prompt + new tokens)). CPU: 64k (SmolLM2-135M: 3 GB fp32; more rows
 # do not run faster there). GPU: 128k (Qwen3-8B bf16: 19 GB); lower it for bigger models.
@@ -125,16 +132,39 @@ def nucleus_candidates(logits, p, probe=NUCLEUS_PROBE):
     return torch.sort(logits, dim=-1, descending=True)
 
 
+def _first_above(cdf, u):
+    """Per row, the first index i with cdf[i] > u, never past the last index that adds mass (u drawn
+    below the total can still round up to it, and trailing zero-probability entries must not win)."""
+    index = torch.searchsorted(cdf, u, right=True)
+    return torch.minimum(index, torch.searchsorted(cdf, cdf[..., -1:].contiguous(), right=False))
+
+
 def sample_categorical(logits, generator=None):
     """One draw per row from softmax(logits) by inverse CDF: the first index whose cumulative
     probability exceeds u ~ U(0, total). Tokens at -inf (probability 0) are never drawn.
 
-    Three passes over the row and one random number per row (on CPU torch.multinomial is ~20x slower
-    and Gumbel noise for every vocabulary entry ~15x); no host sync on GPU.
+    One random number per row (on CPU torch.multinomial is ~20x slower and Gumbel noise for every
+    vocabulary entry ~15x); no host sync on GPU. The CDF is walked in two levels, because a cumsum over
+    the whole vocabulary is one long sequential pass (as slow as the softmax itself): sum blocks of
+    ~sqrt(V) probabilities, pick the block whose cumulative mass exceeds u, then the token by a cumsum
+    inside that block only. Same distribution; only the summation order differs.
+
+    Returns (index [B], log_z [B]) with log_z = logsumexp(logits), free from the same softmax: its
+    largest probability is exp(max - log_z) = 1 / sum exp(logits - max). (torch.logsumexp would run a
+    second, slower exp over the whole row.)
     """
-    cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    rows, vocab = probs.shape
+    block = 1 << round(math.log2(vocab) / 2)
+    pad = -vocab % block
+    blocks = (F.pad(probs, (0, pad)) if pad else probs).view(rows, -1, block)
+    block_cdf = blocks.sum(dim=-1).cumsum_(dim=-1)                          # [B, V / block]
+    u = torch.rand(rows, 1, generator=generator, device=probs.device) * block_cdf[:, -1:]
+    b = _first_above(block_cdf, u)                                          # [B, 1]
+    inside = blocks[torch.arange(rows, device=probs.device), b.squeeze(1)].cumsum_(dim=-1)  # [B, block]
+    j = _first_above(inside, u - (block_cdf.gather(1, b) - inside[:, -1:]))  # u minus the mass before block b
+    log_z = logits.amax(dim=-1) - probs.amax(dim=-1).log()
+    return (b * block + j).squeeze(1), log_z
 
 
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -144,7 +174,8 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     (up to exact ties at the k-th logit), computed the cheap way: with top-k only the k best
     candidates (sorted) are kept, top-p works on those (or on a full sort without top-k), and the
     draw is sample_categorical from `generator` (reproducible).
-    Returns (tokens [B], logprobs [B]); logprobs from token_logprobs (see there: before truncation).
+    Returns (tokens [B], logprobs [B]); logprobs = token_logprobs (see there: before truncation), taken
+    from the draw's own normaliser when nothing was truncated (one exp pass over the vocabulary, not two).
     """
     logits = logits.float()
     if temperature <= 0:
@@ -158,8 +189,10 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         candidates, index = nucleus_candidates(scaled, top_p)
     if top_p < 1.0:
         candidates = candidates.masked_fill(nucleus_mask(candidates, top_p), float("-inf"))
-    choice = sample_categorical(candidates, generator)
-    tokens = choice if index is None else index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    choice, log_z = sample_categorical(candidates, generator)
+    if index is None:  # drawn from the whole tempered distribution: its normaliser is the logprob's
+        return choice, scaled.gather(-1, choice.unsqueeze(-1)).squeeze(-1) - log_z
+    tokens = index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return tokens, token_logprobs(scaled, tokens, 1.0)  # scaled is already logits / T
 
 
@@ -234,24 +267,6 @@ def prefill(model, prompts, cache, chunk_tokens=PREFILL_CHUNK_TOKENS):
     return last_logits
 
 
-def share_prefix(prompt_cache, cache, counts, width):
-    """Prefix sharing: prompt-cache row i (slots 0..width-1, every layer) is copied to the next counts[i]
-    rows of the decode cache, by broadcasting (no gathered temporary of the decode rows' size)."""
-    first = 0
-    for i, count in enumerate(counts):
-        cache.k[:, first:first + count, :, :width] = prompt_cache.k[:, i:i + 1, :, :width]
-        cache.v[:, first:first + count, :, :width] = prompt_cache.v[:, i:i + 1, :, :width]
-        first += count
-
-
-def compact_cache(model, cache, keep):
-    """A new cache holding only rows `keep` of `cache` (finished rows are dropped, not decoded on)."""
-    small = model.setup_cache(len(keep), cache.max_len)
-    torch.index_select(cache.k, 1, keep, out=small.k)
-    torch.index_select(cache.v, 1, keep, out=small.v)
-    return small
-
-
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
              seed=None, generator=None, max_batch_tokens=None, progress=False):
@@ -296,7 +311,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
 
 
 def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, top_p, stop, generator, bar):
-    """One planned batch: prefill each prompt once, copy to counts[i] rows, decode. Returns [[Sample]]."""
+    """One planned batch: prefill each prompt once, decode counts[i] rows on it. Returns [[Sample]]."""
     device = _model_device(model)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     counts_t = torch.tensor(counts, device=device)
@@ -307,8 +322,7 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
     prompt_cache = eager.setup_cache(len(prompts), width)  # every batch, an lm_head hook) runs eagerly
     last_logits = prefill(eager, prompts, prompt_cache)
     row_prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
-    cache = model.setup_cache(rows, width + max_new_tokens)
-    share_prefix(prompt_cache, cache, counts, width)
+    cache = PrefixSharedCache(prompt_cache, lengths, counts, max_new_tokens)  # the prompts stay one copy each
     del prompt_cache
 
     positions = lengths.index_select(0, row_prompt)  # where each row's next token goes
@@ -335,7 +349,7 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
             break
         if n_running <= COMPACT_AT * len(live):  # drop finished rows instead of decoding them further
             keep = running.nonzero().squeeze(1)
-            cache = compact_cache(model, cache, keep)
+            cache = cache.select_rows(keep)
             live, token, positions, running = live[keep], token[keep], positions[keep], running[keep]
         logits = model(token[:, None], positions[:, None], cache)[:, -1]
         positions += 1

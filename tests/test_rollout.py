@@ -93,6 +93,22 @@ def test_sample_tokens_draws_from_the_filtered_tempered_distribution():
     assert greedy.tolist() == [3, 3, 3]
 
 
+def test_two_level_draw_matches_the_distribution_and_never_draws_masked_tokens():
+    # 1000 tokens: blocks of 32 with a zero-padded tail; whole blocks and the last tokens masked out
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, generator=g)
+    logits[64:96] = float("-inf")  # block 2 has no mass
+    logits[990:] = float("-inf")   # nor the end of the last real block
+    probs = torch.softmax(logits, dim=-1)
+    tokens, log_z = rollout.sample_categorical(logits.expand(200000, 1000), g)
+    freq = torch.bincount(tokens, minlength=1000).float() / len(tokens)
+    assert freq[probs == 0].sum().item() == 0
+    assert (freq - probs).abs().max().item() < 0.002
+    assert torch.allclose(log_z, torch.logsumexp(logits, dim=-1).expand(200000), atol=1e-6)
+    sampled, logprobs = rollout.sample_tokens(logits.expand(1000, 1000), 0.7, generator=g)
+    assert torch.allclose(logprobs, rollout.token_logprobs(logits.expand(1000, 1000), sampled, 0.7), atol=1e-6)
+
+
 def test_plan_batches_by_hand():
     # row costs (length + 5 new): prompt1 8, prompt0 10, prompt2 15; budget 40 KV slots
     assert rollout.plan_batches([5, 3, 10], n=2, max_new_tokens=5, max_batch_tokens=40) == \
@@ -132,27 +148,40 @@ def test_prefill_gives_each_prompts_last_token_logits(qwen3, chunk_tokens):
         assert torch.allclose(row, expected, atol=1e-4)
 
 
-def test_prefix_shared_cache_gives_the_same_logits_as_unshared(qwen3):
+def test_prefix_shared_cache_gives_the_same_logits_as_copied_rows(qwen3):
+    """PrefixSharedCache (one copy of each prompt + per-row suffixes) against a KVCache where every row
+    was prefilled on its own: ragged prompts, 3 and 2 rows, rows out of lockstep, rows dropped."""
+    from model import PrefixSharedCache
     _, model = qwen3
-    prompts, n = PROMPTS[:2], 3
-    width = max(map(len, prompts))
-    row_prompt = torch.tensor([0, 0, 0, 1, 1, 1])
-    shared_src = model.setup_cache(2, width)
-    first = rollout.prefill(model, prompts, shared_src)
-    shared = model.setup_cache(2 * n, width + 4)
-    rollout.share_prefix(shared_src, shared, [n, n], width)
-    unshared = model.setup_cache(2 * n, width + 4)  # every row prefilled on its own
-    first_unshared = rollout.prefill(model, [prompts[i] for i in row_prompt.tolist()], unshared)
-    assert torch.allclose(first.index_select(0, row_prompt), first_unshared, atol=1e-5)
-    positions = torch.tensor([len(prompts[i]) for i in row_prompt.tolist()])
+    prompts, counts = PROMPTS[:2], [3, 2]
+    row_prompt = [0, 0, 0, 1, 1]
+    prompt_cache = model.setup_cache(2, max(map(len, prompts)))
+    first = rollout.prefill(model, prompts, prompt_cache)
+    shared = PrefixSharedCache(prompt_cache, [len(p) for p in prompts], counts, 4)
+    copied = model.setup_cache(5, max(map(len, prompts)) + 4)
+    first_copied = rollout.prefill(model, [prompts[i] for i in row_prompt], copied)
+    assert torch.allclose(first[row_prompt], first_copied, atol=1e-5)
+    lengths = torch.tensor([len(prompts[i]) for i in row_prompt])
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):  # a few decode steps with different tokens per row
-        token = torch.randint(3, 256, (2 * n,), generator=g)
+    # suffix slot per row and step; step 3: row 2 rewrites slot 0 and must not see its stale slot 1
+    steps = [[0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [2, 2, 0, 2, 2], [3, 3, 1, 3, 3]]
+    rows = torch.arange(5)
+    for step, slots in enumerate(steps):
+        if step == 3:  # drop rows 1 and 3 (a compaction), from both caches
+            rows = torch.tensor([0, 2, 4])
+            shared = shared.select_rows(rows)
+            small = model.setup_cache(3, copied.max_len)
+            small.k.copy_(copied.k[:, rows])
+            small.v.copy_(copied.v[:, rows])
+            copied = small
+        token = torch.randint(3, 256, (len(rows),), generator=g)
+        positions = (lengths + torch.tensor(slots))[rows][:, None]
         with torch.no_grad():
-            a = model(token[:, None], positions[:, None], shared)[:, -1]
-            b = model(token[:, None], positions[:, None], unshared)[:, -1]
+            a = model(token[:, None], positions, shared)[:, -1]
+            b = model(token[:, None], positions, copied)[:, -1]
         assert torch.allclose(a, b, atol=1e-5)
-        positions += 1
+    with pytest.raises(ValueError, match="outside 0..3"):
+        model(token[:, None], positions + 1, shared)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,stop_ids", [(1.0, 0, 1.0, ()), (0.7, 20, 0.9, range(3, 256, 7))])
