@@ -177,7 +177,8 @@ def quasi_labels(parsed, taxonomy, weighting="confidence", na_weight=1.0):
 
     S_k = sum_j c_j * 1[y_j = k] (weighting="confidence") or sum_j 1[y_j = k] ("majority"); the quasi
     label is argmax_k S_k with pooled confidence (S_y / sum_k S_k) * mean{c_j : y_j = y}. Only
-    rollouts that parse take part. na_weight < 1 discounts the votes for NA (confprofile.vote_scores). Returns confprofile.vote's {dim: {"label", "pooled_confidence", ...} | None}.
+    rollouts that parse take part. na_weight < 1 discounts the votes for NA (confprofile.vote_scores).
+    Returns confprofile.vote's {dim: {"label", "pooled_confidence", ...} | None}.
     """
     valid = [p for p in parsed if p["format_ok"]]
     if not valid:
@@ -345,7 +346,7 @@ def token_entropy(logits, temperature):
 CONFIDENCE_VALUE = re.compile(r"""["']?confidence["']?\s*:\s*["']?\s*(\d+(?:\.\d+)?(?:\s*/\s*10)?)""")
 
 
-def confidence_token_mask(tokenizer, completion_ids, text=None):
+def confidence_token_mask(tokenizer, completion_ids, text=None, ends=None):
     """Bool mask over `completion_ids`: True on each token that spells part of a stated confidence
     number (the `8` of `"confidence": 8`). These are the tokens `rollout_masked` cuts out of the loss.
 
@@ -354,7 +355,8 @@ def confidence_token_mask(tokenizer, completion_ids, text=None):
     covers characters [len(decode(ids[:i])), len(decode(ids[:i+1]))): incremental decoding, which holds
     for any tokenizer and for token sequences re-tokenising would not reproduce. A token that holds
     a digit together with other characters (e.g. ' 8,') is masked whole: masking a little more than
-    the number is safe, missing part of it is not.
+    the number is safe, missing part of it is not. `ends`: token_char_ends(tokenizer, completion_ids),
+    if the caller has it already.
     """
     ids = list(completion_ids)
     if text is None:
@@ -363,7 +365,7 @@ def confidence_token_mask(tokenizer, completion_ids, text=None):
     if not spans:
         return [False] * len(ids)
     mask, start = [], 0
-    for end in token_char_ends(tokenizer, ids):
+    for end in ends if ends is not None else token_char_ends(tokenizer, ids):
         mask.append(any(start < b and end > a for a, b in spans))
         start = end
     return mask
@@ -392,13 +394,13 @@ def token_char_ends(tokenizer, ids):
 KEY = re.compile(r'"([^"\\]{1,64})"\s*:')
 
 
-def dimension_token_index(tokenizer, completion_ids, taxonomy, text=None):
+def dimension_token_index(tokenizer, completion_ids, taxonomy, text=None, ends=None):
     """For each token of a completion, the index (taxonomy order) of the dimension whose answer it
     belongs to, or -1 outside every dimension (the opening brace, a <think> block).
 
     A dimension's answer runs from its key ("gender":) to the next dimension's key, the last one to
     the end of the text; a key counts at its first occurrence after the last "</think>". A token
-    belongs where its first character is. `text` as in confidence_token_mask. This is what lets
+    belongs where its first character is. `text`, `ends` as in confidence_token_mask. This is what lets
     `advantage = dimension` give each dimension's label and evidence tokens their own advantage.
     """
     from confprofile import _name_map, normalize_name
@@ -416,7 +418,7 @@ def dimension_token_index(tokenizer, completion_ids, taxonomy, text=None):
             starts[dim] = m.start()
     bounds = sorted((start, order[d]) for d, start in starts.items())
     out, start, k = [], 0, -1
-    for end in token_char_ends(tokenizer, ids):
+    for end in ends if ends is not None else token_char_ends(tokenizer, ids):
         while k + 1 < len(bounds) and bounds[k + 1][0] <= start:
             k += 1
         out.append(bounds[k][1] if k >= 0 else -1)
@@ -446,7 +448,7 @@ def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
     """Conf-Profile scoring of B users' G rollouts each (groups[i][j] = rollout.Sample)."""
     from rollout import completion_text, stop_ids_for
     stop_ids = set(stop_ids_for(tokenizer))
-    rewards, keep_values, token_masks, dim_rewards, token_dims = [], [], [], [], []
+    keep_values, token_masks, dim_rewards, token_dims = [], [], [], []
     stats = {"rollouts": 0, "format_fail": 0, "conf_sum": 0.0, "conf_n": 0, "agree": 0, "agree_n": 0, "difficulty_sum": 0.0}
     for samples, user in zip(groups, users):
         parsed = [parse_answer(completion_text(tokenizer, s, stop_ids), taxonomy) for s in samples]
@@ -454,16 +456,19 @@ def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
         frozen = stage1[user["user_id"]] if stage1 is not None else None
         level = difficulty(quasi, frozen if cfg.difficulty == "stage1" else None)
         keep_values.append(None if cfg.difficulty == "off" else level)
-        rewards.append([rollout_reward(p, quasi, cfg.confidence_weighting, frozen) for p in parsed])
         dim_rewards.append([dimension_rewards(p, quasi, cfg.confidence_weighting, frozen) for p in parsed])
         masks, dims = [], []
         for s, p in zip(samples, parsed):
+            text, ends = None, None
+            if cfg.mask_confidence or cfg.advantage == "dimension":  # decode once for both token maps
+                text = tokenizer.decode(s.tokens, skip_special_tokens=False)
+                ends = token_char_ends(tokenizer, s.tokens)
             mask = [1] * len(s.tokens)
             if cfg.mask_confidence:
-                mask = [0 if c else 1 for c in confidence_token_mask(tokenizer, s.tokens)]
+                mask = [0 if c else 1 for c in confidence_token_mask(tokenizer, s.tokens, text, ends)]
             masks.append(mask)
             if cfg.advantage == "dimension":
-                dims.append(dimension_token_index(tokenizer, s.tokens, taxonomy))
+                dims.append(dimension_token_index(tokenizer, s.tokens, taxonomy, text, ends))
             stats["rollouts"] += 1
             stats["format_fail"] += not p["format_ok"]
             for d, answer in p["dims"].items():
@@ -478,9 +483,10 @@ def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
         stats["difficulty_sum"] += level
     keep, counts = difficulty_mask(keep_values, cfg.low, cfg.high)
     stats.update(counts)
-    return Scored(torch.tensor(rewards, dtype=torch.float32), keep, token_masks, stats,
-                  torch.tensor(dim_rewards, dtype=torch.float32),
-                  token_dims if cfg.advantage == "dimension" else None)
+    dim_rewards = torch.tensor(dim_rewards, dtype=torch.float64)  # [B, G, D]
+    rewards = dim_rewards.mean(dim=-1).float()  # r_j = (1/|D|) sum_d r_jd: rollout_reward, from the same terms
+    dim_rewards = dim_rewards.float()
+    return Scored(rewards, keep, token_masks, stats, dim_rewards, token_dims if cfg.advantage == "dimension" else None)
 
 
 # -----------------------------------------------------------------------------

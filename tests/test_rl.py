@@ -312,6 +312,10 @@ def test_per_dimension_advantages_reach_only_the_dimension_that_differs(tiny_che
     # quasi gender = male (S 7 > 3): rewards 0.7 and -0.3 on gender, equal elsewhere
     assert scored.dim_rewards[0, :, 0].tolist() == pytest.approx([0.7, -0.3])
     assert scored.dim_rewards[0, 0, 1:].tolist() == scored.dim_rewards[0, 1, 1:].tolist()
+    from confprofile import parse_answer
+    parsed = [parse_answer(format_answer(p, tax), tax) for p in profiles]
+    quasi = rl.quasi_labels(parsed, tax)
+    assert scored.rewards[0].tolist() == pytest.approx([rl.rollout_reward(p, quasi, "rollout_masked") for p in parsed])
     dim_adv = rl.group_advantages(scored.dim_rewards)[0]
     seq_adv = rl.group_advantages(scored.rewards)[0]
     for j, s in enumerate(samples):
