@@ -332,11 +332,8 @@ class PrefixSharedCache:
         y = y + weights[..., Lp:] @ self.v[layer, :, :, :S]                               # [B, n_kv, group, D]
         return y.reshape(B, H, 1, D)
 
-    def update(self, layer, slot, k, v):
-        """Write k, v [B, 1, n_kv_heads, head_dim] at suffix slots `slot` [B, 1] of each row."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer][rows, :, slot] = k
-        self.v[layer][rows, :, slot] = v
+    # Write k, v [B, 1, n_kv, head_dim] at suffix slots [B, 1] of each row: KVCache's write, on self.k / self.v.
+    update = KVCache.update
 
 
 # -----------------------------------------------------------------------------
