@@ -246,9 +246,14 @@ class PrefixSharedCache:
     The attention to the prefix runs per prompt, with the queries of its rows stacked ([P, n_kv,
     n_max * group, D] against [P, n_kv, Lp, D]): `grid` places row b at position (prompt, sample) of
     a P x n_max table, with empty places when prompts have fewer rows (after select_rows).
+
+    static=True is for a torch.compile'd decode step (CUDA graphs need fixed shapes and no host
+    sync): every step reads all max_new suffix slots and masks the later ones, instead of slicing
+    the filled part, which needs the host to know how far the rows are; and the tensors the step
+    reads or writes are marked as static inputs, so CUDA graphs use them in place instead of copying.
     """
 
-    def __init__(self, prompt_cache: KVCache, prompt_lengths, counts, max_new_tokens):
+    def __init__(self, prompt_cache: KVCache, prompt_lengths, counts, max_new_tokens, static=False):
         device = prompt_cache.k.device
         width = int(max(prompt_lengths))
         self.prefix_k, self.prefix_v = prompt_cache.k[:, :, :, :width], prompt_cache.v[:, :, :, :width]
@@ -269,12 +274,20 @@ class PrefixSharedCache:
         self.k = torch.zeros(shape, dtype=self.prefix_k.dtype, device=device)
         self.v = torch.zeros(shape, dtype=self.prefix_k.dtype, device=device)
         self.max_new = max_new_tokens
+        self.static = static
+        self._mark_static()
+
+    def _mark_static(self):
+        if self.static:
+            for t in (self.prefix_k, self.prefix_v, self.prefix_bias, self.k, self.v, self.grid, self.row_length):
+                torch._dynamo.mark_static_address(t)
 
     def select_rows(self, keep):
         """The same cache for rows `keep` only (finished rows dropped); the prefix is shared, not copied."""
         small = copy.copy(self)
         small.k, small.v = self.k.index_select(1, keep), self.v.index_select(1, keep)
         small.grid, small.row_length = self.grid[keep], self.row_length[keep]
+        small._mark_static()
         return small
 
     def attention_mask(self, positions, attn_mask=None):
@@ -285,6 +298,9 @@ class PrefixSharedCache:
             raise ValueError("PrefixSharedCache: decode steps only (one token per row, no attn_mask); "
                              "prefill prompts into a KVCache")
         slot = positions - self.row_length[:, None]
+        if self.static:  # no host sync and a fixed S: read every suffix slot, mask the later ones (unchecked:
+            # generate() never decodes past max_new_tokens)
+            return slot, self.max_new, (torch.arange(self.max_new, device=slot.device) > slot)[:, None, None]
         first, S = int(slot.min()), int(slot.max()) + 1
         if first < 0 or S > self.max_new:
             raise ValueError(f"PrefixSharedCache: suffix slots {first}..{S - 1} outside 0..{self.max_new - 1}")

@@ -322,7 +322,8 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
     prompt_cache = eager.setup_cache(len(prompts), width)  # every batch, an lm_head hook) runs eagerly
     last_logits = prefill(eager, prompts, prompt_cache)
     row_prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
-    cache = PrefixSharedCache(prompt_cache, lengths, counts, max_new_tokens)  # the prompts stay one copy each
+    compiled = eager is not model  # then decode with fixed shapes (see PrefixSharedCache, static)
+    cache = PrefixSharedCache(prompt_cache, lengths, counts, max_new_tokens, static=compiled)  # prompts: one copy each
     del prompt_cache
 
     positions = lengths.index_select(0, row_prompt)  # where each row's next token goes
@@ -351,6 +352,8 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
             keep = running.nonzero().squeeze(1)
             cache = cache.select_rows(keep)
             live, token, positions, running = live[keep], token[keep], positions[keep], running[keep]
+        if compiled:  # CUDA graphs: the last step's outputs are consumed, their buffers may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         logits = model(token[:, None], positions[:, None], cache)[:, -1]
         positions += 1
         token, logprob = sample_tokens(logits, temperature, top_k, top_p, generator)

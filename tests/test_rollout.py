@@ -148,7 +148,8 @@ def test_prefill_gives_each_prompts_last_token_logits(qwen3, chunk_tokens):
         assert torch.allclose(row, expected, atol=1e-4)
 
 
-def test_prefix_shared_cache_gives_the_same_logits_as_copied_rows(qwen3):
+@pytest.mark.parametrize("static", [False, True])  # True: the compiled decode's fixed-shape attention
+def test_prefix_shared_cache_gives_the_same_logits_as_copied_rows(qwen3, static):
     """PrefixSharedCache (one copy of each prompt + per-row suffixes) against a KVCache where every row
     was prefilled on its own: ragged prompts, 3 and 2 rows, rows out of lockstep, rows dropped."""
     from model import PrefixSharedCache
@@ -157,7 +158,7 @@ def test_prefix_shared_cache_gives_the_same_logits_as_copied_rows(qwen3):
     row_prompt = [0, 0, 0, 1, 1]
     prompt_cache = model.setup_cache(2, max(map(len, prompts)))
     first = rollout.prefill(model, prompts, prompt_cache)
-    shared = PrefixSharedCache(prompt_cache, [len(p) for p in prompts], counts, 4)
+    shared = PrefixSharedCache(prompt_cache, [len(p) for p in prompts], counts, 4, static=static)
     copied = model.setup_cache(5, max(map(len, prompts)) + 4)
     first_copied = rollout.prefill(model, [prompts[i] for i in row_prompt], copied)
     assert torch.allclose(first[row_prompt], first_copied, atol=1e-5)
@@ -180,8 +181,24 @@ def test_prefix_shared_cache_gives_the_same_logits_as_copied_rows(qwen3):
             a = model(token[:, None], positions, shared)[:, -1]
             b = model(token[:, None], positions, copied)[:, -1]
         assert torch.allclose(a, b, atol=1e-5)
-    with pytest.raises(ValueError, match="outside 0..3"):
-        model(token[:, None], positions + 1, shared)
+    if not static:
+        with pytest.raises(ValueError, match="outside 0..3"):
+            model(token[:, None], positions + 1, shared)
+
+
+def test_compiled_decode_gives_the_same_samples(qwen3):
+    """torch.compile'd model: generate() decodes it on the static cache (prefill stays eager). Same seed,
+    same tokens and logprobs as the eager model, with rows stopping and the cache compacted."""
+    _, model = qwen3
+    compiled = torch.compile(model)
+    kwargs = dict(n=3, max_new_tokens=10, temperature=1.0, stop_ids=range(3, 256, 7), seed=5)
+    eager, comp = rollout.generate(model, PROMPTS, **kwargs), rollout.generate(compiled, PROMPTS, **kwargs)
+    lengths = sorted(len(s.tokens) for group in comp for s in group)
+    assert lengths[0] < 5 and lengths[-1] >= 6  # the compacted cache (fewer rows) went through the compiled step
+    assert [[s.tokens for s in g] for g in comp] == [[s.tokens for s in g] for g in eager]
+    for g, h in zip(comp, eager):
+        for a, b in zip(g, h):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,stop_ids", [(1.0, 0, 1.0, ()), (0.7, 20, 0.9, range(3, 256, 7))])
