@@ -270,7 +270,7 @@ def run_case(name, path, args, device, dtype):
 def main(argv=None):
     p = argparse.ArgumentParser(description="rollout.generate vs transformers generate(): tokens/s and peak memory")
     p.add_argument("--models", default="demo,smollm2", help="comma list of: demo, smollm2, smollm2-shape, qwen3-1.7b")
-    p.add_argument("--shapes", default="8x8,64x1", help="comma list of PROMPTSxSAMPLES")
+    p.add_argument("--shapes", default="8x8,64x1", help="comma list of PROMPTSxSAMPLES; \"\" for none")
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row (both engines)")
     p.add_argument("--prompt-len", type=int, default=48, help="longest prompt (others down to half)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -285,7 +285,7 @@ def main(argv=None):
                    help="GB/s of the device, if not in the built-in table")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = p.parse_args(argv)
-    args.shapes = args.shapes.split(",")
+    args.shapes = [x for x in args.shapes.split(",") if x]  # "" = no batched case (batch 1 only, on a GPU)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
