@@ -46,7 +46,9 @@ CLIs:
     --device cpu|cuda, --dtype float32|bfloat16, --no-progress. The last line printed gives tokens/s.
 """
 import argparse
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -234,6 +236,41 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def onednn_linears(model):
+    """On CPU in float32: run the model's nn.Linear layers through oneDNN on weights packed once per call.
+
+    torch's fp32 F.linear on CPU is MKL's GEMM. At decode shapes (64 rows x 256-768 features, each
+    weight read once per step) oneDNN on a weight reordered once into its blocked layout ran 25 % faster
+    on our 2-core AMD CPU (48 % for the demo's 4096 x 256 lm_head; MKL's own prepacked GEMM gained only
+    ~10 %), and a whole demo generate() 1.16x faster. These are the ops torch.compile's CPU backend uses
+    for frozen Linear layers (torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise); the result
+    differs from F.linear by summation order only (~1e-6 relative). Costs one packed copy of the weights while it is active. A no-op elsewhere (GPU, bf16,
+    a torch without mkldnn, a torch.compile'd model, which the compiler packs itself): the model runs
+    as it is.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    usable = (not hasattr(model, "_orig_mod") and _model_device(model).type == "cpu"
+              and torch.backends.mkldnn.is_available()
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+              and all(m.weight.dtype == torch.float32 for m in linears))
+    patched = []
+    try:
+        if usable:
+            for m in linears:  # an instance attribute `forward` shadows nn.Linear.forward (hooks still run)
+                packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+                m.forward = functools.partial(_onednn_linear, packed, m.bias)
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _onednn_linear(packed_weight, bias, x):
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
 def prefill(model, prompts, cache, chunk_tokens=PREFILL_CHUNK_TOKENS):
     """Run right-padded prompts through the model once, filling `cache` rows 0..P-1 (slot = position).
 
@@ -300,11 +337,12 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
         from tqdm import tqdm
         bar = tqdm(total=len(prompts) * n * max_new_tokens, unit="tok", unit_scale=True, desc="generate",
                    dynamic_ncols=True)
-    for batch in batches:
-        samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch],
-                                  max_new_tokens, temperature, top_k, top_p, stop, generator, bar)
-        for (i, first, count), group in zip(batch, samples):
-            results[i][first:first + count] = group
+    with onednn_linears(model):  # CPU fp32: the weights packed once for all batches
+        for batch in batches:
+            samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch],
+                                      max_new_tokens, temperature, top_k, top_p, stop, generator, bar)
+            for (i, first, count), group in zip(batch, samples):
+                results[i][first:first + count] = group
     if bar is not None:
         bar.close()
     return results

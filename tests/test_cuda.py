@@ -8,7 +8,7 @@ import torch
 
 import rollout
 from model import load_model
-from tiny_checkpoints import FAMILIES, VOCAB, hf_model, make_checkpoint
+from tiny_checkpoints import FAMILIES, VOCAB, make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = [[5, 17, 99], [7, 3, 11, 200, 64, 31, 9, 150, 42, 77, 18], [250], [33, 34, 35, 36, 37, 38]]

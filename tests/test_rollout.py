@@ -201,6 +201,26 @@ def test_compiled_decode_gives_the_same_samples(qwen3):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
+def test_onednn_linears_give_f_linear_logits_repack_every_call_and_restore(qwen3):
+    """generate()'s CPU fast path: nn.Linear through oneDNN on weights packed on entry."""
+    path, _ = qwen3
+    model = load_model(path)  # its own copy: a weight is changed below
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        plain = model(ids)
+        with rollout.onednn_linears(model):
+            assert all("forward" in m.__dict__ for m in linears) == torch.backends.mkldnn.is_available()
+            packed = model(ids)
+        assert not any("forward" in m.__dict__ for m in linears)  # nn.Linear.forward again
+        assert torch.allclose(packed, plain, atol=1e-5)
+        model.lm_head.weight.zero_()  # RL changes the weights between calls: each call packs them anew
+    assert rollout.generate(model, [PROMPTS[1]], max_new_tokens=4, temperature=0)[0][0].tokens == [0, 0, 0, 0]
+    bf16 = load_model(path, dtype=torch.bfloat16)
+    with rollout.onednn_linears(bf16):  # bf16 (and GPU, compiled) models are left as they are
+        assert not any("forward" in m.__dict__ for m in bf16.modules())
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p,stop_ids", [(1.0, 0, 1.0, ()), (0.7, 20, 0.9, range(3, 256, 7))])
 def test_sampler_logprobs_equal_teacher_forced(qwen3, temperature, top_k, top_p, stop_ids):
     """Also with many stop ids: rows finish at different steps and the decode cache is compacted
