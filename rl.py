@@ -38,12 +38,12 @@ What Conf-Profile changes, and why (each is an option, so each can be switched o
     r_jd = fmt_j + w_jd * s_jd gets its own group-relative advantage, given to the tokens of that
     dimension's answer (from its key to the next key); tokens outside every answer get the
     advantage of r_j. The mean of r_jd over d is r_j, so nothing else changes. (Demo, seed 0:
-    65.68 avg F1 after RL with it, 64.18 with one advantage per rollout, 63.55 before RL.)
+    65.68 avg F1 after RL with it, 64.67 with one advantage per rollout, 63.55 before RL.)
   * NA in the quasi-label vote (`na_weight`, our choice). NA means "too little evidence", not
     "evidence for a class". At na_weight = 1 (Stage 1's vote) three hesitant NAs outvote two samples
     that agree on a label, and RL then teaches the policy to say NA wherever it is unsure: it buys
     consistency with recall. na_weight < 1 discounts the NA votes. (Demo, seed 0: 65.68 at 0.3,
-    62.50 at 1; choose it where the self-vote of the SFT student's own samples beats its greedy
+    62.42 at 1; choose it where the self-vote of the SFT student's own samples beats its greedy
     answer most on labelled dev users: README, Stage 2.)
   * frozen confidence (`confidence_weighting`). If w_jd is the rollout's own stated confidence and the
     policy may change it, RL learns to say "10" whenever it agrees with the crowd: confidence inflates
