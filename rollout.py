@@ -249,9 +249,9 @@ def onednn_linears(model):
     on our 2-core AMD CPU (48 % for the demo's 4096 x 256 lm_head; MKL's own prepacked GEMM gained only
     ~10 %), and a whole demo generate() 1.16x faster. These are the ops torch.compile's CPU backend uses
     for frozen Linear layers (torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise); the result
-    differs from F.linear by summation order only (~1e-6 relative). Costs one packed copy of the weights while it is active. A no-op elsewhere (GPU, bf16,
-    a torch without mkldnn, a torch.compile'd model, which the compiler packs itself): the model runs
-    as it is.
+    differs from F.linear by summation order only (~1e-6 relative). Costs one packed copy of the
+    weights while it is active. A no-op elsewhere (GPU, bf16, a torch without mkldnn, a torch.compile'd
+    model, which the compiler packs itself): the model runs as it is.
     """
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     usable = (not hasattr(model, "_orig_mod") and _model_device(model).type == "cpu"
