@@ -104,7 +104,8 @@ def test_compiled_decode_with_cuda_graphs_gives_the_same_samples(checkpoints):
         kwargs = dict(n=3, max_new_tokens=10, temperature=1.0, stop_ids=range(3, 256, 7), seed=seed)
         eager, comp = rollout.generate(model, PROMPTS, **kwargs), rollout.generate(compiled, PROMPTS, **kwargs)
         assert [[s.tokens for s in g] for g in comp] == [[s.tokens for s in g] for g in eager]
-        diff = max(abs(x - y) for g, h in zip(comp, eager) for a, b in zip(g, h) for x, y in zip(a.logprobs, b.logprobs))
+        diff = max(abs(x - y) for g, h in zip(comp, eager) for a, b in zip(g, h)
+                   for x, y in zip(a.logprobs, b.logprobs))
         print(f"\ncompiled (CUDA graphs) vs eager decode, seed {seed}: same tokens, max logprob diff {diff:.2e}")
         assert diff < 1e-4
     print(f"inductor counters: {dict(counters['inductor'])}")
