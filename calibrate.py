@@ -23,6 +23,7 @@ the others are reported (summary, audit) and left out, so no target is made up.
 import argparse
 import json
 import math
+import os
 import sys
 
 from confprofile import (DataError, atomic_write_text, iter_jsonl, dimensions, format_answer, load_taxonomy,
@@ -203,10 +204,10 @@ def build_sft(teacher, users_by_id, taxonomy, method="quantile", weighting="conf
         elif method == "none":
             calibrated[d] = calibrate_none(values, levels)
         elif method == "isotonic":
-            dev = [(v[d]["pooled_confidence"], v[d]["label"] == dev_labels[r["user_id"]][d])
-                   for r, v, _ in voted if r["user_id"] in (dev_labels or {})]
+            dev = [(v[d]["pooled_confidence"], v[d]["label"] == dev_labels[r["user_id"]][d])  # labelled in d only
+                   for r, v, _ in voted if (dev_labels or {}).get(r["user_id"], {}).get(d) is not None]
             if not dev:
-                raise DataError("--dev-labels: no labelled user is among the kept users of --samples; "
+                raise DataError(f"--dev-labels: no user labelled in {d} is among the kept users of --samples; "
                                 "expected user_ids that the teacher answered")
             level_of = fit_isotonic([x for x, _ in dev], [y for _, y in dev], levels)
             calibrated[d] = [level_of(x) for x in values]
@@ -281,14 +282,20 @@ def main(argv=None):
         ap.error("--method isotonic needs --dev-labels (a labelled dev set)")
 
     try:
+        inputs = {"--samples": args.samples, "--users": args.users, "--dev-labels": args.dev_labels,
+                  "--taxonomy": args.taxonomy}
+        for flag, out in (("--out", args.out), ("--audit", args.audit)):
+            for name, path in inputs.items():  # writing over an input would destroy it
+                if out and path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(out, path):
+                    raise DataError(f"{out}: {flag} is the input {name}; expected a new output file")
         taxonomy = load_taxonomy(args.taxonomy)
         teacher = read_samples(args.samples)
         users_by_id = {u["user_id"]: u for u in read_users(args.users, taxonomy=taxonomy)} if args.users else {}
         dev_labels = read_dev_labels(args.dev_labels, taxonomy) if args.dev_labels else None
         sft, audit, summary = build_sft(teacher, users_by_id, taxonomy, args.method, args.weighting, args.target,
                                         args.single_answer, dev_labels)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # bad input (DataError is a ValueError): one line, no traceback
+        sys.exit(f"calibrate.py: error: {e}")
     write_jsonl(args.out, sft)
     if args.audit:
         write_jsonl(args.audit, audit)

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+import weakref
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TAXONOMY = os.path.join(ROOT, "taxonomy.json")
@@ -60,9 +61,14 @@ def append_jsonl(f, record):
 def iter_jsonl(path, expected="one JSON object per line", strict=False):
     """Yield (lineno, "file:line", record) for every non-blank line of a JSONL file: the one reader
     behind the pipeline's JSONL inputs (users, teacher samples, predictions, prompts, SFT chats). A
-    leading BOM is skipped; invalid UTF-8 or JSON is a DataError naming file, line and column.
-    strict: a key repeated within one object, NaN or Infinity is an error too (user records)."""
-    hooks = dict(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant) if strict else {}
+    leading BOM is skipped; invalid UTF-8 or JSON is a DataError naming file, line and column, and so
+    are what json.loads accepts but nothing downstream can use: nesting deeper than Python's recursion
+    limit, integers of more than 4,300 digits, and lone UTF-16 surrogates ("\\ud800", half of a pair
+    split by a JavaScript exporter: such a string cannot be written back as UTF-8).
+    strict: a key repeated within one object, NaN, Infinity or a number that overflows to infinity
+    (1e999) is an error too (user records, predictions)."""
+    hooks = dict(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
+                 parse_float=_finite_float) if strict else {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -78,7 +84,47 @@ def iter_jsonl(path, expected="one JSON object per line", strict=False):
                 raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; expected {expected}") from None
             except DataError as e:  # from the strict hooks
                 raise DataError(f"{where}: {e}") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply; expected {expected}") from None
+            except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+                raise DataError(f"{where}: invalid JSON value: {e}; expected {expected}") from None
+            if _SURROGATE_ESCAPE.search(line):  # only an escape can make one: UTF-8 bytes cannot
+                field = _surrogate_field(record)
+                if field is not None:
+                    raise DataError(f"{where}: {field}: lone UTF-16 surrogate in a string (half of a pair, as some "
+                                    "JavaScript exports write); expected valid Unicode text")
             yield lineno, where, record
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_field(value, path=""):
+    """The path ("behavior.watched[2]") of the first key or string holding a lone surrogate, or None.
+    Iterative: the record may be nested as deep as json.loads allows."""
+    stack = [(value, path)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "(the line)"
+        elif isinstance(value, dict):
+            for k in value:
+                if _SURROGATE.search(k):
+                    return f"{path}.{k!r}" if path else repr(k)
+            stack.extend((v, f"{path}.{k}" if path else k) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def require_model_dir(path):
+    """A clear FileNotFoundError when a checkpoint directory is missing (transformers would otherwise
+    take the path for a Hub repo id and complain about its form). Nothing is ever downloaded."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: model directory not found; expected a local Hugging Face checkpoint "
+                                "directory (config.json, *.safetensors, tokenizer files)")
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +271,15 @@ def validate_taxonomy(taxonomy, where="taxonomy"):
             raise DataError(f"{field}.classes: expected a list of non-empty strings")
         if len(set(classes)) != len(classes):
             raise DataError(f"{field}.classes: duplicate class names in {classes}")
+        first = {}  # the parser matches labels up to case and separators: "Male" would read as "male" or neither
+        for c in classes:
+            key = normalize_name(c)
+            if not key:
+                raise DataError(f"{field}.classes: {c!r} is only separators; expected a name with letters or digits")
+            if key in first:
+                raise DataError(f"{field}.classes: {c!r} and {first[key]!r} are the same up to case/separators; "
+                                "expected names an answer can tell apart")
+            first[key] = c
         if "NA" not in classes:
             raise DataError(f"{field}.classes: expected the class \"NA\" (insufficient evidence) in {classes}")
     return taxonomy
@@ -266,8 +321,17 @@ def _reject_constant(name):
     raise DataError(f"invalid JSON number {name}; expected a finite number")
 
 
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise DataError(f"JSON number {text[:20]} overflows to infinity; expected a finite number")
+    return value
+
+
 def validate_user(record, taxonomy, require_labels=False):
-    """Check one user record; raise DataError("field: expected ..., got ...") on the first problem."""
+    """Check one user record; raise DataError("field: expected ..., got ...") on the first problem.
+    Labels are checked where present: a dimension may be missing or null (unlabelled for that
+    dimension); require_labels only asks for the "labels" object itself (evaluation data)."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object (a user record), got {type(record).__name__}")
     for key in record:
@@ -303,14 +367,11 @@ def validate_user(record, taxonomy, require_labels=False):
     if not isinstance(labels, dict):
         raise DataError(f"labels: expected an object {{dim: class}}, got {type(labels).__name__}")
     dims = taxonomy["dimensions"]
-    for dim, label in labels.items():
+    for dim, label in labels.items():  # a dimension left out (or null) is unlabelled: questionnaires have gaps
         if dim not in dims:
             raise DataError(f"labels.{dim}: unknown dimension; expected one of {list(dims)}")
-        if label not in dims[dim]["classes"]:
+        if label is not None and label not in dims[dim]["classes"]:
             raise DataError(f"labels.{dim}: expected one of {dims[dim]['classes']}, got {label!r}")
-    for dim in dims:
-        if dim not in labels:
-            raise DataError(f"labels.{dim}: missing; expected one of {dims[dim]['classes']} (\"NA\" for unknown)")
     return record
 
 
@@ -339,6 +400,11 @@ def read_users(path, require_labels=False, taxonomy=None):
 
 HISTORY_BUDGET = 600  # characters of behaviour history per user (a tokenizer-free proxy for tokens)
 FIELD_BUDGET = 160  # characters kept of each demographic text field (signatures can be long)
+# Every other part of the record counts too, so no record can make a prompt of unbounded size: the
+# behaviour kinds' names (each name + 1, so their number counts) and the demographic fields (key +
+# value as cut to FIELD_BUDGET + 1 each). A kind or field that does not fit is left out and counted.
+KIND_BUDGET = 200  # characters of behaviour kind names per user
+DEMOGRAPHIC_BUDGET = 800  # characters of demographic keys and values per user
 DATA_OPEN, DATA_CLOSE = "<user_data>", "</user_data>"
 
 CONFIDENCE_RUBRIC = ("confidence is an integer 1-10: 1-3 a guess, 4-6 weak cues, "
@@ -363,37 +429,63 @@ def system_prompt(taxonomy):
     return "\n".join(lines)
 
 
-def truncate_history(behavior, budget=HISTORY_BUDGET, cost=len):
-    """Cut behaviour histories to `budget` (sum of cost(item)), most recent first.
+def truncate_history(behavior, budget=HISTORY_BUDGET, cost=len, kind_budget=KIND_BUDGET):
+    """Cut behaviour histories to `budget` (sum of cost(item), each item at least 1), most recent first.
 
     Lists are most-recent-first. Items are taken round-robin over the lists (newest of each kind
     first), and each list keeps a contiguous newest prefix: once an item does not fit, that list
-    stops. Returns (kept: {kind: [items]}, n_dropped)."""
-    lists = {kind: list(items or []) for kind, items in (behavior or {}).items()}
+    stops. Kinds enter in record order while their names fit `kind_budget` (len(name) + 1 each); a
+    kind that does not is left out with all its items. Returns (kept: {kind: [items]}, n_dropped,
+    n_kinds_dropped); n_dropped counts every item left out."""
+    lists, room, n_kinds_dropped, n_total = {}, kind_budget, 0, 0
+    for kind, items in (behavior or {}).items():
+        items = items or []
+        n_total += len(items)
+        if len(kind) + 1 > room:
+            n_kinds_dropped += 1
+            continue
+        room -= len(kind) + 1
+        lists[kind] = items
     kept = {kind: [] for kind in lists}
     remaining, open_kinds, i = budget, [k for k in lists if lists[k]], 0
     while open_kinds:
         for kind in list(open_kinds):
-            if i >= len(lists[kind]) or cost(lists[kind][i]) > remaining:
+            item_cost = max(1, cost(lists[kind][i])) if i < len(lists[kind]) else None
+            if item_cost is None or item_cost > remaining:
                 open_kinds.remove(kind)
                 continue
             kept[kind].append(lists[kind][i])
-            remaining -= cost(lists[kind][i])
+            remaining -= item_cost
         i += 1
-    n_dropped = sum(len(v) for v in lists.values()) - sum(len(v) for v in kept.values())
-    return kept, n_dropped
+    n_dropped = n_total - sum(len(v) for v in kept.values())
+    return kept, n_dropped, n_kinds_dropped
+
+
+def cut_demographic(demographic, field_budget=FIELD_BUDGET, budget=DEMOGRAPHIC_BUDGET):
+    """Demographic fields as a model sees them: each value cut to `field_budget` characters (a number
+    whose digits exceed it is cut as text), fields kept in record order while key + value + 1 fit
+    `budget`. Returns (kept: {key: value}, n_values_cut, n_fields_dropped)."""
+    kept, room, n_cut, n_dropped = {}, budget, 0, 0
+    for key, value in (demographic or {}).items():
+        text = value if isinstance(value, str) else "" if value is None else json.dumps(value)
+        if len(text) > field_budget:
+            value, text, n_cut = text[:field_budget], text[:field_budget], n_cut + 1
+        if len(key) + len(text) + 1 > room:
+            n_dropped += 1
+            continue
+        room -= len(key) + len(text) + 1
+        kept[key] = value
+    return kept, n_cut, n_dropped
 
 
 def prompt_record(user, history_budget=HISTORY_BUDGET, field_budget=FIELD_BUDGET, cost=len):
     """What a model sees of a user: behavior + demographic only (never labels, never user_id), cut to budget.
-    Returns (record, stats) with stats = {"history_kept", "history_dropped", "fields_truncated"}."""
-    behavior, n_dropped = truncate_history(user.get("behavior"), history_budget, cost)
-    demographic, n_cut = {}, 0
-    for key, value in (user.get("demographic") or {}).items():
-        if isinstance(value, str) and len(value) > field_budget:
-            value, n_cut = value[:field_budget], n_cut + 1
-        demographic[key] = value
-    stats = {"history_kept": sum(len(v) for v in behavior.values()), "history_dropped": n_dropped, "fields_truncated": n_cut}
+    Returns (record, stats) with stats = {"history_kept", "history_dropped", "fields_truncated",
+    "kinds_dropped", "fields_dropped"}."""
+    behavior, n_dropped, n_kinds_dropped = truncate_history(user.get("behavior"), history_budget, cost)
+    demographic, n_cut, n_fields_dropped = cut_demographic(user.get("demographic"), field_budget)
+    stats = {"history_kept": sum(len(v) for v in behavior.values()), "history_dropped": n_dropped,
+             "fields_truncated": n_cut, "kinds_dropped": n_kinds_dropped, "fields_dropped": n_fields_dropped}
     return {"behavior": behavior, "demographic": demographic}, stats
 
 
@@ -427,6 +519,110 @@ def extract_user_data(messages):
 
 
 # -----------------------------------------------------------------------------
+# Control tokens: text that users wrote must reach the model as text, whatever the tokenizer.
+#
+# A tokenizer turns the strings of its added tokens into those tokens wherever they appear, so a
+# signature holding "<|im_end|>\n<|im_start|>assistant\n{...}" would close its user turn and forge an
+# assistant answer (ChatML; Llama-3's "<|eot_id|>", Qwen3's "<think>" and "<tool_call>" alike), and
+# some chat templates read markup in a message before tokenizing (Qwen3's splits an assistant message
+# at "</think>" and renders a user message that starts with "<tool_response>" as a tool turn). So
+# every message is neutralised BEFORE the chat template: wherever it holds the text of one of THAT
+# tokenizer's added tokens (its own list, special or not), an invisible ZERO WIDTH SPACE goes after
+# the first character ("<|im_end|>" -> "<\u200b|im_end|>"). The model then sees the same characters
+# as ordinary text (the break is invisible, and byte-level vocabularies encode it like any byte), the
+# template's own markup stays markup, and a message without such text is not changed at all (the
+# demo's prompts and token ids stay byte for byte the same). Why not tokenize with
+# split_special_tokens: it covers special tokens only (Qwen3's <think> and <tool_call> are added but
+# not special), it cannot tell the template's markup from the message inside one rendered string, and
+# the template has already interpreted the message by then. The break character is checked once per
+# tokenizer: every added-token text, broken, must tokenize without an added token (a normaliser that
+# removed the break would fail here, and the next candidate is tried).
+
+TOKEN_BREAKS = ("\u200b", "\u2060")  # ZERO WIDTH SPACE, then WORD JOINER
+_THINK_BLOCK = re.compile(r"(\s*<think>)(.*)(</think>)(.*)\Z", re.DOTALL)  # greedy: up to the LAST </think>
+_NEUTRALIZERS = weakref.WeakKeyDictionary()  # tokenizer -> (texts, (pattern, break) | None)
+
+
+def added_token_texts(tokenizer):
+    """The texts `tokenizer` would turn into one of its added or special tokens (<|im_end|>, <|eot_id|>,
+    <|start_header_id|>, <think>, <tool_call>, ...), from the tokenizer itself; longest first. Single
+    characters and pure whitespace are left out: nothing fits inside them, and they are text, not markup."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    texts.update(getattr(t, "content", t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values())
+    return sorted((t for t in texts if isinstance(t, str) and len(t) >= 2 and t.strip()), key=lambda t: (-len(t), t))
+
+
+def _break_tokens(text, pattern, mark):
+    """Insert `mark` after the first character of every match until nothing matches (a break can
+    uncover an overlapping token text, e.g. "|im_end|>" in "<|im_end|>" if that were one too)."""
+    while pattern.search(text):
+        text = pattern.sub(lambda m: m.group(0)[0] + mark + m.group(0)[1:], text)
+    return text
+
+
+def _neutralizer(tokenizer):
+    """(pattern of the tokenizer's added-token texts, break character), or None when it has none."""
+    texts = tuple(added_token_texts(tokenizer))
+    try:
+        cached = _NEUTRALIZERS.get(tokenizer)
+    except TypeError:  # not weak-referenceable: no cache
+        cached = None
+    if cached is not None and cached[0] == texts:
+        return cached[1]
+    found = None
+    if texts:
+        pattern = re.compile("|".join(map(re.escape, texts)))
+        ids = set(tokenizer.convert_tokens_to_ids(list(texts)))
+        for mark in TOKEN_BREAKS:
+            encoded = tokenizer([_break_tokens(t, pattern, mark) for t in texts], add_special_tokens=False)["input_ids"]
+            if not ids & {i for seq in encoded for i in seq}:
+                found = (pattern, mark)
+                break
+        else:
+            raise ValueError(f"{getattr(tokenizer, 'name_or_path', '') or 'tokenizer'}: no break character in "
+                             f"{[hex(ord(c)) for c in TOKEN_BREAKS]} keeps its added-token texts from becoming "
+                             "tokens (does its normaliser remove them?); cannot render user text safely")
+    try:
+        _NEUTRALIZERS[tokenizer] = (texts, found)
+    except TypeError:
+        pass
+    return found
+
+
+def neutralize_text(tokenizer, text):
+    """`text` with every added-token text of `tokenizer` broken by an invisible character (see above)."""
+    found = _neutralizer(tokenizer)
+    return text if found is None else _break_tokens(text, *found)
+
+
+def neutralize_messages(tokenizer, messages):
+    """Chat messages as they go into `tokenizer`'s chat template: every string field (content, role,
+    ...) neutralised, so no text in them becomes a control token. One exception keeps reasoning
+    answers trainable: an assistant message that starts with a "<think>...</think>" block keeps those
+    two tags as the template expects them (what is between and after them is neutralised, inner
+    "</think>" too). Messages without any added-token text are returned unchanged."""
+    found = _neutralizer(tokenizer)
+    if found is None:
+        return messages
+    pattern, mark = found
+    out = []
+    for message in messages:
+        if isinstance(message, dict) and any(isinstance(v, str) and pattern.search(v) for v in message.values()):
+            message = dict(message)
+            for key, value in message.items():
+                if not isinstance(value, str):
+                    continue
+                think = _THINK_BLOCK.match(value) if key == "content" and message.get("role") == "assistant" else None
+                if think:
+                    message[key] = (think[1] + _break_tokens(think[2], pattern, mark) + think[3]
+                                    + _break_tokens(think[4], pattern, mark))
+                else:
+                    message[key] = _break_tokens(value, pattern, mark)
+        out.append(message)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Parsing model answers. Never raises on any input; the acceptance rules are in parse_answer.
 
 MAX_PARSE_CHARS = 100_000  # only this many characters after the last </think> are read
@@ -447,6 +643,11 @@ def _name_map(names):
         key = normalize_name(name)
         out[key] = None if key in out and out[key] != name else name
     return out
+
+
+def class_by_name(classes, name):
+    """The class of `classes` that `name` spells up to case and separators ("Male" -> "male"), else None."""
+    return _name_map(tuple(classes)).get(normalize_name(name))
 
 
 def _scan_object(s, i):

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import confprofile
 
@@ -138,9 +139,11 @@ def confusion_matrix(pairs, classes):
 
 
 def _prediction_pairs(pred_profiles, users, taxonomy):
-    """Per dimension, (gold, label | None, confidence | None) for every user, in user order."""
+    """Per dimension, (gold, label | None, confidence | None) for every user labelled in that dimension,
+    in user order, and per dimension the number of users left out as unlabelled there (a label that
+    is missing or null: questionnaires have gaps)."""
     dims = taxonomy["dimensions"]
-    pairs = {d: [] for d in dims}
+    pairs, unlabelled = {d: [] for d in dims}, {d: 0 for d in dims}
     for user in users:
         labels = user.get("labels")
         if not isinstance(labels, dict):
@@ -148,26 +151,39 @@ def _prediction_pairs(pred_profiles, users, taxonomy):
         profile = pred_profiles.get(user["user_id"]) or {}
         for dim, spec in dims.items():
             gold = labels.get(dim)
+            if gold is None:
+                unlabelled[dim] += 1
+                continue
             if gold not in spec["classes"]:
                 raise ValueError(f"user {user['user_id']!r}: labels.{dim}: expected one of {spec['classes']}, got {gold!r}")
             entry = profile.get(dim)
             if entry is None:
                 pairs[dim].append((gold, None, None))
                 continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"prediction for {user['user_id']!r}: {dim}: expected an object {{label, confidence}} "
+                                 f"or null, got {type(entry).__name__}")
             label, confidence = entry.get("label"), entry.get("confidence")
             if label not in spec["classes"]:
                 raise ValueError(f"prediction for {user['user_id']!r}: {dim}.label: expected one of {spec['classes']}, got {label!r}")
-            if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))):
+            if confidence is not None and not valid_confidence(confidence):
                 raise ValueError(f"prediction for {user['user_id']!r}: {dim}.confidence: expected a number 0..10, got {confidence!r}")
             pairs[dim].append((gold, label, confidence))
-    return pairs
+    return pairs, unlabelled
+
+
+def valid_confidence(c):
+    """A prediction's confidence: a finite number in 0..10 (stated 1..10, or a pooled 0..10 after a vote)."""
+    return not isinstance(c, bool) and isinstance(c, (int, float)) and math.isfinite(c) and 0 <= c <= 10
 
 
 def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS):
     """Metrics of DESIGN "Evaluation" for pred_profiles {user_id: {dim: {"label", "confidence"} | None} | None}
     against users with gold labels. A user absent from pred_profiles abstains everywhere and is
-    reported in n_missing / missing_user_ids; a user_id not in users is an error. format_failure_rate
-    defaults to the share of given profiles that are None (unparseable)."""
+    reported in n_missing / missing_user_ids; a user_id not in users is an error. A user whose labels
+    leave a dimension out (or null) is unlabelled there: left out of that dimension's counts and
+    reported per dimension (n_unlabelled) and in all. format_failure_rate defaults to the share of
+    given profiles that are None (unparseable)."""
     known = {u["user_id"] for u in users}
     unknown = [uid for uid in pred_profiles if uid not in known]
     if unknown:
@@ -176,7 +192,7 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
     if format_failure_rate is None:
         given = list(pred_profiles.values())
         format_failure_rate = sum(p is None for p in given) / len(given) if given else 0.0
-    pairs = _prediction_pairs(pred_profiles, users, taxonomy)
+    pairs, unlabelled = _prediction_pairs(pred_profiles, users, taxonomy)
     dims = list(taxonomy["dimensions"])
 
     per_dimension, curves = {}, {d: [] for d in dims}
@@ -192,8 +208,9 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
             "support": sum(1 for g, _, _ in pairs[dim] if g != "NA"),
             "n_predicted": at0["n_predicted"], "n_gold_na": n_gold_na,
             "false_positives_on_gold_na": sum(1 for g, y, _ in pairs[dim] if g == "NA" and y not in (None, "NA")),
+            "n_unlabelled": unlabelled[dim],
         }
-    n_cells = len(users) * len(dims)
+    n_cells = sum(len(pairs[d]) for d in dims)  # labelled (user, dimension) cells
     threshold_sweep = []
     for i, tau in enumerate(taus, start=1):
         rows = [curves[d][i] for d in dims]
@@ -221,6 +238,7 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
         "format_failure_rate": format_failure_rate,
         "n_users": len(users),
         "n_missing": len(missing),
+        "n_unlabelled": sum(unlabelled.values()),  # (user, dimension) cells without a gold label, left out
         "missing_user_ids": missing[:20],
         "reliability": reliability_table(confidences, correct),
         "confusion": {d: confusion_matrix(pairs[d], taxonomy["dimensions"][d]["classes"]) for d in dims},
@@ -250,11 +268,14 @@ def profile_from_vote(voted):
 def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confidence", na_weight=1.0):
     """Read a predictions JSONL -> (pred_profiles, n_answers, n_format_failures).
 
-    Errors name file, line and field: malformed JSON, a missing user_id, a user_id that is not in
-    the evaluation data, a duplicate user_id, a line with none of profile / text / samples."""
+    Errors name file, line and field: malformed JSON (NaN and Infinity included), a missing user_id,
+    a user_id that is not in the evaluation data, a duplicate user_id, a line with none of profile /
+    text / samples, and in a profile an entry that is not an object or null, a label that is no class
+    (labels match up to case and separators, as parse_answer's do: "Male" is read as "male"), or a
+    confidence that is not a number 0..10 (1e9 or -3 would otherwise skew ECE or abstain silently)."""
     pred_profiles, first_line = {}, {}
     n_answers = n_failures = 0
-    for lineno, where, record in confprofile.iter_jsonl(path, expected="one prediction object per line"):
+    for lineno, where, record in confprofile.iter_jsonl(path, expected="one prediction object per line", strict=True):
         uid = record.get("user_id") if isinstance(record, dict) else None
         if not isinstance(uid, str):
             raise confprofile.DataError(f"{where}: user_id: expected a string, got {uid!r}")
@@ -267,6 +288,8 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
             profile = record["profile"]
             if profile is not None and not isinstance(profile, dict):
                 raise confprofile.DataError(f"{where}: profile: expected an object {{dim: {{label, confidence}}}} or null")
+            if profile is not None:
+                profile = checked_profile(profile, taxonomy, where)
             n_answers += 1
             n_failures += profile is None
             pred_profiles[uid] = profile
@@ -291,6 +314,31 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
     return pred_profiles, n_answers, n_failures
 
 
+def checked_profile(profile, taxonomy, where):
+    """A predictions line's "profile", validated (DataError "file:line: profile.dim.field: ...") and with
+    labels in the taxonomy's spelling. Keys that are not dimensions are ignored, as parse_answer does."""
+    out = {}
+    for dim, spec in taxonomy["dimensions"].items():
+        entry = profile.get(dim)
+        if entry is None:
+            out[dim] = None
+            continue
+        field = f"{where}: profile.{dim}"
+        if not isinstance(entry, dict):
+            raise confprofile.DataError(f"{field}: expected an object {{\"label\", \"confidence\"}} or null, "
+                                        f"got {type(entry).__name__}")
+        label = entry.get("label")
+        canonical = confprofile.class_by_name(spec["classes"], label) if isinstance(label, str) else None
+        if canonical is None:
+            raise confprofile.DataError(f"{field}.label: expected one of {spec['classes']}, got {label!r}")
+        confidence = entry.get("confidence")
+        if confidence is not None and not valid_confidence(confidence):
+            raise confprofile.DataError(f"{field}.confidence: expected a number 0..10 (stated 1..10, pooled 0..10) "
+                                        f"or null, got {confidence!r}")
+        out[dim] = {"label": canonical, "confidence": confidence}
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Reports
 
@@ -308,6 +356,9 @@ def render_report(metrics, title="Evaluation"):
              f"format failure rate = {_fmt(m['format_failure_rate'])}", ""]
     if m["missing_user_ids"]:
         lines += [f"missing (first {len(m['missing_user_ids'])}): {', '.join(m['missing_user_ids'])}", ""]
+    if m.get("n_unlabelled"):
+        by_dim = ", ".join(f"{d} {r['n_unlabelled']}" for d, r in m["per_dimension"].items() if r["n_unlabelled"])
+        lines += [f"unlabelled (user, dimension) pairs left out: {m['n_unlabelled']} ({by_dim})", ""]
     lines += ["## Per dimension (τ = 0)", "",
               "| dimension | precision | recall | F1 | support | predicted | gold NA | false positives on gold NA |",
               "|---|---|---|---|---|---|---|---|"]
@@ -370,9 +421,20 @@ def main(argv=None):
     confprofile.atomic_write_text(os.path.join(args.out, "pr_curve.csv"), render_pr_curve(metrics))
     sweep = " ".join(f"{r['tau']}:{_fmt(r['precision'], 2)}" for r in metrics["threshold_sweep"])
     print(f"avg_f1 {metrics['avg_f1']:.4f} | ece {_fmt(metrics['ece'])} | auroc {_fmt(metrics['auroc'])} | "
-          f"format failures {metrics['format_failure_rate']:.3f} | missing {metrics['n_missing']} | precision@tau {sweep}")
+          f"format failures {metrics['format_failure_rate']:.3f} | missing {metrics['n_missing']} | "
+          + (f"unlabelled (user, dim) {metrics['n_unlabelled']} | " if metrics["n_unlabelled"] else "")
+          + f"precision@tau {sweep}")
     return metrics
 
 
+def cli(argv=None):
+    """The command line: bad input (a DataError is a ValueError; a missing file an OSError) is one line
+    "evaluate.py: error: file:line: field: expected ..." and exit status 1, never a traceback."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -518,6 +518,9 @@ def _read_safetensors(path, device, dtype):
 
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     """Build the model on the meta device (no random init) and assign the checkpoint's tensors."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: {'no config.json in this' if os.path.isdir(path) else 'model'} directory; "
+                                "expected a local Hugging Face checkpoint directory (config.json, *.safetensors)")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     try:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import sys
 
 import confprofile
 
@@ -672,6 +673,8 @@ def main(argv=None):
     parser.add_argument("--lang", default="en", choices=sorted(TEMPLATES), help="language of all texts")
     parser.add_argument("--taxonomy", default=None, help="taxonomy JSON (default: taxonomy.json)")
     args = parser.parse_args(argv)
+    if args.n_train < 0 or args.n_test < 0:
+        parser.error("--n-train and --n-test must be >= 0")
     taxonomy = confprofile.load_taxonomy(args.taxonomy)
     cfg = WorldConfig()
     train, train_labels, test = make_world(args.n_train, args.n_test, args.seed, args.lang, taxonomy, cfg)
@@ -684,5 +687,14 @@ def main(argv=None):
     print(f"wrote {len(train)} train users, {len(test)} test users ({args.lang}) to {args.out}")
 
 
+def cli(argv=None):
+    """The command line: bad input (a DataError is a ValueError; a missing file an OSError) is one line
+    "profilebench.py: error: file:line: field: expected ..." and exit status 1, never a traceback."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        sys.exit(f"profilebench.py: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from confprofile import ConfigError, append_jsonl, parse_answer, save_config, vote
+from confprofile import ConfigError, DataError, append_jsonl, iter_jsonl, parse_answer, save_config, vote
 
 # -----------------------------------------------------------------------------
 # Config
@@ -825,17 +825,17 @@ def fmt_metrics(record):
 
 def read_stage1(path, taxonomy):
     """{user_id: {dim: calibrated confidence}} from calibrate.py's sft.jsonl ("calibrated" field)."""
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            calibrated = record.get("calibrated")
-            if not isinstance(calibrated, dict) or set(calibrated) != set(taxonomy["dimensions"]):
-                raise ValueError(f"{path}:{n}: calibrated: expected {{dim: int 1..10}} for dims "
-                                 f"{list(taxonomy['dimensions'])}, got {calibrated!r}")
-            out[record["user_id"]] = calibrated
+    out, dims = {}, list(taxonomy["dimensions"])
+    for _, where, record in iter_jsonl(path, expected="one calibrate.py SFT record per line"):
+        uid = record.get("user_id") if isinstance(record, dict) else None
+        if not isinstance(uid, str) or not uid:
+            raise DataError(f"{where}: user_id: expected a non-empty string, got {uid!r}")
+        calibrated = record.get("calibrated")
+        if not (isinstance(calibrated, dict) and set(calibrated) == set(dims) and all(
+                type(c) is int and 1 <= c <= 10 for c in calibrated.values())):
+            raise DataError(f"{where}: calibrated: expected {{dim: int 1..10}} for dims {dims}, "
+                            f"got {json.dumps(calibrated, ensure_ascii=False)[:120]}")
+        out[uid] = calibrated
     return out
 
 

@@ -43,8 +43,11 @@ CLIs:
         --temperature T --top-k K --top-p P --seed S --out out.jsonl
         prompts line {"id": ..., "messages": [...]} -> out line {"id": ..., "samples": [{"text", "finish_reason"}]}
     python rollout.py --teacher DIR|sim --users users.jsonl --samples 8 --out teacher.jsonl \
-        [--temperature T --max-new-tokens M --seed S --batch-users U]
-        out line per user {"user_id", "samples": [{"text", "finish_reason", "parse"}]}; restartable.
+        [--temperature T --max-new-tokens M --seed S --batch-users U] [--force-resume]
+        out line per user {"user_id", "samples": [{"text", "finish_reason", "parse"}]}; restartable: the
+        settings are recorded in teacher.jsonl.meta.json, and a rerun with other settings is refused
+        (naming the keys) unless --force-resume. An --out that is an input, or whose lines are not this
+        tool's output, is refused before anything in it changes.
     `--samples 1 --temperature 0` gives any checkpoint's greedy predictions for evaluate.py.
     Both: --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
     --device cpu|cuda, --dtype float32|bfloat16, --no-progress. The last line printed gives tokens/s.
@@ -424,12 +427,19 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
 def load_tokenizer(path):
     """The checkpoint's own tokenizer (transformers.AutoTokenizer), from local files only."""
     from transformers import AutoTokenizer
+
+    from confprofile import require_model_dir
+    require_model_dir(path)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def chat_prompt_ids(tokenizer, messages, **template_kwargs):
-    """Token ids of `messages` rendered with the checkpoint's chat template, ending in the assistant turn's opening."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kwargs)
+    """Token ids of `messages` rendered with the checkpoint's chat template, ending in the assistant turn's opening.
+    The messages are neutralised first (confprofile.neutralize_messages): no text in them, whoever wrote
+    it, becomes one of the tokenizer's control tokens; the template's own markup is the only markup."""
+    from confprofile import neutralize_messages
+    out = tokenizer.apply_chat_template(neutralize_messages(tokenizer, messages), add_generation_prompt=True,
+                                        tokenize=True, **template_kwargs)
     if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
         out = out["input_ids"]
     return list(out)
@@ -491,38 +501,151 @@ def read_prompts(path):
     return records
 
 
-def resume_output(path):
-    """User ids already written to a teacher output file, after cutting off a half-written last line.
+TEACHER_LINE_START = b'{"user_id": '  # how every line label_users writes begins (confprofile.dumps_line)
 
-    A killed run can leave at most one partial line (lines are written whole, then flushed and
-    fsynced); it is truncated here so the rerun rewrites that user. A complete line that is not a
-    JSON object with a user_id is an error naming the line: that file was not written by us.
-    """
+
+def meta_path(out_path):
+    """The sidecar that records what produced a teacher output: <out>.meta.json."""
+    return out_path + ".meta.json"
+
+
+def refuse_input_as_output(out, inputs):
+    """A ValueError when `out` names one of the input files {flag: path} (the same path or the same file):
+    writing it would destroy what is being read."""
+    for flag, path in inputs.items():
+        if path and (os.path.abspath(out) == os.path.abspath(path)
+                     or os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path)):
+            raise ValueError(f"{out}: --out is the input {flag} {path}; expected a new output file")
+
+
+def check_own_output(path, fields, what, tool):
+    """Validate that every whole line of an existing `path` is a JSON object with `fields` whose second
+    is a list (this tool's output), touching nothing. Returns ([(lineno, first field)], byte length of
+    the whole lines, the bytes after them). A file whose lines are anything else is an error naming
+    the line: --out pointing at the wrong file is refused before a byte of it changes."""
     if not os.path.exists(path):
-        return set()
+        return [], 0, b""
     with open(path, "rb") as f:
         data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        print(f"{path}: dropping a half-written last line ({len(data) - len(complete)} bytes) from an "
-              "interrupted run", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-            f.flush()
-            os.fsync(f.fileno())
-    done = set()
-    for lineno, line in enumerate(complete.decode("utf-8").split("\n")[:-1], start=1):
+    keep = data.rfind(b"\n") + 1
+    ids = []
+    for lineno, line in enumerate(data[:keep].split(b"\n")[:-1], start=1):
         if not line.strip():
             continue
         try:
-            uid = json.loads(line)["user_id"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{lineno}: expected a teacher output line {{\"user_id\", \"samples\"}}; "
-                             f"is --out pointing at the right file?") from None
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            record = None
+        if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], list)):
+            raise ValueError(f"{path}:{lineno}: expected a {what} line {{{', '.join(map(repr, fields))}}}; "
+                             f"is --out pointing at the right file? Refusing to touch a file {tool} did not write")
+        ids.append((lineno, record[fields[0]]))
+    return ids, keep, data[keep:]
+
+
+def resume_output(path, settings=None, force=False):
+    """Check an existing teacher output before resuming it; touches nothing. Returns (user ids already
+    written, byte length of its whole lines, the half-written last line).
+
+    Refused, each with a one-line error: a whole line that is not {"user_id", "samples"} (not our
+    file); a user written twice; a half-written last line that does not start like one of our lines;
+    with `settings`: a non-empty file without <out>.meta.json (not written by this tool, or by a
+    version that did not record its settings) or whose recorded settings differ (the error names the
+    keys), unless `force`. A killed run leaves at most one partial line (lines are written whole, then
+    flushed and fsynced); open_teacher_output cuts it once all of this passed."""
+    ids, keep, tail = check_own_output(path, ("user_id", "samples"), "teacher output", "rollout.py --teacher")
+    done = set()
+    for lineno, uid in ids:
         if uid in done:
             raise ValueError(f"{path}:{lineno}: user_id: {uid!r} written twice; expected one line per user")
         done.add(uid)
+    if tail and not TEACHER_LINE_START.startswith(tail[:len(TEACHER_LINE_START)]):
+        raise ValueError(f"{path}: the last line is neither whole nor the start of a teacher output line; "
+                         "is --out pointing at the right file? Refusing to touch it")
+    if (keep or tail) and settings is not None and not force:
+        recorded = read_meta(path)
+        if recorded is None:
+            raise ValueError(f"{path}: has no {os.path.basename(meta_path(path))} recording the settings it was "
+                             "written with; expected a rollout.py --teacher output to resume: choose another --out, "
+                             "or pass --force-resume to resume it anyway")
+        changed = settings_diff(recorded["settings"], settings)
+        if changed:
+            raise ValueError(f"{path}: written with other settings ({changed}); resuming would mix two kinds of "
+                             "answers: rerun with the recorded settings, choose another --out, or pass --force-resume")
+    return done, keep, tail
+
+
+def read_meta(path):
+    """The recorded <out>.meta.json of a teacher output, or None when there is none."""
+    meta = meta_path(path)
+    if not os.path.exists(meta):
+        return None
+    try:
+        with open(meta, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{meta}: unreadable ({e}); expected the JSON rollout.py --teacher writes") from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("settings"), dict):
+        raise ValueError(f"{meta}: settings: expected the JSON object rollout.py --teacher writes")
+    return recorded
+
+
+def settings_diff(recorded, settings):
+    """"key recorded -> now" for every key whose value differs ("" when none does)."""
+    def short(v):
+        text = json.dumps(v, ensure_ascii=False)
+        return text if len(text) <= 40 else text[:37] + "..."
+    keys = sorted(set(recorded) | set(settings))
+    return ", ".join(f"{k} {short(recorded.get(k))} -> {short(settings.get(k))}" for k in keys
+                     if recorded.get(k) != settings.get(k))
+
+
+def open_teacher_output(path, settings=None, force=False):
+    """Validate `path` (resume_output), then make it ready to append to: cut a half-written last line
+    and record `settings` in <out>.meta.json (a forced resume over other settings keeps the earlier
+    ones under "earlier_settings"). Returns the user ids already written."""
+    done, keep, tail = resume_output(path, settings, force)
+    if tail:
+        print(f"{path}: dropping a half-written last line ({len(tail)} bytes) from an interrupted run", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    if settings is not None:
+        from confprofile import atomic_write_text
+        try:
+            recorded = (read_meta(path) if keep else None) or {}
+        except ValueError:  # unreadable, and --force-resume said to go on
+            recorded = {}
+        earlier = list(recorded.get("earlier_settings") or [])
+        if recorded.get("settings") not in (None, settings):
+            earlier.append(recorded["settings"])
+        meta = {"written_by": "rollout.py --teacher", "settings": settings, "earlier_settings": earlier}
+        atomic_write_text(meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return done
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_settings(args, taxonomy):
+    """What decides the answers in a teacher output: recorded in <out>.meta.json, compared on resume."""
+    sim = args.teacher == "sim"
+    settings = {
+        "teacher": "sim" if sim else os.path.abspath(args.teacher),
+        "samples": args.samples, "seed": args.seed,
+        "temperature": args.temperature if sim or args.temperature is not None else 1.0,
+        "top_k": args.top_k, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+        "template_kwargs": args.template_kwargs,
+        "taxonomy_sha256": hashlib.sha256(json.dumps(taxonomy, sort_keys=True).encode()).hexdigest(),
+        "users_sha256": file_sha256(args.users),  # the file's bytes: another users file is another job
+    }
+    return json.loads(json.dumps(settings))  # as it reads back from the file (tuples -> lists)
 
 
 # -----------------------------------------------------------------------------
@@ -541,8 +664,8 @@ class CheckpointTeacher:
     def __init__(self, path, device, dtype, max_new_tokens, temperature, top_k, top_p, max_batch_tokens,
                  template_kwargs):
         from model import load_model
+        self.tokenizer = load_tokenizer(path)  # first: it says clearly when the directory is missing
         self.model = load_model(path, dtype=dtype, device=device)
-        self.tokenizer = load_tokenizer(path)
         self.stop_ids = stop_ids_for(self.tokenizer)
         self.settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              max_batch_tokens=max_batch_tokens)
@@ -573,17 +696,19 @@ class SimulatedTeacher:
         return [[(text, "stop", 0) for text in self.sim.answer(messages, n)] for messages in message_lists]
 
 
-def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True):
+def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True, done=None):
     """Stage 1 teacher labelling: render, sample n answers, parse, append one whole line per user.
 
-    Restartable: users already in `out_path` are skipped. Each user has its own seed (from `seed`
-    and its user_id); a checkpoint's samples depend on the seeds of its whole batch (batches are
-    cut from the full user list, so a rerun reproduces an uninterrupted run except in the batch
+    Restartable: users already in `out_path` are skipped (`done`: the ids open_teacher_output
+    returned; None: open it here, without recording settings). Each user has its own seed (from
+    `seed` and its user_id); a checkpoint's samples depend on the seeds of its whole batch (batches
+    are cut from the full user list, so a rerun reproduces an uninterrupted run except in the batch
     that was being written when it was killed). The simulated teacher's depend on the user only.
     Returns (users written, tokens generated).
     """
     from confprofile import dumps_line, parse_answer, render_prompt
-    done = resume_output(out_path)
+    if done is None:
+        done = open_teacher_output(out_path)
     batches = [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
     todo = sum(1 for u in users if u["user_id"] not in done)
     if done:
@@ -644,6 +769,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force-resume", action="store_true",
+                   help="teacher mode: resume --out even though <out>.meta.json records other settings (or none)")
     args = p.parse_args(argv)
     if (args.model is None) == (args.teacher is None):
         p.error("give exactly one of --model (with --prompts) or --teacher (with --users)")
@@ -665,7 +792,9 @@ def run_prompts(args):
     """Generic mode: chat prompts -> n samples each -> {"id", "samples": [{"text", "finish_reason"}]} lines."""
     from confprofile import write_jsonl
     from model import load_model
+    refuse_input_as_output(args.out, {"--prompts": args.prompts, "--model": args.model})
     records = read_prompts(args.prompts)
+    check_own_output(args.out, ("id", "samples"), "sampler output", "rollout.py --model")  # replaced whole: only ours
     model = load_model(args.model, dtype=_dtype(args), device=args.device)
     tokenizer = load_tokenizer(args.model)
     stop_ids = stop_ids_for(tokenizer)
@@ -687,8 +816,11 @@ def run_prompts(args):
 def run_teacher(args):
     """Teacher mode: users -> rendered prompts -> n answers each, parsed -> one line per user (restartable)."""
     from confprofile import load_taxonomy, read_users
+    refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
+                                      "--teacher": None if args.teacher == "sim" else args.teacher})
     taxonomy = load_taxonomy(args.taxonomy)
     users = read_users(args.users, taxonomy=taxonomy)
+    done = open_teacher_output(args.out, teacher_settings(args, taxonomy), args.force_resume)  # before loading weights
     if args.teacher == "sim":
         teacher = SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
@@ -697,7 +829,7 @@ def run_teacher(args):
                                     args.max_batch_tokens, args.template_kwargs)
     t0 = time.perf_counter()
     written, n_tokens = label_users(teacher, users, taxonomy, args.out, args.samples, seed=args.seed,
-                                    batch_users=args.batch_users, progress=not args.no_progress)
+                                    batch_users=args.batch_users, progress=not args.no_progress, done=done)
     seconds = time.perf_counter() - t0
     rate = f", {n_tokens} tokens, {n_tokens / seconds:.1f} tokens/s" if n_tokens else ""
     print(f"{written} users labelled x {args.samples} samples -> {args.out} in {seconds:.1f} s "
@@ -712,5 +844,14 @@ def main(argv=None):
         run_prompts(args)
 
 
+def cli(argv=None):
+    """The command line: bad input (a DataError is a ValueError; a missing file an OSError) is one line
+    "rollout.py: error: file:line: field: expected ..." and exit status 1, never a traceback."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        sys.exit(f"rollout.py: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -55,7 +55,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from confprofile import ConfigError, append_jsonl, atomic_write_text, iter_jsonl, load_config, save_config
+from confprofile import (ConfigError, append_jsonl, atomic_write_text, iter_jsonl, load_config, neutralize_messages,
+                         require_model_dir, save_config)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -246,9 +247,12 @@ def end_of_turn_ids(tokenizer):
 
 
 def render_chat(tokenizer, messages, **template_kwargs):
-    """(prompt, full): the chat without its answer + the generation prompt, and the whole chat."""
+    """(prompt, full): the chat without its answer + the generation prompt, and the whole chat.
+    Every message is neutralised first (confprofile.neutralize_messages): user text, and the evidence
+    quoted in the answer, can never render as one of the tokenizer's control tokens."""
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("assistant_mask: the last message must be the assistant answer (role 'assistant')")
+    messages = neutralize_messages(tokenizer, messages)
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True, **template_kwargs)
     full = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
     if not full.startswith(prompt):
@@ -297,9 +301,12 @@ def read_chats(path):
     records = []
     for _, where, r in iter_jsonl(path, expected="one SFT record per line"):
         msgs = r.get("messages") if isinstance(r, dict) else None
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                            for m in msgs):
+        if not isinstance(msgs, list) or not msgs:
             raise ValueError(f"{where}: messages: expected a list of {{'role', 'content'}} objects")
+        for k, m in enumerate(msgs):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ValueError(f"{where}: messages[{k}]: expected {{\"role\": string, \"content\": string}}, "
+                                 f"got {json.dumps(m, ensure_ascii=False)[:80]}")
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{where}: messages: expected the last message to be the assistant answer, "
                              f"got role {msgs[-1]['role']!r}")
@@ -587,6 +594,7 @@ def train(cfg, rank, world_size, local_rank, device):
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
     prepare_student(cfg, rank)
+    require_model_dir(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

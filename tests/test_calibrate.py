@@ -1,6 +1,7 @@
 """calibrate.py: the three calibrations with hand-computed levels, and the CLI end to end on a
 hand-made teacher.jsonl (tiny two-dimension taxonomy so every number can be checked by hand)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -197,3 +198,31 @@ def test_cli_subprocess_prints_summary(world):
     assert out.returncode == 0, out.stderr
     assert "3 kept, 1 without a valid answer (of 4)" in out.stdout
     assert len(read_users(world / "users.jsonl", taxonomy=TAXONOMY)) == 4
+
+
+def test_cli_isotonic_with_partial_dev_labels(world):
+    """#13 item 9: dev labels with gaps (a questionnaire question skipped) are valid; each dimension's
+    calibration is fitted on the users labelled in it. The full dev set's numbers without u3's gender:
+    gender (r, correct): u2 (0, F), u1 (8.5, T) -> P 0, 1 -> levels 1, 10; u3's r = 3 falls on the first
+    step, P 0 -> level 1. Age as with the full set: 1, 10, 10."""
+    with open(world / "dev.jsonl", "w") as f:
+        f.write(json.dumps({"user_id": "u1", "labels": {"gender": "female", "age": "old"}}) + "\n")
+        f.write(json.dumps({"user_id": "u2", "labels": {"gender": "male", "age": "old"}}) + "\n")
+        f.write(json.dumps({"user_id": "u3", "labels": {"age": "young"}}) + "\n")
+    sft, _ = run(world, "--method", "isotonic", "--dev-labels", str(world / "dev.jsonl"))
+    assert [r["calibrated"] for r in sft] == [{"gender": 10, "age": 1}, {"gender": 1, "age": 10}, {"gender": 1, "age": 10}]
+
+
+def test_cli_bad_input_is_one_line(world):
+    """#13 item 12: every bad input is one line "calibrate.py: error: ..." and exit status 1 (a missing file used
+    to end in a traceback), and --out naming an input is refused before it is overwritten."""
+    users = (world / "users.jsonl").read_bytes()
+    for extra, message in ((["--samples", str(world / "missing.jsonl")], r"No such file or directory: .*missing\.jsonl"),
+                           (["--out", str(world / "users.jsonl")], r"users\.jsonl: --out is the input --users")):
+        argv = ["--samples", str(world / "teacher.jsonl"), "--users", str(world / "users.jsonl"), "--out",
+                str(world / "sft.jsonl"), "--taxonomy", str(world / "tax.json"), *extra]
+        with pytest.raises(SystemExit) as e:
+            cal.main(argv)
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code
+        assert e.value.code.startswith("calibrate.py: error: ") and re.search(message, e.value.code), e.value.code
+    assert (world / "users.jsonl").read_bytes() == users

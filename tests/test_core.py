@@ -51,6 +51,21 @@ def test_taxonomy_validation_names_the_field(bad, msg):
         cp.validate_taxonomy(bad)
 
 
+@pytest.mark.parametrize("classes, pair", [
+    (["male", "Male", "NA"], "'Male' and 'male'"),
+    (["middle school", "middle_school", "NA"], "'middle_school' and 'middle school'"),
+    (["18-24", "18 24", "NA"], "'18 24' and '18-24'"),
+    (["na", "NA"], "'NA' and 'na'"),
+])
+def test_taxonomy_classes_equal_up_to_case_or_separators_are_rejected(classes, pair):
+    """#13 item 6: answers match labels up to case and separators, so two such classes would make every answer
+    naming either one unparseable: rejected at load, naming both."""
+    with pytest.raises(DataError, match=f"dimensions.g.classes: {pair} are the same up to case/separators"):
+        cp.validate_taxonomy({"dimensions": {"g": {"classes": classes}}})
+    with pytest.raises(DataError, match="only separators"):
+        cp.validate_taxonomy({"dimensions": {"g": {"classes": ["a", "_", "NA"]}}})
+
+
 def test_load_taxonomy_errors_name_the_file(tmp_path):
     p = tmp_path / "t.json"
     p.write_text('{"dimensions":\n  {', encoding="utf-8")
@@ -84,7 +99,7 @@ def write(tmp_path, text, name="users.jsonl"):
     (['["a"]'], ":1: expected a JSON object (a user record), got list"),
     (['{"user_id": "a", "demographic": {"age": NaN}}'], ":1: invalid JSON number NaN"),
     (['{"user_id": "a", "labels": {"gender": "woman"}}'], ":1: labels.gender: expected one of ['male', 'female', 'NA'], got 'woman'"),
-    (['{"user_id": "a", "labels": {"gender": "female"}}'], ":1: labels.age: missing"),
+    (['{"user_id": "a", "labels": {"gender": "Female"}}'], ":1: labels.gender: expected one of ['male', 'female', 'NA'], got 'Female'"),
     (['{"user_id": "a", "labels": {"hair": "red"}}'], ":1: labels.hair: unknown dimension"),
 ])
 def test_read_users_errors_name_file_line_field(tmp_path, lines, where):
@@ -96,6 +111,42 @@ def test_read_users_errors_name_file_line_field(tmp_path, lines, where):
 def test_read_users_invalid_utf8_names_line(tmp_path):
     p = write(tmp_path, b'{"user_id": "a"}\n{"user_id": "\xff"}\n')
     with pytest.raises(DataError, match=r"users\.jsonl:2: invalid UTF-8"):
+        cp.read_users(p)
+
+
+def test_read_users_rejects_lone_surrogates_naming_file_line_field(tmp_path):
+    """#13 item 7: "\\ud800" (half of a UTF-16 pair, as JavaScript exports write) parses as JSON but cannot be
+    written as UTF-8: rejected at read with file:line and field; a whole pair is one character and passes."""
+    p = write(tmp_path, '{"user_id": "a", "behavior": {"watched": ["ok \\ud83d\\ude00"]}}\n'
+                        '{"user_id": "b", "behavior": {"watched": ["fine", "bad \\ud800 half"]}}\n')
+    with pytest.raises(DataError, match=r"users\.jsonl:2: behavior\.watched\[1\]: lone UTF-16 surrogate"):
+        cp.read_users(p)
+    p = write(tmp_path, '{"user_id": "a", "demographic": {"\\udfff": "x"}}\n')
+    with pytest.raises(DataError, match=r"users\.jsonl:1: demographic\.'\\udfff': lone UTF-16 surrogate"):
+        cp.read_users(p)
+    p = write(tmp_path, '{"user_id": "a", "behavior": {"watched": ["ok \\ud83d\\ude00", "\\\\ud800 is text"]}}\n')
+    assert cp.read_users(p)[0]["behavior"]["watched"] == ["ok \U0001F600", "\\ud800 is text"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"user_id": "a", "behavior": ' + "[" * 100000 + "]" * 100000 + "}", ":1: JSON nested too deeply"),
+    ('{"user_id": "a", "demographic": {"age": ' + "9" * 5000 + "}}", ":1: invalid JSON value: Exceeds the limit"),
+    ('{"user_id": "a", "demographic": {"age": 1e999}}', ":1: JSON number 1e999 overflows to infinity"),
+], ids=["deep_nesting", "huge_integer", "overflow"])
+def test_read_users_hostile_json_names_file_line(tmp_path, line, message):
+    """#13 item 12: what json.loads accepts or raises past its own error type -- deep nesting, huge integers,
+    numbers that overflow to infinity -- is a DataError naming file:line, not a crash later."""
+    with pytest.raises(DataError, match=re.escape("users.jsonl" + message)):
+        cp.read_users(write(tmp_path, line + "\n"))
+
+
+def test_read_users_partial_labels_are_valid_where_present(tmp_path):
+    """#13 item 9: questionnaires have gaps: labels may cover some dimensions (or be null there); what is
+    present is still checked."""
+    p = write(tmp_path, '{"user_id": "a", "labels": {"gender": "female"}}\n{"user_id": "b", "labels": {"age": null}}\n')
+    assert [u["labels"] for u in cp.read_users(p, require_labels=True)] == [{"gender": "female"}, {"age": None}]
+    p = write(tmp_path, '{"user_id": "a", "labels": {"gender": "female", "age": "27"}}\n')
+    with pytest.raises(DataError, match=r"users\.jsonl:1: labels\.age: expected one of"):
         cp.read_users(p)
 
 
@@ -159,10 +210,48 @@ def test_truncation_most_recent_first_and_counted():
     data = cp.extract_user_data(messages)
     assert data["behavior"] == {"watched": ["aaaa", "bbbb"], "searched": ["dd"], "posted": []}
     assert data["demographic"] == {"signature": "x" * 160, "age": 27}
-    assert stats == {"history_kept": 3, "history_dropped": 2, "fields_truncated": 1}
+    assert stats == {"history_kept": 3, "history_dropped": 2, "fields_truncated": 1, "kinds_dropped": 0, "fields_dropped": 0}
     cp.render_prompt(user, TAX, history_budget=10, stats=stats)  # stats accumulate over users
     assert stats["history_dropped"] == 4
-    assert cp.truncate_history({"w": ["a", "b"]}, 100) == ({"w": ["a", "b"]}, 0)
+    assert cp.truncate_history({"w": ["a", "b"]}, 100) == ({"w": ["a", "b"]}, 0, 0)
+
+
+@pytest.mark.parametrize("kind", ["kinds", "keys", "empty_items", "long_names", "huge_number"])
+def test_prompt_size_is_bounded_whatever_the_record(kind):
+    """#13 item 10: every part of the record counts towards the prompt budget -- behaviour kind names and their
+    number, demographic keys, values and their number, empty items -- so no record makes an unbounded prompt
+    (20k behaviour kinds made a 290 KB one); what is left out is counted."""
+    user = {"user_id": "u", "behavior": {"watched": ["cooking"] * 3}, "demographic": {"gender": "female"}}
+    if kind == "kinds":
+        user["behavior"] = {f"kind{i}": [f"item {i}"] for i in range(20000)}
+    elif kind == "keys":
+        user["demographic"] = {f"field{i}": f"value {i}" for i in range(10000)}
+    elif kind == "empty_items":
+        user["behavior"] = {"watched": [""] * 1_000_000}
+        user["demographic"] = {"": ""} | {" " * i: "" for i in range(1, 5000)}
+    elif kind == "long_names":
+        user["behavior"] = {"w" * 1_000_000: ["x"], "watched": ["cooking"]}
+        user["demographic"] = {"k" * 1_000_000: "v", "gender": "female"}
+    elif kind == "huge_number":
+        user["demographic"] = {"age": int("9" * 4000), "gender": "female"}
+    stats = {}
+    messages = cp.render_prompt(user, TAX, stats=stats)
+    data = cp.extract_user_data(messages)
+    assert len(messages[1]["content"]) < 6000
+    assert stats["history_kept"] + stats["history_dropped"] == sum(len(v) for v in user["behavior"].values())
+    n_fields = len(user["demographic"])
+    assert len(data["demographic"]) + stats["fields_dropped"] == n_fields
+    assert len(data["behavior"]) + stats["kinds_dropped"] == len(user["behavior"])
+    if kind == "kinds":
+        assert stats["kinds_dropped"] > 19000 and stats["history_dropped"] == stats["kinds_dropped"]
+    if kind == "keys":
+        assert stats["fields_dropped"] > 9000 and data["demographic"]["field0"] == "value 0"
+    if kind == "empty_items":
+        assert stats["history_kept"] == cp.HISTORY_BUDGET and stats["fields_dropped"] > 4000
+    if kind == "long_names":
+        assert data["behavior"] == {"watched": ["cooking"]} and data["demographic"] == {"gender": "female"}
+    if kind == "huge_number":
+        assert data["demographic"]["age"] == "9" * cp.FIELD_BUDGET and stats["fields_truncated"] == 1
 
 
 def test_empty_user_renders():

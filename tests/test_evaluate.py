@@ -1,5 +1,6 @@
 """evaluate.py: every metric against numbers computed by hand on a tiny two-dimension example."""
 import json
+import re
 
 import pytest
 
@@ -190,3 +191,84 @@ def test_cli_writes_metrics_report_and_curve(tmp_path):
     curve = (out / "pr_curve.csv").read_text().splitlines()
     assert curve[0] == "dimension,tau,precision,recall,f1,n_predicted"
     assert "a,0,0.3333,0.2500,0.2857,3" in curve and "mean,10,,0.0000,0.0000,0" in curve and "mean,0,0.5000,0.3750,0.4286,6" in curve
+
+
+# -----------------------------------------------------------------------------
+# Untrusted prediction and data files
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('{"label": "x", "confidence": 1e9}', r"profile\.a\.confidence: expected a number 0\.\.10"),
+    ('{"label": "x", "confidence": -3}', r"profile\.a\.confidence: expected a number 0\.\.10"),
+    ('{"label": "x", "confidence": true}', r"profile\.a\.confidence: expected a number 0\.\.10"),
+    ('{"label": "x", "confidence": "8"}', r"profile\.a\.confidence: expected a number 0\.\.10"),
+    ('{"label": "x", "confidence": NaN}', r"invalid JSON number NaN"),
+    ('{"label": "x", "confidence": Infinity}', r"invalid JSON number Infinity"),
+    ('{"label": "x", "confidence": 1e999}', r"JSON number 1e999 overflows to infinity"),
+    ('"x"', r"profile\.a: expected an object \{\"label\", \"confidence\"\} or null, got str"),
+    ('[1]', r"profile\.a: expected an object .* got list"),
+    ('{"label": "z", "confidence": 5}', r"profile\.a\.label: expected one of \['x', 'y', 'NA'\], got 'z'"),
+    ('{"confidence": 5}', r"profile\.a\.label: expected one of"),
+])
+def test_prediction_values_are_checked_naming_file_line(tmp_path, entry, message):
+    """#13 item 8: a confidence of 1e9 gave ECE 952,380 and a negative one abstained silently; NaN, Infinity and
+    non-object entries crashed without file:line. Each is now an error naming file:line:field."""
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps({"user_id": "u1", "profile": {"b": P("p", 3)}}) + "\n"
+                    + '{"user_id": "u2", "profile": {"a": ' + entry + ', "b": null}}\n')
+    with pytest.raises(confprofile.DataError, match=r"preds\.jsonl:2: " + message):
+        evaluate.load_predictions(str(path), TAXONOMY, {"u1", "u2"})
+
+
+def test_prediction_labels_match_up_to_case_like_the_parser(tmp_path):
+    """#13 item 8: "X" (a label-case mismatch) crashed; it is read as "x", as parse_answer reads answers.
+    Confidences 0..10 (pooled 0 included) and null are valid."""
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps({"user_id": "u1", "profile": {"a": P("X", 0), "b": P(" P ", None)}}) + "\n")
+    preds, _, _ = evaluate.load_predictions(str(path), TAXONOMY, {"u1"})
+    assert preds["u1"] == {"a": P("x", 0), "b": P("p", None)}
+
+
+def test_partial_gold_labels_are_unlabelled_for_that_dimension(tmp_path):
+    """#13 item 9: a user whose labels leave a dimension out (or null) is unlabelled there: left out of that
+    dimension's P / R / F1 and counted, and the other dimensions are scored as usual."""
+    users = [dict(u) for u in USERS]
+    users[0] = {"user_id": "u1", "labels": {"b": "p"}}           # a missing
+    users[1] = {"user_id": "u2", "labels": {"a": "y", "b": None}}  # b null
+    m = evaluate.evaluate(PREDS, users, TAXONOMY)
+    full = evaluate.evaluate(PREDS, USERS, TAXONOMY)
+    assert m["per_dimension"]["a"]["n_unlabelled"] == 1 and m["per_dimension"]["b"]["n_unlabelled"] == 1
+    assert m["n_unlabelled"] == 2
+    # a without u1 (a correct x at 8): predicted u2, u3 -> 0 correct of 2; gold non-NA u2, u4, u5
+    assert m["per_dimension"]["a"]["support"] == full["per_dimension"]["a"]["support"] - 1
+    assert m["per_dimension"]["a"]["precision"] == 0.0 and m["per_dimension"]["a"]["n_predicted"] == 2
+    # b without u2 (a false positive on gold NA): u1, u4 correct of 2 predicted
+    assert m["per_dimension"]["b"]["precision"] == 1.0 and m["per_dimension"]["b"]["false_positives_on_gold_na"] == 0
+    assert sum(sum(row.values()) for row in m["confusion"]["a"].values()) == len(USERS) - 1
+    # through the CLI: the data file is read, the count reported
+    tax_path, data, preds = tmp_path / "tax.json", tmp_path / "test.jsonl", tmp_path / "preds.jsonl"
+    tax_path.write_text(json.dumps(TAXONOMY))
+    data.write_text("".join(json.dumps(u) + "\n" for u in users))
+    preds.write_text("".join(json.dumps({"user_id": uid, "profile": p}) + "\n" for uid, p in PREDS.items()))
+    evaluate.main(["--predictions", str(preds), "--data", str(data), "--out", str(tmp_path / "eval"),
+                   "--taxonomy", str(tax_path)])
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_unlabelled"] == 2
+    assert "unlabelled (user, dimension) pairs left out: 2 (a 1, b 1)" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    """#13 item 12: evaluate.py printed its clear message under a traceback; now one line, exit status 1."""
+    tax_path, data, preds = tmp_path / "tax.json", tmp_path / "test.jsonl", tmp_path / "preds.jsonl"
+    tax_path.write_text(json.dumps(TAXONOMY))
+    data.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    preds.write_text(json.dumps({"user_id": "u1", "profile": {"a": P("x", 1e9)}}) + "\n")
+    argv = ["--predictions", str(preds), "--data", str(data), "--out", str(tmp_path / "eval"), "--taxonomy", str(tax_path)]
+    for bad, message in ((None, r"preds\.jsonl:1: profile\.a\.confidence: expected a number 0\.\.10"),
+                         ("--data", r"No such file or directory"), ("--taxonomy", r"taxonomy file not found")):
+        args = list(argv)
+        if bad:
+            args[args.index(bad) + 1] = str(tmp_path / "missing")
+        with pytest.raises(SystemExit) as e:
+            evaluate.cli(args)
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code
+        assert e.value.code.startswith("evaluate.py: error: ") and re.search(message, e.value.code), e.value.code

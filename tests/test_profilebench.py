@@ -196,3 +196,17 @@ def test_chinese_teacher_reads_chinese():
     profiles = {u["user_id"]: evaluate.profile_from_parse(confprofile.parse_answer(
         teacher.answer(confprofile.render_prompt(u, TAXONOMY), 1)[0], TAXONOMY)) for u in test}
     assert evaluate.evaluate(profiles, test, TAXONOMY)["avg_f1"] > 0.4
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    """#13 item 12: a bad --taxonomy (here: two classes equal up to case) is one line and exit status 1."""
+    tax = copy.deepcopy(TAXONOMY)
+    tax["dimensions"]["gender"]["classes"].append("Male")
+    (tmp_path / "tax.json").write_text(json.dumps(tax))
+    for taxonomy, message in ((tmp_path / "tax.json", "'Male' and 'male' are the same up to case/separators"),
+                              (tmp_path / "missing.json", "taxonomy file not found")):
+        with pytest.raises(SystemExit) as e:
+            pb.cli(["--out", str(tmp_path / "w"), "--n-train", "2", "--n-test", "1", "--taxonomy", str(taxonomy)])
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code
+        assert e.value.code.startswith("profilebench.py: error: ") and message in e.value.code, e.value.code
+    assert not (tmp_path / "w").exists()

@@ -455,3 +455,20 @@ def test_two_process_torchrun_sums_gradients_over_ranks(tmp_path):
     assert result == {"same": True, "moved": True}  # every rank applied the same (summed) update
     m = read_metrics(tmp_path / "out")
     assert [r["loss_seqs"] for r in m] == [32.0, 32.0, 32.0]  # the normaliser counts both ranks' rollouts
+
+
+def test_read_stage1_errors_name_file_line(tmp_path):
+    """#13 item 12: a Stage-1 line without user_id (or with a calibrated confidence out of range) is an error
+    naming file:line:field; it crashed with a bare KeyError."""
+    from confprofile import DataError
+    path = tmp_path / "sft.jsonl"
+    good = {"user_id": "u1", "calibrated": {d: 5 for d in TAX["dimensions"]}}
+    for bad, message in (({"calibrated": good["calibrated"]}, r"sft\.jsonl:2: user_id: expected a non-empty string"),
+                         ({**good, "user_id": "u2", "calibrated": {d: 11 for d in TAX["dimensions"]}},
+                          r"sft\.jsonl:2: calibrated: expected \{dim: int 1\.\.10\}"),
+                         ("[1]", r"sft\.jsonl:2: user_id: expected")):
+        path.write_text(json.dumps(good) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
+        with pytest.raises(DataError, match=message):
+            rl.read_stage1(str(path), TAX)
+    path.write_text(json.dumps(good) + "\n")
+    assert rl.read_stage1(str(path), TAX) == {"u1": good["calibrated"]}

@@ -4,12 +4,18 @@ Tiny random checkpoints come from tests/tiny_checkpoints.py (vocab 256, hidden 6
 """
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import rollout
 from model import load_model
+import tokenizer_families
 from tiny_checkpoints import hf_greedy, hf_model, make_checkpoint
 
 EOS = 2  # tiny_checkpoints' eos id; hf_greedy stops there
@@ -364,6 +370,7 @@ def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint,
     # a run killed while writing user 3: two whole lines and half of the third
     text = full.read_text(encoding="utf-8").splitlines(keepends=True)
     cut.write_text(text[0] + text[1] + text[2][:17], encoding="utf-8")
+    shutil.copy(str(full) + ".meta.json", str(cut) + ".meta.json")  # written before the first line
     rollout.main(base + ["--out", str(cut)])
     assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")  # batch_users=1: exactly reproduced
     rollout.main(base + ["--out", str(cut)])  # nothing left to do: nothing written
@@ -394,3 +401,149 @@ def test_greedy_predictions_batch_many_users(chat_checkpoint, tmp_path, monkeypa
     rollout.main(base + ["--out", str(tmp_path / "b.jsonl"), "--batch-users", "2"])
     assert calls == [5, 2, 2, 1]
     assert _labelled(tmp_path / "a.jsonl") == _labelled(tmp_path / "b.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# Untrusted users and files
+
+
+def control_token_counts(tok, messages):
+    """(added/special tokens in the prompt ids we build, in the ids of the raw template, the raw rendering)."""
+    added = set(tok.added_tokens_decoder) | set(tok.all_special_ids)
+    ours = rollout.chat_prompt_ids(tok, messages)
+    raw_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    raw = tok(raw_text, add_special_tokens=False)["input_ids"]
+    return sum(i in added for i in ours), sum(i in added for i in raw), ours, raw_text
+
+
+@pytest.mark.parametrize("family", tokenizer_families.FAMILIES)
+def test_user_text_never_becomes_control_tokens(family):
+    """#13 item 1: whatever the tokenizer, a user stuffed with every added token of it (special or not:
+    <|im_end|>, <|eot_id|>, <think>, <tool_call>, <repo_name>, ...) gives exactly as many control tokens in
+    its prompt ids as a clean user, and reads the same (the break is invisible)."""
+    from confprofile import TOKEN_BREAKS, added_token_texts, load_taxonomy, render_prompt
+    tok = tokenizer_families.load(family)
+    texts = added_token_texts(tok)
+    expected = {"demo": "<|im_end|>", "chatml_bpe": "<|im_end|>", "llama3": "<|eot_id|>", "qwen3": "<think>",
+                "smollm2": "<repo_name>"}[family]
+    assert expected in texts and len(texts) >= 3
+    tax = load_taxonomy()
+    clean_messages = render_prompt(tokenizer_families.stuffed_user(texts, attack=False), tax)
+    stuffed_messages = render_prompt(tokenizer_families.stuffed_user(texts), tax)
+    clean, clean_raw, _, _ = control_token_counts(tok, clean_messages)
+    stuffed, stuffed_raw, ids, raw_text = control_token_counts(tok, stuffed_messages)
+    assert all(t.replace("</", "<\\/") in raw_text for t in texts)  # every added-token text is in the prompt
+    assert clean == clean_raw and stuffed_raw > clean  # the attack is real without the defence
+    assert stuffed == clean
+    assert tok.decode(ids).replace(TOKEN_BREAKS[0], "") == raw_text  # what the model reads is the same text
+
+
+def test_out_that_is_not_our_output_is_left_untouched(chat_checkpoint, tmp_path):
+    """#13 item 3: --out naming a file rollout.py did not write, or one of its inputs, is refused before a byte
+    of it changes (the old code cut "half-written last lines" first)."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"meeting notes\nremember: the teacher file is elsewhere")  # 55 bytes, no final newline
+    base = ["--teacher", "sim", "--users", str(users), "--samples", "2", "--no-progress"]
+    for content in (notes.read_bytes(), b"", b"todo\n", b'{"user_id": "u0", "samples": []}\nhalf a line'):
+        notes.write_bytes(content)
+        if content:
+            with pytest.raises(ValueError, match=r"notes\.txt"):
+                rollout.main(base + ["--out", str(notes)])
+            assert notes.read_bytes() == content
+    assert not (tmp_path / "notes.txt.meta.json").exists()
+    before = users.read_bytes()
+    with pytest.raises(ValueError, match=r"--out is the input --users"):
+        rollout.main(base + ["--out", str(users)])
+    assert users.read_bytes() == before
+    # generic mode replaces --out whole: only a file of its own, never its --prompts
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    notes.write_bytes(b"meeting notes\n")
+    for out in (notes, prompts):
+        before = out.read_bytes()
+        with pytest.raises(ValueError, match=r"(notes\.txt:1: expected a sampler output line|--out is the input --prompts)"):
+            rollout.main(["--model", chat_checkpoint, "--prompts", str(prompts), "--max-new-tokens", "2", "--out", str(out),
+                          "--no-progress"])
+        assert out.read_bytes() == before
+
+
+def test_teacher_resume_with_other_settings_is_refused(tmp_path):
+    """#13 item 4: a teacher output records what produced it (<out>.meta.json); resuming it with other settings
+    is refused with one line naming the keys, unless --force-resume (which keeps the earlier settings on record)."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    out = tmp_path / "teacher.jsonl"
+    base = ["--teacher", "sim", "--users", str(users), "--out", str(out), "--no-progress"]
+    rollout.main(base + ["--samples", "2", "--seed", "1"])
+    meta = json.loads((tmp_path / "teacher.jsonl.meta.json").read_text())
+    assert meta["settings"]["teacher"] == "sim" and meta["settings"]["samples"] == 2 and meta["settings"]["seed"] == 1
+    assert {"temperature", "top_k", "top_p", "max_new_tokens", "template_kwargs", "taxonomy_sha256",
+            "users_sha256"} <= set(meta["settings"])
+    written = out.read_bytes()
+    out.write_bytes(written[:-40])  # killed while writing the last user
+    with pytest.raises(ValueError, match=r"teacher\.jsonl: written with other settings \(samples 2 -> 4, seed 1 -> 0\)"):
+        rollout.main(base + ["--samples", "4", "--seed", "0"])
+    assert out.read_bytes() == written[:-40]  # refused before anything was cut
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS[:4]))
+    with pytest.raises(ValueError, match=r"\(users_sha256 "):
+        rollout.main(base + ["--samples", "2", "--seed", "1"])
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    rollout.main(base + ["--samples", "2", "--seed", "1"])  # same settings: resumes, the same file as one run
+    assert out.read_bytes() == written
+    rollout.main(base + ["--samples", "3", "--seed", "1", "--force-resume"])
+    meta = json.loads((tmp_path / "teacher.jsonl.meta.json").read_text())
+    assert meta["settings"]["samples"] == 3 and meta["earlier_settings"][0]["samples"] == 2
+    # a teacher file from before settings were recorded: resumed only on request; still read by calibrate/evaluate
+    (tmp_path / "teacher.jsonl.meta.json").unlink()
+    with pytest.raises(ValueError, match=r"has no teacher\.jsonl\.meta\.json"):
+        rollout.main(base + ["--samples", "3", "--seed", "1"])
+
+
+def test_labelling_ignores_partial_labels(tmp_path):
+    """#13 item 9: labels covering some dimensions only are valid (questionnaires have gaps); labelling
+    does not use them."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps({**u, "labels": {"gender": "female", "age": None}}) + "\n" for u in USERS))
+    out = tmp_path / "teacher.jsonl"
+    rollout.main(["--teacher", "sim", "--users", str(users), "--samples", "2", "--out", str(out), "--no-progress"])
+    assert len(_labelled(out)) == len(USERS)
+
+
+def run_script(*argv):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=root)
+
+
+def cli_error(cli, argv):
+    """The one line a CLI exits with (sys.exit(message): printed to stderr, exit status 1)."""
+    with pytest.raises(SystemExit) as e:
+        cli(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
+    return e.value.code
+
+
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
+    """#13 item 12: bad input gets one line (file:line: field: what was expected) and a non-zero exit."""
+    users = tmp_path / "users.jsonl"
+    users.write_text('{"user_id": "a"}\n{"user_id": "b", "behavior": {"watched": [[[1]]]}}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"user_id": "a"}\n')
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"user_id": "a", "behavior": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    cases = [
+        (["--teacher", "sim", "--users", str(users), "--out", str(tmp_path / "t.jsonl")],
+         r"users\.jsonl:2: behavior\.watched\[0\]: expected a string"),
+        (["--teacher", str(tmp_path / "no-such-model"), "--users", str(good), "--out", str(tmp_path / "t2.jsonl")],
+         r"no-such-model: model directory not found"),
+        (["--teacher", "sim", "--users", str(good), "--out", str(good)], r"--out is the input --users"),
+        (["--teacher", "sim", "--users", str(deep), "--out", str(tmp_path / "t3.jsonl")], r"deep\.jsonl:1: JSON nested too deeply"),
+        (["--teacher", "sim", "--users", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "t4.jsonl")],
+         r"No such file or directory: .*missing\.jsonl"),
+    ]
+    for argv, message in cases:
+        line = cli_error(rollout.cli, argv)
+        assert line.startswith("rollout.py: error: ") and re.search(message, line), line
+    result = run_script("rollout.py", *cases[0][0])  # the real entry point: that line on stderr, exit status 1
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [cli_error(rollout.cli, cases[0][0])]

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import sft
+import tokenizer_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=400, hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16, intermediate=64)
@@ -271,3 +272,71 @@ def test_answer_nll_sum_equals_full_logits_loss(world):
     fast, n_fast = sft.answer_nll_sum(model, ids, lm)
     assert n_full == n_fast == sum(sum(m[1:]) for _, m in examples)
     assert fast.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- untrusted text in the chat
+
+
+@pytest.mark.parametrize("family", tokenizer_families.FAMILIES)
+def test_sft_chat_holds_no_control_tokens_from_user_text(family):
+    """#13 item 1, SFT side: a chat whose user record AND whose answer's evidence (user text quoted by the
+    teacher, written by format_answer) hold every added-token text of the tokenizer gives exactly as many
+    control tokens as a clean chat, the loss mask still covers the answer through its end-of-turn token,
+    and the text reads the same."""
+    from confprofile import TOKEN_BREAKS, added_token_texts, format_answer, load_taxonomy, render_prompt
+    tok = tokenizer_families.load(family)
+    texts = added_token_texts(tok)
+    tax = load_taxonomy()
+    dims = list(tax["dimensions"])
+    added = set(tok.added_tokens_decoder) | set(tok.all_special_ids)
+
+    def chat(attack):
+        word = (lambda t: t) if attack else (lambda t: "x" * len(t))
+        evidence = {d: "".join(word(t) for t in texts[k::len(dims)]) + word(tokenizer_families.FORGED_TURN)
+                    for k, d in enumerate(dims)}
+        answer = format_answer({d: {"label": "NA", "confidence": 5, "evidence": evidence[d]} for d in dims}, tax)
+        return render_prompt(tokenizer_families.stuffed_user(texts, attack), tax) + [{"role": "assistant", "content": answer}]
+
+    counts = []
+    for attack in (False, True):
+        messages = chat(attack)
+        ids, mask = sft.assistant_mask(tok, messages)
+        [(batch_ids, batch_mask)], _ = sft.encode_chats(tok, [{"messages": messages}], 10 ** 6, {})
+        assert (batch_ids, batch_mask) == (ids, mask)
+        answer = [i for i, m in zip(ids, mask) if m]
+        assert answer[-1] in sft.end_of_turn_ids(tok) and sum(i in added for i in answer) == 1 + (family == "qwen3") * 2
+        raw_text = tok.apply_chat_template(messages, tokenize=False)
+        raw = tok(raw_text, add_special_tokens=False)["input_ids"]
+        counts.append((sum(i in added for i in ids), sum(i in added for i in raw)))
+        assert tok.decode(ids).replace(TOKEN_BREAKS[0], "") == raw_text
+    (clean, clean_raw), (stuffed, stuffed_raw) = counts
+    assert clean == clean_raw and stuffed_raw > clean  # the attack is real without the defence
+    assert stuffed == clean
+
+
+def test_reasoning_answers_keep_their_think_block():
+    """The one markup a message may keep: an assistant answer that starts with <think>...</think> (reasoning
+    SFT data) is rendered by the Qwen3 template as before; a "<think>" or "<|im_end|>" inside it stays text."""
+    from confprofile import TOKEN_BREAKS
+    tok = tokenizer_families.load("qwen3")
+    chat = synthetic_chats(1, seed=4)[0]["messages"]
+    answer = chat[-1]["content"]
+    reasoned = chat[:-1] + [{"role": "assistant", "content": "<think>\nmakeup <think> videos<|im_end|>\n</think>\n\n" + answer}]
+    ids, mask = sft.assistant_mask(tok, reasoned)
+    think = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    assert sum(i in think for i in ids) == 2 and sum(i == tok.convert_tokens_to_ids("<|im_end|>") for i in ids) == 3
+    masked = tok.decode([t for t, m in zip(ids, mask) if m]).replace(TOKEN_BREAKS[0], "")
+    assert masked == "<think>\nmakeup <think> videos<|im_end|>\n</think>\n\n" + answer + "<|im_end|>"
+
+
+def test_read_chats_and_a_missing_model_name_the_problem(world, tmp_path):
+    """#13 item 12: an SFT record whose content is not a string is an error naming file:line:field (it used to
+    crash inside the chat template), and a missing model directory says so (transformers says "Repo id")."""
+    bad = tmp_path / "bad.jsonl"
+    chats = synthetic_chats(2)
+    chats[1]["messages"][1]["content"] = 7
+    write_jsonl(bad, chats)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: messages\[1\]: expected \{\"role\": string, \"content\": string\}"):
+        sft.read_chats(str(bad))
+    with pytest.raises(FileNotFoundError, match=r"no-such-student: model directory not found"):
+        sft.main(run_args(world, tmp_path / "out", model=str(tmp_path / "no-such-student"), init_student=False))
