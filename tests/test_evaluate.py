@@ -190,3 +190,13 @@ def test_cli_writes_metrics_report_and_curve(tmp_path):
     curve = (out / "pr_curve.csv").read_text().splitlines()
     assert curve[0] == "dimension,tau,precision,recall,f1,n_predicted"
     assert "a,0,0.3333,0.2500,0.2857,3" in curve and "mean,10,,0.0000,0.0000,0" in curve and "mean,0,0.5000,0.3750,0.4286,6" in curve
+
+
+def test_answers_without_a_confidence_are_reported():
+    # labels-only answers take part at τ = 0 only and in no calibration figure: their share is reported
+    preds = {"u1": {"a": P("x", None), "b": P("p", 3)}, "u2": {"a": P("x", 6), "b": None}}
+    m = evaluate.evaluate(preds, USERS[:2], TAXONOMY)
+    assert m["no_confidence_rate"] == pytest.approx(1 / 3)  # answered: u1.a (none), u1.b, u2.a
+    assert m["mean_confidence"] == pytest.approx(4.5)       # 3 and 6: the labels-only answer is invisible here
+    assert "answers without a confidence = 0.333" in evaluate.render_report(m)
+    assert evaluate.evaluate(PREDS, USERS, TAXONOMY)["no_confidence_rate"] == 0.0
