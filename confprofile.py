@@ -651,7 +651,9 @@ def class_by_name(classes, name):
 
 
 def _scan_object(s, i):
-    """Read the JSON object starting at s[i] == "{" key by key: (pairs, complete, end).
+    """Read the JSON object starting at s[i] == "{" key by key: (pairs, complete, end), where each
+    pair is (key, value, key_start, value_start, value_end): offsets in s of the key's opening quote
+    and of the value's first and one-past-last character.
 
     Stops at the first thing that is not JSON (a truncated answer, say), keeping the complete
     key/value pairs read before it."""
@@ -662,6 +664,7 @@ def _scan_object(s, i):
     while True:
         if i >= n or s[i] != '"':
             return pairs, False, i
+        key_start = i
         try:
             key, i = json.decoder.scanstring(s, i + 1, False)
         except ValueError:
@@ -669,12 +672,12 @@ def _scan_object(s, i):
         i = _WS.match(s, i).end()
         if i >= n or s[i] != ":":
             return pairs, False, i
-        i = _WS.match(s, i + 1).end()
+        i = value_start = _WS.match(s, i + 1).end()
         try:
             value, i = _LENIENT.raw_decode(s, i)
         except (ValueError, RecursionError):
             return pairs, False, i
-        pairs.append((key, value))
+        pairs.append((key, value, key_start, value_start, i))
         i = _WS.match(s, i).end()
         if i < n and s[i] == ",":
             i = _WS.match(s, i + 1).end()
@@ -734,10 +737,12 @@ def parse_answer(text, taxonomy):
        decoded as UTF-8 (bad bytes replaced), anything else has no answer.
     2. Work is capped: only the first MAX_PARSE_CHARS (100,000) characters after that are read, and
        at most MAX_CANDIDATES (64) "{" positions are tried.
-    3. The answer object is the first "{" (anywhere: inside prose, code fences or a wrapper object)
-       that starts a JSON object with at least one dimension key. A complete object is preferred;
-       otherwise the first truncated one is salvaged: its key/value pairs up to the truncation are
-       kept, so complete dimensions survive and the cut one is None. Raw newlines inside strings are
+    3. The answer object is chosen among the JSON objects (anywhere: inside prose, code fences or a
+       wrapper object) that have at least one dimension key: the one with the most distinct
+       dimension keys; among those a complete object before a truncated one; then the LAST one (prose
+       that quotes an earlier or partial answer, or the user's own JSON, does not win over the full
+       answer). A truncated object is salvaged: its key/value pairs up to the truncation are kept,
+       so complete dimensions survive and the cut one is None. Raw newlines inside strings are
        accepted.
     4. Keys: dimension names and the inner keys "label"/"confidence"/"evidence" match up to case and
        spaces/hyphens/underscores ("Life Stage" == "life_stage"); unknown keys are ignored. Duplicate
@@ -751,44 +756,74 @@ def parse_answer(text, taxonomy):
        enclosing ``` code fence, is exactly one complete JSON object (nothing else before or after)
        in which every dimension of the taxonomy is valid. Extra keys do not matter.
     """
-    result = empty_parse(taxonomy)
+    return parse_answer_spans(text, taxonomy)[0]
+
+
+def parse_answer_spans(text, taxonomy):
+    """parse_answer, plus where in `text` the parser read each dimension: (parsed, spans) with
+    spans = {dim: {"answer": (start, end), "confidence": [(start, end), ...]}} for every dimension
+    the chosen answer object has a key for: "answer" runs from the opening quote of the key the parser
+    used (the last duplicate) to the end of its value; "confidence" lists the values of every key of
+    that value that reads as "confidence" ("Confidence", "CONFIDENCE", "confidence "), quotes included
+    for a string. Offsets index `text` as given (a str). This is the one source of truth for which
+    characters are a stated confidence (what Stage 2 freezes) and which belong to a dimension."""
+    result, spans = empty_parse(taxonomy), {}
     try:
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode("utf-8", "replace")
         if not isinstance(text, str):
-            return result
+            return result, {}
         cut = text.rfind("</think>")
+        offset = 0
         if cut >= 0:
-            text = text[cut + len("</think>"):]
+            offset = cut + len("</think>")
         elif text.lstrip().startswith("<think>"):
-            return result  # still thinking: cut off before the answer
-        body = text[:MAX_PARSE_CHARS].strip()
+            return result, {}  # still thinking: cut off before the answer
+        body = text[offset:offset + MAX_PARSE_CHARS]
+        offset += len(body) - len(body.lstrip())
+        body = body.strip()
         fence = _FENCE.match(body)
         if fence:
-            body = fence.group(1).strip()
+            inner = fence.group(1)
+            offset += fence.start(1) + len(inner) - len(inner.lstrip())
+            body = inner.strip()
         dim_names = _name_map(tuple(taxonomy["dimensions"]))
-        found, pos, tries = None, body.find("{"), 0
+        found, best, pos, tries = None, None, body.find("{"), 0
         while pos != -1 and tries < MAX_CANDIDATES:
             pairs, complete, end = _scan_object(body, pos)
-            if any(dim_names.get(normalize_name(k)) for k, _ in pairs):
-                if complete:
-                    found = (pairs, True, pos, end)
-                    break
-                found = found or (pairs, False, pos, end)
-            pos, tries = body.find("{", pos + 1), tries + 1
+            covered = {dim_names.get(normalize_name(k)) for k, *_ in pairs} - {None}
+            if covered:
+                rank = (len(covered), complete, pos)  # most dimensions, then complete, then the last
+                if best is None or rank > best:
+                    found, best = (pairs, complete, pos, end), rank
+                pos = body.find("{", max(end, pos + 1))  # its own inner objects are not answers
+            else:
+                pos = body.find("{", pos + 1)
+            tries += 1
         if found is None:
-            return result
+            return result, {}
         pairs, complete, start, end = found
-        for key, value in pairs:  # in order, so the last duplicate wins
+        for key, value, key_start, value_start, value_end in pairs:  # in order, so the last duplicate wins
             dim = dim_names.get(normalize_name(key))
             if dim:
                 classes = _name_map(tuple(taxonomy["dimensions"][dim]["classes"]))
                 result["dims"][dim] = _parse_dimension(value, classes)
+                spans[dim] = {"answer": (offset + key_start, offset + value_end),
+                              "confidence": [(offset + a, offset + b)
+                                             for a, b in _confidence_spans(body, value, value_start)]}
         result["format_ok"] = (complete and start == 0 and end == len(body)
                                and all(v is not None for v in result["dims"].values()))
-        return result
+        return result, spans
     except Exception:  # the contract is "never raises"; anything unforeseen is an unparseable answer
-        return empty_parse(taxonomy)
+        return empty_parse(taxonomy), {}
+
+
+def _confidence_spans(body, value, value_start):
+    """Offsets in body of the values of a dimension object's "confidence" keys (any spelling)."""
+    if not isinstance(value, dict):
+        return []
+    pairs, _, _ = _scan_object(body, value_start)
+    return [(a, b) for k, _, _, a, b in pairs if normalize_name(k) == "confidence"]
 
 
 def format_answer(profile, taxonomy, labels_only=False):
@@ -822,24 +857,31 @@ def format_answer(profile, taxonomy, labels_only=False):
 WEIGHTINGS = ("confidence", "majority")
 
 
+TIE_TOLERANCE = 1e-9  # relative: scores this close are a tie (NA's discounted score is a float product)
+
+
 def vote_scores(labels, confidences, weighting="confidence", na_weight=1.0):
     """Stage 1 vote score: S_k = Σ_i c_i · 1[y_i = k]  (weighting "majority": c_i = 1).
 
-    na_weight scales the votes for NA (S_NA = na_weight · Σ_i c_i · 1[y_i = NA]): NA says "too little
+    na_weight scales the votes for NA as a whole, S_NA = na_weight · Σ_i c_i · 1[y_i = NA] (the sum
+    first, so the score does not depend on how the NA votes are split or ordered): NA says "too little
     evidence", not "evidence for a class"; below 1 it lets a label most answers agree on outvote a
     few hesitant NAs. 1 (the default, and always in Stage 1) counts NA as one class among the others."""
     scores = {}
     for y, c in zip(labels, confidences):
-        w = 1 if weighting == "majority" else c
-        scores[y] = scores.get(y, 0) + (w * na_weight if y == "NA" else w)
+        scores[y] = scores.get(y, 0) + (1 if weighting == "majority" else c)
+    if "NA" in scores and na_weight != 1:
+        scores["NA"] = na_weight * scores["NA"]
     return scores
 
 
 def vote_label(scores, labels, confidences):
     """Stage 1 pseudo-label: ŷ = argmax_k S_k; a tie goes to the tied class with the highest single
-    confidence c_i; if that is tied too, the answer is NA (an unresolved tie is insufficient evidence)."""
+    confidence c_i; if that is tied too, the answer is NA (an unresolved tie is insufficient evidence).
+    Scores within TIE_TOLERANCE (relative) of the best are tied: 0.3 · 10 is a tie with 3, although
+    the float product is 3.0000000000000004."""
     best = max(scores.values())
-    tied = [k for k in scores if scores[k] == best]
+    tied = [k for k in scores if scores[k] >= best - TIE_TOLERANCE * max(1.0, abs(best))]
     if len(tied) == 1:
         return tied[0]
     top = {k: max(c for y, c in zip(labels, confidences) if y == k) for k in tied}
@@ -927,6 +969,7 @@ RL_ABLATIONS = [  # (key, description, rl.py flags)
     ("rl_live", "RL with live (unfrozen) confidence", ["--confidence-weighting", "live"]),
     ("rl_sequence_advantage", "RL with one advantage per rollout (plain GRPO)", ["--advantage", "sequence"]),
     ("rl_na_as_class", "RL with NA a full class in the vote (na_weight 1)", ["--na-weight", "1"]),
+    ("rl_agreement_weighted", "RL with agreeing answers also weighted by their confidence", ["--agreement", "weighted"]),
 ]
 
 

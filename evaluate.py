@@ -68,6 +68,13 @@ def precision_recall_f1(n_correct, n_predicted, n_gold):
     return precision, recall, 2 * precision * recall / (precision + recall)
 
 
+def no_confidence_rate(answers):
+    """Share of the answered dimensions, (label, confidence) pairs, that state no confidence (the
+    labels-only form): they take part at τ = 0 only and in no calibration figure (ECE, reliability,
+    mean confidence), so a policy that learnt to drop its confidences would be invisible there."""
+    return sum(c is None for _, c in answers) / len(answers) if answers else 0.0
+
+
 def mean_defined(values):
     """Mean of the values that are not None (None if there are none)."""
     values = [v for v in values if v is not None]
@@ -223,6 +230,7 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
         })
 
     confidences, correct = [], []  # non-abstained at τ = 0, all dimensions pooled
+    answered = [(label, confidence) for d in dims for _, label, confidence in pairs[d] if label is not None]
     for dim in dims:
         for gold, label, confidence in pairs[dim]:
             if not abstains(label, confidence, 0) and confidence is not None:
@@ -235,6 +243,7 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
         "ece": expected_calibration_error(confidences, correct),
         "auroc": auroc(confidences, correct),
         "mean_confidence": sum(confidences) / len(confidences) if confidences else None,
+        "no_confidence_rate": no_confidence_rate(answered),
         "format_failure_rate": format_failure_rate,
         "n_users": len(users),
         "n_missing": len(missing),
@@ -353,7 +362,8 @@ def render_report(metrics, title="Evaluation"):
     lines = [f"# {title}", "",
              f"users: {m['n_users']} (missing predictions: {m['n_missing']}); **avg F1 = {_fmt(m['avg_f1'])}**; "
              f"ECE = {_fmt(m['ece'])}; AUROC = {_fmt(m['auroc'])}; mean confidence = {_fmt(m['mean_confidence'], 2)}; "
-             f"format failure rate = {_fmt(m['format_failure_rate'])}", ""]
+             f"format failure rate = {_fmt(m['format_failure_rate'])}; answers without a confidence = "
+             f"{_fmt(m['no_confidence_rate'])}", ""]
     if m["missing_user_ids"]:
         lines += [f"missing (first {len(m['missing_user_ids'])}): {', '.join(m['missing_user_ids'])}", ""]
     if m.get("n_unlabelled"):

@@ -1,85 +1,51 @@
 """
-Stage 2 of Conf-Profile: confidence-guided GRPO on unlabelled users (DESIGN.md "Stage 2").
+Stage 2 of Conf-Profile: confidence-guided GRPO on unlabelled users (docs/design.md, "Stage 2").
 
     python rl.py                                   # CPU demo: configs/rl_demo.json, from runs/demo/sft
     python rl.py --config configs/X.json [--key value ...] [--resume]
     torchrun --nproc_per_node=2 rl.py ...          # data-parallel: each rank its own users
 
 There are no labels. For each of B users the policy writes G profiles (one prompt, G rollouts). The
-confidence-weighted vote of those G profiles is taken as the truth ("quasi label"), each rollout is
-rewarded for agreeing with it, and the policy is pushed towards the rollouts that agreed, GRPO-style.
+confidence-weighted vote of those G profiles is the truth ("quasi label"), each rollout is rewarded
+for agreeing with it, and the policy is pushed towards the rollouts that agreed, GRPO-style.
 
-What we keep from GRPO (DeepSeekMath; TRL's GRPOTrainer option names, so they are recognisable):
-  * G samples per prompt and group-relative advantages A_j = (r_j - mean_G r) / (std_G r + eps):
-    no value network. `scale_rewards="none"` drops the division by std (Dr. GRPO's advice).
-  * the PPO clipped surrogate with a low and a high clip (`epsilon`, `epsilon_high`: DAPO's
-    "clip-higher"), `num_iterations` passes over one batch of rollouts (ratio != 1 from the 2nd on).
-  * three normalisations of the token losses (`loss_type`): dapo = one token-level mean over the whole
-    batch (default: long and short answers weigh per token), grpo = mean per sequence then over
-    sequences (the original; favours short answers), dr_grpo = sum / (sequences * max_new_tokens).
-  * the k3 estimator of KL to a frozen reference (`beta`). Default beta = 0, as in DAPO / Dr. GRPO
-    and TRL today; the reference model is loaded only when beta > 0.
+What we keep from GRPO (TRL's GRPOTrainer option names): G samples per prompt and group-relative
+advantages, no value network (`scale_rewards`); the clipped surrogate with clip-higher (`epsilon`,
+`epsilon_high`) and `num_iterations` passes over one batch; the three token-loss normalisations
+(`loss_type`: dapo, grpo, dr_grpo); k3 KL to a frozen reference (`beta`, default 0: no reference).
 
-What Conf-Profile changes, and why (each is an option, so each can be switched off for an ablation):
-  * reward without labels (`quasi_label`): the answer the G rollouts agree on, by the same vote as
-    Stage 1 (S_k = sum_j c_j * 1[y_j = k]; `majority` counts each rollout once). Self-consistency is
-    the signal; the vote weights a rollout by how sure it said it was.
-  * difficulty filter (`difficulty`, `low`, `high`): a user whose quasi labels are held with pooled
-    confidence above `high` teaches nothing (every rollout agrees: zero advantage), one below `low` has
-    a quasi label too noisy to trust. Only users inside [low, high] are trained on. The difficulty is
-    measured on the rollouts themselves (`rollout`) or read from the frozen Stage-1 calibrated
-    confidence (`stage1`); `off` keeps every user.
-  * reward = format term + confidence-weighted agreement, r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd,
-    s = +1 / -1 for agreeing / disagreeing with the quasi label, fmt = -1 (and no agreement terms)
-    for an answer that does not parse. A confident wrong answer costs more than a hesitant one.
-  * credit per dimension (`advantage = dimension`, our choice; `sequence` is plain GRPO). A profile
-    is six answers in one sequence: with one advantage per rollout, a rollout right on five
-    dimensions and wrong on one pushes its wrong label up too. So each dimension's reward
-    r_jd = fmt_j + w_jd * s_jd gets its own group-relative advantage, given to the tokens of that
-    dimension's answer (from its key to the next key); tokens outside every answer get the
-    advantage of r_j. The mean of r_jd over d is r_j, so nothing else changes. (Demo, seed 0:
-    65.68 avg F1 after RL with it, 64.67 with one advantage per rollout, 63.55 before RL.)
-  * NA in the quasi-label vote (`na_weight`, our choice). NA means "too little evidence", not
-    "evidence for a class". At na_weight = 1 (Stage 1's vote) three hesitant NAs outvote two samples
-    that agree on a label, and RL then teaches the policy to say NA wherever it is unsure: it buys
-    consistency with recall. na_weight < 1 discounts the NA votes. (Demo, seed 0: 65.68 at 0.3,
-    62.42 at 1; choose it where the self-vote of the SFT student's own samples beats its greedy
-    answer most on labelled dev users: README, Stage 2.)
-  * frozen confidence (`confidence_weighting`). If w_jd is the rollout's own stated confidence and the
-    policy may change it, RL learns to say "10" whenever it agrees with the crowd: confidence inflates
-    and stops meaning anything. So by default (`rollout_masked`) w is the stated confidence, but the
-    tokens that spell the confidence numbers are cut out of the policy-gradient loss: RL moves labels
-    and evidence, never the confidence learnt in SFT. `stage1` weighs by the frozen Stage-1 calibrated
-    confidence instead; `off` uses w = 1; `live` (own confidence, no masking) is the ablation that
-    shows the inflation. Every mode but `live` masks the confidence tokens.
+What Conf-Profile adds, each an option so it can be switched off:
+  * quasi labels (`quasi_label`, `na_weight`): the Stage-1 vote over the G rollouts; NA's votes may
+    be discounted (NA is "too little evidence", not evidence for a class).
+  * difficulty filter (`difficulty`, `low`, `high`): train on users whose rollouts agree moderately;
+    rollouts without a valid answer count against agreement.
+  * reward r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd: agreeing with the quasi label earns, disagreeing
+    costs its stated confidence (`agreement`), an unparseable answer costs -1, and a dimension
+    answered without a confidence is a failure of that dimension, never a cheaper answer.
+  * frozen confidence (`confidence_weighting`): the tokens that state a confidence, exactly as the
+    parser reads them, are cut out of the loss, so RL cannot inflate the number it is weighted by.
+  * credit per dimension (`advantage`): each dimension's reward has its own group-relative advantage,
+    given to the tokens of that dimension's answer.
 
-What we drop: a value model, reward models, KL by default, entropy bonuses, vLLM / TRL machinery.
-Rollouts come from rollout.generate (one prefill per prompt, its KV cache shared by its G rows).
-Training shares the prompt too: a group is one row [prompt, c1, ..., cG] whose completions attend
-to the prompt and to themselves only, so the prompt's activations are computed once, not G times.
-The ratio's logprobs come from rollout.token_logprobs, the same function the sampler used, at the
-same temperature; with num_iterations = 1 the "old" logprobs are the trainer's own first pass
-(ratio exactly 1, as in TRL), and the gap to the sampler's logprobs is logged every step.
-Each step: B users -> G rollouts each -> parse -> quasi labels -> difficulty filter -> rewards ->
-advantages -> num_iterations optimizer steps, each over all kept rollouts in micro-batches with
-gradient accumulation (the loss is normalised over the whole batch, so micro-batching and the
-number of torchrun processes do not change the update).
-
-The file reads top to bottom: config, the Stage 2 formulas as small pure functions (tested with
-hand-computed numbers in tests/test_rl.py), the confidence-token mask, then the loop and main().
+What we drop: value and reward models, entropy bonuses, vLLM / TRL machinery. Rollouts share each
+prompt's KV cache (rollout.generate); training shares it too (pack_groups): one row [prompt, c1..cG].
+A step is five phases: rollouts (sample_groups) -> scores (score_profiles) -> advantages
+(training_batch) -> policy update (policy_update) -> metrics (step_metrics).
 """
 import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from confprofile import ConfigError, DataError, append_jsonl, iter_jsonl, parse_answer, save_config, vote
+from confprofile import (ConfigError, DataError, append_jsonl, iter_jsonl, parse_answer, parse_answer_spans, save_config,
+                         vote)
+from rollout import completion_text, generate, stop_ids_for, token_logprobs
+from sft import all_reduce_sum, autocast_for
 
 # -----------------------------------------------------------------------------
 # Config
@@ -89,6 +55,7 @@ CHOICES = {
     "quasi_label": ("confidence", "majority"),
     "difficulty": ("rollout", "stage1", "off"),
     "confidence_weighting": ("rollout_masked", "stage1", "live", "off"),
+    "agreement": ("weighted", "flat"),
     "scale_rewards": ("group", "none"),
     "advantage": ("dimension", "sequence"),
     "loss_type": ("dapo", "grpo", "dr_grpo"),
@@ -120,6 +87,7 @@ class RLConfig:
     low: float = 0.0                 # keep users with low <= difficulty <= high (0..10 confidence scale)
     high: float = 10.0
     confidence_weighting: str = "rollout_masked"
+    agreement: str = "flat"          # flat: an agreeing answer earns +1; weighted: +w too (dimension_rewards)
     # GRPO
     scale_rewards: str = "group"
     advantage: str = "dimension"     # dimension: each dimension's tokens get that dimension's advantage
@@ -147,6 +115,8 @@ class RLConfig:
     dev_size: int = 100
     eval_every: int = 0              # steps; 0 = no periodic eval
     eval_max_new_tokens: int = 0     # 0 = max_new_tokens
+    probe_size: int = 32             # training users whose greedy answers are compared with the SFT student's (0 = off)
+    probe_every: int = 10            # steps between probes (and at the last step)
     save_every: int = 0              # steps between resumable checkpoints (0 = only the final model)
     resume: bool = False             # continue from output_dir/train_state
     stop_after_steps: int = 0        # leave after this many steps without saving, as if killed (the resume test)
@@ -172,34 +142,49 @@ class RLConfig:
 # Stage 2 formulas: pure functions (tests/test_rl.py checks each with hand-computed numbers)
 
 
+def stated_answers(parsed):
+    """A rollout's answers as Stage 2 reads them: a dimension without a stated confidence (the
+    labels-only form {"gender": "female"}, which parse_answer accepts) is invalid, exactly like an
+    unparseable one. Otherwise omitting the confidence would make a wrong label cheaper (-0.1 at the
+    labels-only weight of 1 instead of -c/10) and RL could learn to drop its confidences."""
+    dims = {d: (None if a is None or a["confidence"] is None else a) for d, a in parsed["dims"].items()}
+    return {**parsed, "dims": dims}
+
+
 def quasi_labels(parsed, taxonomy, weighting="confidence", na_weight=1.0):
     """Stage 2 quasi ground truth: the Stage-1 vote over one user's G rollouts.
 
     S_k = sum_j c_j * 1[y_j = k] (weighting="confidence") or sum_j 1[y_j = k] ("majority"); the quasi
     label is argmax_k S_k with pooled confidence (S_y / sum_k S_k) * mean{c_j : y_j = y}. Only
-    rollouts that parse take part. na_weight < 1 discounts the votes for NA (confprofile.vote_scores).
-    Returns confprofile.vote's {dim: {"label", "pooled_confidence", ...} | None}.
+    rollouts that parse take part, and of those only the dimensions with a stated confidence
+    (stated_answers). na_weight < 1 discounts the votes for NA (confprofile.vote_scores).
+    Returns confprofile.vote's {dim: {"label", "pooled_confidence", "n_valid", ...} | None}.
     """
-    valid = [p for p in parsed if p["format_ok"]]
+    valid = [stated_answers(p) for p in parsed if p["format_ok"]]
     if not valid:
         return {d: None for d in taxonomy["dimensions"]}
     return vote(valid, taxonomy, weighting=weighting, na_weight=na_weight)
 
 
-def difficulty(quasi, stage1_confidence=None):
-    """Stage 2 difficulty of a user: mean over dimensions of the quasi labels' pooled confidence (0..10),
-    or, given `stage1_confidence` {dim: int}, the mean frozen Stage-1 calibrated confidence.
-    A dimension without a quasi label (no rollout answered it) counts as confidence 0."""
+def difficulty(quasi, n_rollouts, stage1_confidence=None):
+    """Stage 2 difficulty of a user, on the 0..10 confidence scale:
+
+        difficulty = (1/|D|) sum_d r_d * n_d / G
+
+    r_d the pooled confidence of dimension d's quasi label, n_d the number of the G = n_rollouts
+    rollouts that gave a valid answer for d (so failures count against agreement: 1 valid rollout of 8
+    at confidence 8 is 8 * 1/8 = 1, hard, not easy); a dimension without a quasi label counts 0.
+    Given `stage1_confidence` {dim: int}, the mean frozen Stage-1 calibrated confidence instead."""
     if stage1_confidence is not None:
         return sum(stage1_confidence.values()) / len(stage1_confidence)
-    values = [0.0 if q is None else q["pooled_confidence"] for q in quasi.values()]
+    values = [0.0 if q is None else q["pooled_confidence"] * q["n_valid"] / n_rollouts for q in quasi.values()]
     return sum(values) / len(values)
 
 
 def difficulty_mask(values, low, high):
     """Stage 2 difficulty filter: keep a user iff low <= difficulty <= high.
 
-    Above `high` the rollouts already agree confidently (nothing to learn: too easy); below `low` the
+    Above `high` the rollouts already agree confidently (little to learn: too easy); below `low` the
     quasi label is too scattered to trust (too hard). `None` (filter off) keeps the user.
     Returns (keep: list[bool], counts {"kept", "too_easy", "too_hard"}).
     """
@@ -211,41 +196,50 @@ def difficulty_mask(values, low, high):
     return keep, counts
 
 
-def rollout_reward(parsed, quasi, weighting, stage1_confidence=None):
+def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="flat"):
     """Stage 2 reward of one rollout: r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd  (= the mean of
-    dimension_rewards).
+    dimension_rewards; see there for w, s and the `agreement` option).
 
-    fmt_j = -1 if the answer does not parse (and then no agreement terms), else 0.
-    s_jd = +1 if the rollout's label for d equals the quasi label, else -1. A dimension the rollout
-    left invalid counts as a wrong answer at full weight (w = 1), so omitting is never a way out;
-    a dimension with no quasi label (no rollout answered it) contributes 0. w_jd by `weighting`:
-      rollout_masked, live: the rollout's own stated confidence c_jd / 10
-      stage1: the frozen Stage-1 calibrated confidence of (user, d) / 10
-      off: 1
-    |D| is the number of dimensions of the taxonomy (the keys of `quasi`).
+    fmt_j = -1 if the answer does not parse (and then no agreement terms), else 0. |D| is the
+    number of dimensions of the taxonomy (the keys of `quasi`).
     """
     if not parsed["format_ok"]:
         return -1.0
-    return sum(dimension_rewards(parsed, quasi, weighting, stage1_confidence)) / len(quasi)
+    return sum(dimension_rewards(parsed, quasi, weighting, stage1_confidence, agreement)) / len(quasi)
 
 
-def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None):
-    """The reward of one rollout split by dimension: r_jd = fmt_j + w_jd * s_jd (see rollout_reward),
-    so that r_j = (1/|D|) sum_d r_jd. An unparseable answer gets -1 on every dimension. Returns
-    [r_jd for d in quasi] (taxonomy order)."""
+def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None, agreement="flat"):
+    """The reward of one rollout split by dimension, r_jd = fmt_j + w_jd * s_jd, so that
+    r_j = (1/|D|) sum_d r_jd. Returns [r_jd for d in quasi] (taxonomy order).
+
+    s_jd = +1 if the rollout's label for d equals the quasi label, else -1. w_jd by `weighting`:
+      rollout_masked, live: the rollout's own stated confidence c_jd / 10
+      stage1: the frozen Stage-1 calibrated confidence of (user, d) / 10
+      off: 1
+    agreement="flat": an agreeing answer earns +1 whatever its w (only disagreeing ones are weighted:
+    a confident wrong answer costs more than a hesitant one), so rollouts that all agree get equal
+    rewards and no advantage. agreement="weighted": +w_jd too, so agreeing rollouts are ranked by
+    their own stated confidence (the formula as first written; see the module docstring).
+    An unparseable answer gets -1 on every dimension; a dimension it left invalid, or answered
+    without a stated confidence (stated_answers), -1 (a wrong answer at full weight: omitting is never
+    a way out); a dimension with no quasi label (no rollout answered it) 0.
+    """
     if not parsed["format_ok"]:
         return [-1.0] * len(quasi)
+    dims = stated_answers(parsed)["dims"]
     out = []
     for d, q in quasi.items():
-        answer = parsed["dims"].get(d)
+        answer = dims.get(d)
         if q is None:
             out.append(0.0)
         elif answer is None:
             out.append(-1.0)
+        elif answer["label"] == q["label"] and agreement == "flat":
+            out.append(1.0)
         else:
             s = 1.0 if answer["label"] == q["label"] else -1.0
             if weighting in ("rollout_masked", "live"):
-                w = (answer["confidence"] or 1) / 10  # a labels-only answer counts as confidence 1, as in vote
+                w = answer["confidence"] / 10
             elif weighting == "stage1":
                 w = stage1_confidence[d] / 10
             else:
@@ -256,9 +250,19 @@ def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None):
 
 def token_advantages(dim_advantages, seq_advantage, token_dims):
     """Per-token advantages of one rollout: a token inside dimension d's answer gets A_jd (the
-    group-relative advantage of r_jd), a token outside every dimension (braces, a <think> block)
-    the advantage of the whole reward. dim_advantages [D], token_dims [T] ints (-1 = outside)."""
+    group-relative advantage of r_jd), a token outside every dimension's answer (braces between
+    answers, a <think> block, the end-of-turn token) the advantage of the whole reward.
+    dim_advantages [D], token_dims [T] ints (-1 = outside)."""
     return [seq_advantage if d < 0 else dim_advantages[d] for d in token_dims]
+
+
+FLAT_TOLERANCE = 1e-9  # rewards of one group this close together are equal (float sums of c/10 terms)
+
+
+def flat_groups(rewards, tol=FLAT_TOLERANCE):
+    """Groups whose rewards are all equal: max_G r - min_G r <= tol. rewards [B, G] (or [B, G, D])
+    -> bool [B, 1] (or [B, 1, D])."""
+    return (rewards.amax(dim=1, keepdim=True) - rewards.amin(dim=1, keepdim=True)) <= tol
 
 
 def group_advantages(rewards, scale_rewards="group", eps=1e-4):
@@ -266,12 +270,14 @@ def group_advantages(rewards, scale_rewards="group", eps=1e-4):
     (or [B, G, D]: each dimension normalised over its own group).
 
     std is the unbiased (n - 1) standard deviation, as in TRL. A group whose rewards are all equal
-    gets A = 0 (it carries no signal). scale_rewards="none" keeps A_j = r_j - mean_G r.
+    (flat_groups) gets exactly A = 0: it carries no signal (computed in float64, and the mean of
+    eight rewards of 0.8 is not exactly 0.8 in float32). scale_rewards="none" keeps A_j = r_j - mean_G r.
     """
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if scale_rewards == "none":
-        return centred
-    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    r = rewards.double()
+    centred = (r - r.mean(dim=1, keepdim=True)).masked_fill(flat_groups(r), 0.0)
+    if scale_rewards != "none":
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    return centred.float()
 
 
 def clipped_surrogate(logp, old_logp, advantages, epsilon, epsilon_high):
@@ -340,88 +346,66 @@ def token_entropy(logits, temperature):
 
 
 # -----------------------------------------------------------------------------
-# Frozen confidence: which tokens spell the stated confidence numbers
-
-# The value of a "confidence" key, as confprofile.parse_answer accepts it: 8, "8", 8.0, 8/10.
-CONFIDENCE_VALUE = re.compile(r"""["']?confidence["']?\s*:\s*["']?\s*(\d+(?:\.\d+)?(?:\s*/\s*10)?)""")
-
-
-def confidence_token_mask(tokenizer, completion_ids, text=None, ends=None):
-    """Bool mask over `completion_ids`: True on each token that spells part of a stated confidence
-    number (the `8` of `"confidence": 8`). These are the tokens `rollout_masked` cuts out of the loss.
-
-    Character spans come from a regex over the completion's text (`text` must be
-    tokenizer.decode(completion_ids) up to special tokens at its end; default: that decode). Token i
-    covers characters [len(decode(ids[:i])), len(decode(ids[:i+1]))): incremental decoding, which holds
-    for any tokenizer and for token sequences re-tokenising would not reproduce. A token that holds
-    a digit together with other characters (e.g. ' 8,') is masked whole: masking a little more than
-    the number is safe, missing part of it is not. `ends`: token_char_ends(tokenizer, completion_ids),
-    if the caller has it already.
-    """
-    ids = list(completion_ids)
-    if text is None:
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-    spans = [m.span(1) for m in CONFIDENCE_VALUE.finditer(text)]
-    if not spans:
-        return [False] * len(ids)
-    mask, start = [], 0
-    for end in ends if ends is not None else token_char_ends(tokenizer, ids):
-        mask.append(any(start < b and end > a for a, b in spans))
-        start = end
-    return mask
+# Token maps: which completion tokens spell a stated confidence, which belong to which dimension.
+# Both come from confprofile.parse_answer_spans, the parser that reads the reward's inputs, so every
+# confidence the reward reads is a masked one, whatever the key's spelling.
 
 
-def token_char_ends(tokenizer, ids):
-    """End offset in decode(ids) of each token. Fast path: decode tokens one by one and keep the
-    result if the pieces join up to the full text (byte-level BPE, the usual case); otherwise decode
-    growing prefixes, len(decode(ids[:i+1])), which is right for any tokenizer (quadratic, but rare)."""
-    pieces = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
-    if "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=False):
+def completion_char_ends(tokenizer, tokens, stop_ids):
+    """(text, ends): the completion's text as the reward reads it (rollout.completion_text: the final
+    stop token dropped, special tokens skipped) and, per token, the end offset of its characters in
+    that text (start = the previous token's end; a special token is zero-width, the stop token sits at
+    the end).
+
+    Fast path: decode the tokens one by one and keep the pieces if they join up to the text (the
+    usual case). Otherwise (a character split over tokens, e.g. Chinese in byte-level BPE) decode
+    growing prefixes, len(decode(ids[:i+1])), then take the running minimum from the right, so an
+    incomplete character's replacement glyphs never push later offsets past the text."""
+    ids = list(tokens)
+    if ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    if "".join(pieces) == text:
         ends, n = [], 0
         for p in pieces:
             n += len(p)
             ends.append(n)
-        return ends
-    ends, n = [], 0
-    for i in range(len(ids)):
-        # max(): a token ending inside a multi-byte character decodes to a replacement char first
-        n = max(n, len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False)))
-        ends.append(n)
-    return ends
+    else:
+        ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+        for i in range(len(ends) - 1, -1, -1):
+            ends[i] = min(ends[i], ends[i + 1] if i + 1 < len(ends) else len(text))
+    return text, ends + [len(text)] * (len(tokens) - len(ids))
 
 
-# Where a dimension's answer starts: its key, as confprofile.parse_answer matches keys.
-KEY = re.compile(r'"([^"\\]{1,64})"\s*:')
+def confidence_token_mask(ends, spans):
+    """Frozen confidence: True on each token that overlaps a stated confidence (the `8` of
+    `"confidence": 8`, all of `"8/10"`), the tokens `rollout_masked` cuts out of the loss. ends:
+    completion_char_ends; spans: parse_answer_spans' spans of the same text. A token holding a
+    digit together with other characters (' 8,') is masked whole: masking a little more than the
+    number is safe, missing part of it is not."""
+    conf = [s for d in spans.values() for s in d["confidence"]]
+    mask, start = [], 0
+    for end in ends:
+        mask.append(any(start < b and end > a for a, b in conf))
+        start = end
+    return mask
 
 
-def dimension_token_index(tokenizer, completion_ids, taxonomy, text=None, ends=None):
-    """For each token of a completion, the index (taxonomy order) of the dimension whose answer it
-    belongs to, or -1 outside every dimension (the opening brace, a <think> block).
+def dimension_token_index(ends, spans, taxonomy):
+    """For each token, the index (taxonomy order) of the dimension whose answer it lies in, or -1.
 
-    A dimension's answer runs from its key ("gender":) to the next dimension's key, the last one to
-    the end of the text; a key counts at its first occurrence after the last "</think>". A token
-    belongs where its first character is. `text`, `ends` as in confidence_token_mask. This is what lets
-    `advantage = dimension` give each dimension's label and evidence tokens their own advantage.
-    """
-    from confprofile import _name_map, normalize_name
-    ids = list(completion_ids)
-    if text is None:
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-    names = _name_map(tuple(taxonomy["dimensions"]))
+    A dimension's answer is the span the parser read for it: from its key's opening quote to the end
+    of its value (parse_answer_spans). A token belongs to dimension d iff all of its characters lie
+    inside d's answer (a zero-width token: strictly inside). Tokens that straddle two answers or an
+    answer's edge (Qwen's '}, "' or the closing '}}'), and tokens outside every answer (the opening
+    brace, a <think> block, the end-of-turn token) get -1: the advantage of the whole rollout."""
     order = {d: i for i, d in enumerate(taxonomy["dimensions"])}
-    begin = text.rfind("</think>")
-    begin = 0 if begin < 0 else begin + len("</think>")
-    starts = {}
-    for m in KEY.finditer(text, begin):
-        dim = names.get(normalize_name(m.group(1)))
-        if dim and dim not in starts:
-            starts[dim] = m.start()
-    bounds = sorted((start, order[d]) for d, start in starts.items())
-    out, start, k = [], 0, -1
-    for end in ends if ends is not None else token_char_ends(tokenizer, ids):
-        while k + 1 < len(bounds) and bounds[k + 1][0] <= start:
-            k += 1
-        out.append(bounds[k][1] if k >= 0 else -1)
+    bounds = [(s["answer"], order[d]) for d, s in spans.items()]
+    out, start = [], 0
+    for end in ends:
+        inside = [k for (a, b), k in bounds if (a <= start and end <= b if end > start else a < start < b)]
+        out.append(inside[0] if inside else -1)
         start = end
     return out
 
@@ -445,47 +429,52 @@ class Scored:
 
 
 def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
-    """Conf-Profile scoring of B users' G rollouts each (groups[i][j] = rollout.Sample)."""
-    from rollout import completion_text, stop_ids_for
+    """Conf-Profile scoring of B users' G rollouts each (groups[i][j] = rollout.Sample): parse ->
+    quasi labels -> difficulty -> rewards, and the two token maps, from one parse of one text."""
     stop_ids = set(stop_ids_for(tokenizer))
+    dims = list(taxonomy["dimensions"])
     keep_values, token_masks, dim_rewards, token_dims = [], [], [], []
-    stats = {"rollouts": 0, "format_fail": 0, "conf_sum": 0.0, "conf_n": 0, "agree": 0, "agree_n": 0, "difficulty_sum": 0.0}
+    stats = dict.fromkeys(["format_fail", "dim_slots", "conf_sum", "answered", "na", "no_confidence", "majority_sum",
+                           "majority_n", "difficulty_sum"], 0.0)
     for samples, user in zip(groups, users):
-        parsed = [parse_answer(completion_text(tokenizer, s, stop_ids), taxonomy) for s in samples]
+        token_ends, parsed, spans = [], [], []
+        for s in samples:
+            text, ends = completion_char_ends(tokenizer, s.tokens, stop_ids)
+            p, sp = parse_answer_spans(text, taxonomy)
+            token_ends.append(ends)
+            parsed.append(p)
+            spans.append(sp)
         quasi = quasi_labels(parsed, taxonomy, cfg.quasi_label, cfg.na_weight)
         frozen = stage1[user["user_id"]] if stage1 is not None else None
-        level = difficulty(quasi, frozen if cfg.difficulty == "stage1" else None)
+        level = difficulty(quasi, len(samples), frozen if cfg.difficulty == "stage1" else None)
         keep_values.append(None if cfg.difficulty == "off" else level)
-        dim_rewards.append([dimension_rewards(p, quasi, cfg.confidence_weighting, frozen) for p in parsed])
-        masks, dims = [], []
-        for s, p in zip(samples, parsed):
-            text, ends = None, None
-            if cfg.mask_confidence or cfg.advantage == "dimension":  # decode once for both token maps
-                text = tokenizer.decode(s.tokens, skip_special_tokens=False)
-                ends = token_char_ends(tokenizer, s.tokens)
-            mask = [1] * len(s.tokens)
-            if cfg.mask_confidence:
-                mask = [0 if c else 1 for c in confidence_token_mask(tokenizer, s.tokens, text, ends)]
-            masks.append(mask)
-            if cfg.advantage == "dimension":
-                dims.append(dimension_token_index(tokenizer, s.tokens, taxonomy, text, ends))
-            stats["rollouts"] += 1
+        dim_rewards.append([dimension_rewards(p, quasi, cfg.confidence_weighting, frozen, cfg.agreement)
+                            for p in parsed])
+        token_masks.append([[0 if c else 1 for c in confidence_token_mask(ends, sp)] if cfg.mask_confidence
+                            else [1] * len(ends) for ends, sp in zip(token_ends, spans)])
+        token_dims.append([dimension_token_index(ends, sp, taxonomy) for ends, sp in zip(token_ends, spans)])
+        for p in parsed:
             stats["format_fail"] += not p["format_ok"]
+            stats["dim_slots"] += len(dims)
             for d, answer in p["dims"].items():
-                if answer is not None and answer["confidence"] is not None:
+                if answer is None:
+                    continue
+                stats["no_confidence"] += answer["confidence"] is None
+                if answer["confidence"] is not None:
+                    stats["answered"] += 1
                     stats["conf_sum"] += answer["confidence"]
-                    stats["conf_n"] += 1
-                if p["format_ok"] and quasi[d] is not None:
-                    stats["agree"] += answer["label"] == quasi[d]["label"]
-                    stats["agree_n"] += 1
-        token_masks.append(masks)
-        token_dims.append(dims)
+                    stats["na"] += answer["label"] == "NA"
+        for d in dims:  # majority ratio: the share of all G rollouts that gave the quasi label
+            if quasi[d] is not None:
+                agreeing = sum(1 for p in parsed if p["format_ok"] and (stated_answers(p)["dims"][d] or {}).get("label")
+                               == quasi[d]["label"])
+                stats["majority_sum"] += agreeing / len(samples)
+                stats["majority_n"] += 1
         stats["difficulty_sum"] += level
     keep, counts = difficulty_mask(keep_values, cfg.low, cfg.high)
     stats.update(counts)
     dim_rewards = torch.tensor(dim_rewards, dtype=torch.float64)  # [B, G, D]
-    rewards = dim_rewards.mean(dim=-1).float()  # r_j = (1/|D|) sum_d r_jd: rollout_reward, from the same terms
-    dim_rewards = dim_rewards.float()
+    rewards = dim_rewards.mean(dim=-1)  # r_j = (1/|D|) sum_d r_jd: rollout_reward, from the same terms
     return Scored(rewards, keep, token_masks, stats, dim_rewards, token_dims if cfg.advantage == "dimension" else None)
 
 
@@ -546,7 +535,6 @@ def completion_logprobs(model, packs, temperature):
     from torch.utils.checkpoint import checkpoint
 
     from model import rope_cos_sin
-    from rollout import token_logprobs
     device = next(model.parameters()).device
     ids, positions, mask, row, index, targets = (t.to(device) for t in pack_groups(packs))
     x = model.model.embed_tokens(ids)
@@ -590,94 +578,85 @@ def padded(rows, width, dtype=torch.float32):
 
 
 # -----------------------------------------------------------------------------
-# One GRPO step: rollouts -> scores -> advantages -> num_iterations optimizer steps
+# One GRPO step, in phases: rollouts -> scores -> advantages -> policy update -> metrics
 
 
-def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator, stop_ids, lr):
-    """Sample G rollouts for each of this rank's prompts, score them, and take `num_iterations`
-    optimizer steps on them. `score(groups) -> Scored`. Returns a metrics dict (global over ranks)."""
-    from rollout import generate
-    from sft import all_reduce_sum, autocast_for
-
-    device = next(model.parameters()).device
-    G = cfg.num_generations
-    t0 = time.time()
+def sample_groups(model, prompts, cfg, generator, stop_ids):
+    """Rollouts: G samples of each of this rank's prompts from the current policy."""
     model.eval()
     gen_kwargs = {"max_batch_tokens": cfg.max_batch_tokens} if cfg.max_batch_tokens else {}
-    groups = generate(model, prompts, n=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop_ids, generator=generator, **gen_kwargs)
-    t_rollout = time.time() - t0
-    scored = score(groups)
-    advantages = group_advantages(scored.rewards, cfg.scale_rewards)
+    return generate(model, prompts, n=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop_ids,
+                    generator=generator, **gen_kwargs)
+
+
+def training_batch(groups, prompts, scored, cfg):
+    """Advantages -> the training batch: [(prompt, rows)] for every kept user, a row per rollout with
+    its tokens, sampler logprobs, loss mask and one advantage per token. A row is `trained` unless its
+    advantages are all exactly 0 and beta = 0: then its loss and gradient are exactly 0, so only a
+    no-grad forward is run for it (its tokens still count in the loss normaliser and the metrics)."""
+    advantages = group_advantages(scored.rewards, cfg.scale_rewards)                   # [B, G]
     per_dimension = cfg.advantage == "dimension" and scored.token_dims is not None
     if per_dimension:
-        dim_advantages = group_advantages(scored.dim_rewards, cfg.scale_rewards)  # [B, G, D]
-
-    # The training set of this step: every rollout of a kept user. With beta = 0 a rollout whose
-    # advantage is exactly 0 (a zero-variance group) has loss exactly 0: it still counts in the
-    # normaliser, but its forward/backward is skipped.
-    kept, n_rows, n_mask = [], 0, 0
+        dim_advantages = group_advantages(scored.dim_rewards, cfg.scale_rewards)       # [B, G, D]
+    batch = []
     for i, samples in enumerate(groups):
         if not scored.keep[i]:
             continue
-        rows = [{"tokens": s.tokens, "sampler_logp": s.logprobs, "mask": scored.token_masks[i][j],
-                 "adv": (token_advantages(dim_advantages[i, j].tolist(), float(advantages[i, j]), scored.token_dims[i][j])
-                         if per_dimension else [float(advantages[i, j])] * len(s.tokens))}
-                for j, s in enumerate(samples)]
-        n_rows, n_mask = n_rows + len(rows), n_mask + sum(sum(r["mask"]) for r in rows)
-        live = [r for r in rows if cfg.beta > 0 or any(a != 0.0 for a in r["adv"])]
-        if live:
-            kept.append((prompts[i], live))
-    # the loss normaliser of the GLOBAL batch: every rank's share of the loss uses the same denominator
-    counts = all_reduce_sum(torch.tensor([n_rows, n_mask], dtype=torch.float64, device=device))
-    n_seq, n_tok = counts.tolist()
-    normaliser = loss_normaliser(n_seq, n_tok, cfg.loss_type, cfg.max_new_tokens)
-    micro = micro_batches(kept, cfg.micro_batch_size)
+        rows = []
+        for j, s in enumerate(samples):
+            adv = (token_advantages(dim_advantages[i, j].tolist(), float(advantages[i, j]), scored.token_dims[i][j])
+                   if per_dimension else [float(advantages[i, j])] * len(s.tokens))
+            rows.append({"tokens": s.tokens, "sampler_logp": s.logprobs, "mask": scored.token_masks[i][j], "adv": adv,
+                         "trained": cfg.beta > 0 or any(a != 0.0 for a in adv)})
+        batch.append((prompts[i], rows))
+    return batch, advantages
 
-    t1 = time.time()
+
+def policy_update(model, ref_model, optimizer, batch, cfg, lr):
+    """num_iterations optimizer steps on one training batch (micro-batches, gradients summed over
+    ranks). The loss of every rank is its share of the global batch loss (one normaliser for the whole
+    batch). When no row of any rank is trained (the filter kept nothing, or every kept advantage is 0
+    with beta = 0) the optimizer does not step: zero gradients would still move AdamW's weights by
+    its momentum. Returns (sums for the metrics, grad norm, stepped)."""
+    device = next(model.parameters()).device
+    rows = [r for _, rs in batch for r in rs]
+    local = [len(rows), sum(sum(r["mask"]) for r in rows), sum(r["trained"] for r in rows)]
+    n_seq, n_tok, n_trained = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()
+    normaliser = loss_normaliser(n_seq, n_tok, cfg.loss_type, cfg.max_new_tokens)
+    pick = lambda trained: [(p, [r for r in rs if r["trained"] == trained]) for p, rs in batch]
+    trained = micro_batches([(p, rs) for p, rs in pick(True) if rs], cfg.micro_batch_size)
+    frozen = micro_batches([(p, rs) for p, rs in pick(False) if rs], cfg.micro_batch_size)
+    sums = dict.fromkeys(["loss", "entropy", "kl", "clip_low", "clip_high", "clip_region", "lp_diff", "lp_tokens",
+                          "lp_diff_max", "forward_tokens"], 0.0)
+    sums.update(zip(("seqs", "loss_tokens", "trained_seqs"), local))  # this rank's: the metrics sum over ranks
+    with torch.no_grad():  # the rows with zero advantage: only their entropy and sampler gap are measured
+        for mb in frozen:
+            _forward_micro(model, mb, cfg, sums)
+    if n_trained == 0:
+        return sums, 0.0, False
     model.train()
-    sums = dict.fromkeys(["loss", "entropy", "kl", "clip_low", "clip_high", "clip_region", "lp_diff", "tokens",
-                          "trained_tokens", "forward_tokens"], 0.0)
-    lp_diff_max = 0.0
     old_logps, ref_logps, grad_norm = {}, {}, 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     for it in range(cfg.num_iterations):
-        for k, mb in enumerate(micro):
-            packs = [(p, [r["tokens"] for r in rows]) for p, rows in mb]
-            rows = [r for _, rows in mb for r in rows]
-            c_max = max(len(r["tokens"]) for r in rows)
-            mask = padded([r["mask"] for r in rows], c_max).to(device)
-            adv = padded([r["adv"] for r in rows], c_max).to(device)  # [N, C]: one advantage per token
-            with autocast_for(device):
-                logp, entropy = completion_logprobs(model, packs, cfg.temperature)
-            sums["forward_tokens"] += sum(len(p) + sum(len(c) for c in cs) for p, cs in packs)
-            if it == 0:
-                # same parameters as the sampler: this is the ratio's "old" policy (ratio = 1 now)
+        for k, mb in enumerate(trained):
+            logp, mask, adv = _forward_micro(model, mb, cfg, sums if it == 0 else None)
+            if it == 0:  # same parameters as the sampler: this is the ratio's "old" policy (ratio = 1 now)
                 old_logps[k] = logp.detach()
                 if cfg.beta > 0:
                     with torch.no_grad(), autocast_for(device):
-                        ref_logps[k], _ = completion_logprobs(ref_model, packs, cfg.temperature)
-                filled = padded([[1] * len(r["tokens"]) for r in rows], c_max).to(device).bool()
-                gap = (logp.detach() - padded([r["sampler_logp"] for r in rows], c_max).to(device)).abs()[filled]
-                sums["lp_diff"] += gap.sum().item()
-                sums["tokens"] += gap.numel()
-                lp_diff_max = max(lp_diff_max, gap.max().item())
+                        ref_logps[k], _ = completion_logprobs(ref_model, [(p, [r["tokens"] for r in rs])
+                                                                          for p, rs in mb], cfg.temperature)
             loss = grpo_loss(logp, old_logps[k], adv, mask, cfg.loss_type, cfg.epsilon, cfg.epsilon_high,
                              cfg.beta, ref_logps.get(k), cfg.max_new_tokens, normaliser)
             loss.backward()
-            if it == cfg.num_iterations - 1:  # log the last pass: the one whose ratios can be off 1
-                m = mask.bool()
-                n_m = int(m.sum())
-                ratio = torch.exp(logp.detach() - old_logps[k])
-                for key, value in clip_fractions(ratio, adv, mask, cfg.epsilon, cfg.epsilon_high).items():
-                    sums[key] += value * n_m
-                sums["entropy"] += entropy[m].sum().item()
-                if cfg.beta > 0:
-                    sums["kl"] += k3_kl(logp.detach(), ref_logps[k])[m].sum().item()
-                sums["loss"] += loss.item()
-                sums["trained_tokens"] += n_m
-        # each rank's loss is its share of the global loss: SUM the gradients (ranks with no work add 0)
-        for p in params:
+            ratio = torch.exp(logp.detach() - old_logps[k])
+            for key, value in clip_fractions(ratio, adv, mask, cfg.epsilon, cfg.epsilon_high).items():
+                sums[key] += value * float(mask.sum())
+            if cfg.beta > 0:
+                sums["kl"] += float((k3_kl(logp.detach(), ref_logps[k]) * mask).sum())
+            sums["loss"] += loss.item()
+        for p in params:  # each rank's loss is its share of the global loss: SUM the gradients
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             all_reduce_sum(p.grad)
@@ -687,53 +666,98 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    t_train = time.time() - t1
+    return sums, grad_norm, True
 
-    # metrics, summed over ranks
+
+def _forward_micro(model, mb, cfg, sums):
+    """Teacher-forced logprobs of one micro-batch [(prompt, rows)] -> (logp, loss mask, advantages),
+    each [N, C]. With `sums`, also adds this forward's entropy, sampler-vs-trainer logprob gap and
+    token counts to them (the first pass: the policy that sampled)."""
+    device = next(model.parameters()).device
+    rows = [r for _, rs in mb for r in rs]
+    c_max = max(len(r["tokens"]) for r in rows)
+    mask = padded([r["mask"] for r in rows], c_max).to(device)
+    adv = padded([r["adv"] for r in rows], c_max).to(device)
+    with autocast_for(device):
+        logp, entropy = completion_logprobs(model, [(p, [r["tokens"] for r in rs]) for p, rs in mb], cfg.temperature)
+    if sums is not None:
+        sums["forward_tokens"] += sum(len(p) + sum(len(r["tokens"]) for r in rs) for p, rs in mb)
+        sums["entropy"] += float((entropy * mask).sum())
+        filled = padded([[1] * len(r["tokens"]) for r in rows], c_max).to(device).bool()
+        gap = (logp.detach() - padded([r["sampler_logp"] for r in rows], c_max).to(device)).abs()[filled]
+        sums["lp_diff"] += float(gap.sum())
+        sums["lp_tokens"] += gap.numel()
+        sums["lp_diff_max"] = max(sums["lp_diff_max"], float(gap.max()))
+    return logp, mask, adv
+
+
+def step_metrics(groups, scored, sums, grad_norm, stepped, lr, cfg, t_rollout, t_train, device):
+    """One step's metrics, summed over ranks then normalised. Definitions (TRL's where TRL has one):
+    reward_mean / reward_std over all rollouts; zero_var_frac: groups whose rewards are all equal
+    (flat_groups); loss: the batch loss, mean over the num_iterations optimizer steps; entropy: mean
+    over the loss tokens of every kept rollout, at the first pass (the sampling policy); clip_low /
+    clip_high / clip_region and kl: mean over the loss tokens of every kept rollout and over the
+    iterations (a rollout with zero advantage is never clipped); format_fail, confidence (mean stated
+    confidence of the answered dimensions), na_rate, no_confidence (dimensions answered without a
+    confidence), majority_ratio (share of the G rollouts that gave the quasi label), difficulty,
+    kept / too_easy / too_hard: the Conf-Profile scores of all rollouts of the step."""
     flat_rewards = scored.rewards.flatten()
-    kept_groups = [i for i, k in enumerate(scored.keep) if k]
-    zero_var = sum(float(scored.rewards[i].std()) == 0.0 for i in range(len(groups)))
     lengths = [len(s.tokens) for g in groups for s in g]
+    flat = flat_groups(scored.rewards).flatten().tolist()
     local = {
-        "rollouts": len(lengths), "users": len(groups), "reward_sum": flat_rewards.sum().item(),
-        "reward_sq": (flat_rewards ** 2).sum().item(), "zero_var_groups": zero_var,
-        "zero_var_kept": sum(float(scored.rewards[i].std()) == 0.0 for i in kept_groups),
+        "rollouts_n": len(lengths), "users": len(groups), "reward_sum": float(flat_rewards.sum()),
+        "reward_sq": float((flat_rewards ** 2).sum()), "zero_var_groups": sum(flat),
+        "zero_var_kept": sum(f for f, k in zip(flat, scored.keep) if k), "kept_users": sum(scored.keep),
         "len_sum": sum(lengths), "truncated": sum(s.finish_reason == "length" for g in groups for s in g),
-        **sums, **scored.stats,
+        **{k: v for k, v in sums.items() if k != "lp_diff_max"}, **scored.stats,
     }
     keys = sorted(local)
-    totals = all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=device))
-    t = dict(zip(keys, totals.tolist()))
-    peak = torch.tensor([lp_diff_max], device=device)
+    t = dict(zip(keys, all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64,
+                                                          device=device)).tolist()))
+    peak = torch.tensor([sums["lp_diff_max"]], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    n = max(t["rollouts"], 1)
+    n, per_tok, per_it_tok = max(t["rollouts_n"], 1), max(t["loss_tokens"], 1), max(t["loss_tokens"], 1) * cfg.num_iterations
     mean_r = t["reward_sum"] / n
     metrics = {
         "reward_mean": mean_r, "reward_std": math.sqrt(max(t["reward_sq"] / n - mean_r ** 2, 0.0)),
         "zero_var_frac": t["zero_var_groups"] / max(t["users"], 1),
         "completion_len": t["len_sum"] / n, "truncated_frac": t["truncated"] / n,
-        "loss": t["loss"],
-        "entropy": t["entropy"] / max(t["trained_tokens"], 1),
-        "clip_low": t["clip_low"] / max(t["trained_tokens"], 1), "clip_high": t["clip_high"] / max(t["trained_tokens"], 1),
-        "clip_region": t["clip_region"] / max(t["trained_tokens"], 1),
-        "lp_diff_mean": t["lp_diff"] / max(t["tokens"], 1), "lp_diff_max": peak.item(),
-        "grad_norm": grad_norm, "lr": lr, "loss_seqs": n_seq,
-        "rollout_s": t_rollout, "train_s": t_train,
-        "rollout_tok_s": t["len_sum"] / max(t_rollout, 1e-9),
+        "loss": t["loss"] / cfg.num_iterations if stepped else 0.0, "entropy": t["entropy"] / per_tok,
+        "clip_low": t["clip_low"] / per_it_tok, "clip_high": t["clip_high"] / per_it_tok,
+        "clip_region": t["clip_region"] / per_it_tok,
+        "lp_diff_mean": t["lp_diff"] / max(t["lp_tokens"], 1), "lp_diff_max": float(peak),
+        "grad_norm": grad_norm, "lr": lr, "loss_seqs": t["seqs"], "trained_seqs": t["trained_seqs"],
+        "optimizer_step": int(stepped), "kept": int(t["kept_users"]),
+        "rollout_s": t_rollout, "train_s": t_train, "rollout_tok_s": t["len_sum"] / max(t_rollout, 1e-9),
         "train_tok_s": t["forward_tokens"] / max(t_train, 1e-9),
+        "zero_var_kept_frac": t["zero_var_kept"] / max(t["kept_users"], 1),
     }
-    if cfg.beta > 0:
-        metrics["kl"] = t["kl"] / max(t["trained_tokens"], 1)
-    if "format_fail" in t:  # the Conf-Profile task's own statistics
+    if "format_fail" in t:  # the Conf-Profile task's own statistics (score_profiles)
         metrics.update({
-            "kept": int(t["kept"]), "too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]),
-            "format_fail": t["format_fail"] / max(t["rollouts"], 1),
-            "confidence": t["conf_sum"] / max(t["conf_n"], 1), "agreement": t["agree"] / max(t["agree_n"], 1),
+            "too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]), "format_fail": t["format_fail"] / n,
+            "confidence": t["conf_sum"] / max(t["answered"], 1), "na_rate": t["na"] / max(t["answered"], 1),
+            "no_confidence": t["no_confidence"] / max(t["dim_slots"], 1),
+            "majority_ratio": t["majority_sum"] / max(t["majority_n"], 1),
             "difficulty": t["difficulty_sum"] / max(t["users"], 1),
-            "zero_var_kept_frac": t["zero_var_kept"] / max(t["kept"], 1),
         })
+    if cfg.beta > 0:
+        metrics["kl"] = t["kl"] / per_it_tok
     return metrics
+
+
+def grpo_step(model, ref_model, optimizer, prompts, score, cfg, generator, stop_ids, lr):
+    """One GRPO step on this rank's prompts: rollouts -> scores (`score(groups) -> Scored`) ->
+    advantages and the training batch -> policy update -> metrics (global over ranks)."""
+    t0 = time.time()
+    groups = sample_groups(model, prompts, cfg, generator, stop_ids)
+    t_rollout = time.time() - t0
+    scored = score(groups)
+    batch, _ = training_batch(groups, prompts, scored, cfg)
+    t1 = time.time()
+    sums, grad_norm, stepped = policy_update(model, ref_model, optimizer, batch, cfg, lr)
+    return step_metrics(groups, scored, sums, grad_norm, stepped, lr, cfg, t_rollout, time.time() - t1,
+                        next(model.parameters()).device)
 
 
 # -----------------------------------------------------------------------------
@@ -746,11 +770,12 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step * 9_973 + rank * 101) % (2 ** 63)
 
 
-def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None, dev_eval=None):
+def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None, dev_eval=None, probe=None):
     """GRPO steps from the saved state (with cfg.resume) to cfg.max_steps.
 
     next_batch(step) -> (prompts: this rank's list of token-id prompts, score: groups -> Scored).
-    dev_eval(model) -> dict of dev metrics (rank 0 only; may be None). Every step appends one line to
+    dev_eval(model) -> dict of dev metrics (rank 0 only; may be None); probe(model) -> {"probe_agreement"}
+    every probe_every steps (rank 0 only; may be None). Every step appends one line to
     output_dir/metrics.jsonl; every save_every steps the model, optimizer, step and RNG states go to
     output_dir/train_state atomically. Returns the number of steps done."""
     from tqdm import tqdm
@@ -785,14 +810,16 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
             break  # as if killed: no save
         prompts, score = next_batch(step)
         generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank))
-        metrics = grpo_step(model, ref_model, optimizer, prompts, score, cfg, step, generator, stop_ids,
-                            lr_at(step, cfg))
+        metrics = grpo_step(model, ref_model, optimizer, prompts, score, cfg, generator, stop_ids, lr_at(step, cfg))
         done = step + 1
         record = {"step": done, **metrics}
-        if dev_eval is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            if main_process:
-                record.update(dev_eval(model))
-            barrier()
+        # every rank decides from the config alone (the measures exist on rank 0 only), so all meet at the barrier
+        for every, measure in ((cfg.eval_every if cfg.dev_data else 0, dev_eval),
+                               (cfg.probe_every if cfg.probe_size else 0, probe)):
+            if every and (done % every == 0 or done == cfg.max_steps):
+                if main_process and measure is not None:
+                    record.update(measure(model))
+                barrier()
         if main_process:
             append_jsonl(log, record)
             bar.set_postfix_str(fmt_metrics(record), refresh=False)
@@ -812,7 +839,8 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
 def fmt_metrics(record):
     """The one-line summary of a step for the progress bar."""
     short = {"reward_mean": "r", "reward_std": "r_sd", "zero_var_frac": "0var", "kept": "kept",
-             "format_fail": "fmt_fail", "confidence": "conf", "agreement": "agree", "completion_len": "len",
+             "format_fail": "fmt_fail", "confidence": "conf", "na_rate": "na", "majority_ratio": "maj",
+             "probe_agreement": "probe", "completion_len": "len",
              "entropy": "H", "kl": "kl", "clip_region": "clip", "grad_norm": "|g|", "lp_diff_max": "lp_gap",
              "rollout_s": "t_roll", "train_s": "t_train", "dev_avg_f1": "dev_f1", "dev_confidence": "dev_conf"}
     return " ".join(f"{name}={record[k]:.3g}" if isinstance(record[k], float) else f"{name}={record[k]}"
@@ -839,14 +867,28 @@ def read_stage1(path, taxonomy):
     return out
 
 
+def greedy_answers(model, tokenizer, prompts, taxonomy, stop_ids, max_new_tokens):
+    """The policy's greedy answers to `prompts`, parsed."""
+    groups = generate(model, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids)
+    return [parse_answer(completion_text(tokenizer, g[0], set(stop_ids)), taxonomy) for g in groups]
+
+
+def label_agreement(answers, reference):
+    """Share of (user, dimension) pairs where two sets of parsed answers give the same label (an
+    invalid answer has label None). Stage 2 logs it for the policy's greedy answers on a fixed probe
+    set of training users against the SFT student's: RL on self-consistency can drift far from
+    where it started (collapse to one label, to NA) long before a labelled metric shows it."""
+    pairs = [((a["dims"][d] or {}).get("label"), (b["dims"][d] or {}).get("label"))
+             for a, b in zip(answers, reference) for d in a["dims"]]
+    return sum(x == y for x, y in pairs) / max(len(pairs), 1)
+
+
 def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_tokens):
     """Greedy answers on labelled users, scored by evaluate.py: avg F1, the mean stated confidence
     (all dimensions, NA included: what the policy says) and evaluate.py's mean confidence of the
     non-abstained predictions, format failures."""
     from evaluate import evaluate, profile_from_parse
-    from rollout import completion_text, generate
-    groups = generate(model, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids)
-    parsed = [parse_answer(completion_text(tokenizer, g[0], set(stop_ids)), taxonomy) for g in groups]
+    parsed = greedy_answers(model, tokenizer, prompts, taxonomy, stop_ids, max_new_tokens)
     failures = sum(not p["format_ok"] for p in parsed) / max(len(parsed), 1)
     metrics = evaluate({u["user_id"]: profile_from_parse(p) for u, p in zip(users, parsed)}, users, taxonomy, failures)
     stated = [v["confidence"] for p in parsed for v in p["dims"].values() if v and v["confidence"]]
@@ -905,6 +947,13 @@ def run(cfg, rank, world_size, device):
     ref_model = None
     if cfg.beta > 0:  # the KL reference is the starting checkpoint, frozen; not loaded at all when beta = 0
         ref_model = load_model(cfg.model, dtype=dtype, device=device).requires_grad_(False)
+    probe = None
+    if cfg.probe_size and main_process:  # the reference: the starting checkpoint's greedy answers
+        probe_prompts = [prompt_ids(u) for u in users[: cfg.probe_size]]
+        probe_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+        reference = greedy_answers(model, tokenizer, probe_prompts, taxonomy, stop_ids, probe_tokens)
+        probe = lambda m: {"probe_agreement": label_agreement(
+            greedy_answers(m, tokenizer, probe_prompts, taxonomy, stop_ids, probe_tokens), reference)}
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, cfg.output_dir, name="rl_config.json")
@@ -913,7 +962,7 @@ def run(cfg, rank, world_size, device):
         print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}; {len(users)} users, "
               f"{cfg.batch_size} x {cfg.num_generations} rollouts per step, {world_size} process(es)", flush=True)
     t0 = time.time()
-    done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval)
+    done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval, probe)
     if done < cfg.max_steps:
         if main_process:
             print(f"stopped after step {done} of {cfg.max_steps} (stop_after_steps); resume with --resume", flush=True)

@@ -546,3 +546,49 @@ def test_tests_are_fast_enough():
     for _ in range(2000):
         parse_answer(FULL, TAX)
     assert time.perf_counter() - t0 < 5  # ~8 samples x 4000 users must parse in seconds
+
+
+def test_na_weight_ties_do_not_depend_on_how_the_na_votes_are_split_or_ordered():
+    # S_NA = 0.3 · (1 + 9) = 0.3 · (4 + 6) = 3 = S_male: a tie, resolved by the highest single confidence
+    # (NA 9 or 6 > male 3); float products like 0.3 · 10 = 3.0000000000000004 must not decide it
+    for na in ([1, 9], [9, 1], [4, 6], [6, 4], [5, 5], [4, 2, 4]):
+        labels, confs = ["NA"] * len(na) + ["male"], na + [3]
+        scores = cp.vote_scores(labels, confs, na_weight=0.3)
+        assert scores["NA"] == 0.3 * 10  # the formula: na_weight times the sum of the NA votes
+        assert cp.vote_label(scores, labels, confs) == "NA", na
+        order = [len(na)] + list(range(len(na)))  # male first
+        labels2, confs2 = [labels[i] for i in order], [confs[i] for i in order]
+        assert cp.vote_label(cp.vote_scores(labels2, confs2, na_weight=0.3), labels2, confs2) == "NA"
+    # a real difference still decides: 0.3 · 9 = 2.7 < 3
+    assert cp.vote_label(cp.vote_scores(["NA", "NA", "male"], [4, 5, 3], na_weight=0.3), ["NA", "NA", "male"],
+                         [4, 5, 3]) == "male"
+
+
+def test_parser_prefers_the_candidate_with_most_dimensions_then_the_last():
+    full = ('{"gender": {"label": "female", "confidence": 8, "evidence": "makeup"}, "age": {"label": "25-30", '
+            '"confidence": 7, "evidence": "27"}, "education": {"label": "bachelor", "confidence": 6, "evidence": "alumni"}}')
+    # prose quoting a one-dimension object (the user's own JSON, say) before the real answer
+    text = 'The user wrote {"gender": {"label": "male", "confidence": 9}} in the bio. My answer: ' + full
+    p = parse_answer(text, TAX)
+    assert p["dims"]["gender"]["label"] == "female" and p["dims"]["age"]["label"] == "25-30"
+    # two complete answers covering the same dimensions: the last one (the model corrected itself)
+    again = full.replace('"female", "confidence": 8', '"male", "confidence": 5')
+    assert parse_answer(full + "\nCorrection: " + again, TAX)["dims"]["gender"]["label"] == "male"
+    # a complete answer beats a truncated one that covers as many dimensions
+    cut = full[:-12]
+    assert parse_answer(full + " " + cut, TAX)["dims"]["education"]["evidence"] == "alumni"
+    # a truncated answer that covers more dimensions beats a complete quoted fragment
+    p = parse_answer('{"gender": {"label": "male", "confidence": 9}} ' + cut, TAX)
+    assert p["dims"]["gender"]["label"] == "female" and p["dims"]["education"] is None
+
+
+def test_parse_answer_spans_point_at_the_key_and_the_confidence_read():
+    text = ('<think>{"gender": "x"}</think> ```json\n{"Gender": {"label": "male", "CONFIDENCE": "8/10", '
+            '"evidence": "信心 9"}, "gender": {"label": "female", "Confidence ": 7}}\n```')
+    parsed, spans = cp.parse_answer_spans(text, TAX)
+    assert parsed["dims"]["gender"] == {"label": "female", "confidence": 7, "evidence": ""}  # the last duplicate
+    a, b = spans["gender"]["answer"]
+    assert text[a:b] == '"gender": {"label": "female", "Confidence ": 7}'
+    assert [text[x:y] for x, y in spans["gender"]["confidence"]] == ["7"]
+    assert set(spans) == {"gender"}
+    assert cp.parse_answer_spans("no answer", TAX) == (cp.empty_parse(TAX), {})

@@ -44,6 +44,12 @@ def test_quick_demo_writes_every_row(quick_run):
     for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py"):
         assert any(f" {script} " in line for line in shown), script
     assert any(line.startswith("$ torchrun --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
+    # The RL log carries what shows a label-free run going wrong before F1 does (DESIGN "Stage 2").
+    last = json.loads((out / "rl" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    for key in ("na_rate", "majority_ratio", "entropy", "probe_agreement", "kept", "format_fail", "confidence",
+                "zero_var_frac", "optimizer_step"):
+        assert key in last, key
+    assert 0.0 <= last["probe_agreement"] <= 1.0 and 0.0 <= last["majority_ratio"] <= 1.0
     # Finished SFT / RL outputs are HF checkpoints.
     for d in ("sft", "rl", "student_init"):
         assert (out / d / "config.json").exists() and (out / d / "model.safetensors").exists()
@@ -67,9 +73,9 @@ def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):
     shown = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
     for flags in ("--single-answer", "--weighting majority", "--method none", "--target labels_only",
                   "--difficulty off", "--quasi-label majority", "--confidence-weighting off", "--confidence-weighting live",
-                  "--advantage sequence", "--na-weight 1"):
+                  "--advantage sequence", "--na-weight 1", "--agreement weighted"):
         assert any(flags in line for line in shown), flags
     ablations = json.loads((out / "results.json").read_text(encoding="utf-8"))["ablations"]
-    assert len(ablations) == 11 and "full method" in ablations
+    assert len(ablations) == 12 and "full method" in ablations
     assert all(0.0 <= m["avg_f1"] <= 1.0 for m in ablations.values())
     assert "## Ablations" in (out / "results.md").read_text(encoding="utf-8")

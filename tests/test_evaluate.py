@@ -272,3 +272,13 @@ def test_cli_bad_input_is_one_line(tmp_path):
             evaluate.cli(args)
         assert isinstance(e.value.code, str) and "\n" not in e.value.code
         assert e.value.code.startswith("evaluate.py: error: ") and re.search(message, e.value.code), e.value.code
+
+
+def test_answers_without_a_confidence_are_reported():
+    # labels-only answers take part at τ = 0 only and in no calibration figure: their share is reported
+    preds = {"u1": {"a": P("x", None), "b": P("p", 3)}, "u2": {"a": P("x", 6), "b": None}}
+    m = evaluate.evaluate(preds, USERS[:2], TAXONOMY)
+    assert m["no_confidence_rate"] == pytest.approx(1 / 3)  # answered: u1.a (none), u1.b, u2.a
+    assert m["mean_confidence"] == pytest.approx(4.5)       # 3 and 6: the labels-only answer is invisible here
+    assert "answers without a confidence = 0.333" in evaluate.render_report(m)
+    assert evaluate.evaluate(PREDS, USERS, TAXONOMY)["no_confidence_rate"] == 0.0

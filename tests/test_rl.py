@@ -47,9 +47,37 @@ def test_quasi_labels_confidence_vs_majority_and_broken_answers_do_not_vote():
 
 
 def test_difficulty_rollout_and_stage1():
-    quasi = {"gender": {"label": "male", "pooled_confidence": 7.0}, "age": None}
-    assert rl.difficulty(quasi) == pytest.approx(3.5)  # a dimension nobody answered counts as 0
-    assert rl.difficulty(quasi, {"gender": 3, "age": 8}) == pytest.approx(5.5)
+    quasi = {"gender": {"label": "male", "pooled_confidence": 7.0, "n_valid": 8}, "age": None}
+    assert rl.difficulty(quasi, 8) == pytest.approx(3.5)  # a dimension nobody answered counts as 0
+    assert rl.difficulty(quasi, 8, {"gender": 3, "age": 8}) == pytest.approx(5.5)
+
+
+def test_difficulty_counts_rollouts_without_a_valid_answer_against_agreement():
+    # 1 of 8 rollouts parses (confidence 8 on both dimensions): the vote alone says 8.0 ("too easy"),
+    # but 7 of 8 rollouts failed: 8 * 1/8 = 1.0 per dimension, a hard user
+    parsed = [answer("male", 8, "18-24", 8)] + [BROKEN] * 7
+    quasi = rl.quasi_labels(parsed, TAX)
+    assert quasi["gender"]["pooled_confidence"] == 8.0 and quasi["gender"]["n_valid"] == 1
+    assert rl.difficulty(quasi, 8) == pytest.approx(1.0)
+    # 6 valid of 8, gender split 3 male@6 / 3 female@4 (male: 18/30 * 6 = 3.6), age unanimous @5 (5.0)
+    parsed = [answer("male", 6, "25-30", 5)] * 3 + [answer("female", 4, "25-30", 5)] * 3 + [BROKEN] * 2
+    assert rl.difficulty(rl.quasi_labels(parsed, TAX), 8) == pytest.approx((3.6 * 6 / 8 + 5.0 * 6 / 8) / 2)
+
+
+def test_difficulty_filter_sees_failed_rollouts_end_to_end(tiny_checkpoint):
+    """score_profiles: a user with 1 parseable rollout of 8 is too hard under [3, 7], not too easy."""
+    from rollout import load_tokenizer, stop_ids_for
+    tax = load_taxonomy()
+    tok = load_tokenizer(tiny_checkpoint)
+    eos = stop_ids_for(tok)[0]
+    good = {d: {"label": s["classes"][0], "confidence": 8, "evidence": "x"} for d, s in tax["dimensions"].items()}
+    texts = [format_answer(good, tax)] + ["no answer here"] * 7
+    samples = [Sample(tok.encode(t, add_special_tokens=False) + [eos], [0.0], "stop") for t in texts]
+    cfg = rl.RLConfig(num_generations=8, low=3.0, high=7.0)
+    scored = rl.score_profiles([samples], [{"user_id": "u1"}], tax, tok, cfg)
+    assert scored.keep == [False]
+    assert (scored.stats["too_hard"], scored.stats["too_easy"]) == (1, 0)
+    assert scored.stats["difficulty_sum"] == pytest.approx(1.0)
 
 
 def test_difficulty_mask_counts_easy_and_hard_with_inclusive_bounds():
@@ -72,27 +100,69 @@ QUASI = {"gender": {"label": "male", "pooled_confidence": 6.0}, "age": {"label":
     ("off", (1 - 1) / 2),
 ])
 def test_rollout_reward_each_weighting(weighting, expected):
-    r = rl.rollout_reward(answer("male", 8, "18-24", 5), QUASI, weighting, {"gender": 3, "age": 6})
+    r = rl.rollout_reward(answer("male", 8, "18-24", 5), QUASI, weighting, {"gender": 3, "age": 6}, "weighted")
     assert r == pytest.approx(expected)
+    # flat agreement: the agreeing gender earns 1 whatever its weight; the disagreeing age keeps its cost
+    flat = rl.rollout_reward(answer("male", 8, "18-24", 5), QUASI, weighting, {"gender": 3, "age": 6}, "flat")
+    assert flat == pytest.approx({"rollout_masked": (1 - 0.5) / 2, "live": (1 - 0.5) / 2, "stage1": (1 - 0.6) / 2,
+                                  "off": (1 - 1) / 2}[weighting])
 
 
 def test_rollout_reward_format_failure_and_missing_quasi_label():
     assert rl.rollout_reward(BROKEN, QUASI, "rollout_masked") == -1.0
     # no quasi label for age: its term is 0, but |D| stays 2
-    assert rl.rollout_reward(answer("male", 8, "18-24", 5), {**QUASI, "age": None}, "rollout_masked") == pytest.approx(0.4)
+    assert rl.rollout_reward(answer("male", 8, "18-24", 5), {**QUASI, "age": None}, "rollout_masked",
+                             agreement="weighted") == pytest.approx(0.4)
+    assert rl.rollout_reward(answer("male", 8, "18-24", 5), {**QUASI, "age": None}, "rollout_masked") == pytest.approx(0.5)
 
 
 def test_dimension_rewards_split_the_reward_by_dimension():
     # own confidences 8 (agrees) and 5 (disagrees): r_gender = 0.8, r_age = -0.5; their mean is r_j
     parsed = answer("male", 8, "18-24", 5)
-    assert rl.dimension_rewards(parsed, QUASI, "rollout_masked") == pytest.approx([0.8, -0.5])
-    assert rl.dimension_rewards(parsed, QUASI, "stage1", {"gender": 3, "age": 6}) == pytest.approx([0.3, -0.6])
-    assert rl.dimension_rewards(parsed, {**QUASI, "age": None}, "off") == pytest.approx([1.0, 0.0])
+    weighted = dict(agreement="weighted")
+    assert rl.dimension_rewards(parsed, QUASI, "rollout_masked", **weighted) == pytest.approx([0.8, -0.5])
+    assert rl.dimension_rewards(parsed, QUASI, "stage1", {"gender": 3, "age": 6}, **weighted) == pytest.approx([0.3, -0.6])
+    assert rl.dimension_rewards(parsed, {**QUASI, "age": None}, "off", **weighted) == pytest.approx([1.0, 0.0])
+    assert rl.dimension_rewards(parsed, QUASI, "rollout_masked") == pytest.approx([1.0, -0.5])  # flat, the default
     assert rl.dimension_rewards(BROKEN, QUASI, "rollout_masked") == [-1.0, -1.0]
     missing = {"format_ok": True, "dims": {"gender": None, "age": {"label": "25-30", "confidence": 4, "evidence": ""}}}
-    assert rl.dimension_rewards(missing, QUASI, "rollout_masked") == pytest.approx([-1.0, 0.4])
+    assert rl.dimension_rewards(missing, QUASI, "rollout_masked", **weighted) == pytest.approx([-1.0, 0.4])
+    assert rl.dimension_rewards(missing, QUASI, "rollout_masked") == pytest.approx([-1.0, 1.0])
     for p in (parsed, BROKEN, missing):
-        assert sum(rl.dimension_rewards(p, QUASI, "rollout_masked")) / 2 == pytest.approx(rl.rollout_reward(p, QUASI, "rollout_masked"))
+        for agreement in ("weighted", "flat"):
+            assert sum(rl.dimension_rewards(p, QUASI, "rollout_masked", agreement=agreement)) / 2 == pytest.approx(
+                rl.rollout_reward(p, QUASI, "rollout_masked", agreement=agreement))
+
+
+def test_a_dimension_without_a_stated_confidence_is_never_cheaper():
+    # {"gender": "female"} parses (labels-only), but in Stage 2 it is a format failure of that dimension:
+    # -1 whether its label agrees or not, never -0.1 (the weight of an unstated confidence of 1)
+    labels_only = {"format_ok": True, "dims": {"gender": {"label": "female", "confidence": None, "evidence": ""},
+                                               "age": {"label": "25-30", "confidence": 4, "evidence": ""}}}
+    for weighting in ("rollout_masked", "live", "stage1", "off"):
+        r = rl.dimension_rewards(labels_only, QUASI, weighting, {"gender": 3, "age": 6})
+        assert r[0] == -1.0
+        stated = rl.dimension_rewards(answer("female", 1, "25-30", 4), QUASI, weighting, {"gender": 3, "age": 6})
+        assert stated[0] >= r[0] and r[1] == stated[1]
+    # and it does not vote: the quasi label of gender comes from the stated answers only
+    q = rl.quasi_labels([labels_only, labels_only, answer("male", 2, "25-30", 4)], TAX)
+    assert q["gender"]["label"] == "male" and q["gender"]["n_valid"] == 1
+
+
+@pytest.mark.parametrize("agreement", ["weighted", "flat"])
+def test_agreement_reward_weighted_or_flat(agreement):
+    # own confidences 8 (agrees) and 5 (disagrees)
+    r = rl.dimension_rewards(answer("male", 8, "18-24", 5), QUASI, "rollout_masked", agreement=agreement)
+    assert r == pytest.approx({"weighted": [0.8, -0.5], "flat": [1.0, -0.5]}[agreement])
+    # a group that agrees on every label, with different stated confidences
+    group = [answer("male", c, "25-30", 10 - c) for c in (3, 5, 7, 9)]
+    dim_rewards = torch.tensor([[rl.dimension_rewards(p, QUASI, "rollout_masked", agreement=agreement)
+                                 for p in group]], dtype=torch.float64)
+    adv = rl.group_advantages(dim_rewards)
+    if agreement == "flat":
+        assert adv.abs().max().item() == 0.0  # everyone agrees: exactly zero advantage
+    else:
+        assert adv.abs().max().item() > 1.0  # ranked by their own stated confidence
 
 
 def test_quasi_labels_with_na_discounted():
@@ -105,19 +175,32 @@ def test_quasi_labels_with_na_discounted():
     assert q["age"]["label"] == "18-24" and q["age"]["pooled_confidence"] == pytest.approx(12 / 14 * 6)
 
 
-def test_dimension_token_index_follows_the_keys():
+def token_maps(tok, ids, tax=TAX, stop_ids=()):
+    """The two token maps of one completion, as score_profiles computes them."""
+    from confprofile import parse_answer_spans
+    text, ends = rl.completion_char_ends(tok, ids, set(stop_ids))
+    _, spans = parse_answer_spans(text, tax)
+    return rl.confidence_token_mask(ends, spans), rl.dimension_token_index(ends, spans, tax)
+
+
+def test_dimension_token_index_follows_the_parsed_answers():
     tok = qwen3_tokenizer()
     text = '<think>"gender": maybe</think>' + format_answer(PROFILE, TAX)
-    ids = tok.encode(text, add_special_tokens=False)
-    dims = rl.dimension_token_index(tok, ids, TAX)
+    ids = tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    _, dims = token_maps(tok, ids, stop_ids=[ids[-1]])
     pieces = [tok.decode([t]) for t in ids]
     by_dim = {k: "".join(p for p, d in zip(pieces, dims) if d == k) for k in (-1, 0, 1)}
-    # the <think> block (with its fake key) and the opening brace are outside; each answer runs to the
-    # next key; a token goes where its first character is (Qwen merges '{"' and ' "' into one token)
-    assert by_dim[-1] == '<think>"gender": maybe</think>{"'
-    assert by_dim[0] == 'gender": {"label": "female", "confidence": 8, "evidence": "makeup tutorials, 10 posts"}, "'
-    assert by_dim[1] == 'age": {"label": "25-30", "confidence": 10, "evidence": "self-reported 27"}}'
-    assert rl.dimension_token_index(tok, tok.encode("no answer", add_special_tokens=False), TAX) == [-1, -1]
+    # a token gets a dimension's advantage only if all of it lies in that dimension's answer (key to end
+    # of value): the <think> block, the opening '{"', the '}, "' between the answers, the closing '}}'
+    # and the end-of-turn token get the rollout's advantage, not the neighbouring dimension's
+    assert by_dim[-1] == '<think>"gender": maybe</think>{"' + '"}, "' + '"}}' + "<|im_end|>"
+    assert by_dim[0] == 'gender": {"label": "female", "confidence": 8, "evidence": "makeup tutorials, 10 posts'
+    assert by_dim[1] == 'age": {"label": "25-30", "confidence": 10, "evidence": "self-reported 27'
+    assert token_maps(tok, tok.encode("no answer", add_special_tokens=False))[1] == [-1, -1]
+    # a key's opening quote never goes to the previous dimension, whatever the tokenizer merged it with
+    for k, (p, d) in enumerate(zip(pieces, dims)):
+        if '"age' in p or p.endswith(' "') and pieces[k + 1].startswith("age"):
+            assert d != 0
 
 
 def test_token_advantages_per_dimension():
@@ -126,6 +209,19 @@ def test_token_advantages_per_dimension():
 
 # -----------------------------------------------------------------------------
 # advantages
+
+
+def test_equal_rewards_give_exactly_zero_advantage_and_count_as_zero_variance():
+    # eight rewards of 0.8 (and 0.1 + 0.7 vs 0.7 + 0.1 sums): the float32 mean of such rewards is not
+    # exactly 0.8, and a plain (r - mean) / (std + eps) gives all eight rollouts the same small sign
+    rewards = torch.full((1, 8), 0.8)
+    assert rl.group_advantages(rewards).abs().max().item() == 0.0
+    assert rl.group_advantages(rewards, "none").abs().max().item() == 0.0
+    sums = torch.tensor([[0.1 + 0.7, 0.7 + 0.1, 0.8, 0.2 + 0.6]], dtype=torch.float64)
+    assert rl.flat_groups(sums).tolist() == [[True]]
+    assert rl.group_advantages(sums).abs().max().item() == 0.0
+    mixed = torch.tensor([[0.8] * 7 + [0.7]])
+    assert not rl.flat_groups(mixed).any() and rl.group_advantages(mixed).abs().min().item() > 0.1
 
 
 def test_group_advantages_scaled_unscaled_and_zero_variance():
@@ -229,11 +325,47 @@ def test_confidence_token_mask_with_the_qwen3_tokenizer():
     tok = qwen3_tokenizer()
     text = format_answer(PROFILE, TAX) + ' {"note": {"confidence": "7/10"}}'
     ids = tok.encode(text, add_special_tokens=False)
-    mask = rl.confidence_token_mask(tok, ids)
+    mask, _ = token_maps(tok, ids)
     masked = "".join(tok.decode([t]) for t, m in zip(ids, mask) if m)
-    # exactly the stated numbers (Qwen splits digits one per token), and not the "10" inside the evidence
-    assert masked.replace(" ", "") == "8" + "10" + "7/10"
+    # exactly the stated numbers the reward reads (Qwen splits digits one per token): not the "10"
+    # inside the evidence, nor a "confidence" outside the answer's dimensions
+    assert masked.replace(" ", "") == "8" + "10"
     assert all(set(tok.decode([t])) <= set("0123456789/ ") for t, m in zip(ids, mask) if m)
+
+
+SPELLINGS = ('{"gender": {"label": "male", "Confidence": 9, "evidence": "自称男生，喜欢篮球鞋"}, '
+             '"age": {"label": "18-24", "CONFIDENCE": "8/10", "evidence": "大学宿舍 10 人"}}',
+             '{"gender": {"label": "female", "confidence ": 7, "evidence": "美甲 and 口红"}, '
+             '"age": {"label": "25-30", "confidence": 6.0, "evidence": "工作 5 年"}}')
+
+
+def masked_confidences(tok, text):
+    from confprofile import parse_answer
+    ids = tok.encode(text, add_special_tokens=False)
+    mask, _ = token_maps(tok, ids)
+    parsed = parse_answer(text, TAX)
+    return "".join(tok.decode([t]) for t, m in zip(ids, mask) if m), parsed
+
+
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_every_confidence_the_parser_reads_is_masked_qwen3(text):
+    """The mask comes from the parser: any spelling of the key it accepts ("Confidence", "CONFIDENCE",
+    "confidence "), any value form ("8/10", 6.0), Chinese evidence around it."""
+    masked, parsed = masked_confidences(qwen3_tokenizer(), text)
+    assert all(v is not None and v["confidence"] for v in parsed["dims"].values())
+    expected = {SPELLINGS[0]: ["9", '"8/10"'], SPELLINGS[1]: ["7", "6.0"]}[text]
+    for value in expected:
+        assert value.replace('"', "") in masked.replace('"', "")
+    assert not any(ch in masked for ch in "男女大学工作美甲")
+
+
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_every_confidence_the_parser_reads_is_masked_demo_tokenizer(tiny_checkpoint, text):
+    from rollout import load_tokenizer
+    masked, parsed = masked_confidences(load_tokenizer(tiny_checkpoint), text)
+    assert all(v is not None and v["confidence"] for v in parsed["dims"].values())
+    digits = "".join(ch for ch in masked if ch.isdigit())
+    assert digits == {SPELLINGS[0]: "9810", SPELLINGS[1]: "760"}[text]  # the numbers, not "10 人" or "5 年"
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +401,7 @@ def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tin
     cfg = rl.RLConfig(confidence_weighting=weighting, num_generations=2)
     scored = rl.score_profiles([samples], [user], tax, tok, cfg)
     assert scored.stats["format_fail"] == 0
-    conf = [rl.confidence_token_mask(tok, s.tokens) for s in samples]
+    conf = [token_maps(tok, s.tokens, tax, [eos])[0] for s in samples]
     assert all(sum(c) >= 6 for c in conf)  # six stated confidences per answer
     adv = rl.group_advantages(scored.rewards)[0]
     assert adv.abs().min() > 0.5  # the two rollouts got different rewards
@@ -295,6 +427,31 @@ def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tin
             assert (on_conf > 0).all()
 
 
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_score_profiles_masks_every_confidence_spelling(tiny_checkpoint, text):
+    """The loss mask score_profiles builds: every confidence the reward reads is frozen."""
+    from rollout import load_tokenizer, stop_ids_for
+    tok = load_tokenizer(tiny_checkpoint)
+    eos = stop_ids_for(tok)[0]
+    samples = [Sample(tok.encode(text, add_special_tokens=False) + [eos], [0.0], "stop")] * 2
+    scored = rl.score_profiles([samples], [{"user_id": "u1"}], TAX, tok, rl.RLConfig(num_generations=2))
+    frozen = "".join(tok.decode([t]) for t, m in zip(samples[0].tokens, scored.token_masks[0][0]) if m == 0)
+    assert "".join(ch for ch in frozen if ch.isdigit()) == {SPELLINGS[0]: "9810", SPELLINGS[1]: "760"}[text]
+
+
+def test_score_profiles_gives_braces_and_end_of_turn_the_rollout_advantage():
+    tok = qwen3_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok.encode(format_answer(PROFILE, TAX), add_special_tokens=False) + [eos]
+    scored = rl.score_profiles([[Sample(ids, [0.0], "stop")] * 2], [{"user_id": "u1"}], TAX, tok,
+                               rl.RLConfig(num_generations=2))
+    dims = scored.token_dims[0][0]
+    assert dims[-1] == -1                               # the end-of-turn token
+    assert tok.decode([ids[-2]]) == '"}}' and dims[-2] == -1  # the closing braces
+    first_age = next(k for k, t in enumerate(ids) if "age" in tok.decode([t]))
+    assert all(d != 0 for d in dims[first_age - 1:first_age + 1])  # '}, "' + 'age': not gender's
+
+
 def test_per_dimension_advantages_reach_only_the_dimension_that_differs(tiny_checkpoint):
     """Two rollouts that agree on five dimensions and differ on gender: with advantage=dimension only
     the gender answer's tokens (and those outside every answer) carry an advantage; with one
@@ -309,8 +466,8 @@ def test_per_dimension_advantages_reach_only_the_dimension_that_differs(tiny_che
     samples = [Sample(tok.encode(format_answer(p, tax), add_special_tokens=False) + [eos], [], "stop") for p in profiles]
     cfg = rl.RLConfig(num_generations=2)
     scored = rl.score_profiles([samples], [{"user_id": "u1"}], tax, tok, cfg)
-    # quasi gender = male (S 7 > 3): rewards 0.7 and -0.3 on gender, equal elsewhere
-    assert scored.dim_rewards[0, :, 0].tolist() == pytest.approx([0.7, -0.3])
+    # quasi gender = male (S 7 > 3): rewards 1 and -0.3 on gender, equal elsewhere
+    assert scored.dim_rewards[0, :, 0].tolist() == pytest.approx([1.0, -0.3])  # flat: agreeing earns 1
     assert scored.dim_rewards[0, 0, 1:].tolist() == scored.dim_rewards[0, 1, 1:].tolist()
     from confprofile import parse_answer
     parsed = [parse_answer(format_answer(p, tax), tax) for p in profiles]
@@ -327,6 +484,14 @@ def test_per_dimension_advantages_reach_only_the_dimension_that_differs(tiny_che
         assert all(a == 0.0 for a, d in zip(adv, dims) if d > 0)       # five equal dimensions: no signal
         assert all(abs(a) > 0.5 for a, d in zip(adv, dims) if d <= 0)  # gender (and the brace) carry it
     assert (seq_adv.abs() > 0.5).all()  # the whole-rollout advantage would push every token
+
+
+def test_label_agreement_by_hand():
+    a = [answer("male", 8, "18-24", 5), answer("female", 3, "25-30", 6)]
+    b = [answer("male", 2, "25-30", 5), BROKEN]
+    # pairs: (male, male) (18-24, 25-30) (female, None) (25-30, None): 1 of 4
+    assert rl.label_agreement(a, b) == pytest.approx(0.25)
+    assert rl.label_agreement([BROKEN], [BROKEN]) == 1.0 and rl.label_agreement(a, a) == 1.0
 
 
 def test_prompt_shared_packs_give_the_logprobs_of_one_plain_forward_per_completion():
@@ -396,6 +561,59 @@ def test_twenty_grpo_steps_raise_a_learnable_reward(tmp_path):
     # same function, same weights, same temperature: sampler and trainer logprobs agree
     assert max(r["lp_diff_max"] for r in m) < 1e-4
     assert any(r["clip_region"] > 0 for r in m)  # the 2nd pass moves ratios off 1 enough to clip sometimes
+
+
+def test_no_optimizer_step_when_the_filter_keeps_nothing(tmp_path):
+    """A step that keeps no user has zero gradients, but AdamW's momentum would still move the weights:
+    two steps whose second keeps nothing end where one step ends."""
+    def batch(step):
+        prompts, score = toy_batch(step)
+
+        def keep_none_at_step_1(groups):
+            scored = score(groups)
+            scored.keep = [step == 0] * len(groups)
+            return scored
+        return prompts, keep_none_at_step_1
+    one, two = toy_model(), toy_model()
+    rl.train(toy_config(tmp_path / "one", max_steps=1), one, batch, stop_ids=[])
+    rl.train(toy_config(tmp_path / "two", max_steps=2), two, batch, stop_ids=[])
+    assert all(torch.equal(p, q) for p, q in zip(one.parameters(), two.parameters()))
+    last = read_metrics(tmp_path / "two")[-1]
+    assert last["optimizer_step"] == 0 and last["kept"] == 0 and last["loss_seqs"] == 0
+
+
+def test_entropy_and_clip_metrics_cover_every_kept_rollout_whatever_beta(tmp_path):
+    """TRL's definitions: over the loss tokens of the whole batch, not only the rows that get a gradient
+    (with beta = 0 a zero-advantage rollout is not trained, with beta > 0 it is)."""
+    def batch(step):
+        prompts = [[1, 2], [4, 5, 6]]
+
+        def score(groups):  # group 0 has equal rewards (zero advantage), group 1 not
+            rewards = torch.tensor([[0.5] * len(groups[0]), [float(t == TARGET) for t in range(len(groups[1]))]])
+            return rl.Scored(rewards, [True, True], [[[1] * len(s.tokens) for s in g] for g in groups])
+        return prompts, score
+    out = {}
+    for beta in (0.0, 0.05):
+        rl.train(toy_config(tmp_path / str(beta), beta=beta, max_steps=1), toy_model(), batch, stop_ids=[],
+                 ref_model=toy_model() if beta else None)
+        out[beta] = read_metrics(tmp_path / str(beta))[0]
+    assert out[0.0]["entropy"] == pytest.approx(out[0.05]["entropy"], rel=1e-6)
+    assert out[0.0]["loss_seqs"] == out[0.05]["loss_seqs"] == 16
+    assert out[0.05].get("trained_seqs", 16) == 16 and out[0.0].get("trained_seqs", 8) == 8
+
+
+def test_step_metrics_normalise_over_iterations_and_all_loss_tokens():
+    groups = [[Sample([1, 2, 3], [0.0] * 3, "stop"), Sample([4], [0.0], "length")]]
+    scored = rl.Scored(torch.tensor([[1.0, 0.0]], dtype=torch.float64), [True], [[[1, 1, 0], [1]]])
+    sums = {"loss": 0.6, "entropy": 1.5, "kl": 0.0, "clip_low": 1.0, "clip_high": 2.0, "clip_region": 3.0,
+            "lp_diff": 0.0, "lp_tokens": 4, "lp_diff_max": 0.0, "forward_tokens": 10, "seqs": 2, "loss_tokens": 3,
+            "trained_seqs": 2}
+    cfg = rl.RLConfig(num_generations=2, num_iterations=2)
+    m = rl.step_metrics(groups, scored, sums, 0.5, True, 1e-3, cfg, 1.0, 1.0, torch.device("cpu"))
+    assert m["loss"] == pytest.approx(0.3)            # mean over the 2 optimizer steps
+    assert m["entropy"] == pytest.approx(1.5 / 3)     # over the 3 loss tokens
+    assert m["clip_region"] == pytest.approx(3.0 / (2 * 3)) and m["clip_low"] == pytest.approx(1 / 6)
+    assert m["reward_mean"] == 0.5 and m["truncated_frac"] == 0.5 and m["completion_len"] == 2.0
 
 
 def test_resume_equals_uninterrupted(tmp_path):
