@@ -753,7 +753,7 @@ QUICK_RL = ["--max-steps", "3"]
 def _stage(name, argv, out, log, done=True):
     """Run `python argv...` as its own process unless out/.done/<name> says it already finished."""
     marker = os.path.join(out, ".done", name)
-    torchrun = argv[0] == "torchrun"  # argv = ["torchrun", "--nproc_per_node=K", script, ...] or [script, ...]
+    torchrun = argv[0] == "torchrun"  # argv = ["torchrun", "--standalone", "--nproc_per_node=K", script, ...] or [script, ...]
     shown = ("" if torchrun else "python ") + " ".join(_quote(a) for a in argv)
     if done and os.path.exists(marker):
         print(f"[skip] {name}: finished earlier ({marker})", flush=True)
@@ -770,7 +770,8 @@ def _stage(name, argv, out, log, done=True):
     argv = [str(a) for a in argv]
     prefix, env = [sys.executable], None
     if torchrun:  # `python -m torch.distributed.run` is what the torchrun command runs; one thread per process
-        prefix, argv = [sys.executable, "-m", "torch.distributed.run", argv[1]], argv[2:]
+        n = next(i for i, a in enumerate(argv) if i and not a.startswith("--"))  # torchrun's options end at the script
+        prefix, argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:n]], argv[n:]
         env = dict(os.environ, OMP_NUM_THREADS="1")
     script = argv[0] if os.path.exists(argv[0]) else os.path.join(ROOT, argv[0])  # run from any folder
     subprocess.run(prefix + [script] + argv[1:], check=True, env=env)
@@ -855,7 +856,8 @@ def run_demo(cfg):
     save_config(cfg, out, "demo_config.json")
     # A tiny model's matmuls do not split well over threads: on 2 cores, 2 data-parallel processes of
     # one thread each train ~2x faster than one process with 2 threads.
-    launch = ["torchrun", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
+    # --standalone: torchrun picks a free port, so two demos (or a demo and the tests) can run at once.
+    launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
     taxonomy = load_taxonomy()
     for key in ("sft_config", "rl_config"):  # configs/ of the repository unless the path exists as given
         if not os.path.exists(getattr(cfg, key)):

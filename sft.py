@@ -41,6 +41,7 @@ Helpers rl.py reuses (names are stable):
     all_reduce_sum(tensor)                    sum over processes (a no-op in one process)
 """
 import contextlib
+import gc
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  before any process group exists: see cleanup_distributed
 import torch.distributed as dist
 import torch.nn.functional as F
 
@@ -135,8 +137,22 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    """Destroy the process group so that its gloo worker threads are joined while Python is alive.
+
+    Why it matters: a gloo worker thread drops its reference to a finished collective (and to the
+    tensors it holds) only after the caller's wait() has returned, and dropping a tensor that has a
+    Python object takes the GIL. If the interpreter is already finalising by then, the thread cannot
+    take the GIL: it exits inside a C++ destructor and the process dies with "terminate called without
+    an active exception" (SIGABRT; about one torchrun run in ten on a busy 2-core machine). Joining the
+    workers here rules that out -- but destroy_process_group only frees the group if nothing else
+    holds it, and torch.distributed.nn.functional does: its functions take `group=group.WORLD` as a
+    default argument, evaluated when the module is imported. torch._dynamo imports it, and the first
+    optimizer torch builds imports torch._dynamo; after init_process_group that pinned the group for
+    good. So this file imports torch._dynamo at its top, before any group exists (the defaults are then
+    None), and gc.collect() frees what waits in reference cycles (a DistributedDataParallel wrapper)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def is_distributed():

@@ -43,7 +43,7 @@ def test_quick_demo_writes_every_row(quick_run):
     shown = [line for line in stdout.splitlines() if line.startswith("$ ")]
     for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py"):
         assert any(f" {script} " in line for line in shown), script
-    assert any(line.startswith("$ torchrun --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
+    assert any(line.startswith("$ torchrun --standalone --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
     # Finished SFT / RL outputs are HF checkpoints.
     for d in ("sft", "rl", "student_init"):
         assert (out / d / "config.json").exists() and (out / d / "model.safetensors").exists()

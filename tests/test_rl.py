@@ -417,10 +417,15 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 DDP_SCRIPT = r'''
-import json, sys, torch
+import json, os, sys, threading, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import rl, test_rl as T
 from sft import setup_distributed, cleanup_distributed
+
+def native_threads():  # threads Python did not start: gloo's workers, among others
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+before = native_threads()
 rank, world, _, _ = setup_distributed()
 model = T.toy_model()
 cfg = T.toy_config(sys.argv[2], max_steps=3)
@@ -432,9 +437,14 @@ rl.train(cfg, model, batch, stop_ids=[], rank=rank, world_size=world)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 copies = [torch.zeros_like(flat) for _ in range(world)]
 torch.distributed.all_gather(copies, flat)
+
+def say(record):  # one write per line: torchrun runs python -u, and the ranks share the pipe
+    sys.stdout.write(json.dumps(record) + "\n")
+
 if rank == 0:
-    print(json.dumps({"same": all(torch.equal(copies[0], c) for c in copies), "moved": (flat != T.toy_model_flat()).any().item()}))
+    say({"same": all(torch.equal(copies[0], c) for c in copies), "moved": (flat != T.toy_model_flat()).any().item()})
 cleanup_distributed()
+say({"rank": rank, "threads_left": native_threads() - before})
 '''
 
 
@@ -443,15 +453,19 @@ def toy_model_flat():
 
 
 def test_two_process_torchrun_sums_gradients_over_ranks(tmp_path):
+    """Also (#13 item 0): cleanup_distributed leaves no gloo thread behind. A worker thread alive when
+    the interpreter finalises can abort the process at exit (sft.cleanup_distributed says why)."""
     import subprocess
     import sys
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), root,
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    # --standalone: a free port of its own, so that concurrent test runs on one machine never clash
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), root, str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"same": True, "moved": True}  # every rank applied the same (summed) update
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {"same": True, "moved": True} in lines  # every rank applied the same (summed) update
+    assert sorted((r["rank"], r["threads_left"]) for r in lines if "rank" in r) == [(0, 0), (1, 0)]
     m = read_metrics(tmp_path / "out")
     assert [r["loss_seqs"] for r in m] == [32.0, 32.0, 32.0]  # the normaliser counts both ranks' rollouts

@@ -215,7 +215,8 @@ def test_torchrun_two_processes_same_update_as_one(world):
     # ~lr, so a small lr keeps the comparison about the gradients, not Adam's amplification of noise.
     args = dict(max_steps=2, grad_accum=1, eval_every=2, lr=1e-4, warmup_steps=1)
     sft.main(run_args(world, one, **args))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "sft.py",
+    # --standalone: a free port of its own, so that concurrent test runs on one machine never clash
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
            *run_args(world, two, **args)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
