@@ -12,8 +12,8 @@ import json
 import math
 import os
 import re
+import secrets
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TAXONOMY = os.path.join(ROOT, "taxonomy.json")
@@ -23,11 +23,12 @@ DEFAULT_TAXONOMY = os.path.join(ROOT, "taxonomy.json")
 
 
 def atomic_write_text(path, text):
-    """Write a whole file atomically: a temp file in the same folder, fsync, then rename over."""
+    """Write a whole file atomically: a temp file in the same folder, fsync, rename over, fsync the folder.
+    The file gets the mode a plain open() gives (0666 minus the umask), not mkstemp's private 0600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -38,6 +39,40 @@ def atomic_write_text(path, text):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(folder)
+
+
+def _create_temp(folder, name):
+    """(fd, path) of a new file `.tmp-<random>-<name>` in `folder`, created with mode 0666 & ~umask."""
+    while True:
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def fsync_file(path):
+    """Flush a file that someone else wrote (safetensors, torch) from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder):
+    """Make renames and new files in `folder` durable (a crash right after a rename may otherwise lose it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. Windows: directories cannot be opened; nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not fsync directories
+    finally:
+        os.close(fd)
 
 
 def dumps_line(record):

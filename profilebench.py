@@ -672,6 +672,8 @@ def main(argv=None):
     parser.add_argument("--lang", default="en", choices=sorted(TEMPLATES), help="language of all texts")
     parser.add_argument("--taxonomy", default=None, help="taxonomy JSON (default: taxonomy.json)")
     args = parser.parse_args(argv)
+    if args.n_train < 0 or args.n_test < 0:
+        parser.error("--n-train and --n-test must be >= 0")
     taxonomy = confprofile.load_taxonomy(args.taxonomy)
     cfg = WorldConfig()
     train, train_labels, test = make_world(args.n_train, args.n_test, args.seed, args.lang, taxonomy, cfg)

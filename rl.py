@@ -73,6 +73,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -920,6 +921,7 @@ def run(cfg, rank, world_size, device):
         return None
     if main_process:
         save_model(model, cfg.output_dir, tokenizer_dir=cfg.model)
+        shutil.rmtree(os.path.join(cfg.output_dir, "train_state"), ignore_errors=True)  # finished: 3x the model, dead weight
         print(f"saved the final checkpoint to {cfg.output_dir} ({time.time() - t0:.0f}s of RL)", flush=True)
     barrier()
     return cfg.output_dir

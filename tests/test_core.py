@@ -452,6 +452,27 @@ def test_vote_formula_functions_directly():
         vote([], TAX, weighting="mean")
 
 
+# -----------------------------------------------------------------------------
+# Files
+
+
+def test_atomic_write_text_gives_the_usual_file_mode(tmp_path):
+    """#13 item 13: files written through atomic_write_text (config.json, sft.jsonl, ...) get what a plain
+    open() gives, 0666 minus the umask -- not mkstemp's private 0600 -- and no temp file is left."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        cp.atomic_write_text(tmp_path / "a.json", "{}\n")
+        os.umask(0o027)
+        cp.write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "b.jsonl").st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.jsonl"]
+
+
 def test_tests_are_fast_enough():
     t0 = time.perf_counter()
     for _ in range(2000):

@@ -240,6 +240,23 @@ def test_missing_unexpected_or_misshapen_tensor_is_an_error_naming_it(checkpoint
         load_model(tmp_path)
 
 
+def test_shard_names_outside_the_checkpoint_are_refused(checkpoints, tmp_path):
+    """#13 item 13: model.safetensors.index.json may only name files inside the checkpoint directory.
+    A shard named "../x.safetensors" (or an absolute path) was read from wherever it pointed."""
+    src = checkpoints["qwen3_sharded"]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    index = json.load(open(os.path.join(src, "model.safetensors.index.json")))
+    for name in set(index["weight_map"].values()):  # the real shards, one level up: outside the checkpoint
+        (tmp_path / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    (ckpt / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    for bad in ("../{}", str(tmp_path) + "/{}", "sub/{}", "..\\{}"):
+        weight_map = {k: bad.format(v) for k, v in index["weight_map"].items()}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(ValueError, match=r"index\.json: weight_map\[.*\]: shard .* is not a plain file name"):
+            load_model(ckpt)
+
+
 def test_unsupported_architecture_is_an_error_naming_it(checkpoints, tmp_path):
     config = json.load(open(os.path.join(checkpoints["llama3"], "config.json")))
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))

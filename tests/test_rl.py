@@ -416,6 +416,35 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [r["reward_mean"] for r in ma] == [r["reward_mean"] for r in mb]
 
 
+# -----------------------------------------------------------------------------
+# rl.py end to end on the tiny student (a few seconds): files, resume checks, config checks
+
+
+@pytest.fixture(scope="module")
+def rl_world(tmp_path_factory, tiny_checkpoint):
+    import profilebench
+    d = tmp_path_factory.mktemp("rl_world")
+    profilebench.main(["--out", str(d / "world"), "--n-train", "8", "--n-test", "2", "--seed", "3"])
+    return d
+
+
+def rl_args(tiny_checkpoint, rl_world, out, **over):
+    cfg = dict(model=tiny_checkpoint, data=str(rl_world / "world" / "train.jsonl"), output_dir=str(out), batch_size=2,
+               num_generations=2, max_new_tokens=6, max_steps=3, save_every=1, micro_batch_size=4, difficulty="off",
+               lr=1e-3, warmup_steps=0, seed=0)
+    cfg.update(over)
+    return [f"--{k}={v}" for k, v in cfg.items()]
+
+
+def test_rl_main_leaves_no_train_state_after_the_final_checkpoint(tiny_checkpoint, rl_world):
+    """#13 item 13: like sft.py, a finished run removes its resumable state (3x the model)."""
+    out = rl_world / "finished"
+    assert rl.main(rl_args(tiny_checkpoint, rl_world, out)) == str(out)
+    assert (out / "model.safetensors").exists() and (out / "rl_config.json").exists()
+    assert not (out / "train_state").exists()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
 DDP_SCRIPT = r'''
 import json, os, sys, threading, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
