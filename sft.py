@@ -57,7 +57,8 @@ import torch._dynamo  # noqa: F401  before any process group exists: see cleanup
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from confprofile import ConfigError, append_jsonl, atomic_write_text, iter_jsonl, load_config, save_config
+from confprofile import (ConfigError, append_jsonl, atomic_write_text, fsync_dir, fsync_file, iter_jsonl, load_config,
+                         save_config)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -487,54 +488,131 @@ def build_optimizer(model, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Resumable training state (atomic: a temp dir, then rename)
+# Resumable training state: safetensors + JSON only, so resuming never unpickles anything (a pickle
+# can run any code when it is loaded); written to a temp dir, fsynced, then renamed into place.
+#
+#   train_state/model.safetensors       the weights (tied ones once)
+#   train_state/optimizer.safetensors   every tensor of optimizer.state_dict() ("state.<param>.<key>")
+#   train_state/rng.safetensors         torch's (and CUDA's) generator states
+#   train_state/state.json              format, step, extra; the optimizer's other state (step counts,
+#                                       param_groups); Python's and numpy's RNG states
+
+TRAIN_STATE_FORMAT = 2  # 1: torch.save pickles (model.pt, optimizer.pt, rng.pt), refused when resuming
+PICKLE_FILES = ("model.pt", "optimizer.pt", "rng.pt")
 
 
 def _rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """(JSON, tensors): Python's Mersenne Twister (ints), numpy's (uint32 words -> ints), torch's bytes."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(words), gauss], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    return meta, tensors
 
 
-def _set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(meta, tensors):
+    version, words, gauss = meta["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def save_training_state(path, model, optimizer, step, extra=None):
+def _split_optimizer_state(state_dict):
+    """optimizer.state_dict() -> (JSON, tensors). A tensor is stored as {"tensor": its safetensors name};
+    everything else (AdamWBF16's int step counts, param_groups' hyperparameters) stays JSON."""
+    meta, tensors = {"state": {}, "param_groups": []}, {}
+    for index, entries in state_dict["state"].items():
+        meta["state"][str(index)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
+                value = {"tensor": f"state.{index}.{key}"}
+            meta["state"][str(index)][key] = value
+    for group in state_dict["param_groups"]:
+        meta["param_groups"].append({k: list(v) if isinstance(v, tuple) else v for k, v in group.items()})
+    return meta, tensors
+
+
+def _join_optimizer_state(meta, tensors):
+    """The inverse of _split_optimizer_state (JSON lists in param_groups, e.g. betas, become tuples again)."""
+    state = {int(index): {k: tensors[v["tensor"]] if isinstance(v, dict) and set(v) == {"tensor"} else v
+                          for k, v in entries.items()} for index, entries in meta["state"].items()}
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_training_state(path, model, optimizer, step, extra=None, record=None):
     """Model, optimizer, step, RNG states and `extra` (JSON: data position, ...) in dir `path`, atomically:
-    written to path.tmp, then renamed, so a kill at any moment leaves the previous state or the new one."""
+    written to path.tmp and fsynced, then renamed, so a kill or a crash at any moment leaves the previous
+    state or the new one. `record` (JSON) is stored as is: what produced the state (see resume_record)."""
+    from safetensors.torch import save_file, save_model
+
     path = os.path.abspath(path)
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.save(unwrap(model).state_dict(), os.path.join(tmp, "model.pt"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
-    atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({"step": step, "extra": extra or {}}, indent=2) + "\n")
+    optimizer_meta, optimizer_tensors = _split_optimizer_state(optimizer.state_dict())
+    rng_meta, rng_tensors = _rng_state()
+    save_model(unwrap(model), os.path.join(tmp, "model.safetensors"))  # stores tied weights once
+    save_file({k: v.cpu() for k, v in optimizer_tensors.items()}, os.path.join(tmp, "optimizer.safetensors"))
+    save_file({k: v.cpu() for k, v in rng_tensors.items()}, os.path.join(tmp, "rng.safetensors"))
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        fsync_file(os.path.join(tmp, name))
+    state = {"format": TRAIN_STATE_FORMAT, "step": step, "extra": extra or {}, **(record or {}),
+             "optimizer": optimizer_meta, "rng": rng_meta}
+    atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_training_state(path):
+    """state.json of a training state dir (JSON only: nothing is loaded yet), after checking that the dir
+    is in this version's format. Returns (the dir it was read from, its state dict). A dir that holds
+    the old pickles is refused, never loaded: unpickling a crafted file runs any code in it."""
+    if not os.path.exists(os.path.join(path, "state.json")) and os.path.exists(os.path.join(path + ".old", "state.json")):
+        path = path + ".old"  # killed between the two renames of a save
+    pickles = [name for name in PICKLE_FILES if os.path.exists(os.path.join(path, name))]
+    if pickles:
+        raise ValueError(f"{path}: holds {', '.join(pickles)}: pickle files (an older version's training state, or "
+                         "planted); resuming never unpickles anything, since a crafted pickle runs code when loaded. "
+                         f"Delete {path} to start afresh, or resume with the version that wrote it")
+    if not os.path.exists(os.path.join(path, "state.json")):
+        raise FileNotFoundError(f"{path}: no training state to resume from (expected state.json, model.safetensors, "
+                                "optimizer.safetensors, rng.safetensors)")
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}/state.json: unreadable ({e}); expected the JSON that save_training_state writes") from None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(f"{path}/state.json: format {found!r}; expected {TRAIN_STATE_FORMAT} (this version's "
+                         "safetensors + JSON training state)")
+    return path, state
 
 
 def load_training_state(path, model, optimizer):
     """Restore what save_training_state wrote (and RNG states); returns (step, extra)."""
-    if not os.path.exists(os.path.join(path, "state.json")) and os.path.exists(os.path.join(path + ".old", "state.json")):
-        path = path + ".old"  # killed between the two renames of a save
-    if not os.path.exists(os.path.join(path, "state.json")):
-        raise FileNotFoundError(f"{path}: no training state to resume from (expected state.json, model.pt, optimizer.pt)")
+    from safetensors.torch import load_file, load_model
+
+    path, state = read_training_state(path)
     device = next(unwrap(model).parameters()).device
-    unwrap(model).load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device))
-    _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    load_model(unwrap(model), os.path.join(path, "model.safetensors"), strict=True, device=str(device))
+    # on the CPU: load_state_dict moves each tensor where its parameter is (step counts stay on the CPU)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    optimizer.load_state_dict(_join_optimizer_state(state["optimizer"], tensors))
+    _set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))
     return state["step"], state["extra"]
 
 
