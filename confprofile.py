@@ -133,17 +133,17 @@ def _coerce(value, field_type, key):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"--{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"--{key.replace('_', '-')}: expected true/false, got {value!r}")
     if field_type in (int, float):
         try:
             return field_type(value)
         except ValueError:
-            raise ConfigError(f"--{key}: expected {field_type.__name__}, got {value!r}") from None
+            raise ConfigError(f"--{key.replace('_', '-')}: expected {field_type.__name__}, got {value!r}") from None
     if field_type in (list, dict) or getattr(field_type, "__origin__", None) in (list, dict):
         try:
             return json.loads(value)
         except json.JSONDecodeError:
-            raise ConfigError(f"--{key}: expected JSON, got {value!r}") from None
+            raise ConfigError(f"--{key.replace('_', '-')}: expected JSON, got {value!r}") from None
     if value.lower() in ("none", "null") and field_type is not str:
         return None
     return value
@@ -213,6 +213,58 @@ def load_config(cls, argv=None, default_config=None):
             raise ConfigError(f"{config_path}: unknown key(s) {unknown}; valid keys: {valid}")
     values.update(overrides)
     return cls(**values), positional
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
+               list: "a JSON list"}
+
+
+def _field_type(field):
+    t = field.type
+    if isinstance(t, str):  # `from __future__ import annotations` style
+        t = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict, "list": list}.get(t.split("|")[0].strip())
+    return getattr(t, "__origin__", t)  # list[str] -> list
+
+
+def check_fields(config, limits, where="config"):
+    """Check every field of a config dataclass on creation (from a JSON file, flags or code), so a bad
+    value is one ConfigError naming its key, never a TypeError or ZeroDivisionError deep inside a run.
+
+    The type comes from the field's annotation: int (a JSON integer, not true/false), float (an integer
+    is accepted and becomes a float; NaN and infinities are not), bool, str, dict, list. `limits` maps a
+    key to its range: min / max (inclusive), gt / lt (exclusive), choices, pattern (a regex the whole
+    string must match), nonempty (str), items (the type of a list's elements). A key of `limits` that
+    is not a field is a programming error (caught by the tests)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    unknown = sorted(set(limits) - set(fields))
+    if unknown:
+        raise AssertionError(f"{where}: limits for unknown key(s) {unknown}")
+    for key, field in fields.items():
+        value, kind, rule = getattr(config, key), _field_type(field), limits.get(key, {})
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+            setattr(config, key, value)
+        if kind in _TYPE_NAMES and not ok:
+            raise ConfigError(f"{where}: {key}: expected {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})")
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"{where}: {key}: expected a finite number, got {value!r}")
+        bounds = [(op, rule[op]) for op in ("min", "gt", "max", "lt") if op in rule]
+        passes = {"min": lambda b: value >= b, "gt": lambda b: value > b, "max": lambda b: value <= b, "lt": lambda b: value < b}
+        if any(not passes[op](b) for op, b in bounds):
+            text = {"min": ">=", "gt": ">", "max": "<=", "lt": "<"}
+            raise ConfigError(f"{where}: {key}: expected {' and '.join(f'{text[op]} {b}' for op, b in bounds)}, got {value!r}")
+        if "choices" in rule and value not in rule["choices"]:
+            raise ConfigError(f"{where}: {key}: expected one of {list(rule['choices'])}, got {value!r}")
+        if "pattern" in rule and not re.fullmatch(rule["pattern"], value):
+            raise ConfigError(f"{where}: {key}: expected {rule.get('describe', rule['pattern'])}, got {value!r}")
+        if rule.get("nonempty") and not value:
+            raise ConfigError(f"{where}: {key}: expected a non-empty {'string' if kind is str else 'value'}, got {value!r}")
+        if "items" in rule and not all(isinstance(v, rule["items"]) for v in value):
+            raise ConfigError(f"{where}: {key}: expected a list whose items are {rule['items'].__name__}, got {value!r}")
+
+
+DEVICE = {"pattern": r"auto|cpu|cuda(:\d+)?|mps", "describe": "auto, cpu, cuda, cuda:N or mps"}
 
 
 def save_config(config, out_dir, name="config.json"):
@@ -778,6 +830,16 @@ class DemoConfig:
     eval_max_new_tokens: int = 320    # greedy answer budget of the student at evaluation
     procs: int = 2                    # SFT / RL processes (torchrun, 1 thread each); 1 = plain python
 
+    def __post_init__(self):
+        check_fields(self, DEMO_LIMITS, "demo config")
+
+
+DEMO_LIMITS = {  # ranges of DemoConfig's values; the types come from the annotations (check_fields)
+    "out": {"nonempty": True}, "seed": {"min": 0}, "n_train": {"min": 1}, "n_test": {"min": 1},
+    "teacher_samples": {"min": 1}, "sft_config": {"nonempty": True}, "rl_config": {"nonempty": True},
+    "eval_max_new_tokens": {"min": 1}, "procs": {"min": 1},
+}
+
 
 # --quick: what changes (everything else is the default run)
 QUICK = {"n_train": 400, "n_test": 200}
@@ -991,4 +1053,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import subprocess
+    try:
+        main()
+    except ConfigError as e:  # a bad option, or a stage that another command made (see _stage)
+        sys.exit(f"confprofile.py demo: error: {e}")
+    except subprocess.CalledProcessError as e:  # the stage printed its own error above
+        sys.exit(f"confprofile.py demo: error: a stage failed (exit status {e.returncode}): {' '.join(e.cmd)}")

@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from confprofile import ConfigError, append_jsonl, parse_answer, save_config, vote
+from confprofile import DEVICE, ConfigError, append_jsonl, check_fields, parse_answer, save_config, vote
 
 # -----------------------------------------------------------------------------
 # Config
@@ -153,20 +153,29 @@ class RLConfig:
     stop_after_steps: int = 0        # leave after this many steps without saving, as if killed (the resume test)
 
     def __post_init__(self):
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"rl config: {key}={getattr(self, key)!r}; expected one of {list(allowed)}")
-        if self.num_generations < 2:
-            raise ConfigError(f"rl config: num_generations={self.num_generations}; expected >= 2 (advantages are group-relative)")
-        if not 0 <= self.low <= self.high:
-            raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected 0 <= low <= high")
-        if self.num_iterations < 1 or self.micro_batch_size < 1 or self.batch_size < 1:
-            raise ConfigError("rl config: num_iterations, micro_batch_size and batch_size must be >= 1")
+        check_fields(self, LIMITS, "rl config")
+        if self.low > self.high:
+            raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected low <= high")
 
     @property
     def mask_confidence(self):
         """Frozen confidence: every weighting mode but the `live` ablation cuts the confidence tokens out."""
         return self.confidence_weighting != "live"
+
+
+LIMITS = {  # ranges of RLConfig's values; the types come from the annotations (confprofile.check_fields)
+    **{k: {"choices": v} for k, v in CHOICES.items()},
+    "model": {"nonempty": True}, "data": {"nonempty": True}, "output_dir": {"nonempty": True},
+    "batch_size": {"min": 1}, "num_generations": {"min": 2},  # advantages are group-relative: G >= 2
+    "max_new_tokens": {"min": 1}, "temperature": {"gt": 0}, "top_k": {"min": 0}, "top_p": {"gt": 0, "max": 1},
+    "max_batch_tokens": {"min": 0}, "na_weight": {"min": 0}, "low": {"min": 0, "max": 10}, "high": {"min": 0, "max": 10},
+    "epsilon": {"min": 0, "lt": 1}, "epsilon_high": {"min": 0}, "beta": {"min": 0}, "num_iterations": {"min": 1},
+    "micro_batch_size": {"min": 1}, "max_steps": {"min": 1}, "lr": {"min": 0}, "min_lr_ratio": {"min": 0, "max": 1},
+    "warmup_steps": {"min": 0}, "weight_decay": {"min": 0}, "adam_beta1": {"min": 0, "lt": 1},
+    "adam_beta2": {"min": 0, "lt": 1}, "grad_clip": {"min": 0}, "device": DEVICE, "seed": {"min": 0},
+    "dev_size": {"min": 1}, "eval_every": {"min": 0}, "eval_max_new_tokens": {"min": 0}, "save_every": {"min": 0},
+    "stop_after_steps": {"min": 0},
+}
 
 
 # -----------------------------------------------------------------------------

@@ -57,8 +57,8 @@ import torch._dynamo  # noqa: F401  before any process group exists: see cleanup
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from confprofile import (ConfigError, append_jsonl, atomic_write_text, fsync_dir, fsync_file, iter_jsonl, load_config,
-                         save_config)
+from confprofile import (DEVICE, ConfigError, append_jsonl, atomic_write_text, check_fields, fsync_dir, fsync_file,
+                         iter_jsonl, load_config, save_config)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -116,6 +116,23 @@ class SFTConfig:
     resume: bool = False                       # continue from output_dir/train_state
     stop_after_steps: int = 0                  # leave after this many steps of this process without saving, as if
                                                # killed (time-sliced jobs; the resume test)
+
+    def __post_init__(self):
+        check_fields(self, LIMITS, "sft config")
+
+
+LIMITS = {  # ranges of SFTConfig's values; the types come from the annotations (confprofile.check_fields)
+    "model": {"nonempty": True}, "data": {"nonempty": True}, "output_dir": {"nonempty": True},
+    "eval_fraction": {"min": 0, "lt": 1}, "student_corpus": {"items": str},
+    **{k: {"min": 1} for k in ("student_vocab_size", "student_hidden", "student_layers", "student_heads",
+                               "student_kv_heads", "student_head_dim", "student_intermediate")},
+    "max_steps": {"min": 0}, "epochs": {"min": 0}, "lr": {"min": 0}, "warmup_steps": {"min": 0},
+    "min_lr_ratio": {"min": 0, "max": 1}, "weight_decay": {"min": 0}, "adam_beta1": {"min": 0, "lt": 1},
+    "adam_beta2": {"min": 0, "lt": 1}, "grad_clip": {"min": 0}, "batch_size": {"min": 1}, "grad_accum": {"min": 1},
+    "max_len": {"min": 2}, "length_group": {"min": 1}, "seed": {"min": 0}, "dtype": {"choices": ("float32", "bfloat16")},
+    "device": DEVICE, "eval_every": {"min": 0}, "save_every": {"min": 0}, "log_every": {"min": 1},
+    "stop_after_steps": {"min": 0},
+}
 
 
 # -----------------------------------------------------------------------------
@@ -669,8 +686,6 @@ def check_config(cfg, world_size):
                           f"{world_size} * {cfg.grad_accum} (every process takes equal micro-batches)")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise ConfigError("max_steps or epochs: expected one of them > 0")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype {cfg.dtype!r}: expected float32 or bfloat16")
 
 
 def train(cfg, rank, world_size, local_rank, device):

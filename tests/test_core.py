@@ -473,6 +473,51 @@ def test_atomic_write_text_gives_the_usual_file_mode(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.jsonl"]
 
 
+# -----------------------------------------------------------------------------
+# Configs
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"seed": "1"}, r"seed: expected an integer, got '1' \(str\)"),
+    ({"seed": True}, r"seed: expected an integer, got True \(bool\)"),
+    ({"n_train": 0}, "n_train: expected >= 1, got 0"), ({"n_test": -5}, "n_test: expected >= 1, got -5"),
+    ({"quick": "yes"}, "quick: expected true or false"), ({"procs": 0}, "procs: expected >= 1"),
+    ({"out": ""}, "out: expected a non-empty string"), ({"sft_config": None}, "sft_config: expected a string")])
+def test_demo_config_values_are_checked_naming_the_key(tmp_path, values, message):
+    """#13 item 5: every key's JSON type and range is checked when the config is loaded, naming the key."""
+    (tmp_path / "demo.json").write_text(json.dumps(values))
+    with pytest.raises(cp.ConfigError, match="demo config: " + message):
+        cp.load_config(cp.DemoConfig, ["--config", str(tmp_path / "demo.json")])
+
+
+def test_check_fields_types_ranges_and_the_command_line():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class C:
+        rate: float = 0.5
+        n: int = 1
+        names: list = dataclasses.field(default_factory=list)
+        mode: str = "a"
+
+        def __post_init__(self):
+            cp.check_fields(self, {"rate": {"gt": 0, "max": 1}, "n": {"min": 1}, "names": {"items": str},
+                                   "mode": {"choices": ("a", "b")}}, "c")
+    assert C(rate=1).rate == 1.0 and isinstance(C(rate=1).rate, float)  # an int is a number
+    for kwargs, message in ((dict(rate=float("inf")), "rate: expected a finite number"),
+                            (dict(rate=0.0), "rate: expected > 0 and <= 1, got 0.0"), (dict(n=2.0), "n: expected an integer"),
+                            (dict(names=["x", 1]), "names: expected a list whose items are str"),
+                            (dict(mode="c"), r"mode: expected one of \['a', 'b'\], got 'c'")):
+        with pytest.raises(cp.ConfigError, match="c: " + message):
+            C(**kwargs)
+    with pytest.raises(cp.ConfigError, match="--rate: expected float, got 'x'"):
+        cp.load_config(C, ["--rate", "x"])
+    with pytest.raises(cp.ConfigError, match="c: rate: expected > 0"):
+        cp.load_config(C, ["--rate=-1"])
+    with pytest.raises(AssertionError, match="unknown key"):
+        cp.check_fields(C(), {"nope": {"min": 0}})
+
+
 def test_tests_are_fast_enough():
     t0 = time.perf_counter()
     for _ in range(2000):

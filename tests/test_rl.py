@@ -445,6 +445,32 @@ def test_rl_main_leaves_no_train_state_after_the_final_checkpoint(tiny_checkpoin
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"beta": -0.1}, "beta: expected >= 0, got -0.1"), ({"epsilon": -0.2}, "epsilon: expected >= 0 and < 1"),
+    ({"temperature": -1}, "temperature: expected > 0, got -1.0"), ({"temperature": float("nan")}, "temperature: expected a finite"),
+    ({"max_steps": -1}, "max_steps: expected >= 1, got -1"), ({"batch_size": 0}, "batch_size: expected >= 1"),
+    ({"micro_batch_size": 0}, "micro_batch_size: expected >= 1"), ({"top_p": 0}, r"top_p: expected > 0 and <= 1, got 0.0"),
+    ({"top_k": -1}, "top_k: expected >= 0"), ({"lr": "0.003"}, r"lr: expected a number, got '0.003' \(str\)"),
+    ({"num_generations": 1}, "num_generations: expected >= 2"), ({"loss_type": "ppo"}, "loss_type: expected one of"),
+    ({"high": 11}, "high: expected >= 0 and <= 10"), ({"low": 6, "high": 4}, "low=6.0, high=4.0; expected low <= high")])
+def test_config_values_are_checked_naming_the_key(tmp_path, values, message):
+    """#13 item 5: types and ranges are checked when the config is loaded, naming the key: negative beta,
+    epsilon, temperature; zero batch sizes; a negative max_steps (which exited 0 with an unchanged model)."""
+    (tmp_path / "bad.json").write_text(json.dumps(values))
+    with pytest.raises(rl.ConfigError, match="rl config: " + message):
+        rl.main(["--config", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_error_is_one_line_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "rl.py", "--beta", "-1", "--output-dir", str(tmp_path / "out")], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == "rl.py: error: rl config: beta: expected >= 0, got -1.0\n"
+
+
 DDP_SCRIPT = r'''
 import json, os, sys, threading, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]

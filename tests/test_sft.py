@@ -311,6 +311,31 @@ def test_config_errors_list_valid_keys(world):
         sft.main(run_args(world, world.dir / "bad", batch_size=9, grad_accum=2))
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"lr": "0.003"}, r"lr: expected a number, got '0.003' \(str\)"), ({"batch_size": 0}, "batch_size: expected >= 1, got 0"),
+    ({"batch_size": -8}, "batch_size: expected >= 1, got -8"), ({"grad_accum": 0}, "grad_accum: expected >= 1"),
+    ({"log_every": 0}, "log_every: expected >= 1"), ({"max_steps": -1}, "max_steps: expected >= 0"),
+    ({"eval_fraction": 1.0}, "eval_fraction: expected >= 0 and < 1"), ({"warmup_steps": 2.5}, "warmup_steps: expected an integer"),
+    ({"chat_template_kwargs": []}, "chat_template_kwargs: expected a JSON object"), ({"dtype": "fp16"}, "dtype: expected one of"),
+    ({"resume": "false"}, "resume: expected true or false"), ({"lr": float("nan")}, "lr: expected a finite number")])
+def test_config_values_are_checked_naming_the_key(tmp_path, values, message):
+    """#13 item 5: a wrong JSON type or a value out of range is one ConfigError naming the key when the
+    config is loaded (it was a TypeError or ZeroDivisionError deep inside, or, for a negative
+    batch_size, a run that exited 0 and saved an unchanged checkpoint)."""
+    from confprofile import ConfigError
+    (tmp_path / "bad.json").write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match="sft config: " + message):
+        sft.main(["--config", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_error_is_one_line_from_the_command_line(tmp_path):
+    (tmp_path / "bad.json").write_text('{"lr": "0.003"}')
+    r = subprocess.run([sys.executable, "sft.py", "--config", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == "sft.py: error: sft config: lr: expected a number, got '0.003' (str)\n"
+
+
 def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
     torch.manual_seed(0)
     # 1 + 2^-9 lies a quarter of a bf16 step (2^-7) above 1: rounds up 1/4 of the time, mean exact.
