@@ -267,9 +267,21 @@ def check_fields(config, limits, where="config"):
 DEVICE = {"pattern": r"auto|cpu|cuda(:\d+)?|mps", "describe": "auto, cpu, cuda, cuda:N or mps"}
 
 
-def save_config(config, out_dir, name="config.json"):
-    """Save the resolved config next to the outputs it produced."""
-    atomic_write_text(os.path.join(out_dir, name), json.dumps(dataclasses.asdict(config), indent=2, ensure_ascii=False) + "\n")
+def save_config(config, out_dir, name="config.json", extra=None):
+    """Save the resolved config next to the outputs it produced. `extra` keys should start with "_"
+    (e.g. "_inputs": the input files' fingerprints): load_config skips those, so the file stays a config."""
+    values = {**dataclasses.asdict(config), **(extra or {})}
+    atomic_write_text(os.path.join(out_dir, name), json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex): its identity whatever its name or time stamps."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -848,17 +860,31 @@ QUICK_RL = ["--max-steps", "3"]
 
 
 def _stage(name, argv, out, log, done=True):
-    """Run `python argv...` as its own process unless out/.done/<name> says it already finished."""
+    """Run `python argv...` as its own process unless out/.done/<name> says it already finished.
+
+    The marker records what made the stage's output: its command line (without --resume, which only
+    says how it ran) and the sha256 of each --config file it read. A finished stage is skipped only if
+    both are the same now; otherwise this raises ConfigError naming what differs, since skipping would
+    report the old run's numbers under the new settings, and rerunning one stage would mix two runs in
+    one folder (a fresh --out is the way to run with other settings)."""
     marker = os.path.join(out, ".done", name)
     torchrun = argv[0] == "torchrun"  # argv = ["torchrun", "--standalone", "--nproc_per_node=K", script, ...] or [script, ...]
     shown = ("" if torchrun else "python ") + " ".join(_quote(a) for a in argv)
+    made_by = _stage_record(argv)
     if done and os.path.exists(marker):
-        print(f"[skip] {name}: finished earlier ({marker})", flush=True)
         try:
-            seconds = _read_json(marker)["seconds"]  # what the stage took when it ran
-        except (ValueError, KeyError, TypeError):
-            seconds = None
-        log.append({"stage": name, "command": shown, "seconds": seconds, "skipped": True})
+            recorded = _read_json(marker)
+        except ValueError:
+            recorded = None
+        changes = _stage_changes(recorded, made_by)
+        if changes:
+            raise ConfigError(f"stage {name}: {out} holds its output from another command ({'; '.join(changes)}); "
+                              f"use a fresh --out to run with these settings (or delete {marker} and the stage's "
+                              "output to redo it)")
+        print(f"[skip] {name}: finished earlier ({marker})", flush=True)
+        seconds = recorded.get("seconds")  # what the stage took when it ran
+        log.append({"stage": name, "command": shown, "seconds": seconds if isinstance(seconds, (int, float)) else None,
+                    "skipped": True})
         return
     print(f"\n=== {name}\n$ {shown}", flush=True)
     import subprocess
@@ -876,7 +902,46 @@ def _stage(name, argv, out, log, done=True):
     print(f"[done] {name} in {seconds:.0f}s", flush=True)
     log.append({"stage": name, "command": shown, "seconds": round(seconds, 1)})
     if done:
-        atomic_write_text(marker, json.dumps({"command": shown, "seconds": round(seconds, 1)}) + "\n")
+        atomic_write_text(marker, json.dumps({"command": shown, **made_by, "seconds": round(seconds, 1)},
+                                             ensure_ascii=False) + "\n")
+
+
+def _stage_record(argv):
+    """What decides a stage's output: {"argv": its command line without --resume, "config_sha256":
+    {path: sha256} of the files given to --config}."""
+    args = [str(a) for a in argv if str(a) != "--resume"]
+    configs = {path: file_sha256(path) for flag, path in zip(args, args[1:]) if flag == "--config" and os.path.isfile(path)}
+    return {"argv": args, "config_sha256": configs}
+
+
+def _stage_changes(recorded, made_by):
+    """How a stage's recorded command differs from this one: ["--seed 0 -> 1", ...]; [] when it is the same."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("argv"), list):
+        return ["its marker records no command line to compare (an older version, or damaged)"]
+    old, new = _flags(recorded["argv"]), _flags(made_by["argv"])
+    changes = [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(set(old) | set(new), key=str)
+               if old.get(k) != new.get(k)]
+    for path, sha in made_by["config_sha256"].items():
+        was = (recorded.get("config_sha256") or {}).get(path)
+        if was != sha:
+            changes.append(f"{path} changed since (sha256 {str(was)[:12]} -> {sha[:12]})")
+    return changes
+
+
+def _flags(args):
+    """A command line as {flag: value} ("--flag" alone -> "(set)"; what no flag names -> {position: arg})."""
+    out, i = {}, 0
+    while i < len(args):
+        if args[i].startswith("--") and "=" in args[i]:
+            key, value = args[i].split("=", 1)
+            out[key], i = value, i + 1
+        elif args[i].startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]], i = args[i + 1], i + 2
+        elif args[i].startswith("--"):
+            out[args[i]], i = "(set)", i + 1
+        else:
+            out[f"argument {i + 1}"], i = args[i], i + 1
+    return out
 
 
 def _resume(run_dir):
@@ -957,8 +1022,8 @@ def run_demo(cfg):
     launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
     taxonomy = load_taxonomy()
     for key in ("sft_config", "rl_config"):  # configs/ of the repository unless the path exists as given
-        if not os.path.exists(getattr(cfg, key)):
-            setattr(cfg, key, os.path.join(ROOT, getattr(cfg, key)))
+        path = getattr(cfg, key)  # absolute either way: the stages' recorded commands do not depend on the cwd
+        setattr(cfg, key, os.path.abspath(path if os.path.exists(path) else os.path.join(ROOT, path)))
     world = os.path.join(out, "world")
     sft_dir, rl_dir, init_dir = (os.path.join(out, d) for d in ("sft", "rl", "student_init"))
     sft_extra = QUICK_SFT if cfg.quick else []

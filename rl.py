@@ -149,7 +149,8 @@ class RLConfig:
     eval_every: int = 0              # steps; 0 = no periodic eval
     eval_max_new_tokens: int = 0     # 0 = max_new_tokens
     save_every: int = 0              # steps between resumable checkpoints (0 = only the final model)
-    resume: bool = False             # continue from output_dir/train_state
+    resume: bool = False             # continue from output_dir/train_state (made with the same settings)
+    force_resume: bool = False       # resume even though settings or data changed (they are named)
     stop_after_steps: int = 0        # leave after this many steps without saving, as if killed (the resume test)
 
     def __post_init__(self):
@@ -162,6 +163,11 @@ class RLConfig:
         """Frozen confidence: every weighting mode but the `live` ablation cuts the confidence tokens out."""
         return self.confidence_weighting != "live"
 
+
+# Keys that may change on --resume (sft.check_output_dir): evaluation, saving, stopping and placement only.
+RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "dev_data", "dev_size",
+                     "eval_max_new_tokens", "device", "gradient_checkpointing", "output_dir")
+PATH_KEYS = ("model", "data", "stage1", "taxonomy", "output_dir", "dev_data")  # compared as absolute paths
 
 LIMITS = {  # ranges of RLConfig's values; the types come from the annotations (confprofile.check_fields)
     **{k: {"choices": v} for k, v in CHOICES.items()},
@@ -756,13 +762,14 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step * 9_973 + rank * 101) % (2 ** 63)
 
 
-def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None, dev_eval=None):
+def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None, dev_eval=None, made_by=None):
     """GRPO steps from the saved state (with cfg.resume) to cfg.max_steps.
 
     next_batch(step) -> (prompts: this rank's list of token-id prompts, score: groups -> Scored).
     dev_eval(model) -> dict of dev metrics (rank 0 only; may be None). Every step appends one line to
     output_dir/metrics.jsonl; every save_every steps the model, optimizer, step and RNG states go to
-    output_dir/train_state atomically. Returns the number of steps done."""
+    output_dir/train_state atomically, with `made_by` (sft.run_record: what produced the run). Returns
+    the number of steps done."""
     from tqdm import tqdm
 
     from sft import barrier, build_optimizer, load_training_state, lr_at, save_training_state
@@ -809,7 +816,7 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
             bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             if main_process:
-                save_training_state(state_dir, model, optimizer, done, {})
+                save_training_state(state_dir, model, optimizer, done, {}, made_by)
             barrier()
     else:
         step = cfg.max_steps
@@ -864,7 +871,7 @@ def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_to
             "dev_mean_confidence": metrics["mean_confidence"], "dev_format_fail": failures}
 
 
-def run(cfg, rank, world_size, device):
+def run(cfg, rank, world_size, device, made_by=None):
     from confprofile import load_taxonomy, read_users, render_prompt
     from model import load_model, save_model
     from rollout import chat_prompt_ids, load_tokenizer, stop_ids_for
@@ -917,13 +924,13 @@ def run(cfg, rank, world_size, device):
         ref_model = load_model(cfg.model, dtype=dtype, device=device).requires_grad_(False)
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, cfg.output_dir, name="rl_config.json")
+        save_config(cfg, cfg.output_dir, name="rl_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
         print("config: " + json.dumps(dataclasses.asdict(cfg), ensure_ascii=False), flush=True)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}; {len(users)} users, "
               f"{cfg.batch_size} x {cfg.num_generations} rollouts per step, {world_size} process(es)", flush=True)
     t0 = time.time()
-    done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval)
+    done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval, made_by)
     if done < cfg.max_steps:
         if main_process:
             print(f"stopped after step {done} of {cfg.max_steps} (stop_after_steps); resume with --resume", flush=True)
@@ -937,12 +944,17 @@ def run(cfg, rank, world_size, device):
 
 
 def main(argv=None):
-    from sft import cleanup_distributed, setup_run
+    from confprofile import DEFAULT_TAXONOMY
+    from sft import check_output_dir, cleanup_distributed, run_record, setup_run
     cfg, rank, world_size, _, device = setup_run(RLConfig, argv, DEFAULT_CONFIG)
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes {world_size}")
     try:
-        return run(cfg, rank, world_size, device)
+        if cfg.batch_size % world_size:
+            raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes {world_size}")
+        uses_stage1 = "stage1" in (cfg.difficulty, cfg.confidence_weighting)
+        made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "stage1": cfg.stage1 if uses_stage1 else "",
+                                             "taxonomy": cfg.taxonomy or DEFAULT_TAXONOMY})
+        check_output_dir(cfg, made_by, RESUME_MAY_CHANGE, rank)
+        return run(cfg, rank, world_size, device, made_by)
     finally:
         cleanup_distributed()
 

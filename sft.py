@@ -5,7 +5,7 @@ confidence and evidence per dimension].
 
     python sft.py                                        # the CPU demo: configs/sft_demo.json
     python sft.py --config configs/sft_qwen3_8b.json --lr 5e-6
-    python sft.py --resume                               # continue from output_dir/train_state
+    python sft.py --resume                               # continue from output_dir/train_state (same settings)
     torchrun --nproc_per_node=K sft.py --config ...      # data-parallel (gloo on CPU, nccl on GPU)
 
 What it does, and why:
@@ -21,8 +21,13 @@ What it does, and why:
   and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly.
 * The final checkpoint is `output_dir` itself, an HF directory (config.json, model.safetensors,
   tokenizer + chat template) that transformers, rollout.py and rl.py load as is. The resolved
-  training config goes to output_dir/sft_config.json (config.json is the model's), metrics to
-  output_dir/metrics.jsonl, the resumable state to output_dir/train_state/.
+  training config goes to output_dir/sft_config.json (config.json is the model's; "_inputs" holds the
+  data files' size and sha256), metrics to output_dir/metrics.jsonl, the resumable state to
+  output_dir/train_state/ (safetensors + JSON, never a pickle; removed once the run is finished).
+* The resumable state records what produced it: `--resume` with other settings or a changed data file
+  is refused, naming each difference (only `RESUME_MAY_CHANGE`, how a run is watched, saved, stopped
+  or placed, may change; `--force-resume` goes on anyway), and a fresh run refuses an output_dir that
+  holds another run's state.
 * `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
   BPE tokenizer trained on the corpus, a ChatML chat template, a tiny from-scratch Qwen3.
 * `dtype: bfloat16` (big models on one GPU) keeps weights, grads and AdamW moments in bf16 and writes
@@ -32,7 +37,9 @@ Helpers rl.py reuses (names are stable):
     setup_distributed() -> (rank, world_size, local_rank, device); cleanup_distributed(); unwrap(model)
     lr_at(step, cfg, total_steps=None)        warmup + cosine (cfg: lr, warmup_steps, min_lr_ratio, max_steps)
     build_optimizer(model, cfg)               AdamW (cfg: lr, weight_decay, adam_beta1, adam_beta2); no decay on 1-D
-    save_training_state(dir, model, optimizer, step, extra) / load_training_state(dir, model, optimizer) -> (step, extra)
+    save_training_state(dir, model, optimizer, step, extra, made_by) / load_training_state(dir, model, optimizer)
+                                              -> (step, extra)
+    run_record(cfg, path_keys, inputs); check_output_dir(cfg, made_by, may_change, rank)   what produced a run
     assistant_mask(tokenizer, messages, **template_kwargs) -> (input_ids, loss_mask)
     pad_batch(sequences, masks, pad_id, device) -> (input_ids[B,T], loss_mask[B,T]) right-padded tensors
     masked_nll_sum(logits, input_ids, loss_mask) -> (sum of NLL over masked targets, their count)
@@ -41,6 +48,7 @@ Helpers rl.py reuses (names are stable):
     all_reduce_sum(tensor)                    sum over processes (a no-op in one process)
 """
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -57,8 +65,8 @@ import torch._dynamo  # noqa: F401  before any process group exists: see cleanup
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from confprofile import (DEVICE, ConfigError, append_jsonl, atomic_write_text, check_fields, fsync_dir, fsync_file,
-                         iter_jsonl, load_config, save_config)
+from confprofile import (DEVICE, ConfigError, append_jsonl, atomic_write_text, check_fields, file_sha256, fsync_dir,
+                         fsync_file, iter_jsonl, load_config, save_config)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -113,7 +121,8 @@ class SFTConfig:
     eval_every: int = 50                       # steps between held-out evals (0 = only at the end)
     save_every: int = 100                      # steps between resumable checkpoints (0 = never)
     log_every: int = 1
-    resume: bool = False                       # continue from output_dir/train_state
+    resume: bool = False                       # continue from output_dir/train_state (made with the same settings)
+    force_resume: bool = False                 # resume even though settings or data changed (they are named)
     stop_after_steps: int = 0                  # leave after this many steps of this process without saving, as if
                                                # killed (time-sliced jobs; the resume test)
 
@@ -565,10 +574,10 @@ def _join_optimizer_state(meta, tensors):
     return {"state": state, "param_groups": groups}
 
 
-def save_training_state(path, model, optimizer, step, extra=None, record=None):
+def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
     """Model, optimizer, step, RNG states and `extra` (JSON: data position, ...) in dir `path`, atomically:
     written to path.tmp and fsynced, then renamed, so a kill or a crash at any moment leaves the previous
-    state or the new one. `record` (JSON) is stored as is: what produced the state (see resume_record)."""
+    state or the new one. `made_by` (JSON, run_record) is stored as is: what produced the state."""
     from safetensors.torch import save_file, save_model
 
     path = os.path.abspath(path)
@@ -582,7 +591,7 @@ def save_training_state(path, model, optimizer, step, extra=None, record=None):
     save_file({k: v.cpu() for k, v in rng_tensors.items()}, os.path.join(tmp, "rng.safetensors"))
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
         fsync_file(os.path.join(tmp, name))
-    state = {"format": TRAIN_STATE_FORMAT, "step": step, "extra": extra or {}, **(record or {}),
+    state = {"format": TRAIN_STATE_FORMAT, "step": step, "extra": extra or {}, **(made_by or {}),
              "optimizer": optimizer_meta, "rng": rng_meta}
     atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
     if os.path.exists(path):
@@ -631,6 +640,67 @@ def load_training_state(path, model, optimizer):
     optimizer.load_state_dict(_join_optimizer_state(state["optimizer"], tensors))
     _set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))
     return state["step"], state["extra"]
+
+
+# -----------------------------------------------------------------------------
+# What produced a run. A training state records the resolved config and its input files' size and
+# sha256; --resume with other settings or changed data is refused, naming what differs, and a fresh
+# run refuses an output_dir that holds another run's resumable state (it would be overwritten, or
+# mixed into this run's metrics).
+
+# Keys that may change on --resume: they decide how a run is watched, saved, stopped or placed, not
+# what it computes (a new device is not bit-exact, but moving a run to another machine is legitimate).
+RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "log_every", "device",
+                     "gradient_checkpointing", "output_dir")
+PATH_KEYS = ("model", "data", "eval_data", "output_dir")  # compared as absolute paths
+
+
+def run_record(cfg, path_keys, inputs):
+    """{"config": the resolved config (path keys made absolute, so one file named two ways is one file),
+    "inputs": {name: {"path", "bytes", "sha256"}} of each existing input file in `inputs` {name: path}}."""
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for key in path_keys:
+        if config.get(key):
+            config[key] = os.path.abspath(config[key])
+    files = {name: os.path.abspath(path) for name, path in inputs.items() if path and os.path.isfile(path)}
+    return {"config": config, "inputs": {name: {"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+                                         for name, path in files.items()}}
+
+
+def record_changes(saved, record, may_change):
+    """What differs between a saved run record and this run's, as "key old -> new" strings."""
+    if not isinstance(saved.get("config"), dict):
+        return ["the state records no settings to compare (written without a run record)"]
+    old, new, absent = saved["config"], record["config"], "(absent)"
+    diffs = [f"{key} {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in sorted(set(old) | set(new))
+             if key not in may_change and old.get(key, absent) != new.get(key, absent)]
+    old_inputs = saved.get("inputs") or {}
+    for name, now in sorted(record["inputs"].items()):
+        was = old_inputs.get(name)
+        if was is None or (was.get("bytes"), was.get("sha256")) != (now["bytes"], now["sha256"]):
+            before = "no file" if was is None else f"{was.get('bytes')} bytes, sha256 {str(was.get('sha256'))[:12]}"
+            diffs.append(f"{name} file {now['path']} changed ({before} -> {now['bytes']} bytes, sha256 {now['sha256'][:12]})")
+    return diffs
+
+
+def check_output_dir(cfg, record, may_change, rank=0):
+    """Before a run: with --resume, the state in output_dir/train_state must have been made with the same
+    settings and input files (except `may_change`; --force-resume goes on with the new ones, saying
+    which); without --resume, output_dir must not hold another run's resumable state."""
+    state_dir = os.path.join(cfg.output_dir, "train_state")
+    if not cfg.resume:
+        if os.path.exists(state_dir) or os.path.exists(state_dir + ".old"):
+            raise ConfigError(f"{state_dir}: holds the resumable state of an unfinished run; add --resume to continue "
+                              "it, or delete it (or choose another output_dir) to start afresh")
+        return
+    path, saved = read_training_state(state_dir)
+    diffs = record_changes(saved, record, may_change)
+    if diffs and not cfg.force_resume:
+        raise ConfigError(f"{path}: made with other settings than this --resume: {'; '.join(diffs)}. Resume with the "
+                          "recorded settings, add --force-resume to go on with the new ones, or start afresh in another "
+                          "output_dir")
+    if diffs and rank == 0:
+        print(f"--force-resume: {path} goes on with changed settings: {'; '.join(diffs)}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -688,7 +758,7 @@ def check_config(cfg, world_size):
         raise ConfigError("max_steps or epochs: expected one of them > 0")
 
 
-def train(cfg, rank, world_size, local_rank, device):
+def train(cfg, rank, world_size, local_rank, device, made_by=None):
     from transformers import AutoTokenizer
 
     from model import load_model, save_model
@@ -741,7 +811,7 @@ def train(cfg, rank, world_size, local_rank, device):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, cfg.output_dir, name="sft_config.json")
+        save_config(cfg, cfg.output_dir, name="sft_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}", flush=True)
 
@@ -806,7 +876,7 @@ def train(cfg, rank, world_size, local_rank, device):
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             if main_process:
                 save_training_state(state_dir, model, optimizer, done,
-                                    {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch})
+                                    {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch}, made_by)
             barrier()
         t_last += time.time() - t_pause
     else:
@@ -838,9 +908,11 @@ def setup_run(config_class, argv, default_config):
 
 def main(argv=None):
     cfg, rank, world_size, local_rank, device = setup_run(SFTConfig, argv, DEFAULT_CONFIG)
-    check_config(cfg, world_size)
     try:
-        return train(cfg, rank, world_size, local_rank, device)
+        check_config(cfg, world_size)
+        made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "eval_data": cfg.eval_data})
+        check_output_dir(cfg, made_by, RESUME_MAY_CHANGE, rank)
+        return train(cfg, rank, world_size, local_rank, device, made_by)
     finally:
         cleanup_distributed()
 

@@ -518,6 +518,29 @@ def test_check_fields_types_ranges_and_the_command_line():
         cp.check_fields(C(), {"nope": {"min": 0}})
 
 
+def test_demo_stage_is_skipped_only_when_its_command_and_configs_are_the_same(tmp_path):
+    """#13 item 4: a finished stage's marker records its command line and the sha256 of its --config files;
+    a rerun with another command (another --seed) into the same --out is refused naming what differs,
+    instead of reporting the old run's numbers under the new settings. --resume is not part of it."""
+    script = tmp_path / "stage.py"
+    script.write_text("import sys\nopen(sys.argv[-1], 'a').write('ran\\n')\n")
+    config, ran, out, log = tmp_path / "c.json", tmp_path / "ran.txt", str(tmp_path / "out"), []
+    config.write_text('{"lr": 1}')
+    argv = [str(script), "--config", str(config), "--seed", "0", str(ran)]
+    cp._stage("s", argv, out, log)
+    cp._stage("s", argv[:1] + ["--resume"] + argv[1:], out, log)  # finished: skipped, --resume or not
+    assert ran.read_text() == "ran\n" and log[-1]["skipped"]
+    with pytest.raises(cp.ConfigError, match=r"stage s: .* from another command \(--seed 0 -> 1\); use a fresh --out"):
+        cp._stage("s", argv[:4] + ["1", str(ran)], out, log)
+    config.write_text('{"lr": 2}')
+    with pytest.raises(cp.ConfigError, match=r"c\.json changed since \(sha256 "):
+        cp._stage("s", argv, out, log)
+    (tmp_path / "out" / ".done" / "s").write_text('{"command": "python stage.py", "seconds": 1}')  # an older marker
+    with pytest.raises(cp.ConfigError, match="records no command line to compare"):
+        cp._stage("s", argv, out, log)
+    assert ran.read_text() == "ran\n"
+
+
 def test_tests_are_fast_enough():
     t0 = time.perf_counter()
     for _ in range(2000):

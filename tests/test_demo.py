@@ -59,6 +59,18 @@ def test_quick_demo_second_run_skips_finished_stages(quick_run):
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["rows"]["student_rl"]["avg_f1"] >= 0
 
 
+def test_quick_demo_rerun_with_another_seed_is_refused(quick_run):
+    """#13 item 4: the stage markers record each stage's command: a rerun with --seed 1 into the same --out
+    is refused naming the stage and the flag, instead of reporting the seed-0 numbers as seed 1's."""
+    out, _ = quick_run
+    before = (out / "results.json").read_bytes()
+    cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--out", str(out), "--seed", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("confprofile.py demo: error: stage world: ") and "--seed 0 -> 1" in proc.stderr
+    assert "use a fresh --out" in proc.stderr and (out / "results.json").read_bytes() == before
+
+
 def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):
     out, _ = quick_run
     cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--ablations", "--out", str(out)]

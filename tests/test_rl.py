@@ -445,6 +445,19 @@ def test_rl_main_leaves_no_train_state_after_the_final_checkpoint(tiny_checkpoin
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 
 
+def test_rl_resume_with_other_settings_is_refused_naming_them(tiny_checkpoint, rl_world):
+    """#13 item 4: rl.py --resume with another lr / seed is refused naming the keys; eval settings may
+    change; a fresh run refuses an output_dir holding another run's resumable state."""
+    out = rl_world / "resumed"
+    assert rl.main(rl_args(tiny_checkpoint, rl_world, out, stop_after_steps=2)) is None
+    with pytest.raises(rl.ConfigError, match=r"other settings than this --resume: lr 0\.001 -> 0\.002; seed 0 -> 1\. "):
+        rl.main(rl_args(tiny_checkpoint, rl_world, out, lr=2e-3, seed=1, resume=True))
+    with pytest.raises(rl.ConfigError, match="holds the resumable state of an unfinished run"):
+        rl.main(rl_args(tiny_checkpoint, rl_world, out))
+    assert rl.main(rl_args(tiny_checkpoint, rl_world, out, resume=True, eval_max_new_tokens=4)) == str(out)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("values, message", [
     ({"beta": -0.1}, "beta: expected >= 0, got -0.1"), ({"epsilon": -0.2}, "epsilon: expected >= 0 and < 1"),
     ({"temperature": -1}, "temperature: expected > 0, got -1.0"), ({"temperature": float("nan")}, "temperature: expected a finite"),

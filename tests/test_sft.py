@@ -281,6 +281,32 @@ def test_resume_refuses_pickles_and_never_runs_them(world, tmp_path):
     assert not marker.exists()
 
 
+def test_resume_with_other_settings_or_data_is_refused_naming_them(world, tmp_path):
+    """#13 item 4: --resume compares the state's recorded config and data files with this run's: changed lr
+    and seed, or a changed data file, are refused naming them (old -> new); eval/save/log cadence may
+    change; --force-resume goes on; a fresh run refuses an output_dir holding another run's state."""
+    from confprofile import ConfigError
+    data = tmp_path / "sft.jsonl"
+    data.write_bytes(open(world.data, "rb").read())
+    out = tmp_path / "run"
+    assert sft.main(run_args(world, out, data=str(data), save_every=2, stop_after_steps=3)) is None
+    with pytest.raises(ConfigError, match=r"made with other settings than this --resume: lr 0\.003 -> 0\.001; seed 1 -> 2\. "):
+        sft.main(run_args(world, out, data=str(data), save_every=2, lr=1e-3, seed=2) + ["--resume"])
+    with pytest.raises(ConfigError, match=r"holds the resumable state of an unfinished run; add --resume"):
+        sft.main(run_args(world, out, data=str(data), save_every=2))
+    with open(data, "a", encoding="utf-8") as f:
+        f.write(json.dumps(synthetic_chats(1, seed=9)[0]) + "\n")
+    with pytest.raises(ConfigError, match=r"data file .*sft\.jsonl changed \(\d+ bytes, sha256 \w+ -> \d+ bytes"):
+        sft.main(run_args(world, out, data=str(data), save_every=2, eval_every=1, log_every=2) + ["--resume"])
+    # --force-resume goes on with the new data (and says so); cadence keys alone never block a resume
+    assert sft.main(run_args(world, out, data=str(data), save_every=4, eval_every=1, log_every=2, stop_after_steps=2)
+                    + ["--resume", "--force-resume"]) is None
+    assert json.load(open(out / "train_state" / "state.json"))["step"] == 4
+    assert sft.main(run_args(world, out, data=str(data), save_every=3, eval_every=2) + ["--resume"]) == str(out)
+    saved = json.load(open(out / "sft_config.json"))
+    assert saved["_inputs"]["data"]["sha256"] and saved["save_every"] == 3
+
+
 def test_torchrun_two_processes_same_update_as_one(world):
     one, two = world.dir / "one", world.dir / "two"
     # Adam divides by sqrt(v): where a gradient is ~eps, float summation order moves the update by up to
