@@ -8,8 +8,10 @@ parsing (`parse_answer`, with its acceptance rules in its docstring), the canoni
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import math
+import operator
 import os
 import re
 import secrets
@@ -217,6 +219,7 @@ def load_config(cls, argv=None, default_config=None):
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
                list: "a JSON list"}
+_BOUNDS = {"min": (operator.ge, ">="), "gt": (operator.gt, ">"), "max": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 def _field_type(field):
@@ -249,11 +252,10 @@ def check_fields(config, limits, where="config"):
             raise ConfigError(f"{where}: {key}: expected {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})")
         if kind is float and not math.isfinite(value):
             raise ConfigError(f"{where}: {key}: expected a finite number, got {value!r}")
-        bounds = [(op, rule[op]) for op in ("min", "gt", "max", "lt") if op in rule]
-        passes = {"min": lambda b: value >= b, "gt": lambda b: value > b, "max": lambda b: value <= b, "lt": lambda b: value < b}
-        if any(not passes[op](b) for op, b in bounds):
-            text = {"min": ">=", "gt": ">", "max": "<=", "lt": "<"}
-            raise ConfigError(f"{where}: {key}: expected {' and '.join(f'{text[op]} {b}' for op, b in bounds)}, got {value!r}")
+        bounds = [(_BOUNDS[op], rule[op]) for op in _BOUNDS if op in rule]
+        if any(not holds(value, b) for (holds, _), b in bounds):
+            raise ConfigError(f"{where}: {key}: expected {' and '.join(f'{sign} {b}' for (_, sign), b in bounds)}, "
+                              f"got {value!r}")
         if "choices" in rule and value not in rule["choices"]:
             raise ConfigError(f"{where}: {key}: expected one of {list(rule['choices'])}, got {value!r}")
         if "pattern" in rule and not re.fullmatch(rule["pattern"], value):
@@ -276,7 +278,6 @@ def save_config(config, out_dir, name="config.json", extra=None):
 
 def file_sha256(path):
     """The sha256 of a file's bytes (hex): its identity whatever its name or time stamps."""
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
