@@ -237,18 +237,21 @@ def check_fields(config, limits, where="config"):
     is accepted and becomes a float; NaN and infinities are not), bool, str, dict, list. `limits` maps a
     key to its range: min / max (inclusive), gt / lt (exclusive), choices, pattern (a regex the whole
     string must match), nonempty (str), items (the type of a list's elements). A key of `limits` that
-    is not a field is a programming error (caught by the tests)."""
+    is not a field, or a field of another type, is a programming error (an AssertionError in every test)."""
     fields = {f.name: f for f in dataclasses.fields(config)}
     unknown = sorted(set(limits) - set(fields))
     if unknown:
         raise AssertionError(f"{where}: limits for unknown key(s) {unknown}")
     for key, field in fields.items():
         value, kind, rule = getattr(config, key), _field_type(field), limits.get(key, {})
+        if kind not in _TYPE_NAMES:
+            raise AssertionError(f"{where}: {key}: annotation {field.type!r}; expected one of int, float, bool, str, "
+                                 "dict, list (what a JSON config holds)")
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
             setattr(config, key, value)
-        if kind in _TYPE_NAMES and not ok:
+        if not ok:
             raise ConfigError(f"{where}: {key}: expected {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})")
         if kind is float and not math.isfinite(value):
             raise ConfigError(f"{where}: {key}: expected a finite number, got {value!r}")

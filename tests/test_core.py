@@ -517,6 +517,12 @@ def test_check_fields_types_ranges_and_the_command_line():
     with pytest.raises(AssertionError, match="unknown key"):
         cp.check_fields(C(), {"nope": {"min": 0}})
 
+    @dataclasses.dataclass
+    class D:
+        maybe: tuple = ()
+    with pytest.raises(AssertionError, match="maybe: annotation <class 'tuple'>; expected one of int, float"):
+        cp.check_fields(D(), {})
+
 
 def test_demo_stage_is_skipped_only_when_its_command_and_configs_are_the_same(tmp_path):
     """#13 item 4: a finished stage's marker records its command line and the sha256 of its --config files;
