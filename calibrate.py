@@ -18,7 +18,9 @@ Calibration then maps r to a level 1..10 within each dimension, over all users:
 
 The SFT target per dimension is ŷ, the calibrated level, and the evidence of the highest-confidence
 answer that agrees with ŷ. A user is kept only if every dimension has at least one valid answer;
-the others are reported (summary, audit) and left out, so no target is made up.
+the others are reported (printed, summary, audit) and left out, so no target is made up, and so are
+the users of --users that --samples never answered. An empty --samples, or a run that keeps no
+user, is an error: it would write an empty SFT set.
 """
 import argparse
 import json
@@ -137,6 +139,8 @@ def read_samples(path):
             if not isinstance(s, dict) or not (isinstance(s.get("text"), str) or isinstance(s.get("parse"), dict)):
                 raise DataError(f"{where}: samples[{i}]: expected an object with a string \"text\" (or a \"parse\")")
         records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no teacher records; expected one line per user {{\"user_id\", \"samples\"}}")
     return records
 
 
@@ -196,6 +200,9 @@ def build_sft(teacher, users_by_id, taxonomy, method="quantile", weighting="conf
         voted.append((rec, votes, entry))
         audit.append(entry)
 
+    if not voted:
+        raise DataError(f"none of the {len(teacher)} users has a valid teacher answer in every dimension "
+                        f"({', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}); nothing to train on")
     calibrated = {}  # dim -> list of levels, aligned with `voted`
     for d in dims:
         values = [v[d]["pooled_confidence"] for _, v, _ in voted]
@@ -236,7 +243,8 @@ def build_sft(teacher, users_by_id, taxonomy, method="quantile", weighting="conf
     summary = {
         "method": method, "weighting": weighting, "target": target, "single_answer": single_answer,
         "users_total": len(teacher), "users_kept": len(sft), "users_without_valid_answer": len(dropped),
-        "dropped_user_ids": dropped[:50], "missing_by_dimension": missing_by_dim,
+        "dropped_user_ids": dropped, "missing_by_dimension": missing_by_dim,
+        "users_not_answered": sorted(set(users_by_id) - {r["user_id"] for r in teacher}),
         "samples_total": n_samples, "samples_format_ok": n_format_ok,
         "label_distribution": {d: {} for d in dims},
         "confidence_histogram_before": {}, "confidence_histogram_after": {},
@@ -251,11 +259,16 @@ def build_sft(teacher, users_by_id, taxonomy, method="quantile", weighting="conf
     return sft, audit, summary
 
 
-def print_summary(summary, file=sys.stdout):
-    s = summary
+def print_summary(summary, file=None):
+    s, file = summary, file or sys.stdout  # sys.stdout as it is now (a default would freeze it at import)
     print(f"users: {s['users_kept']} kept, {s['users_without_valid_answer']} without a valid answer "
           f"(of {s['users_total']}); samples format_ok {s['samples_format_ok']}/{s['samples_total']}; "
           f"method={s['method']} weighting={s['weighting']} target={s['target']} single_answer={s['single_answer']}", file=file)
+    for ids, what in ((s["dropped_user_ids"], "left out, without a valid teacher answer in every dimension"),
+                      (s.get("users_not_answered", []), "in --users but not in --samples (never answered)")):
+        if ids:
+            shown = ", ".join(ids[:10]) + (", ... (all in the summary file)" if len(ids) > 10 else "")
+            print(f"{len(ids)} user(s) {what}: {shown}", file=file)
     print(f"{'dimension':<12} {'confidence 1..10 before (rounded pooled) -> after (calibrated)':<60}", file=file)
     for d in s["label_distribution"]:
         before = " ".join(f"{v:>4}" for v in s["confidence_histogram_before"][d].values())

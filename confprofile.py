@@ -8,12 +8,14 @@ parsing (`parse_answer`, with its acceptance rules in its docstring), the canoni
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import math
+import operator
 import os
 import re
+import secrets
 import sys
-import tempfile
 import weakref
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -24,11 +26,12 @@ DEFAULT_TAXONOMY = os.path.join(ROOT, "taxonomy.json")
 
 
 def atomic_write_text(path, text):
-    """Write a whole file atomically: a temp file in the same folder, fsync, then rename over."""
+    """Write a whole file atomically: a temp file in the same folder, fsync, rename over, fsync the folder.
+    The file gets the mode a plain open() gives (0666 minus the umask), not mkstemp's private 0600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -39,6 +42,40 @@ def atomic_write_text(path, text):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(folder)
+
+
+def _create_temp(folder, name):
+    """(fd, path) of a new file `.tmp-<random>-<name>` in `folder`, created with mode 0666 & ~umask."""
+    while True:
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def fsync_file(path):
+    """Flush a file that someone else wrote (safetensors, torch) from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder):
+    """Make renames and new files in `folder` durable (a crash right after a rename may otherwise lose it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. Windows: directories cannot be opened; nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not fsync directories
+    finally:
+        os.close(fd)
 
 
 def dumps_line(record):
@@ -144,17 +181,17 @@ def _coerce(value, field_type, key):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"--{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"--{key.replace('_', '-')}: expected true/false, got {value!r}")
     if field_type in (int, float):
         try:
             return field_type(value)
         except ValueError:
-            raise ConfigError(f"--{key}: expected {field_type.__name__}, got {value!r}") from None
+            raise ConfigError(f"--{key.replace('_', '-')}: expected {field_type.__name__}, got {value!r}") from None
     if field_type in (list, dict) or getattr(field_type, "__origin__", None) in (list, dict):
         try:
             return json.loads(value)
         except json.JSONDecodeError:
-            raise ConfigError(f"--{key}: expected JSON, got {value!r}") from None
+            raise ConfigError(f"--{key.replace('_', '-')}: expected JSON, got {value!r}") from None
     if value.lower() in ("none", "null") and field_type is not str:
         return None
     return value
@@ -226,9 +263,75 @@ def load_config(cls, argv=None, default_config=None):
     return cls(**values), positional
 
 
-def save_config(config, out_dir, name="config.json"):
-    """Save the resolved config next to the outputs it produced."""
-    atomic_write_text(os.path.join(out_dir, name), json.dumps(dataclasses.asdict(config), indent=2, ensure_ascii=False) + "\n")
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
+               list: "a JSON list"}
+_BOUNDS = {"min": (operator.ge, ">="), "gt": (operator.gt, ">"), "max": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def _field_type(field):
+    t = field.type
+    if isinstance(t, str):  # `from __future__ import annotations` style
+        t = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict, "list": list}.get(t.split("|")[0].strip())
+    return getattr(t, "__origin__", t)  # list[str] -> list
+
+
+def check_fields(config, limits, where="config"):
+    """Check every field of a config dataclass on creation (from a JSON file, flags or code), so a bad
+    value is one ConfigError naming its key, never a TypeError or ZeroDivisionError deep inside a run.
+
+    The type comes from the field's annotation: int (a JSON integer, not true/false), float (an integer
+    is accepted and becomes a float; NaN and infinities are not), bool, str, dict, list. `limits` maps a
+    key to its range: min / max (inclusive), gt / lt (exclusive), choices, pattern (a regex the whole
+    string must match), nonempty (str), items (the type of a list's elements). A key of `limits` that
+    is not a field, or a field of another type, is a programming error (an AssertionError in every test)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    unknown = sorted(set(limits) - set(fields))
+    if unknown:
+        raise AssertionError(f"{where}: limits for unknown key(s) {unknown}")
+    for key, field in fields.items():
+        value, kind, rule = getattr(config, key), _field_type(field), limits.get(key, {})
+        if kind not in _TYPE_NAMES:
+            raise AssertionError(f"{where}: {key}: annotation {field.type!r}; expected one of int, float, bool, str, "
+                                 "dict, list (what a JSON config holds)")
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+            setattr(config, key, value)
+        if not ok:
+            raise ConfigError(f"{where}: {key}: expected {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})")
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"{where}: {key}: expected a finite number, got {value!r}")
+        bounds = [(_BOUNDS[op], rule[op]) for op in _BOUNDS if op in rule]
+        if any(not holds(value, b) for (holds, _), b in bounds):
+            raise ConfigError(f"{where}: {key}: expected {' and '.join(f'{sign} {b}' for (_, sign), b in bounds)}, "
+                              f"got {value!r}")
+        if "choices" in rule and value not in rule["choices"]:
+            raise ConfigError(f"{where}: {key}: expected one of {list(rule['choices'])}, got {value!r}")
+        if "pattern" in rule and not re.fullmatch(rule["pattern"], value):
+            raise ConfigError(f"{where}: {key}: expected {rule.get('describe', rule['pattern'])}, got {value!r}")
+        if rule.get("nonempty") and not value:
+            raise ConfigError(f"{where}: {key}: expected a non-empty {'string' if kind is str else 'value'}, got {value!r}")
+        if "items" in rule and not all(isinstance(v, rule["items"]) for v in value):
+            raise ConfigError(f"{where}: {key}: expected a list whose items are {rule['items'].__name__}, got {value!r}")
+
+
+DEVICE = {"pattern": r"auto|cpu|cuda(:\d+)?|mps", "describe": "auto, cpu, cuda, cuda:N or mps"}
+
+
+def save_config(config, out_dir, name="config.json", extra=None):
+    """Save the resolved config next to the outputs it produced. `extra` keys should start with "_"
+    (e.g. "_inputs": the input files' fingerprints): load_config skips those, so the file stays a config."""
+    values = {**dataclasses.asdict(config), **(extra or {})}
+    atomic_write_text(os.path.join(out_dir, name), json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex): its identity whatever its name or time stamps."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -987,6 +1090,16 @@ class DemoConfig:
     eval_max_new_tokens: int = 320    # greedy answer budget of the student at evaluation
     procs: int = 2                    # SFT / RL processes (torchrun, 1 thread each); 1 = plain python
 
+    def __post_init__(self):
+        check_fields(self, DEMO_LIMITS, "demo config")
+
+
+DEMO_LIMITS = {  # ranges of DemoConfig's values; the types come from the annotations (check_fields)
+    "out": {"nonempty": True}, "seed": {"min": 0}, "n_train": {"min": 1}, "n_test": {"min": 1},
+    "teacher_samples": {"min": 1}, "sft_config": {"nonempty": True}, "rl_config": {"nonempty": True},
+    "eval_max_new_tokens": {"min": 1}, "procs": {"min": 1},
+}
+
 
 # --quick: what changes (everything else is the default run)
 QUICK = {"n_train": 400, "n_test": 200}
@@ -995,17 +1108,31 @@ QUICK_RL = ["--max-steps", "3"]
 
 
 def _stage(name, argv, out, log, done=True):
-    """Run `python argv...` as its own process unless out/.done/<name> says it already finished."""
+    """Run `python argv...` as its own process unless out/.done/<name> says it already finished.
+
+    The marker records what made the stage's output: its command line (without --resume, which only
+    says how it ran) and the sha256 of each --config file it read. A finished stage is skipped only if
+    both are the same now; otherwise this raises ConfigError naming what differs, since skipping would
+    report the old run's numbers under the new settings, and rerunning one stage would mix two runs in
+    one folder (a fresh --out is the way to run with other settings)."""
     marker = os.path.join(out, ".done", name)
-    torchrun = argv[0] == "torchrun"  # argv = ["torchrun", "--nproc_per_node=K", script, ...] or [script, ...]
+    torchrun = argv[0] == "torchrun"  # argv = ["torchrun", "--standalone", "--nproc_per_node=K", script, ...] or [script, ...]
     shown = ("" if torchrun else "python ") + " ".join(_quote(a) for a in argv)
+    made_by = _stage_record(argv)
     if done and os.path.exists(marker):
-        print(f"[skip] {name}: finished earlier ({marker})", flush=True)
         try:
-            seconds = _read_json(marker)["seconds"]  # what the stage took when it ran
-        except (ValueError, KeyError, TypeError):
-            seconds = None
-        log.append({"stage": name, "command": shown, "seconds": seconds, "skipped": True})
+            recorded = _read_json(marker)
+        except ValueError:
+            recorded = None
+        changes = _stage_changes(recorded, made_by)
+        if changes:
+            raise ConfigError(f"stage {name}: {out} holds its output from another command ({'; '.join(changes)}); "
+                              f"use a fresh --out to run with these settings (or delete {marker} and the stage's "
+                              "output to redo it)")
+        print(f"[skip] {name}: finished earlier ({marker})", flush=True)
+        seconds = recorded.get("seconds")  # what the stage took when it ran
+        log.append({"stage": name, "command": shown, "seconds": seconds if isinstance(seconds, (int, float)) else None,
+                    "skipped": True})
         return
     print(f"\n=== {name}\n$ {shown}", flush=True)
     import subprocess
@@ -1014,7 +1141,8 @@ def _stage(name, argv, out, log, done=True):
     argv = [str(a) for a in argv]
     prefix, env = [sys.executable], None
     if torchrun:  # `python -m torch.distributed.run` is what the torchrun command runs; one thread per process
-        prefix, argv = [sys.executable, "-m", "torch.distributed.run", argv[1]], argv[2:]
+        n = next(i for i, a in enumerate(argv) if i and not a.startswith("--"))  # torchrun's options end at the script
+        prefix, argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:n]], argv[n:]
         env = dict(os.environ, OMP_NUM_THREADS="1")
     script = argv[0] if os.path.exists(argv[0]) else os.path.join(ROOT, argv[0])  # run from any folder
     subprocess.run(prefix + [script] + argv[1:], check=True, env=env)
@@ -1022,7 +1150,46 @@ def _stage(name, argv, out, log, done=True):
     print(f"[done] {name} in {seconds:.0f}s", flush=True)
     log.append({"stage": name, "command": shown, "seconds": round(seconds, 1)})
     if done:
-        atomic_write_text(marker, json.dumps({"command": shown, "seconds": round(seconds, 1)}) + "\n")
+        atomic_write_text(marker, json.dumps({"command": shown, **made_by, "seconds": round(seconds, 1)},
+                                             ensure_ascii=False) + "\n")
+
+
+def _stage_record(argv):
+    """What decides a stage's output: {"argv": its command line without --resume, "config_sha256":
+    {path: sha256} of the files given to --config}."""
+    args = [str(a) for a in argv if str(a) != "--resume"]
+    configs = {path: file_sha256(path) for flag, path in zip(args, args[1:]) if flag == "--config" and os.path.isfile(path)}
+    return {"argv": args, "config_sha256": configs}
+
+
+def _stage_changes(recorded, made_by):
+    """How a stage's recorded command differs from this one: ["--seed 0 -> 1", ...]; [] when it is the same."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("argv"), list):
+        return ["its marker records no command line to compare (an older version, or damaged)"]
+    old, new = _flags(recorded["argv"]), _flags(made_by["argv"])
+    changes = [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(set(old) | set(new), key=str)
+               if old.get(k) != new.get(k)]
+    for path, sha in made_by["config_sha256"].items():
+        was = (recorded.get("config_sha256") or {}).get(path)
+        if was != sha:
+            changes.append(f"{path} changed since (sha256 {str(was)[:12]} -> {sha[:12]})")
+    return changes
+
+
+def _flags(args):
+    """A command line as {flag: value} ("--flag" alone -> "(set)"; what no flag names -> {position: arg})."""
+    out, i = {}, 0
+    while i < len(args):
+        if args[i].startswith("--") and "=" in args[i]:
+            key, value = args[i].split("=", 1)
+            out[key], i = value, i + 1
+        elif args[i].startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]], i = args[i + 1], i + 2
+        elif args[i].startswith("--"):
+            out[args[i]], i = "(set)", i + 1
+        else:
+            out[f"argument {i + 1}"], i = args[i], i + 1
+    return out
 
 
 def _resume(run_dir):
@@ -1099,11 +1266,12 @@ def run_demo(cfg):
     save_config(cfg, out, "demo_config.json")
     # A tiny model's matmuls do not split well over threads: on 2 cores, 2 data-parallel processes of
     # one thread each train ~2x faster than one process with 2 threads.
-    launch = ["torchrun", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
+    # --standalone: torchrun picks a free port, so two demos (or a demo and the tests) can run at once.
+    launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
     taxonomy = load_taxonomy()
     for key in ("sft_config", "rl_config"):  # configs/ of the repository unless the path exists as given
-        if not os.path.exists(getattr(cfg, key)):
-            setattr(cfg, key, os.path.join(ROOT, getattr(cfg, key)))
+        path = getattr(cfg, key)  # absolute either way: the stages' recorded commands do not depend on the cwd
+        setattr(cfg, key, os.path.abspath(path if os.path.exists(path) else os.path.join(ROOT, path)))
     world = os.path.join(out, "world")
     sft_dir, rl_dir, init_dir = (os.path.join(out, d) for d in ("sft", "rl", "student_init"))
     sft_extra = QUICK_SFT if cfg.quick else []
@@ -1198,4 +1366,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import subprocess
+    try:
+        main()
+    except ConfigError as e:  # a bad option, or a stage that another command made (see _stage)
+        sys.exit(f"confprofile.py demo: error: {e}")
+    except subprocess.CalledProcessError as e:  # the stage printed its own error above
+        sys.exit(f"confprofile.py demo: error: a stage failed (exit status {e.returncode}): {' '.join(e.cmd)}")

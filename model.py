@@ -505,7 +505,7 @@ def _read_safetensors(path, device, dtype):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            files = shard_files(json.load(f), index)
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -514,6 +514,20 @@ def _read_safetensors(path, device, dtype):
     for name in files:
         state.update({k: v.to(dtype) for k, v in load_file(os.path.join(path, name), device=str(device)).items()})
     return state
+
+
+def shard_files(index, where="model.safetensors.index.json"):
+    """The shard file names of a safetensors index ({"weight_map": {tensor: file}}), sorted. Each must be
+    a plain file name inside the checkpoint directory: an absolute path, "..", or a folder separator
+    would let a downloaded index make us read any file on the machine."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{where}: weight_map: expected an object {{tensor name: shard file name}}")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\:\0"):
+            raise ValueError(f"{where}: weight_map[{tensor!r}]: shard {name!r} is not a plain file name; "
+                             "expected a file inside the checkpoint directory (no folders, no absolute path)")
+    return sorted(set(weight_map.values()))
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
@@ -554,7 +568,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
 def save_model(model: Transformer, out_dir, tokenizer_dir=None):
     """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files."""
     from safetensors.torch import save_file
-    from confprofile import atomic_write_text
+    from confprofile import atomic_write_text, fsync_dir, fsync_file
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
@@ -565,10 +579,12 @@ def save_model(model: Transformer, out_dir, tokenizer_dir=None):
     config.pop("torch_dtype", None)
     tmp = os.path.join(out_dir, ".tmp-model.safetensors")
     save_file(state, tmp, metadata={"format": "pt"})
+    fsync_file(tmp)  # on the disk before the rename: a crash never leaves a truncated model.safetensors
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     index = os.path.join(out_dir, "model.safetensors.index.json")
     if os.path.exists(index):  # a stale index would make loaders read old shards
         os.unlink(index)
+    fsync_dir(out_dir)
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2) + "\n")
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:

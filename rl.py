@@ -36,14 +36,15 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from confprofile import (ConfigError, DataError, append_jsonl, iter_jsonl, parse_answer, parse_answer_spans, save_config,
-                         vote)
+from confprofile import (DEVICE, ConfigError, DataError, append_jsonl, check_fields, iter_jsonl, parse_answer,
+                         parse_answer_spans, save_config, vote)
 from rollout import completion_text, generate, stop_ids_for, token_logprobs
 from sft import all_reduce_sum, autocast_for
 
@@ -118,24 +119,39 @@ class RLConfig:
     probe_size: int = 32             # training users whose greedy answers are compared with the SFT student's (0 = off)
     probe_every: int = 10            # steps between probes (and at the last step)
     save_every: int = 0              # steps between resumable checkpoints (0 = only the final model)
-    resume: bool = False             # continue from output_dir/train_state
+    resume: bool = False             # continue from output_dir/train_state (made with the same settings)
+    force_resume: bool = False       # resume even though settings or data changed (they are named)
     stop_after_steps: int = 0        # leave after this many steps without saving, as if killed (the resume test)
 
     def __post_init__(self):
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"rl config: {key}={getattr(self, key)!r}; expected one of {list(allowed)}")
-        if self.num_generations < 2:
-            raise ConfigError(f"rl config: num_generations={self.num_generations}; expected >= 2 (advantages are group-relative)")
-        if not 0 <= self.low <= self.high:
-            raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected 0 <= low <= high")
-        if self.num_iterations < 1 or self.micro_batch_size < 1 or self.batch_size < 1:
-            raise ConfigError("rl config: num_iterations, micro_batch_size and batch_size must be >= 1")
+        check_fields(self, LIMITS, "rl config")
+        if self.low > self.high:
+            raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected low <= high")
 
     @property
     def mask_confidence(self):
         """Frozen confidence: every weighting mode but the `live` ablation cuts the confidence tokens out."""
         return self.confidence_weighting != "live"
+
+
+# Keys that may change on --resume (sft.check_output_dir): evaluation, saving, stopping and placement only.
+RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "dev_data", "dev_size",
+                     "eval_max_new_tokens", "probe_size", "probe_every", "device", "gradient_checkpointing", "output_dir")
+PATH_KEYS = ("model", "data", "stage1", "taxonomy", "output_dir", "dev_data")  # compared as absolute paths
+
+LIMITS = {  # ranges of RLConfig's values; the types come from the annotations (confprofile.check_fields)
+    **{k: {"choices": v} for k, v in CHOICES.items()},
+    "model": {"nonempty": True}, "data": {"nonempty": True}, "output_dir": {"nonempty": True},
+    "batch_size": {"min": 1}, "num_generations": {"min": 2},  # advantages are group-relative: G >= 2
+    "max_new_tokens": {"min": 1}, "temperature": {"gt": 0}, "top_k": {"min": 0}, "top_p": {"gt": 0, "max": 1},
+    "max_batch_tokens": {"min": 0}, "na_weight": {"min": 0}, "low": {"min": 0, "max": 10}, "high": {"min": 0, "max": 10},
+    "epsilon": {"min": 0, "lt": 1}, "epsilon_high": {"min": 0}, "beta": {"min": 0}, "num_iterations": {"min": 1},
+    "micro_batch_size": {"min": 1}, "max_steps": {"min": 1}, "lr": {"min": 0}, "min_lr_ratio": {"min": 0, "max": 1},
+    "warmup_steps": {"min": 0}, "weight_decay": {"min": 0}, "adam_beta1": {"min": 0, "lt": 1},
+    "adam_beta2": {"min": 0, "lt": 1}, "grad_clip": {"min": 0}, "device": DEVICE, "seed": {"min": 0},
+    "dev_size": {"min": 1}, "eval_every": {"min": 0}, "eval_max_new_tokens": {"min": 0}, "save_every": {"min": 0},
+    "stop_after_steps": {"min": 0}, "probe_size": {"min": 0}, "probe_every": {"min": 0},
+}
 
 
 # -----------------------------------------------------------------------------
@@ -770,14 +786,16 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step * 9_973 + rank * 101) % (2 ** 63)
 
 
-def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None, dev_eval=None, probe=None):
+def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None, dev_eval=None, probe=None,
+          made_by=None):
     """GRPO steps from the saved state (with cfg.resume) to cfg.max_steps.
 
     next_batch(step) -> (prompts: this rank's list of token-id prompts, score: groups -> Scored).
     dev_eval(model) -> dict of dev metrics (rank 0 only; may be None); probe(model) -> {"probe_agreement"}
     every probe_every steps (rank 0 only; may be None). Every step appends one line to
     output_dir/metrics.jsonl; every save_every steps the model, optimizer, step and RNG states go to
-    output_dir/train_state atomically. Returns the number of steps done."""
+    output_dir/train_state atomically, with `made_by` (sft.run_record: what produced the run). Returns
+    the number of steps done."""
     from tqdm import tqdm
 
     from sft import barrier, build_optimizer, load_training_state, lr_at, save_training_state
@@ -826,7 +844,7 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
             bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             if main_process:
-                save_training_state(state_dir, model, optimizer, done, {})
+                save_training_state(state_dir, model, optimizer, done, {}, made_by)
             barrier()
     else:
         step = cfg.max_steps
@@ -896,7 +914,7 @@ def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_to
             "dev_mean_confidence": metrics["mean_confidence"], "dev_format_fail": failures}
 
 
-def run(cfg, rank, world_size, device):
+def run(cfg, rank, world_size, device, made_by=None):
     from confprofile import load_taxonomy, read_users, render_prompt
     from model import load_model, save_model
     from rollout import chat_prompt_ids, load_tokenizer, stop_ids_for
@@ -956,31 +974,37 @@ def run(cfg, rank, world_size, device):
             greedy_answers(m, tokenizer, probe_prompts, taxonomy, stop_ids, probe_tokens), reference)}
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, cfg.output_dir, name="rl_config.json")
+        save_config(cfg, cfg.output_dir, name="rl_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
         print("config: " + json.dumps(dataclasses.asdict(cfg), ensure_ascii=False), flush=True)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}; {len(users)} users, "
               f"{cfg.batch_size} x {cfg.num_generations} rollouts per step, {world_size} process(es)", flush=True)
     t0 = time.time()
-    done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval, probe)
+    done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval, probe, made_by)
     if done < cfg.max_steps:
         if main_process:
             print(f"stopped after step {done} of {cfg.max_steps} (stop_after_steps); resume with --resume", flush=True)
         return None
     if main_process:
         save_model(model, cfg.output_dir, tokenizer_dir=cfg.model)
+        shutil.rmtree(os.path.join(cfg.output_dir, "train_state"), ignore_errors=True)  # finished: 3x the model, dead weight
         print(f"saved the final checkpoint to {cfg.output_dir} ({time.time() - t0:.0f}s of RL)", flush=True)
     barrier()
     return cfg.output_dir
 
 
 def main(argv=None):
-    from sft import cleanup_distributed, setup_run
+    from confprofile import DEFAULT_TAXONOMY
+    from sft import check_output_dir, cleanup_distributed, run_record, setup_run
     cfg, rank, world_size, _, device = setup_run(RLConfig, argv, DEFAULT_CONFIG)
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes {world_size}")
     try:
-        return run(cfg, rank, world_size, device)
+        if cfg.batch_size % world_size:
+            raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes {world_size}")
+        uses_stage1 = "stage1" in (cfg.difficulty, cfg.confidence_weighting)
+        made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "stage1": cfg.stage1 if uses_stage1 else "",
+                                             "taxonomy": cfg.taxonomy or DEFAULT_TAXONOMY})
+        check_output_dir(cfg, made_by, RESUME_MAY_CHANGE, rank)
+        return run(cfg, rank, world_size, device, made_by)
     finally:
         cleanup_distributed()
 

@@ -176,6 +176,18 @@ def sample_categorical(logits, generator=None):
     return (b * block + j).squeeze(1), log_z
 
 
+def check_sampling(temperature, top_k, top_p):
+    """The sampler's settings, checked before any work: temperature a finite number >= 0 (0 = greedy),
+    top_k an integer >= 0 (0 = all), top_p in (0, 1] (1 = all). Raises ValueError naming the setting."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k: expected an integer >= 0 (0 = all tokens), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:  # NaN fails too
+        raise ValueError(f"top_p: expected a number in (0, 1] (1 = all tokens), got {top_p!r}")
+
+
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row: greedy when temperature == 0, else temperature -> top-k -> top-p -> categorical.
 
@@ -322,6 +334,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
     """
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"generate: n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+    try:
+        check_sampling(temperature, top_k, top_p)
+    except ValueError as e:
+        raise ValueError(f"generate: {e}") from None
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
@@ -780,6 +796,12 @@ def parse_args(argv=None):
         p.error("--teacher needs --users")
     if args.samples < 1 or args.max_new_tokens < 1 or args.batch_users < 1:
         p.error("--samples, --max-new-tokens and --batch-users must be >= 1")
+    if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
+        p.error(f"--max-batch-tokens: expected >= 1, got {args.max_batch_tokens}")
+    try:
+        check_sampling(1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        p.error("--" + str(e).replace("_", "-", 1))  # "--top-p: expected a number in (0, 1] ..."
     return args
 
 

@@ -5,7 +5,7 @@ confidence and evidence per dimension].
 
     python sft.py                                        # the CPU demo: configs/sft_demo.json
     python sft.py --config configs/sft_qwen3_8b.json --lr 5e-6
-    python sft.py --resume                               # continue from output_dir/train_state
+    python sft.py --resume                               # continue from output_dir/train_state (same settings)
     torchrun --nproc_per_node=K sft.py --config ...      # data-parallel (gloo on CPU, nccl on GPU)
 
 What it does, and why:
@@ -21,8 +21,13 @@ What it does, and why:
   and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly.
 * The final checkpoint is `output_dir` itself, an HF directory (config.json, model.safetensors,
   tokenizer + chat template) that transformers, rollout.py and rl.py load as is. The resolved
-  training config goes to output_dir/sft_config.json (config.json is the model's), metrics to
-  output_dir/metrics.jsonl, the resumable state to output_dir/train_state/.
+  training config goes to output_dir/sft_config.json (config.json is the model's; "_inputs" holds the
+  data files' size and sha256), metrics to output_dir/metrics.jsonl, the resumable state to
+  output_dir/train_state/ (safetensors + JSON, never a pickle; removed once the run is finished).
+* The resumable state records what produced it: `--resume` with other settings or a changed data file
+  is refused, naming each difference (only `RESUME_MAY_CHANGE`, how a run is watched, saved, stopped
+  or placed, may change; `--force-resume` goes on anyway), and a fresh run refuses an output_dir that
+  holds another run's state.
 * `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
   BPE tokenizer trained on the corpus, a ChatML chat template, a tiny from-scratch Qwen3.
 * `dtype: bfloat16` (big models on one GPU) keeps weights, grads and AdamW moments in bf16 and writes
@@ -32,7 +37,9 @@ Helpers rl.py reuses (names are stable):
     setup_distributed() -> (rank, world_size, local_rank, device); cleanup_distributed(); unwrap(model)
     lr_at(step, cfg, total_steps=None)        warmup + cosine (cfg: lr, warmup_steps, min_lr_ratio, max_steps)
     build_optimizer(model, cfg)               AdamW (cfg: lr, weight_decay, adam_beta1, adam_beta2); no decay on 1-D
-    save_training_state(dir, model, optimizer, step, extra) / load_training_state(dir, model, optimizer) -> (step, extra)
+    save_training_state(dir, model, optimizer, step, extra, made_by) / load_training_state(dir, model, optimizer)
+                                              -> (step, extra)
+    run_record(cfg, path_keys, inputs); check_output_dir(cfg, made_by, may_change, rank)   what produced a run
     assistant_mask(tokenizer, messages, **template_kwargs) -> (input_ids, loss_mask)
     pad_batch(sequences, masks, pad_id, device) -> (input_ids[B,T], loss_mask[B,T]) right-padded tensors
     masked_nll_sum(logits, input_ids, loss_mask) -> (sum of NLL over masked targets, their count)
@@ -41,6 +48,8 @@ Helpers rl.py reuses (names are stable):
     all_reduce_sum(tensor)                    sum over processes (a no-op in one process)
 """
 import contextlib
+import dataclasses
+import gc
 import json
 import math
 import os
@@ -52,11 +61,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  before any process group exists: see cleanup_distributed
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from confprofile import (ConfigError, append_jsonl, atomic_write_text, iter_jsonl, load_config, neutralize_messages,
-                         require_model_dir, save_config)
+from confprofile import (DEVICE, ConfigError, append_jsonl, atomic_write_text, check_fields, file_sha256, fsync_dir,
+                         fsync_file, iter_jsonl, load_config, neutralize_messages, require_model_dir, save_config)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -111,9 +121,27 @@ class SFTConfig:
     eval_every: int = 50                       # steps between held-out evals (0 = only at the end)
     save_every: int = 100                      # steps between resumable checkpoints (0 = never)
     log_every: int = 1
-    resume: bool = False                       # continue from output_dir/train_state
+    resume: bool = False                       # continue from output_dir/train_state (made with the same settings)
+    force_resume: bool = False                 # resume even though settings or data changed (they are named)
     stop_after_steps: int = 0                  # leave after this many steps of this process without saving, as if
                                                # killed (time-sliced jobs; the resume test)
+
+    def __post_init__(self):
+        check_fields(self, LIMITS, "sft config")
+
+
+LIMITS = {  # ranges of SFTConfig's values; the types come from the annotations (confprofile.check_fields)
+    "model": {"nonempty": True}, "data": {"nonempty": True}, "output_dir": {"nonempty": True},
+    "eval_fraction": {"min": 0, "lt": 1}, "student_corpus": {"items": str},
+    **{k: {"min": 1} for k in ("student_vocab_size", "student_hidden", "student_layers", "student_heads",
+                               "student_kv_heads", "student_head_dim", "student_intermediate")},
+    "max_steps": {"min": 0}, "epochs": {"min": 0}, "lr": {"min": 0}, "warmup_steps": {"min": 0},
+    "min_lr_ratio": {"min": 0, "max": 1}, "weight_decay": {"min": 0}, "adam_beta1": {"min": 0, "lt": 1},
+    "adam_beta2": {"min": 0, "lt": 1}, "grad_clip": {"min": 0}, "batch_size": {"min": 1}, "grad_accum": {"min": 1},
+    "max_len": {"min": 2}, "length_group": {"min": 1}, "seed": {"min": 0}, "dtype": {"choices": ("float32", "bfloat16")},
+    "device": DEVICE, "eval_every": {"min": 0}, "save_every": {"min": 0}, "log_every": {"min": 1},
+    "stop_after_steps": {"min": 0},
+}
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +164,22 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    """Destroy the process group so that its gloo worker threads are joined while Python is alive.
+
+    Why it matters: a gloo worker thread drops its reference to a finished collective (and to the
+    tensors it holds) only after the caller's wait() has returned, and dropping a tensor that has a
+    Python object takes the GIL. If the interpreter is already finalising by then, the thread cannot
+    take the GIL: it exits inside a C++ destructor and the process dies with "terminate called without
+    an active exception" (SIGABRT; about one torchrun run in ten on a busy 2-core machine). Joining the
+    workers here rules that out -- but destroy_process_group only frees the group if nothing else
+    holds it, and torch.distributed.nn.functional does: its functions take `group=group.WORLD` as a
+    default argument, evaluated when the module is imported. torch._dynamo imports it, and the first
+    optimizer torch builds imports torch._dynamo; after init_process_group that pinned the group for
+    good. So this file imports torch._dynamo at its top, before any group exists (the defaults are then
+    None), and gc.collect() frees what waits in reference cycles (a DistributedDataParallel wrapper)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def is_distributed():
@@ -478,55 +520,193 @@ def build_optimizer(model, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Resumable training state (atomic: a temp dir, then rename)
+# Resumable training state: safetensors + JSON only, so resuming never unpickles anything (a pickle
+# can run any code when it is loaded); written to a temp dir, fsynced, then renamed into place.
+#
+#   train_state/model.safetensors       the weights (tied ones once)
+#   train_state/optimizer.safetensors   every tensor of optimizer.state_dict() ("state.<param>.<key>")
+#   train_state/rng.safetensors         torch's (and CUDA's) generator states
+#   train_state/state.json              format, step, extra; the optimizer's other state (step counts,
+#                                       param_groups); Python's and numpy's RNG states
+
+TRAIN_STATE_FORMAT = 2  # 1: torch.save pickles (model.pt, optimizer.pt, rng.pt), refused when resuming
+PICKLE_FILES = ("model.pt", "optimizer.pt", "rng.pt")
 
 
 def _rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """(JSON, tensors): Python's Mersenne Twister (ints), numpy's (uint32 words -> ints), torch's bytes."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(words), gauss], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    return meta, tensors
 
 
-def _set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(meta, tensors):
+    version, words, gauss = meta["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def save_training_state(path, model, optimizer, step, extra=None):
+def _split_optimizer_state(state_dict):
+    """optimizer.state_dict() -> (JSON, tensors). A tensor is stored as {"tensor": its safetensors name};
+    everything else (AdamWBF16's int step counts, param_groups' hyperparameters) stays JSON."""
+    meta, tensors = {"state": {}, "param_groups": []}, {}
+    for index, entries in state_dict["state"].items():
+        meta["state"][str(index)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
+                value = {"tensor": f"state.{index}.{key}"}
+            meta["state"][str(index)][key] = value
+    for group in state_dict["param_groups"]:
+        meta["param_groups"].append({k: list(v) if isinstance(v, tuple) else v for k, v in group.items()})
+    return meta, tensors
+
+
+def _join_optimizer_state(meta, tensors):
+    """The inverse of _split_optimizer_state (JSON lists in param_groups, e.g. betas, become tuples again)."""
+    state = {int(index): {k: tensors[v["tensor"]] if isinstance(v, dict) and set(v) == {"tensor"} else v
+                          for k, v in entries.items()} for index, entries in meta["state"].items()}
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
     """Model, optimizer, step, RNG states and `extra` (JSON: data position, ...) in dir `path`, atomically:
-    written to path.tmp, then renamed, so a kill at any moment leaves the previous state or the new one."""
+    written to path.tmp and fsynced, then renamed, so a kill or a crash at any moment leaves the previous
+    state or the new one. `made_by` (JSON, run_record) is stored as is: what produced the state."""
+    from safetensors.torch import save_file, save_model
+
     path = os.path.abspath(path)
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.save(unwrap(model).state_dict(), os.path.join(tmp, "model.pt"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
-    atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({"step": step, "extra": extra or {}}, indent=2) + "\n")
+    optimizer_meta, optimizer_tensors = _split_optimizer_state(optimizer.state_dict())
+    rng_meta, rng_tensors = _rng_state()
+    save_model(unwrap(model), os.path.join(tmp, "model.safetensors"))  # stores tied weights once
+    save_file({k: v.cpu() for k, v in optimizer_tensors.items()}, os.path.join(tmp, "optimizer.safetensors"))
+    save_file({k: v.cpu() for k, v in rng_tensors.items()}, os.path.join(tmp, "rng.safetensors"))
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        fsync_file(os.path.join(tmp, name))
+    state = {"format": TRAIN_STATE_FORMAT, "step": step, "extra": extra or {}, **(made_by or {}),
+             "optimizer": optimizer_meta, "rng": rng_meta}
+    atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_training_state(path):
+    """state.json of a training state dir (JSON only: nothing is loaded yet), after checking that the dir
+    is in this version's format. Returns (the dir it was read from, its state dict). A dir that holds
+    the old pickles is refused, never loaded: unpickling a crafted file runs any code in it."""
+    if not os.path.exists(os.path.join(path, "state.json")) and os.path.exists(os.path.join(path + ".old", "state.json")):
+        path = path + ".old"  # killed between the two renames of a save
+    pickles = [name for name in PICKLE_FILES if os.path.exists(os.path.join(path, name))]
+    if pickles:
+        raise ValueError(f"{path}: holds {', '.join(pickles)}: pickle files (an older version's training state, or "
+                         "planted); resuming never unpickles anything, since a crafted pickle runs code when loaded. "
+                         f"Delete {path} to start afresh, or resume with the version that wrote it")
+    if not os.path.exists(os.path.join(path, "state.json")):
+        raise FileNotFoundError(f"{path}: no training state to resume from (expected state.json, model.safetensors, "
+                                "optimizer.safetensors, rng.safetensors)")
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}/state.json: unreadable ({e}); expected the JSON that save_training_state writes") from None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(f"{path}/state.json: format {found!r}; expected {TRAIN_STATE_FORMAT} (this version's "
+                         "safetensors + JSON training state)")
+    return path, state
 
 
 def load_training_state(path, model, optimizer):
     """Restore what save_training_state wrote (and RNG states); returns (step, extra)."""
-    if not os.path.exists(os.path.join(path, "state.json")) and os.path.exists(os.path.join(path + ".old", "state.json")):
-        path = path + ".old"  # killed between the two renames of a save
-    if not os.path.exists(os.path.join(path, "state.json")):
-        raise FileNotFoundError(f"{path}: no training state to resume from (expected state.json, model.pt, optimizer.pt)")
+    from safetensors.torch import load_file, load_model
+
+    path, state = read_training_state(path)
     device = next(unwrap(model).parameters()).device
-    unwrap(model).load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device))
-    _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    load_model(unwrap(model), os.path.join(path, "model.safetensors"), strict=True, device=str(device))
+    # on the CPU: load_state_dict moves each tensor where its parameter is (step counts stay on the CPU)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    optimizer.load_state_dict(_join_optimizer_state(state["optimizer"], tensors))
+    _set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))
     return state["step"], state["extra"]
+
+
+# -----------------------------------------------------------------------------
+# What produced a run. A training state records the resolved config and its input files' size and
+# sha256; --resume with other settings or changed data is refused, naming what differs, and a fresh
+# run refuses an output_dir that holds another run's resumable state (it would be overwritten, or
+# mixed into this run's metrics).
+
+# Keys that may change on --resume: they decide how a run is watched, saved, stopped or placed, not
+# what it computes (a new device is not bit-exact, but moving a run to another machine is legitimate).
+RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "log_every", "device",
+                     "gradient_checkpointing", "output_dir")
+PATH_KEYS = ("model", "data", "eval_data", "output_dir")  # compared as absolute paths
+
+
+def run_record(cfg, path_keys, inputs):
+    """{"config": the resolved config (path keys made absolute, so one file named two ways is one file),
+    "inputs": {name: {"path", "bytes", "sha256"}} of each existing input file in `inputs` {name: path}}."""
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for key in path_keys:
+        if config.get(key):
+            config[key] = os.path.abspath(config[key])
+    files = {name: os.path.abspath(path) for name, path in inputs.items() if path and os.path.isfile(path)}
+    return {"config": config, "inputs": {name: {"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+                                         for name, path in files.items()}}
+
+
+def record_changes(saved, record, may_change):
+    """What differs between a saved run record and this run's, as "key old -> new" strings."""
+    if not isinstance(saved.get("config"), dict):
+        return ["the state records no settings to compare (written without a run record)"]
+    old, new, absent = saved["config"], record["config"], "(absent)"
+    diffs = [f"{key} {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in sorted(set(old) | set(new))
+             if key not in may_change and old.get(key, absent) != new.get(key, absent)]
+    old_inputs = saved.get("inputs") or {}
+    for name, now in sorted(record["inputs"].items()):
+        was = old_inputs.get(name)
+        if was is None or (was.get("bytes"), was.get("sha256")) != (now["bytes"], now["sha256"]):
+            before = "no file" if was is None else f"{was.get('bytes')} bytes, sha256 {str(was.get('sha256'))[:12]}"
+            diffs.append(f"{name} file {now['path']} changed ({before} -> {now['bytes']} bytes, sha256 {now['sha256'][:12]})")
+    return diffs
+
+
+def check_output_dir(cfg, record, may_change, rank=0):
+    """Before a run: with --resume, the state in output_dir/train_state must have been made with the same
+    settings and input files (except `may_change`; --force-resume goes on with the new ones, saying
+    which); without --resume, output_dir must not hold another run's resumable state."""
+    state_dir = os.path.join(cfg.output_dir, "train_state")
+    if not cfg.resume:
+        if os.path.exists(state_dir) or os.path.exists(state_dir + ".old"):
+            raise ConfigError(f"{state_dir}: holds the resumable state of an unfinished run; add --resume to continue "
+                              "it, or delete it (or choose another output_dir) to start afresh")
+        return
+    path, saved = read_training_state(state_dir)
+    diffs = record_changes(saved, record, may_change)
+    if diffs and not cfg.force_resume:
+        raise ConfigError(f"{path}: made with other settings than this --resume: {'; '.join(diffs)}. Resume with the "
+                          "recorded settings, add --force-resume to go on with the new ones, or start afresh in another "
+                          "output_dir")
+    if diffs and rank == 0:
+        print(f"--force-resume: {path} goes on with changed settings: {'; '.join(diffs)}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -582,11 +762,9 @@ def check_config(cfg, world_size):
                           f"{world_size} * {cfg.grad_accum} (every process takes equal micro-batches)")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise ConfigError("max_steps or epochs: expected one of them > 0")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype {cfg.dtype!r}: expected float32 or bfloat16")
 
 
-def train(cfg, rank, world_size, local_rank, device):
+def train(cfg, rank, world_size, local_rank, device, made_by=None):
     from transformers import AutoTokenizer
 
     from model import load_model, save_model
@@ -640,7 +818,7 @@ def train(cfg, rank, world_size, local_rank, device):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, cfg.output_dir, name="sft_config.json")
+        save_config(cfg, cfg.output_dir, name="sft_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}", flush=True)
 
@@ -705,7 +883,7 @@ def train(cfg, rank, world_size, local_rank, device):
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             if main_process:
                 save_training_state(state_dir, model, optimizer, done,
-                                    {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch})
+                                    {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch}, made_by)
             barrier()
         t_last += time.time() - t_pause
     else:
@@ -737,9 +915,11 @@ def setup_run(config_class, argv, default_config):
 
 def main(argv=None):
     cfg, rank, world_size, local_rank, device = setup_run(SFTConfig, argv, DEFAULT_CONFIG)
-    check_config(cfg, world_size)
     try:
-        return train(cfg, rank, world_size, local_rank, device)
+        check_config(cfg, world_size)
+        made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "eval_data": cfg.eval_data})
+        check_output_dir(cfg, made_by, RESUME_MAY_CHANGE, rank)
+        return train(cfg, rank, world_size, local_rank, device, made_by)
     finally:
         cleanup_distributed()
 

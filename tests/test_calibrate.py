@@ -191,6 +191,29 @@ def test_cli_errors(world, tmp_path):
         cal.build_sft(teacher, {}, tax)
 
 
+def test_empty_input_fails_and_unanswered_users_are_reported(world, capsys):
+    """#13 item 13: an empty --samples (or one where no user has a valid answer) is an error, not an
+    empty SFT set and exit 0; users without a valid teacher answer, and users of --users that the
+    teacher never answered, are printed and listed in the summary."""
+    (world / "empty.jsonl").write_text("\n")
+    with pytest.raises(SystemExit) as e:
+        cal.main(["--samples", str(world / "empty.jsonl"), "--out", str(world / "e.jsonl"), "--taxonomy", str(world / "tax.json")])
+    assert "empty.jsonl: no teacher records" in str(e.value.code)
+    (world / "bad.jsonl").write_text(json.dumps({"user_id": "u4", "samples": [{"text": "nonsense"}]}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        cal.main(["--samples", str(world / "bad.jsonl"), "--out", str(world / "e.jsonl"), "--taxonomy", str(world / "tax.json")])
+    assert "none of the 1 users has a valid teacher answer in every dimension (u4)" in str(e.value.code)
+    assert not (world / "e.jsonl").exists()
+    with open(world / "users.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"user_id": "u5", "behavior": {"watched": ["news"]}}) + "\n")
+    capsys.readouterr()
+    _, summary = run(world)
+    assert summary["dropped_user_ids"] == ["u4"] and summary["users_not_answered"] == ["u5"]
+    printed = capsys.readouterr().out
+    assert "1 user(s) left out, without a valid teacher answer in every dimension: u4" in printed
+    assert "1 user(s) in --users but not in --samples (never answered): u5" in printed
+
+
 def test_cli_subprocess_prints_summary(world):
     out = subprocess.run([sys.executable, "calibrate.py", "--samples", str(world / "teacher.jsonl"), "--users",
                           str(world / "users.jsonl"), "--out", str(world / "sft2.jsonl"), "--taxonomy", str(world / "tax.json")],

@@ -541,6 +541,101 @@ def test_vote_formula_functions_directly():
         vote([], TAX, weighting="mean")
 
 
+# -----------------------------------------------------------------------------
+# Files
+
+
+def test_atomic_write_text_gives_the_usual_file_mode(tmp_path):
+    """#13 item 13: files written through atomic_write_text (config.json, sft.jsonl, ...) get what a plain
+    open() gives, 0666 minus the umask -- not mkstemp's private 0600 -- and no temp file is left."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        cp.atomic_write_text(tmp_path / "a.json", "{}\n")
+        os.umask(0o027)
+        cp.write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "b.jsonl").st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.jsonl"]
+
+
+# -----------------------------------------------------------------------------
+# Configs
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"seed": "1"}, r"seed: expected an integer, got '1' \(str\)"),
+    ({"seed": True}, r"seed: expected an integer, got True \(bool\)"),
+    ({"n_train": 0}, "n_train: expected >= 1, got 0"), ({"n_test": -5}, "n_test: expected >= 1, got -5"),
+    ({"quick": "yes"}, "quick: expected true or false"), ({"procs": 0}, "procs: expected >= 1"),
+    ({"out": ""}, "out: expected a non-empty string"), ({"sft_config": None}, "sft_config: expected a string")])
+def test_demo_config_values_are_checked_naming_the_key(tmp_path, values, message):
+    """#13 item 5: every key's JSON type and range is checked when the config is loaded, naming the key."""
+    (tmp_path / "demo.json").write_text(json.dumps(values))
+    with pytest.raises(cp.ConfigError, match="demo config: " + message):
+        cp.load_config(cp.DemoConfig, ["--config", str(tmp_path / "demo.json")])
+
+
+def test_check_fields_types_ranges_and_the_command_line():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class C:
+        rate: float = 0.5
+        n: int = 1
+        names: list = dataclasses.field(default_factory=list)
+        mode: str = "a"
+
+        def __post_init__(self):
+            cp.check_fields(self, {"rate": {"gt": 0, "max": 1}, "n": {"min": 1}, "names": {"items": str},
+                                   "mode": {"choices": ("a", "b")}}, "c")
+    assert C(rate=1).rate == 1.0 and isinstance(C(rate=1).rate, float)  # an int is a number
+    for kwargs, message in ((dict(rate=float("inf")), "rate: expected a finite number"),
+                            (dict(rate=0.0), "rate: expected > 0 and <= 1, got 0.0"), (dict(n=2.0), "n: expected an integer"),
+                            (dict(names=["x", 1]), "names: expected a list whose items are str"),
+                            (dict(mode="c"), r"mode: expected one of \['a', 'b'\], got 'c'")):
+        with pytest.raises(cp.ConfigError, match="c: " + message):
+            C(**kwargs)
+    with pytest.raises(cp.ConfigError, match="--rate: expected float, got 'x'"):
+        cp.load_config(C, ["--rate", "x"])
+    with pytest.raises(cp.ConfigError, match="c: rate: expected > 0"):
+        cp.load_config(C, ["--rate=-1"])
+    with pytest.raises(AssertionError, match="unknown key"):
+        cp.check_fields(C(), {"nope": {"min": 0}})
+
+    @dataclasses.dataclass
+    class D:
+        maybe: tuple = ()
+    with pytest.raises(AssertionError, match="maybe: annotation <class 'tuple'>; expected one of int, float"):
+        cp.check_fields(D(), {})
+
+
+def test_demo_stage_is_skipped_only_when_its_command_and_configs_are_the_same(tmp_path):
+    """#13 item 4: a finished stage's marker records its command line and the sha256 of its --config files;
+    a rerun with another command (another --seed) into the same --out is refused naming what differs,
+    instead of reporting the old run's numbers under the new settings. --resume is not part of it."""
+    script = tmp_path / "stage.py"
+    script.write_text("import sys\nopen(sys.argv[-1], 'a').write('ran\\n')\n")
+    config, ran, out, log = tmp_path / "c.json", tmp_path / "ran.txt", str(tmp_path / "out"), []
+    config.write_text('{"lr": 1}')
+    argv = [str(script), "--config", str(config), "--seed", "0", str(ran)]
+    cp._stage("s", argv, out, log)
+    cp._stage("s", argv[:1] + ["--resume"] + argv[1:], out, log)  # finished: skipped, --resume or not
+    assert ran.read_text() == "ran\n" and log[-1]["skipped"]
+    with pytest.raises(cp.ConfigError, match=r"stage s: .* from another command \(--seed 0 -> 1\); use a fresh --out"):
+        cp._stage("s", argv[:4] + ["1", str(ran)], out, log)
+    config.write_text('{"lr": 2}')
+    with pytest.raises(cp.ConfigError, match=r"c\.json changed since \(sha256 "):
+        cp._stage("s", argv, out, log)
+    (tmp_path / "out" / ".done" / "s").write_text('{"command": "python stage.py", "seconds": 1}')  # an older marker
+    with pytest.raises(cp.ConfigError, match="records no command line to compare"):
+        cp._stage("s", argv, out, log)
+    assert ran.read_text() == "ran\n"
+
+
 def test_tests_are_fast_enough():
     t0 = time.perf_counter()
     for _ in range(2000):

@@ -43,7 +43,7 @@ def test_quick_demo_writes_every_row(quick_run):
     shown = [line for line in stdout.splitlines() if line.startswith("$ ")]
     for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py"):
         assert any(f" {script} " in line for line in shown), script
-    assert any(line.startswith("$ torchrun --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
+    assert any(line.startswith("$ torchrun --standalone --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
     # The RL log carries what shows a label-free run going wrong before F1 does (DESIGN "Stage 2").
     last = json.loads((out / "rl" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
     for key in ("na_rate", "majority_ratio", "entropy", "probe_agreement", "kept", "format_fail", "confidence",
@@ -63,6 +63,18 @@ def test_quick_demo_second_run_skips_finished_stages(quick_run):
     assert "=== " not in proc.stdout  # no stage ran again
     assert proc.stdout.count("[skip]") >= 12
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["rows"]["student_rl"]["avg_f1"] >= 0
+
+
+def test_quick_demo_rerun_with_another_seed_is_refused(quick_run):
+    """#13 item 4: the stage markers record each stage's command: a rerun with --seed 1 into the same --out
+    is refused naming the stage and the flag, instead of reporting the seed-0 numbers as seed 1's."""
+    out, _ = quick_run
+    before = (out / "results.json").read_bytes()
+    cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--out", str(out), "--seed", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("confprofile.py demo: error: stage world: ") and "--seed 0 -> 1" in proc.stderr
+    assert "use a fresh --out" in proc.stderr and (out / "results.json").read_bytes() == before
 
 
 def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):

@@ -240,6 +240,49 @@ def test_missing_unexpected_or_misshapen_tensor_is_an_error_naming_it(checkpoint
         load_model(tmp_path)
 
 
+def test_checkpoints_are_fsynced_before_they_replace_the_old_ones(tmp_path, monkeypatch):
+    """#13 item 13: the final checkpoint and the resumable training state reach the disk (fsync) before
+    the rename that makes them current, and their folder after it: a crash cannot leave a torn file."""
+    import types
+
+    import sft
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    args = ModelArgs(model_type="qwen3", vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                     intermediate_size=32, qk_norm=True, tie_embeddings=True)
+    model = init_weights(Transformer(args), seed=0)
+    save_model(model, tmp_path / "out")
+    assert str(tmp_path / "out" / ".tmp-model.safetensors") in synced and str(tmp_path / "out") in synced
+    synced.clear()
+    cfg = types.SimpleNamespace(lr=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95)
+    sft.save_training_state(tmp_path / "state", model, sft.build_optimizer(model, cfg), 1)
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        assert any(p.startswith(str(tmp_path / "state.tmp")) and p.endswith(name) for p in synced), name
+    assert str(tmp_path) in synced  # the folder that holds the renamed state
+
+
+def test_shard_names_outside_the_checkpoint_are_refused(checkpoints, tmp_path):
+    """#13 item 13: model.safetensors.index.json may only name files inside the checkpoint directory.
+    A shard named "../x.safetensors" (or an absolute path) was read from wherever it pointed."""
+    src = checkpoints["qwen3_sharded"]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    index = json.load(open(os.path.join(src, "model.safetensors.index.json")))
+    for name in set(index["weight_map"].values()):  # the real shards, one level up: outside the checkpoint
+        (tmp_path / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    (ckpt / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    for bad in ("../{}", str(tmp_path) + "/{}", "sub/{}", "..\\{}"):
+        weight_map = {k: bad.format(v) for k, v in index["weight_map"].items()}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(ValueError, match=r"index\.json: weight_map\[.*\]: shard .* is not a plain file name"):
+            load_model(ckpt)
+
+
 def test_unsupported_architecture_is_an_error_naming_it(checkpoints, tmp_path):
     config = json.load(open(os.path.join(checkpoints["llama3"], "config.json")))
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))

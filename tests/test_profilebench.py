@@ -210,3 +210,15 @@ def test_cli_bad_input_is_one_line(tmp_path):
         assert isinstance(e.value.code, str) and "\n" not in e.value.code
         assert e.value.code.startswith("profilebench.py: error: ") and message in e.value.code, e.value.code
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("flags", [["--n-train", "-5"], ["--n-test", "-1"]])
+def test_cli_rejects_negative_sizes(tmp_path, flags, capsys):
+    """#13 item 13: a negative --n-train / --n-test is a usage error (exit status 2), not an empty world
+    and exit 0. Zero is allowed (a world of test users only, or of training users only)."""
+    with pytest.raises(SystemExit) as e:
+        pb.main(["--out", str(tmp_path / "w"), "--n-train", "2", "--n-test", "1", *flags])
+    assert e.value.code == 2 and "--n-train and --n-test must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    pb.main(["--out", str(tmp_path / "w"), "--n-train", "0", "--n-test", "1"])
+    assert (tmp_path / "w" / "train.jsonl").read_text() == "" and (tmp_path / "w" / "test.jsonl").read_text()

@@ -634,11 +634,84 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [r["reward_mean"] for r in ma] == [r["reward_mean"] for r in mb]
 
 
+# -----------------------------------------------------------------------------
+# rl.py end to end on the tiny student (a few seconds): files, resume checks, config checks
+
+
+@pytest.fixture(scope="module")
+def rl_world(tmp_path_factory, tiny_checkpoint):
+    import profilebench
+    d = tmp_path_factory.mktemp("rl_world")
+    profilebench.main(["--out", str(d / "world"), "--n-train", "8", "--n-test", "2", "--seed", "3"])
+    return d
+
+
+def rl_args(tiny_checkpoint, rl_world, out, **over):
+    cfg = dict(model=tiny_checkpoint, data=str(rl_world / "world" / "train.jsonl"), output_dir=str(out), batch_size=2,
+               num_generations=2, max_new_tokens=6, max_steps=3, save_every=1, micro_batch_size=4, difficulty="off",
+               lr=1e-3, warmup_steps=0, seed=0)
+    cfg.update(over)
+    return [f"--{k}={v}" for k, v in cfg.items()]
+
+
+def test_rl_main_leaves_no_train_state_after_the_final_checkpoint(tiny_checkpoint, rl_world):
+    """#13 item 13: like sft.py, a finished run removes its resumable state (3x the model)."""
+    out = rl_world / "finished"
+    assert rl.main(rl_args(tiny_checkpoint, rl_world, out)) == str(out)
+    assert (out / "model.safetensors").exists() and (out / "rl_config.json").exists()
+    assert not (out / "train_state").exists()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_rl_resume_with_other_settings_is_refused_naming_them(tiny_checkpoint, rl_world):
+    """#13 item 4: rl.py --resume with another lr / seed is refused naming the keys; eval settings may
+    change; a fresh run refuses an output_dir holding another run's resumable state."""
+    out = rl_world / "resumed"
+    assert rl.main(rl_args(tiny_checkpoint, rl_world, out, stop_after_steps=2)) is None
+    with pytest.raises(rl.ConfigError, match=r"other settings than this --resume: lr 0\.001 -> 0\.002; seed 0 -> 1\. "):
+        rl.main(rl_args(tiny_checkpoint, rl_world, out, lr=2e-3, seed=1, resume=True))
+    with pytest.raises(rl.ConfigError, match="holds the resumable state of an unfinished run"):
+        rl.main(rl_args(tiny_checkpoint, rl_world, out))
+    assert rl.main(rl_args(tiny_checkpoint, rl_world, out, resume=True, eval_max_new_tokens=4)) == str(out)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"beta": -0.1}, "beta: expected >= 0, got -0.1"), ({"epsilon": -0.2}, "epsilon: expected >= 0 and < 1"),
+    ({"temperature": -1}, "temperature: expected > 0, got -1.0"), ({"temperature": float("nan")}, "temperature: expected a finite"),
+    ({"max_steps": -1}, "max_steps: expected >= 1, got -1"), ({"batch_size": 0}, "batch_size: expected >= 1"),
+    ({"micro_batch_size": 0}, "micro_batch_size: expected >= 1"), ({"top_p": 0}, r"top_p: expected > 0 and <= 1, got 0.0"),
+    ({"top_k": -1}, "top_k: expected >= 0"), ({"lr": "0.003"}, r"lr: expected a number, got '0.003' \(str\)"),
+    ({"num_generations": 1}, "num_generations: expected >= 2"), ({"loss_type": "ppo"}, "loss_type: expected one of"),
+    ({"high": 11}, "high: expected >= 0 and <= 10"), ({"low": 6, "high": 4}, "low=6.0, high=4.0; expected low <= high")])
+def test_config_values_are_checked_naming_the_key(tmp_path, values, message):
+    """#13 item 5: types and ranges are checked when the config is loaded, naming the key: negative beta,
+    epsilon, temperature; zero batch sizes; a negative max_steps (which exited 0 with an unchanged model)."""
+    (tmp_path / "bad.json").write_text(json.dumps(values))
+    with pytest.raises(rl.ConfigError, match="rl config: " + message):
+        rl.main(["--config", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_error_is_one_line_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "rl.py", "--beta", "-1", "--output-dir", str(tmp_path / "out")], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == "rl.py: error: rl config: beta: expected >= 0, got -1.0\n"
+
+
 DDP_SCRIPT = r'''
-import json, sys, torch
+import json, os, sys, threading, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import rl, test_rl as T
 from sft import setup_distributed, cleanup_distributed
+
+def native_threads():  # threads Python did not start: gloo's workers, among others
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+before = native_threads()
 rank, world, _, _ = setup_distributed()
 model = T.toy_model()
 cfg = T.toy_config(sys.argv[2], max_steps=3)
@@ -650,9 +723,14 @@ rl.train(cfg, model, batch, stop_ids=[], rank=rank, world_size=world)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 copies = [torch.zeros_like(flat) for _ in range(world)]
 torch.distributed.all_gather(copies, flat)
+
+def say(record):  # one write per line: torchrun runs python -u, and the ranks share the pipe
+    sys.stdout.write(json.dumps(record) + "\n")
+
 if rank == 0:
-    print(json.dumps({"same": all(torch.equal(copies[0], c) for c in copies), "moved": (flat != T.toy_model_flat()).any().item()}))
+    say({"same": all(torch.equal(copies[0], c) for c in copies), "moved": (flat != T.toy_model_flat()).any().item()})
 cleanup_distributed()
+say({"rank": rank, "threads_left": native_threads() - before})
 '''
 
 
@@ -661,16 +739,20 @@ def toy_model_flat():
 
 
 def test_two_process_torchrun_sums_gradients_over_ranks(tmp_path):
+    """Also (#13 item 0): cleanup_distributed leaves no gloo thread behind. A worker thread alive when
+    the interpreter finalises can abort the process at exit (sft.cleanup_distributed says why)."""
     import subprocess
     import sys
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), root,
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    # --standalone: a free port of its own, so that concurrent test runs on one machine never clash
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), root, str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"same": True, "moved": True}  # every rank applied the same (summed) update
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {"same": True, "moved": True} in lines  # every rank applied the same (summed) update
+    assert sorted((r["rank"], r["threads_left"]) for r in lines if "rank" in r) == [(0, 0), (1, 0)]
     m = read_metrics(tmp_path / "out")
     assert [r["loss_seqs"] for r in m] == [32.0, 32.0, 32.0]  # the normaliser counts both ranks' rollouts
 

@@ -263,6 +263,24 @@ def test_stop_ids_and_max_new_tokens_are_honoured(qwen3):
                 assert len(s.tokens) == 8 and not stops & set(s.tokens)
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(temperature=float("nan")), "temperature: expected a finite number >= 0"),
+    (dict(temperature=-0.5), "temperature: expected a finite number >= 0"),
+    (dict(top_p=0.0), r"top_p: expected a number in \(0, 1\]"), (dict(top_p=-1.0), "top_p"),
+    (dict(top_p=float("nan")), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k: expected an integer >= 0")])
+def test_sampler_settings_are_checked_before_any_work(qwen3, setting, message, capsys):
+    """#13 item 5: a NaN or negative temperature, top_p <= 0 (or > 1, NaN), top_k < 0 are a ValueError
+    naming the setting (they crashed inside the sampler, or sampled nonsense), and usage errors on the CLI."""
+    _, model = qwen3
+    with pytest.raises(ValueError, match="generate: " + message):
+        rollout.generate(model, PROMPTS, n=2, max_new_tokens=3, seed=0, **setting)
+    (key, value), = setting.items()
+    with pytest.raises(SystemExit) as e:
+        rollout.parse_args(["--teacher", "sim", "--users", "u.jsonl", "--out", "o.jsonl", f"--{key.replace('_', '-')}",
+                            str(value)])
+    assert e.value.code == 2 and f"--{key.replace('_', '-')}: expected" in capsys.readouterr().err
+
+
 def test_same_seed_same_samples_different_seed_different(qwen3):
     _, model = qwen3
     kwargs = dict(n=4, max_new_tokens=8, temperature=1.0, top_p=0.95)

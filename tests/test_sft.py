@@ -210,13 +210,112 @@ def test_resume_after_kill_is_bit_exact(world):
     assert all(r["loss"] == loss[r["step"]] for r in read_metrics(killed) if r["step"] > 2 and "loss" in r)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_state_round_trips_through_safetensors_and_json(tmp_path, dtype):
+    """#13 item 2: model (tied weights), AdamW / AdamWBF16 state and every RNG state come back exactly,
+    from safetensors and JSON only: the same next step, bit for bit, and the same random numbers."""
+    import numpy as np
+
+    from model import ModelArgs, Transformer, init_weights
+    args = ModelArgs(model_type="qwen3", vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                     intermediate_size=32, qk_norm=True, tie_embeddings=True)
+    cfg = types.SimpleNamespace(lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def step(model, opt):
+        model(ids).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    a = init_weights(Transformer(args), seed=0).to(dtype)
+    opt_a = sft.build_optimizer(a, cfg)
+    assert isinstance(opt_a, sft.AdamWBF16 if dtype == torch.bfloat16 else torch.optim.AdamW)
+    for _ in range(2):
+        step(a, opt_a)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    sft.save_training_state(tmp_path / "state", a, opt_a, 2, {"epoch": 0})
+    assert sorted(os.listdir(tmp_path / "state")) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                                      "state.json"]
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    b = init_weights(Transformer(args), seed=1).to(dtype)
+    opt_b = sft.build_optimizer(b, cfg)
+    assert sft.load_training_state(tmp_path / "state", b, opt_b) == (2, {"epoch": 0})
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+    assert b.lm_head.weight is b.model.embed_tokens.weight  # still tied
+    torch.manual_seed(7)  # AdamWBF16 rounds stochastically: the same draws for both
+    step(a, opt_a)
+    torch.manual_seed(7)
+    step(b, opt_b)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        for k, v in sa["state"][i].items():
+            assert torch.equal(v, sb["state"][i][k]) if torch.is_tensor(v) else v == sb["state"][i][k], (i, k)
+
+
+def test_resume_refuses_pickles_and_never_runs_them(world, tmp_path):
+    """#13 item 2: a train_state holding pickle files (an older version's, or a planted one) is refused
+    with a clear error; the payload is never unpickled (it would create a file)."""
+    out = tmp_path / "planted"
+    assert sft.main(run_args(world, out, save_every=2, stop_after_steps=3)) is None
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"python": Payload()}, out / "train_state" / "rng.pt")
+    with pytest.raises(ValueError, match=r"train_state: holds rng\.pt: pickle files .* never unpickles"):
+        sft.main(run_args(world, out, save_every=2) + ["--resume"])
+    assert not marker.exists()
+    for name in os.listdir(out / "train_state"):  # an old-format state: only pickles and a state.json without format
+        os.unlink(out / "train_state" / name)
+    for name in ("model.pt", "optimizer.pt"):
+        torch.save({"x": Payload()}, out / "train_state" / name)
+    (out / "train_state" / "state.json").write_text('{"step": 2, "extra": {}}')
+    r = subprocess.run([sys.executable, "sft.py", *run_args(world, out, save_every=2), "--resume"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("sft.py: error: ") and "holds model.pt, optimizer.pt: pickle files" in r.stderr
+    assert not marker.exists()
+
+
+def test_resume_with_other_settings_or_data_is_refused_naming_them(world, tmp_path):
+    """#13 item 4: --resume compares the state's recorded config and data files with this run's: changed lr
+    and seed, or a changed data file, are refused naming them (old -> new); eval/save/log cadence may
+    change; --force-resume goes on; a fresh run refuses an output_dir holding another run's state."""
+    from confprofile import ConfigError
+    data = tmp_path / "sft.jsonl"
+    data.write_bytes(open(world.data, "rb").read())
+    out = tmp_path / "run"
+    assert sft.main(run_args(world, out, data=str(data), save_every=2, stop_after_steps=3)) is None
+    with pytest.raises(ConfigError, match=r"made with other settings than this --resume: lr 0\.003 -> 0\.001; seed 1 -> 2\. "):
+        sft.main(run_args(world, out, data=str(data), save_every=2, lr=1e-3, seed=2) + ["--resume"])
+    with pytest.raises(ConfigError, match=r"holds the resumable state of an unfinished run; add --resume"):
+        sft.main(run_args(world, out, data=str(data), save_every=2))
+    with open(data, "a", encoding="utf-8") as f:
+        f.write(json.dumps(synthetic_chats(1, seed=9)[0]) + "\n")
+    with pytest.raises(ConfigError, match=r"data file .*sft\.jsonl changed \(\d+ bytes, sha256 \w+ -> \d+ bytes"):
+        sft.main(run_args(world, out, data=str(data), save_every=2, eval_every=1, log_every=2) + ["--resume"])
+    # --force-resume goes on with the new data (and says so); cadence keys alone never block a resume
+    assert sft.main(run_args(world, out, data=str(data), save_every=4, eval_every=1, log_every=2, stop_after_steps=2)
+                    + ["--resume", "--force-resume"]) is None
+    assert json.load(open(out / "train_state" / "state.json"))["step"] == 4
+    assert sft.main(run_args(world, out, data=str(data), save_every=3, eval_every=2) + ["--resume"]) == str(out)
+    saved = json.load(open(out / "sft_config.json"))
+    assert saved["_inputs"]["data"]["sha256"] and saved["save_every"] == 3
+
+
 def test_torchrun_two_processes_same_update_as_one(world):
     one, two = world.dir / "one", world.dir / "two"
     # Adam divides by sqrt(v): where a gradient is ~eps, float summation order moves the update by up to
     # ~lr, so a small lr keeps the comparison about the gradients, not Adam's amplification of noise.
     args = dict(max_steps=2, grad_accum=1, eval_every=2, lr=1e-4, warmup_steps=1)
     sft.main(run_args(world, one, **args))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "sft.py",
+    # --standalone: a free port of its own, so that concurrent test runs on one machine never clash
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
            *run_args(world, two, **args)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -237,6 +336,31 @@ def test_config_errors_list_valid_keys(world):
         sft.main(run_args(world, world.dir / "bad", no_such_key=1))
     with pytest.raises(ConfigError, match="multiple of world_size"):
         sft.main(run_args(world, world.dir / "bad", batch_size=9, grad_accum=2))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": "0.003"}, r"lr: expected a number, got '0.003' \(str\)"), ({"batch_size": 0}, "batch_size: expected >= 1, got 0"),
+    ({"batch_size": -8}, "batch_size: expected >= 1, got -8"), ({"grad_accum": 0}, "grad_accum: expected >= 1"),
+    ({"log_every": 0}, "log_every: expected >= 1"), ({"max_steps": -1}, "max_steps: expected >= 0"),
+    ({"eval_fraction": 1.0}, "eval_fraction: expected >= 0 and < 1"), ({"warmup_steps": 2.5}, "warmup_steps: expected an integer"),
+    ({"chat_template_kwargs": []}, "chat_template_kwargs: expected a JSON object"), ({"dtype": "fp16"}, "dtype: expected one of"),
+    ({"resume": "false"}, "resume: expected true or false"), ({"lr": float("nan")}, "lr: expected a finite number")])
+def test_config_values_are_checked_naming_the_key(tmp_path, values, message):
+    """#13 item 5: a wrong JSON type or a value out of range is one ConfigError naming the key when the
+    config is loaded (it was a TypeError or ZeroDivisionError deep inside, or, for a negative
+    batch_size, a run that exited 0 and saved an unchanged checkpoint)."""
+    from confprofile import ConfigError
+    (tmp_path / "bad.json").write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match="sft config: " + message):
+        sft.main(["--config", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_error_is_one_line_from_the_command_line(tmp_path):
+    (tmp_path / "bad.json").write_text('{"lr": "0.003"}')
+    r = subprocess.run([sys.executable, "sft.py", "--config", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == "sft.py: error: sft config: lr: expected a number, got '0.003' (str)\n"
 
 
 def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
