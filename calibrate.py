@@ -28,8 +28,8 @@ import math
 import os
 import sys
 
-from confprofile import (DataError, atomic_write_text, iter_jsonl, dimensions, format_answer, load_taxonomy,
-                         parse_answer, read_users, render_prompt, vote, write_jsonl)
+from common import atomic_write_text, DataError, iter_jsonl, write_jsonl
+from confprofile import dimensions, format_answer, load_taxonomy, parse_answer, read_users, render_prompt, vote
 
 LEVELS = 10
 METHODS = ("quantile", "none", "isotonic")

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 
+import common
 import confprofile
 
 TAUS = tuple(range(1, 11))
@@ -284,19 +285,19 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
     confidence that is not a number 0..10 (1e9 or -3 would otherwise skew ECE or abstain silently)."""
     pred_profiles, first_line = {}, {}
     n_answers = n_failures = 0
-    for lineno, where, record in confprofile.iter_jsonl(path, expected="one prediction object per line", strict=True):
+    for lineno, where, record in common.iter_jsonl(path, expected="one prediction object per line", strict=True):
         uid = record.get("user_id") if isinstance(record, dict) else None
         if not isinstance(uid, str):
-            raise confprofile.DataError(f"{where}: user_id: expected a string, got {uid!r}")
+            raise common.DataError(f"{where}: user_id: expected a string, got {uid!r}")
         if uid not in known_ids:
-            raise confprofile.DataError(f"{where}: user_id: {uid!r} is not in the evaluation data; expected one of its ids")
+            raise common.DataError(f"{where}: user_id: {uid!r} is not in the evaluation data; expected one of its ids")
         if uid in first_line:
-            raise confprofile.DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]})")
+            raise common.DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]})")
         first_line[uid] = lineno
         if "profile" in record:
             profile = record["profile"]
             if profile is not None and not isinstance(profile, dict):
-                raise confprofile.DataError(f"{where}: profile: expected an object {{dim: {{label, confidence}}}} or null")
+                raise common.DataError(f"{where}: profile: expected an object {{dim: {{label, confidence}}}} or null")
             if profile is not None:
                 profile = checked_profile(profile, taxonomy, where)
             n_answers += 1
@@ -310,7 +311,7 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
         elif "samples" in record:
             samples = record["samples"]
             if not isinstance(samples, list) or not samples or not all(isinstance(s, dict) for s in samples):
-                raise confprofile.DataError(f"{where}: samples: expected a non-empty list of {{\"text\", ...}} objects")
+                raise common.DataError(f"{where}: samples: expected a non-empty list of {{\"text\", ...}} objects")
             parsed = [confprofile.parse_answer(s.get("text"), taxonomy) for s in (samples if use_vote else samples[:1])]
             n_answers += len(parsed)
             n_failures += sum(not p["format_ok"] for p in parsed)
@@ -319,7 +320,7 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
             else:
                 pred_profiles[uid] = profile_from_parse(parsed[0])
         else:
-            raise confprofile.DataError(f"{where}: expected one of the fields profile, text, samples")
+            raise common.DataError(f"{where}: expected one of the fields profile, text, samples")
     return pred_profiles, n_answers, n_failures
 
 
@@ -334,15 +335,15 @@ def checked_profile(profile, taxonomy, where):
             continue
         field = f"{where}: profile.{dim}"
         if not isinstance(entry, dict):
-            raise confprofile.DataError(f"{field}: expected an object {{\"label\", \"confidence\"}} or null, "
+            raise common.DataError(f"{field}: expected an object {{\"label\", \"confidence\"}} or null, "
                                         f"got {type(entry).__name__}")
         label = entry.get("label")
         canonical = confprofile.class_by_name(spec["classes"], label) if isinstance(label, str) else None
         if canonical is None:
-            raise confprofile.DataError(f"{field}.label: expected one of {spec['classes']}, got {label!r}")
+            raise common.DataError(f"{field}.label: expected one of {spec['classes']}, got {label!r}")
         confidence = entry.get("confidence")
         if confidence is not None and not valid_confidence(confidence):
-            raise confprofile.DataError(f"{field}.confidence: expected a number 0..10 (stated 1..10, pooled 0..10) "
+            raise common.DataError(f"{field}.confidence: expected a number 0..10 (stated 1..10, pooled 0..10) "
                                         f"or null, got {confidence!r}")
         out[dim] = {"label": canonical, "confidence": confidence}
     return out
@@ -426,9 +427,9 @@ def main(argv=None):
     metrics["inputs"] = {"predictions": args.predictions, "data": args.data, "vote": args.vote,
                          "weighting": args.weighting, "na_weight": args.na_weight, "n_answers": n_answers}
     summary = {k: v for k, v in metrics.items() if k != "curves"}
-    confprofile.atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    confprofile.atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}"))
-    confprofile.atomic_write_text(os.path.join(args.out, "pr_curve.csv"), render_pr_curve(metrics))
+    common.atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    common.atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}"))
+    common.atomic_write_text(os.path.join(args.out, "pr_curve.csv"), render_pr_curve(metrics))
     sweep = " ".join(f"{r['tau']}:{_fmt(r['precision'], 2)}" for r in metrics["threshold_sweep"])
     print(f"avg_f1 {metrics['avg_f1']:.4f} | ece {_fmt(metrics['ece'])} | auroc {_fmt(metrics['auroc'])} | "
           f"format failures {metrics['format_failure_rate']:.3f} | missing {metrics['n_missing']} | "

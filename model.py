@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+
+from common import atomic_write_text, fsync_dir, fsync_file
+
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -501,7 +505,6 @@ def init_weights(model: Transformer, std=0.02, seed=0):
 def _read_safetensors(path, device, dtype):
     """All tensors of an HF checkpoint dir (model.safetensors or the shards of model.safetensors.index.json),
     cast to `dtype` shard by shard so at most one shard exists in both dtypes."""
-    from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index, encoding="utf-8") as f:
@@ -567,8 +570,6 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
 
 def save_model(model: Transformer, out_dir, tokenizer_dir=None):
     """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files."""
-    from safetensors.torch import save_file
-    from confprofile import atomic_write_text, fsync_dir, fsync_file
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:

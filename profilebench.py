@@ -37,6 +37,7 @@ import os
 import random
 import sys
 
+import common
 import confprofile
 
 # -----------------------------------------------------------------------------
@@ -678,12 +679,12 @@ def main(argv=None):
     taxonomy = confprofile.load_taxonomy(args.taxonomy)
     cfg = WorldConfig()
     train, train_labels, test = make_world(args.n_train, args.n_test, args.seed, args.lang, taxonomy, cfg)
-    confprofile.write_jsonl(os.path.join(args.out, "train.jsonl"), train)
-    confprofile.write_jsonl(os.path.join(args.out, "train_labels.jsonl"), train_labels)
-    confprofile.write_jsonl(os.path.join(args.out, "test.jsonl"), test)
+    common.write_jsonl(os.path.join(args.out, "train.jsonl"), train)
+    common.write_jsonl(os.path.join(args.out, "train_labels.jsonl"), train_labels)
+    common.write_jsonl(os.path.join(args.out, "test.jsonl"), test)
     meta = {"seed": args.seed, "lang": args.lang, "n_train": args.n_train, "n_test": args.n_test,
             "world_config": dataclasses.asdict(cfg)}
-    confprofile.atomic_write_text(os.path.join(args.out, "world_config.json"), json.dumps(meta, indent=2) + "\n")
+    common.atomic_write_text(os.path.join(args.out, "world_config.json"), json.dumps(meta, indent=2) + "\n")
     print(f"wrote {len(train)} train users, {len(test)} test users ({args.lang}) to {args.out}")
 
 

@@ -42,11 +42,18 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-from confprofile import (DEVICE, ConfigError, DataError, append_jsonl, check_fields, iter_jsonl, parse_answer,
-                         parse_answer_spans, save_config, vote)
-from rollout import completion_text, generate, stop_ids_for, token_logprobs
-from sft import all_reduce_sum, autocast_for
+from common import (DEVICE, ConfigError, DataError, all_reduce_sum, append_jsonl, atomic_write_text, autocast_for,
+                    barrier, build_optimizer, chat_prompt_ids, check_fields, check_output_dir, cleanup_distributed,
+                    completion_text, iter_jsonl, load_tokenizer, load_training_state, lr_at, run_record, save_config,
+                    save_training_state, setup_run, stop_ids_for)
+from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer, parse_answer_spans, read_users, render_prompt,
+                         vote)
+from evaluate import evaluate, profile_from_parse
+from model import load_model, rope_cos_sin, save_model
+from rollout import generate, token_logprobs
 
 # -----------------------------------------------------------------------------
 # Config
@@ -134,12 +141,12 @@ class RLConfig:
         return self.confidence_weighting != "live"
 
 
-# Keys that may change on --resume (sft.check_output_dir): evaluation, saving, stopping and placement only.
+# Keys that may change on --resume (common.check_output_dir): evaluation, saving, stopping and placement only.
 RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "dev_data", "dev_size",
                      "eval_max_new_tokens", "probe_size", "probe_every", "device", "gradient_checkpointing", "output_dir")
 PATH_KEYS = ("model", "data", "stage1", "taxonomy", "output_dir", "dev_data")  # compared as absolute paths
 
-LIMITS = {  # ranges of RLConfig's values; the types come from the annotations (confprofile.check_fields)
+LIMITS = {  # ranges of RLConfig's values; the types come from the annotations (common.check_fields)
     **{k: {"choices": v} for k, v in CHOICES.items()},
     "model": {"nonempty": True}, "data": {"nonempty": True}, "output_dir": {"nonempty": True},
     "batch_size": {"min": 1}, "num_generations": {"min": 2},  # advantages are group-relative: G >= 2
@@ -368,7 +375,7 @@ def token_entropy(logits, temperature):
 
 
 def completion_char_ends(tokenizer, tokens, stop_ids):
-    """(text, ends): the completion's text as the reward reads it (rollout.completion_text: the final
+    """(text, ends): the completion's text as the reward reads it (common.completion_text: the final
     stop token dropped, special tokens skipped) and, per token, the end offset of its characters in
     that text (start = the previous token's end; a special token is zero-width, the stop token sits at
     the end).
@@ -548,9 +555,7 @@ def completion_logprobs(model, packs, temperature):
     completion), applies the final norm and lm_head only at the states that predict completion
     tokens (never the prompt's: less time and memory with a big vocabulary), and returns
     (logp [N, C] from rollout.token_logprobs at `temperature`, entropy [N, C] without gradient)."""
-    from torch.utils.checkpoint import checkpoint
 
-    from model import rope_cos_sin
     device = next(model.parameters()).device
     ids, positions, mask, row, index, targets = (t.to(device) for t in pack_groups(packs))
     x = model.model.embed_tokens(ids)
@@ -794,11 +799,9 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
     dev_eval(model) -> dict of dev metrics (rank 0 only; may be None); probe(model) -> {"probe_agreement"}
     every probe_every steps (rank 0 only; may be None). Every step appends one line to
     output_dir/metrics.jsonl; every save_every steps the model, optimizer, step and RNG states go to
-    output_dir/train_state atomically, with `made_by` (sft.run_record: what produced the run). Returns
+    output_dir/train_state atomically, with `made_by` (common.run_record: what produced the run). Returns
     the number of steps done."""
-    from tqdm import tqdm
 
-    from sft import barrier, build_optimizer, load_training_state, lr_at, save_training_state
 
     device = next(model.parameters()).device
     main_process = rank == 0
@@ -813,7 +816,6 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
         if cfg.resume and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint
             with open(metrics_path, encoding="utf-8") as f:
                 lines = [line for line in f if json.loads(line).get("step", 0) <= start]
-            from confprofile import atomic_write_text
             atomic_write_text(metrics_path, "".join(lines))
     log = open(metrics_path, "a" if cfg.resume else "w", encoding="utf-8") if main_process else None
     if dev_eval is not None and start == 0 and cfg.eval_every and main_process:
@@ -905,7 +907,6 @@ def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_to
     """Greedy answers on labelled users, scored by evaluate.py: avg F1, the mean stated confidence
     (all dimensions, NA included: what the policy says) and evaluate.py's mean confidence of the
     non-abstained predictions, format failures."""
-    from evaluate import evaluate, profile_from_parse
     parsed = greedy_answers(model, tokenizer, prompts, taxonomy, stop_ids, max_new_tokens)
     failures = sum(not p["format_ok"] for p in parsed) / max(len(parsed), 1)
     metrics = evaluate({u["user_id"]: profile_from_parse(p) for u, p in zip(users, parsed)}, users, taxonomy, failures)
@@ -915,10 +916,6 @@ def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_to
 
 
 def run(cfg, rank, world_size, device, made_by=None):
-    from confprofile import load_taxonomy, read_users, render_prompt
-    from model import load_model, save_model
-    from rollout import chat_prompt_ids, load_tokenizer, stop_ids_for
-    from sft import barrier
 
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
@@ -994,8 +991,6 @@ def run(cfg, rank, world_size, device, made_by=None):
 
 
 def main(argv=None):
-    from confprofile import DEFAULT_TAXONOMY
-    from sft import check_output_dir, cleanup_distributed, run_record, setup_run
     cfg, rank, world_size, _, device = setup_run(RLConfig, argv, DEFAULT_CONFIG)
     try:
         if cfg.batch_size % world_size:

@@ -65,8 +65,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from model import PrefixSharedCache
+import profilebench
+from common import (atomic_write_text, chat_prompt_ids, completion_text, dumps_line, iter_jsonl, load_tokenizer,
+                    stop_ids_for, write_jsonl)
+from confprofile import load_taxonomy, parse_answer, read_users, render_prompt
+from model import PrefixSharedCache, load_model
 
 # KV-cache slots per batch (rows x (prompt + new tokens)). CPU: 64k (SmolLM2-135M: 3 GB fp32; more rows
 # do not run faster there). GPU: 128k (Qwen3-8B bf16: 19 GB); lower it for bigger models.
@@ -74,8 +79,6 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1 << 16, "cuda": 1 << 17}
 PREFILL_CHUNK_TOKENS = 8192  # prompt tokens per prefill forward (bounds activation memory)
 NUCLEUS_PROBE = 256  # top-p looks for its nucleus among this many most likely tokens before a full sort
 COMPACT_AT = 0.75  # drop finished rows from the decode batch once at most this share of it still runs
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>",
-                      "<|end|>")
 
 
 @dataclasses.dataclass
@@ -357,7 +360,6 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, 
     batches = plan_batches([len(p) for p in prompts], n, max_new_tokens, max_batch_tokens)
     bar = None
     if progress:  # counts generated tokens; the total (every row to max_new_tokens) shrinks as rows stop
-        from tqdm import tqdm
         bar = tqdm(total=len(prompts) * n * max_new_tokens, unit="tok", unit_scale=True, desc="generate",
                    dynamic_ncols=True)
     with onednn_linears(model):  # CPU fp32: the weights packed once for all batches
@@ -437,54 +439,6 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer helpers
-
-
-def load_tokenizer(path):
-    """The checkpoint's own tokenizer (transformers.AutoTokenizer), from local files only."""
-    from transformers import AutoTokenizer
-
-    from confprofile import require_model_dir
-    require_model_dir(path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def chat_prompt_ids(tokenizer, messages, **template_kwargs):
-    """Token ids of `messages` rendered with the checkpoint's chat template, ending in the assistant turn's opening.
-    The messages are neutralised first (confprofile.neutralize_messages): no text in them, whoever wrote
-    it, becomes one of the tokenizer's control tokens; the template's own markup is the only markup."""
-    from confprofile import neutralize_messages
-    out = tokenizer.apply_chat_template(neutralize_messages(tokenizer, messages), add_generation_prompt=True,
-                                        tokenize=True, **template_kwargs)
-    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
-
-
-def stop_ids_for(tokenizer):
-    """Ids that end a completion: eos, the vocabulary's end-of-turn tokens, generation_config.json's eos list."""
-    ids = set()
-    eos = tokenizer.eos_token_id
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    gen_config = os.path.join(str(getattr(tokenizer, "name_or_path", "")), "generation_config.json")
-    if os.path.isfile(gen_config):
-        with open(gen_config, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return sorted(ids)
-
-
-def completion_text(tokenizer, sample, stop_ids):
-    """A sample's text: its tokens without the final stop token, special tokens dropped."""
-    tokens = sample.tokens
-    if sample.finish_reason == "stop" and tokens and tokens[-1] in stop_ids:
-        tokens = tokens[:-1]
-    return tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-# -----------------------------------------------------------------------------
 # Input files
 
 
@@ -494,7 +448,6 @@ def read_prompts(path):
     Blank lines are skipped; anything else malformed is a ValueError "file:line: field: expected ...".
     """
     records, seen = [], {}
-    from confprofile import iter_jsonl
     for lineno, where, record in iter_jsonl(path):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object {{\"id\", \"messages\"}}, "
@@ -517,7 +470,7 @@ def read_prompts(path):
     return records
 
 
-TEACHER_LINE_START = b'{"user_id": '  # how every line label_users writes begins (confprofile.dumps_line)
+TEACHER_LINE_START = b'{"user_id": '  # how every line label_users writes begins (common.dumps_line)
 
 
 def meta_path(out_path):
@@ -628,7 +581,6 @@ def open_teacher_output(path, settings=None, force=False):
             f.flush()
             os.fsync(f.fileno())
     if settings is not None:
-        from confprofile import atomic_write_text
         try:
             recorded = (read_meta(path) if keep else None) or {}
         except ValueError:  # unreadable, and --force-resume said to go on
@@ -679,7 +631,6 @@ class CheckpointTeacher:
 
     def __init__(self, path, device, dtype, max_new_tokens, temperature, top_k, top_p, max_batch_tokens,
                  template_kwargs):
-        from model import load_model
         self.tokenizer = load_tokenizer(path)  # first: it says clearly when the directory is missing
         self.model = load_model(path, dtype=dtype, device=device)
         self.stop_ids = stop_ids_for(self.tokenizer)
@@ -702,7 +653,6 @@ class SimulatedTeacher:
     """profilebench.SimTeacher (a simulated teacher, no weights) behind the same interface."""
 
     def __init__(self, taxonomy, seed, temperature):
-        import profilebench
         kwargs = {} if temperature is None else {"temperature": temperature}
         self.sim = profilebench.SimTeacher(taxonomy, seed=seed, **kwargs)
 
@@ -722,7 +672,6 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
     that was being written when it was killed). The simulated teacher's depend on the user only.
     Returns (users written, tokens generated).
     """
-    from confprofile import dumps_line, parse_answer, render_prompt
     if done is None:
         done = open_teacher_output(out_path)
     batches = [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
@@ -731,7 +680,6 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
         print(f"{out_path}: {len(done)} users already labelled, {todo} to go", file=sys.stderr)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=todo, unit="user", desc="teacher", dynamic_ncols=True)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -812,8 +760,6 @@ def _dtype(args):
 
 def run_prompts(args):
     """Generic mode: chat prompts -> n samples each -> {"id", "samples": [{"text", "finish_reason"}]} lines."""
-    from confprofile import write_jsonl
-    from model import load_model
     refuse_input_as_output(args.out, {"--prompts": args.prompts, "--model": args.model})
     records = read_prompts(args.prompts)
     check_own_output(args.out, ("id", "samples"), "sampler output", "rollout.py --model")  # replaced whole: only ours
@@ -837,7 +783,6 @@ def run_prompts(args):
 
 def run_teacher(args):
     """Teacher mode: users -> rendered prompts -> n answers each, parsed -> one line per user (restartable)."""
-    from confprofile import load_taxonomy, read_users
     refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
                                       "--teacher": None if args.teacher == "sim" else args.teacher})
     taxonomy = load_taxonomy(args.taxonomy)

