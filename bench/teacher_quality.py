@@ -1,5 +1,5 @@
 """
-How good is the simulated teacher? (The figures README "The simulated teacher" reports.)
+How good is the simulated teacher? (The figures of docs/results.md, "The synthetic world and the simulated teacher".)
 
 Draws the default world (4000 train / 1000 test users, seed 0), lets profilebench.SimTeacher write
 8 answers per test user through the real prompt -> parse -> vote path, and prints:
