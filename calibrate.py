@@ -6,7 +6,7 @@ write the SFT set (plus an audit trail and a summary).
         [--method quantile|none|isotonic] [--dev-labels labels.jsonl] [--weighting confidence|majority]
         [--audit audit.jsonl] [--target full|labels_only] [--single-answer]
 
-Per user and dimension (DESIGN "Stage 1 formulas"): the confidence-weighted vote gives the
+Per user and dimension (docs/design.md, "Stage 1"): the confidence-weighted vote gives the
 pseudo-label ŷ and the pooled confidence r = (S_ŷ / Σ_k S_k) · mean{c_i : y_i = ŷ} (confprofile.vote).
 Calibration then maps r to a level 1..10 within each dimension, over all users:
 
@@ -22,13 +22,14 @@ the others are reported (printed, summary, audit) and left out, so no target is 
 the users of --users that --samples never answered. An empty --samples, or a run that keeps no
 user, is an error: it would write an empty SFT set.
 """
-import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 
-from common import atomic_write_text, DataError, iter_jsonl, write_jsonl
+from common import (ConfigError, DataError, atomic_write_text, check_fields, iter_jsonl, load_config, opt, run_cli,
+                    write_jsonl)
 from confprofile import dimensions, format_answer, load_taxonomy, parse_answer, read_users, render_prompt, vote
 
 LEVELS = 10
@@ -134,10 +135,10 @@ def read_samples(path):
         first_line[uid] = lineno
         samples = rec.get("samples")
         if not isinstance(samples, list):
-            raise DataError(f"{where}: samples: expected a list of {{\"text\", \"finish_reason\", \"parse\"}}")
+            raise DataError(f"{where}: samples: expected a list of {{\"text\", \"finish_reason\"}}")
         for i, s in enumerate(samples):
-            if not isinstance(s, dict) or not (isinstance(s.get("text"), str) or isinstance(s.get("parse"), dict)):
-                raise DataError(f"{where}: samples[{i}]: expected an object with a string \"text\" (or a \"parse\")")
+            if not isinstance(s, dict) or not isinstance(s.get("text"), str):
+                raise DataError(f"{where}: samples[{i}]: expected an object with a string \"text\"")
         records.append(rec)
     if not records:
         raise DataError(f"{path}: no teacher records; expected one line per user {{\"user_id\", \"samples\"}}")
@@ -147,14 +148,6 @@ def read_samples(path):
 def read_dev_labels(path, taxonomy):
     """A labelled dev set for isotonic calibration: JSONL lines with "user_id" and "labels"."""
     return {u["user_id"]: u["labels"] for u in read_users(path, require_labels=True, taxonomy=taxonomy)}
-
-
-def sample_parse(sample, taxonomy):
-    """The parse of one sample. The text is re-parsed when present (a stored parse may come from an
-    older parser; parsing is cheap); a stored "parse" is used only when there is no text."""
-    if isinstance(sample.get("text"), str):
-        return parse_answer(sample["text"], taxonomy)
-    return sample["parse"]
 
 
 def all_dims_valid(parse, dims):
@@ -176,7 +169,7 @@ def build_sft(teacher, users_by_id, taxonomy, method="quantile", weighting="conf
     voted, audit, dropped, missing_by_dim = [], [], [], {d: 0 for d in dims}
     n_samples = n_format_ok = 0
     for rec in teacher:
-        parses = [sample_parse(s, taxonomy) for s in rec["samples"]]
+        parses = [parse_answer(s["text"], taxonomy) for s in rec["samples"]]
         n_samples += len(parses)
         n_format_ok += sum(1 for p in parses if p.get("format_ok"))
         used = parses
@@ -278,37 +271,43 @@ def print_summary(summary, file=None):
         print(f"{'':<12} labels {labels}", file=file)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Vote teacher answers, calibrate confidence, write the SFT set.")
-    ap.add_argument("--samples", required=True, help="teacher.jsonl: {user_id, samples: [{text, finish_reason, parse}]}")
-    ap.add_argument("--users", help="the users file the teacher labelled (prompts are re-rendered from it)")
-    ap.add_argument("--out", required=True, help="the SFT set (JSONL); the summary goes to <out>.summary.json")
-    ap.add_argument("--method", choices=METHODS, default="quantile", help="confidence calibration")
-    ap.add_argument("--dev-labels", help="labelled dev users {user_id, labels} (required by --method isotonic)")
-    ap.add_argument("--weighting", choices=("confidence", "majority"), default="confidence", help="vote weights")
-    ap.add_argument("--audit", help="write one audit line per user (answers, vote scores, pooled and calibrated confidence)")
-    ap.add_argument("--target", choices=("full", "labels_only"), default="full", help="labels_only drops confidence and evidence (ablation)")
-    ap.add_argument("--single-answer", action="store_true", help="use each user's first valid answer only (ablation: no vote)")
-    ap.add_argument("--taxonomy", help="taxonomy JSON (default: taxonomy.json)")
-    args = ap.parse_args(argv)
-    if args.method == "isotonic" and not args.dev_labels:
-        ap.error("--method isotonic needs --dev-labels (a labelled dev set)")
+@dataclasses.dataclass
+class CalibrateConfig:
+    samples: str = opt("", "teacher answers: rollout.py's output, {user_id, samples: [{text, finish_reason}]}",
+                       nonempty=True)
+    users: str = opt("", "the users file the teacher labelled (prompts are rendered from it)")
+    out: str = opt("", "the SFT set (JSONL); its summary goes to <out>.summary.json", nonempty=True)
+    method: str = opt("quantile", "confidence calibration", choices=METHODS)
+    dev_labels: str = opt("", "labelled dev users {user_id, labels}, for --method isotonic")
+    weighting: str = opt("confidence", "vote weights", choices=("confidence", "majority"))
+    audit: str = opt("", "also write one audit line per user: answers, vote scores, pooled and calibrated confidence")
+    target: str = opt("full", "labels_only drops confidence and evidence from the targets (ablation)",
+                      choices=("full", "labels_only"))
+    single_answer: bool = opt(False, "use each user's first valid answer only (ablation: no vote)")
+    taxonomy: str = opt("", "taxonomy JSON (empty: taxonomy.json of the repository)")
 
-    try:
-        inputs = {"--samples": args.samples, "--users": args.users, "--dev-labels": args.dev_labels,
-                  "--taxonomy": args.taxonomy}
-        for flag, out in (("--out", args.out), ("--audit", args.audit)):
-            for name, path in inputs.items():  # writing over an input would destroy it
-                if out and path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(out, path):
-                    raise DataError(f"{out}: {flag} is the input {name}; expected a new output file")
-        taxonomy = load_taxonomy(args.taxonomy)
-        teacher = read_samples(args.samples)
-        users_by_id = {u["user_id"]: u for u in read_users(args.users, taxonomy=taxonomy)} if args.users else {}
-        dev_labels = read_dev_labels(args.dev_labels, taxonomy) if args.dev_labels else None
-        sft, audit, summary = build_sft(teacher, users_by_id, taxonomy, args.method, args.weighting, args.target,
-                                        args.single_answer, dev_labels)
-    except (ValueError, OSError) as e:  # bad input (DataError is a ValueError): one line, no traceback
-        sys.exit(f"calibrate.py: error: {e}")
+    def __post_init__(self):
+        check_fields(self, "calibrate")
+        if self.method == "isotonic" and not self.dev_labels:
+            raise ConfigError("--method isotonic needs --dev-labels (a labelled dev set)")
+
+
+def main(argv=None):
+    args, rest = load_config(CalibrateConfig, argv, prog="calibrate.py", description=__doc__.strip().split("\n\n")[0])
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
+    inputs = {"--samples": args.samples, "--users": args.users, "--dev-labels": args.dev_labels,
+              "--taxonomy": args.taxonomy}
+    for flag, out in (("--out", args.out), ("--audit", args.audit)):
+        for name, path in inputs.items():  # writing over an input would destroy it
+            if out and path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(out, path):
+                raise DataError(f"{out}: {flag} is the input {name}; expected a new output file")
+    taxonomy = load_taxonomy(args.taxonomy or None)
+    teacher = read_samples(args.samples)
+    users_by_id = {u["user_id"]: u for u in read_users(args.users, taxonomy=taxonomy)} if args.users else {}
+    dev_labels = read_dev_labels(args.dev_labels, taxonomy) if args.dev_labels else None
+    sft, audit, summary = build_sft(teacher, users_by_id, taxonomy, args.method, args.weighting, args.target,
+                                    args.single_answer, dev_labels)
     write_jsonl(args.out, sft)
     if args.audit:
         write_jsonl(args.audit, audit)
@@ -318,4 +317,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "calibrate.py")

@@ -20,6 +20,8 @@ import re
 import secrets
 import shutil
 import sys
+import textwrap
+import time
 import weakref
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 import torch._dynamo  # noqa: F401  before any process group exists: see cleanup_distributed
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Errors: what a user can act on (file, line, field, what was expected)
@@ -207,126 +210,47 @@ def file_sha256(path):
 # Configs
 
 
-def _coerce(value, field_type, key):
-    """Turn a command-line string into the type of the dataclass field."""
-    if isinstance(field_type, str):  # `from __future__ import annotations` style
-        field_type = {"int": int, "float": float, "bool": bool, "str": str}.get(field_type.split("|")[0].strip(), str)
-    if field_type is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{key.replace('_', '-')}: expected true/false, got {value!r}")
-    if field_type in (int, float):
-        try:
-            return field_type(value)
-        except ValueError:
-            raise ConfigError(f"--{key.replace('_', '-')}: expected {field_type.__name__}, got {value!r}") from None
-    if field_type in (list, dict) or getattr(field_type, "__origin__", None) in (list, dict):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise ConfigError(f"--{key.replace('_', '-')}: expected JSON, got {value!r}") from None
-    if value.lower() in ("none", "null") and field_type is not str:
-        return None
-    return value
-
-
-def load_config(cls, argv=None, default_config=None):
-    """Build config dataclass `cls` from defaults < JSON file (--config or default_config) < --key value flags.
-
-    Unknown keys (in the file or on the command line) are an error listing the valid ones. Keys may
-    be written with dashes or underscores (`--max-steps` == `--max_steps`). Boolean flags accept
-    `--flag` alone as true. Returns (config, list_of_positional_args).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    valid = ", ".join(sorted(fields))
-    config_path, overrides, positional = default_config, {}, []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print("usage: --config FILE.json [--key value ...]\nkeys (default):")
-            for f in dataclasses.fields(cls):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                print(f"  --{f.name.replace('_', '-'):<28} {default!r}")
-            sys.exit(0)
-        if not arg.startswith("--"):
-            positional.append(arg)
-            i += 1
-            continue
-        key, _, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key == "config":
-            if not value:
-                i += 1
-                value = argv[i] if i < len(argv) else None
-            config_path = value
-            i += 1
-            continue
-        if key not in fields:
-            raise ConfigError(f"unknown option --{key.replace('_', '-')}; valid keys: {valid}")
-        if not value and "=" not in arg:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if fields[key].type in (bool, "bool") and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            else:
-                if nxt is None:
-                    raise ConfigError(f"--{key}: missing value")
-                value = nxt
-                i += 1
-        overrides[key] = _coerce(value, fields[key].type, key)
-        i += 1
-
-    values = {}
-    if config_path:
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                values = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {config_path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{config_path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{config_path}: expected a JSON object of config keys")
-        values = {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys are notes
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ConfigError(f"{config_path}: unknown key(s) {unknown}; valid keys: {valid}")
-    values.update(overrides)
-    return cls(**values), positional
-
-
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
                list: "a JSON list"}
-
-
 _BOUNDS = {"min": (operator.ge, ">="), "gt": (operator.gt, ">"), "max": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 def _field_type(field):
+    """int, float, bool, str, dict or list: the JSON type of a config field, from its annotation."""
     t = field.type
     if isinstance(t, str):  # `from __future__ import annotations` style
         t = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict, "list": list}.get(t.split("|")[0].strip())
     return getattr(t, "__origin__", t)  # list[str] -> list
 
 
-def check_fields(config, limits, where="config"):
+def opt(default, help, **limits):
+    """A config field: its default, the one line `--help` prints for it, and its limits, which
+    check_fields enforces: min / max (inclusive), gt / lt (exclusive), choices, pattern (a regex the
+    whole string must match; describe: how to say it), nonempty, items (a list's item type)."""
+    meta = {"help": help, **limits}
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_fields(config, where="config", limits=None):
     """Check every field of a config dataclass on creation (from a JSON file, flags or code), so a bad
     value is one ConfigError naming its key, never a TypeError or ZeroDivisionError deep inside a run.
 
     The type comes from the field's annotation: int (a JSON integer, not true/false), float (an integer
-    is accepted and becomes a float; NaN and infinities are not), bool, str, dict, list. `limits` maps a
-    key to its range: min / max (inclusive), gt / lt (exclusive), choices, pattern (a regex the whole
-    string must match), nonempty (str), items (the type of a list's elements). A key of `limits` that
-    is not a field, or a field of another type, is a programming error (an AssertionError in every test)."""
+    is accepted and becomes a float; NaN and infinities are not), bool, str, dict, list. The limits come
+    from each field's metadata (opt), `limits` {key: {...}} adds to them: min / max (inclusive), gt / lt
+    (exclusive), choices, pattern (a regex the whole string must match), nonempty, items (the type of a
+    list's elements). A key of `limits` that is not a field, or a field of another type, is a
+    programming error (an AssertionError in every test)."""
     fields = {f.name: f for f in dataclasses.fields(config)}
+    limits = limits or {}
     unknown = sorted(set(limits) - set(fields))
     if unknown:
         raise AssertionError(f"{where}: limits for unknown key(s) {unknown}")
     for key, field in fields.items():
-        value, kind, rule = getattr(config, key), _field_type(field), limits.get(key, {})
+        value, kind = getattr(config, key), _field_type(field)
+        rule = {**field.metadata, **limits.get(key, {})}
         if kind not in _TYPE_NAMES:
             raise AssertionError(f"{where}: {key}: annotation {field.type!r}; expected one of int, float, bool, str, "
                                  "dict, list (what a JSON config holds)")
@@ -355,11 +279,139 @@ def check_fields(config, limits, where="config"):
 DEVICE = {"pattern": r"auto|cpu|cuda(:\d+)?|mps", "describe": "auto, cpu, cuda, cuda:N or mps"}
 
 
+def _coerce(value, field_type, key):
+    """Turn a command-line string into the type of the dataclass field."""
+    flag = "--" + key.replace("_", "-")
+    if field_type is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{flag}: expected true/false, got {value!r}")
+    if field_type in (int, float):
+        try:
+            return field_type(value)
+        except ValueError:
+            raise ConfigError(f"{flag}: expected {field_type.__name__}, got {value!r}") from None
+    if field_type in (list, dict):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{flag}: expected JSON, got {value!r}") from None
+    return value
+
+
+def config_help(cls, prog, description="", default_config=None):
+    """The --help text of a config class: one line per option, its help, default and limits."""
+    lines = [f"usage: python {prog} [--config FILE.json] [--key value ...]", ""]
+    if description:
+        lines += [description.strip(), ""]
+    lines.append("options (a flag overrides the --config file, which overrides the default):")
+    rows = [("--config FILE.json", "JSON object of option values (the keys below, with underscores)"
+             + (f" [{os.path.relpath(default_config)}]" if default_config else ""))]
+    for f in dataclasses.fields(cls):
+        kind = _field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meta = dict(f.metadata)
+        limits = [f"{sign} {meta[op]}" for op, (_, sign) in _BOUNDS.items() if op in meta]
+        if "choices" in meta:
+            limits.append("|".join(map(str, meta["choices"])))
+        if "describe" in meta:
+            limits.append(meta["describe"])
+        metavar = {bool: "[BOOL]", int: "INT", float: "FLOAT", str: "STR", dict: "JSON", list: "JSON"}[kind]
+        text = meta.get("help", "") + f" [{json.dumps(default, ensure_ascii=False)}" + (
+            f"; {', '.join(limits)}]" if limits else "]")
+        rows.append((f"--{f.name.replace('_', '-')} {metavar}", text))
+    width = max(len(r[0]) for r in rows) + 2
+    columns = max(60, shutil.get_terminal_size((110, 24)).columns - 2 - width)
+    for flag, text in rows:
+        wrapped = textwrap.wrap(text, columns) or [""]
+        lines.append(f"  {flag:<{width}}{wrapped[0]}")
+        lines += [" " * (width + 2) + more for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
+def load_config(cls, argv=None, default_config=None, prog=None, description=""):
+    """Build config dataclass `cls` from defaults < JSON file (--config or default_config) < --key value flags:
+    the one command-line system of every script.
+
+    Flags are the field names in kebab case (`--max-steps`; `--max_steps` works too); `--flag` alone
+    sets a boolean; dict / list values are JSON. Unknown keys (in the file or on the command line) are
+    an error listing the valid ones; keys of the file that start with "_" are comments. `--help`
+    prints config_help and exits. Returns (config, list_of_positional_args)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = ", ".join(sorted(fields))
+    config_path, overrides, positional = default_config, {}, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(config_help(cls, prog or os.path.basename(sys.argv[0]), description, default_config))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            positional.append(arg)
+            i += 1
+            continue
+        key, _, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key == "config":
+            if not value:
+                i += 1
+                value = argv[i] if i < len(argv) else None
+            config_path = value
+            i += 1
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown option --{key.replace('_', '-')}; valid keys: {valid}")
+        if not value and "=" not in arg:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if _field_type(fields[key]) is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            else:
+                if nxt is None:
+                    raise ConfigError(f"--{key.replace('_', '-')}: missing value")
+                value = nxt
+                i += 1
+        overrides[key] = _coerce(value, _field_type(fields[key]), key)
+        i += 1
+
+    values = {}
+    if config_path:
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                values = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {config_path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{config_path}: expected a JSON object of config keys")
+        values = {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys are notes
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"{config_path}: unknown key(s) {unknown}; valid keys: {valid}")
+    values.update(overrides)
+    return cls(**values), positional
+
+
+def run_cli(main, prog, argv=None):
+    """Run a script's main(argv): a mistake of the user's (a bad option or input value, a malformed or
+    missing file, a checkpoint without a tensor) ends it with one line `prog: error: ...` and exit
+    status 1, not a traceback. (DataError and ConfigError are ValueErrors.)"""
+    try:
+        return main(argv)
+    except (ValueError, OSError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.exit(f"{prog}: error: {message}")
+
+
 def save_config(config, out_dir, name="config.json", extra=None):
     """Save the resolved config next to the outputs it produced. `extra` keys should start with "_"
     (e.g. "_inputs": the input files' fingerprints): load_config skips those, so the file stays a config."""
     values = {**dataclasses.asdict(config), **(extra or {})}
     atomic_write_text(os.path.join(out_dir, name), json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+
 
 # -----------------------------------------------------------------------------
 # Tokenizer layer: the checkpoint's own tokenizer and chat template
@@ -525,6 +577,58 @@ def require_model_dir(path):
                                 "directory (config.json, *.safetensors, tokenizer files)")
 
 # -----------------------------------------------------------------------------
+# Progress that reads well in a terminal and in a log file
+
+PROGRESS_EVERY_S = 30.0  # seconds between progress lines when the output is a log file, not a terminal
+
+
+class Progress:
+    """Progress of a long loop. On a terminal a tqdm bar; when stderr goes to a file (a log, a CI run,
+    the pipeline's stages under nohup) one concise line every PROGRESS_EVERY_S seconds and one at the
+    end, instead of a bar redrawn several times a second. update(n), set_postfix_str(s), close(), and
+    `total` may be lowered while it runs (generate() does, as rows stop early)."""
+
+    def __init__(self, total, desc, unit="it", initial=0, disable=False, every=PROGRESS_EVERY_S):
+        self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, initial, ""
+        self.disable, self.every = disable, every
+        self.bar = None
+        if not disable and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit == "tok",
+                            dynamic_ncols=True)
+        self.t0 = self.t_last = time.time()
+        self.n0 = initial
+
+    def update(self, n=1):
+        self.n += n
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.update(n)
+        elif not self.disable and time.time() - self.t_last >= self.every:
+            self._line()
+
+    def set_postfix_str(self, text):
+        self.postfix = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+
+    def _line(self):
+        self.t_last = time.time()
+        elapsed = self.t_last - self.t0
+        rate = (self.n - self.n0) / max(elapsed, 1e-9)
+        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total}{share} {rate:.3g} {self.unit}/s {elapsed:.0f}s"
+              + (f" {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+            self.bar.close()
+        elif not self.disable:
+            self._line()
+
+
+# -----------------------------------------------------------------------------
 # Processes (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK) and devices
 
 
@@ -590,9 +694,9 @@ def autocast_for(device):
     return contextlib.nullcontext()
 
 
-def setup_run(config_class, argv, default_config):
+def setup_run(config_class, argv, default_config, prog, description=""):
     """Shared start of sft.py and rl.py: strict config, process group (under torchrun), device."""
-    cfg, positional = load_config(config_class, argv, default_config=default_config)
+    cfg, positional = load_config(config_class, argv, default_config, prog, description)
     if positional:
         raise ConfigError(f"unexpected argument(s) {positional}; use --key value (see --help)")
     rank, world_size, local_rank, device = setup_distributed()

@@ -511,7 +511,7 @@ def format_answer(profile, taxonomy, labels_only=False):
 
 
 # -----------------------------------------------------------------------------
-# Stage 1 vote over N answers, per dimension (DESIGN "Stage 1 formulas"). NA is an ordinary class.
+# Stage 1 vote over N answers, per dimension (docs/design.md, "Stage 1"). NA is an ordinary class.
 
 WEIGHTINGS = ("confidence", "majority")
 

@@ -1,5 +1,5 @@
 """
-Evaluation of profiles against gold labels (DESIGN.md "Evaluation").
+Evaluation of profiles against gold labels (docs/design.md, "Evaluation").
 
 A prediction is a label ŷ with a confidence c (the stated 1..10, or a pooled 0..10 after a vote).
 At threshold τ it abstains when ŷ = NA or c < τ; a missing or invalid prediction always abstains.
@@ -20,14 +20,15 @@ A predictions line is {"user_id", "profile": {dim: {"label", "confidence"}}} or 
 sample, or with --vote the Stage-1 vote of all samples: label ŷ, confidence = pooled confidence).
 Writes DIR/metrics.json, DIR/report.md and DIR/pr_curve.csv.
 """
-import argparse
+import dataclasses
 import json
 import math
 import os
-import sys
 
 import common
 import confprofile
+
+from common import ConfigError, atomic_write_text, check_fields, load_config, opt, run_cli
 
 TAUS = tuple(range(1, 11))
 N_BINS = 10
@@ -186,7 +187,7 @@ def valid_confidence(c):
 
 
 def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS):
-    """Metrics of DESIGN "Evaluation" for pred_profiles {user_id: {dim: {"label", "confidence"} | None} | None}
+    """Metrics of docs/design.md "Evaluation" for pred_profiles {user_id: {dim: {"label", "confidence"} | None} | None}
     against users with gold labels. A user absent from pred_profiles abstains everywhere and is
     reported in n_missing / missing_user_ids; a user_id not in users is an error. A user whose labels
     leave a dimension out (or null) is unlabelled there: left out of that dimension's counts and
@@ -409,17 +410,25 @@ def render_pr_curve(metrics):
     return "\n".join(rows).replace("—", "") + "\n"
 
 
+@dataclasses.dataclass
+class EvaluateConfig:
+    predictions: str = opt("", "predictions JSONL: one line per user with profile, text or samples", nonempty=True)
+    data: str = opt("", "users JSONL with gold labels (e.g. test.jsonl)", nonempty=True)
+    out: str = opt("", "output folder for metrics.json, report.md, pr_curve.csv", nonempty=True)
+    vote: bool = opt(False, "with samples: the Stage-1 vote of all samples instead of the first")
+    weighting: str = opt("confidence", "vote weighting", choices=confprofile.WEIGHTINGS)
+    na_weight: float = opt(1.0, "weight of the NA votes (rl.py's na_weight)", min=0)
+    taxonomy: str = opt("", "taxonomy JSON (empty: taxonomy.json of the repository)")
+
+    def __post_init__(self):
+        check_fields(self, "evaluate")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate predicted profiles against gold labels.")
-    parser.add_argument("--predictions", required=True, help="predictions JSONL (profile | text | samples per line)")
-    parser.add_argument("--data", required=True, help="users JSONL with gold labels (e.g. test.jsonl)")
-    parser.add_argument("--out", required=True, help="output folder for metrics.json, report.md, pr_curve.csv")
-    parser.add_argument("--vote", action="store_true", help="with samples: vote all samples instead of using the first")
-    parser.add_argument("--weighting", default="confidence", choices=confprofile.WEIGHTINGS, help="vote weighting")
-    parser.add_argument("--na-weight", type=float, default=1.0, help="weight of NA answers in the vote (rl.py's na_weight)")
-    parser.add_argument("--taxonomy", default=None, help="taxonomy JSON (default: taxonomy.json)")
-    args = parser.parse_args(argv)
-    taxonomy = confprofile.load_taxonomy(args.taxonomy)
+    args, rest = load_config(EvaluateConfig, argv, prog="evaluate.py", description=__doc__.strip().split("\n\n")[0])
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
+    taxonomy = confprofile.load_taxonomy(args.taxonomy or None)
     users = confprofile.read_users(args.data, require_labels=True, taxonomy=taxonomy)
     preds, n_answers, n_failures = load_predictions(args.predictions, taxonomy, {u["user_id"] for u in users},
                                                     args.vote, args.weighting, args.na_weight)
@@ -427,9 +436,9 @@ def main(argv=None):
     metrics["inputs"] = {"predictions": args.predictions, "data": args.data, "vote": args.vote,
                          "weighting": args.weighting, "na_weight": args.na_weight, "n_answers": n_answers}
     summary = {k: v for k, v in metrics.items() if k != "curves"}
-    common.atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    common.atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}"))
-    common.atomic_write_text(os.path.join(args.out, "pr_curve.csv"), render_pr_curve(metrics))
+    atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}"))
+    atomic_write_text(os.path.join(args.out, "pr_curve.csv"), render_pr_curve(metrics))
     sweep = " ".join(f"{r['tau']}:{_fmt(r['precision'], 2)}" for r in metrics["threshold_sweep"])
     print(f"avg_f1 {metrics['avg_f1']:.4f} | ece {_fmt(metrics['ece'])} | auroc {_fmt(metrics['auroc'])} | "
           f"format failures {metrics['format_failure_rate']:.3f} | missing {metrics['n_missing']} | "
@@ -438,14 +447,5 @@ def main(argv=None):
     return metrics
 
 
-def cli(argv=None):
-    """The command line: bad input (a DataError is a ValueError; a missing file an OSError) is one line
-    "evaluate.py: error: file:line: field: expected ..." and exit status 1, never a traceback."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main, "evaluate.py")

@@ -183,8 +183,8 @@ class KVCache(nn.Module):
     next-token logits are at index len_b - 1; then decode row b at position len_b, len_b + 1, ...
     (its pad slots get overwritten before any query can see them). Left padding also works: give
     attn_mask False on the pad slots (RoPE is relative, so the shift does not change the result).
-    Prefix sharing: prefill a prompt in one row, then copy_rows() it to the rows of its samples, or
-    decode on a PrefixSharedCache built from it (one copy of the prompt for all its samples).
+    Prefix sharing: decode the samples of prefilled prompts on a PrefixSharedCache built from it (one
+    copy of each prompt for all its samples).
     """
 
     def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
@@ -218,13 +218,6 @@ class KVCache(nn.Module):
         S = mask.shape[-1]  # attend over the filled part of the cache only
         return F.scaled_dot_product_attention(q.transpose(1, 2), self.k[layer, :, :, :S], self.v[layer, :, :, :S],
                                               attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
-
-    def copy_rows(self, src, dst):
-        """Prefix sharing: copy whole cache rows, cache[dst[i]] = cache[src[i]] (index lists or tensors)."""
-        src = torch.as_tensor(src, device=self.k.device)
-        dst = torch.as_tensor(dst, device=self.k.device)
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
 
 
 class PrefixSharedCache:
@@ -454,12 +447,16 @@ class Transformer(nn.Module):
         a = self.args
         return KVCache(a.n_layers, batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or w.dtype, w.device)
 
-    def forward(self, input_ids, positions=None, cache=None, attn_mask=None):
+    def forward(self, input_ids, positions=None, cache=None, attn_mask=None, mask=None, logits_at=None):
         """input_ids [B, T] -> float32 logits [B, T, vocab].
 
         No cache: causal attention in index order; `positions` (default arange(T)) only set RoPE;
-        attn_mask [B, T] (bool, True = real token) hides pad keys. With a cache: see KVCache, or
-        PrefixSharedCache for decode steps of n samples per prompt.
+        attn_mask [B, T] (bool, True = real token) hides pad keys; `mask` [B, 1, T, T] (bool, True =
+        may attend) replaces the causal mask altogether (rl.pack_groups: completions that share a
+        prompt but not each other). With a cache: see KVCache, or PrefixSharedCache for decode steps of
+        n samples per prompt. logits_at: index tensors (rows, cols) of the positions whose logits are
+        wanted, -> logits [*rows.shape, vocab]: the vocabulary projection, the biggest matmul of a small
+        model and the biggest activation of a 150k-vocabulary one, runs on those positions only.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -469,10 +466,9 @@ class Transformer(nn.Module):
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        mask = None
         if cache is not None:
             mask = cache.attention_mask(positions, attn_mask)
-        elif attn_mask is not None:
+        elif mask is None and attn_mask is not None:
             idx = torch.arange(T, device=device)
             causal = idx[None, :] <= idx[:, None]                                  # [T, T]
             mask = (causal & (attn_mask[:, None, :] | (idx[None, :] == idx[:, None])))[:, None]
@@ -481,7 +477,8 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, positions, cache)
-        return self.lm_head(self.model.norm(x)).float()
+        x = self.model.norm(x)
+        return self.lm_head(x if logits_at is None else x[logits_at]).float()
 
 
 # -----------------------------------------------------------------------------

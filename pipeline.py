@@ -1,5 +1,6 @@
 """
-The whole Conf-Profile pipeline on the embedded default, on top of every stage script:
+The whole Conf-Profile pipeline on the embedded default (synthetic world, simulated teacher, tiny
+student), every stage through its own script's command line.
 
     python pipeline.py [--out runs/demo] [--seed S] [--quick] [--ablations]
 
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from common import ConfigError, atomic_write_text, check_fields, file_sha256, load_config, save_config
+from common import ConfigError, atomic_write_text, check_fields, file_sha256, load_config, opt, save_config
 from confprofile import ROOT, dimensions, load_taxonomy
 from evaluate import mean_defined
 
@@ -50,27 +51,20 @@ RL_ABLATIONS = [  # (key, description, rl.py flags)
 
 @dataclasses.dataclass
 class DemoConfig:
-    out: str = "runs/demo"            # every file of the run goes below this folder
-    seed: int = 0                     # world, teacher, SFT and RL seed
-    quick: bool = False               # smaller world and fewer steps (~3 min; the CI end-to-end test)
-    ablations: bool = False           # also run the component study (a longer run)
-    n_train: int = 4000               # unlabelled training users
-    n_test: int = 1000                # labelled test users
-    teacher_samples: int = 8          # N teacher answers per user
-    sft_config: str = "configs/sft_demo.json"
-    rl_config: str = "configs/rl_demo.json"
-    eval_max_new_tokens: int = 320    # greedy answer budget of the student at evaluation
-    procs: int = 2                    # SFT / RL processes (torchrun, 1 thread each); 1 = plain python
+    out: str = opt("runs/demo", "every file of the run goes below this folder", nonempty=True)
+    seed: int = opt(0, "world, teacher, SFT and RL seed", min=0)
+    quick: bool = opt(False, "a smaller world and fewer steps (a few minutes; the CI end-to-end test)")
+    ablations: bool = opt(False, "also run the component study: each variant is one switch of the normal scripts")
+    n_train: int = opt(4000, "unlabelled training users", min=1)
+    n_test: int = opt(1000, "labelled test users", min=1)
+    teacher_samples: int = opt(8, "N: teacher answers per user", min=1)
+    sft_config: str = opt("configs/sft_demo.json", "sft.py's config", nonempty=True)
+    rl_config: str = opt("configs/rl_demo.json", "rl.py's config", nonempty=True)
+    eval_max_new_tokens: int = opt(320, "greedy answer budget of the student at evaluation", min=1)
+    procs: int = opt(2, "SFT / RL processes (torchrun, one thread each); 1 = plain python", min=1)
 
     def __post_init__(self):
-        check_fields(self, DEMO_LIMITS, "demo config")
-
-
-DEMO_LIMITS = {  # ranges of DemoConfig's values; the types come from the annotations (check_fields)
-    "out": {"nonempty": True}, "seed": {"min": 0}, "n_train": {"min": 1}, "n_test": {"min": 1},
-    "teacher_samples": {"min": 1}, "sft_config": {"nonempty": True}, "rl_config": {"nonempty": True},
-    "eval_max_new_tokens": {"min": 1}, "procs": {"min": 1},
-}
+        check_fields(self, "demo config")
 
 
 # --quick: what changes (everything else is the default run)
@@ -216,7 +210,7 @@ def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=N
     preds = os.path.join(eval_dir, "predictions.jsonl")
     _stage(f"predict_{key}", ["rollout.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
                               "--temperature", "0", "--max-new-tokens", max_new_tokens or cfg.eval_max_new_tokens,
-                              "--out", preds, "--no-progress"], out, log)
+                              "--out", preds], out, log)
     _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
            out, log)
     return _read_json(os.path.join(eval_dir, "metrics.json"))
@@ -250,8 +244,7 @@ def run_demo(cfg):
     # Stage 1a: the (simulated) teacher answers every user N times; the test answers give the teacher rows.
     for split in ("train", "test"):
         _stage(f"teacher_{split}", ["rollout.py", "--teacher", "sim", "--users", f"{world}/{split}.jsonl", "--samples",
-                                    cfg.teacher_samples, "--seed", seed, "--out", f"{out}/teacher_{split}.jsonl",
-                                    "--no-progress"], out, log)
+                                    cfg.teacher_samples, "--seed", seed, "--out", f"{out}/teacher_{split}.jsonl"], out, log)
     rows = {}
     for key, extra in (("teacher_single", []), ("teacher_vote", ["--vote"])):
         eval_dir = os.path.join(out, "eval", key)
@@ -322,7 +315,7 @@ def run_demo(cfg):
 
 
 def main(argv=None):
-    cfg, rest = load_config(DemoConfig, argv)
+    cfg, rest = load_config(DemoConfig, argv, prog="pipeline.py", description=__doc__.strip().split("\n\n")[0])
     if rest:
         raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
     run_demo(cfg)

@@ -28,17 +28,16 @@ CLI: python profilebench.py --out DIR --n-train 4000 --n-test 1000 --seed 0 [--l
 writes DIR/train.jsonl (no labels), DIR/train_labels.jsonl (for analysis only), DIR/test.jsonl
 (with labels) and DIR/world_config.json. Same arguments, same bytes.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
-import sys
 
-import common
 import confprofile
+
+from common import ConfigError, atomic_write_text, check_fields, load_config, opt, run_cli, write_jsonl
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary: per-class cue topics as (English, Chinese). Every topic is unique.
@@ -665,37 +664,34 @@ def malform(text, profile, rng):
 # CLI
 
 
+@dataclasses.dataclass
+class WorldArgs:
+    out: str = opt("", "output folder", nonempty=True)
+    n_train: int = opt(4000, "unlabelled training users", min=0)
+    n_test: int = opt(1000, "labelled test users", min=0)
+    seed: int = opt(0, "world seed (same seed, same bytes)", min=0)
+    lang: str = opt("en", "language of all texts", choices=tuple(sorted(TEMPLATES)))
+    taxonomy: str = opt("", "taxonomy JSON (empty: taxonomy.json of the repository)")
+
+    def __post_init__(self):
+        check_fields(self, "profilebench")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the synthetic ProfileBench world.")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n-train", type=int, default=4000, help="unlabelled training users")
-    parser.add_argument("--n-test", type=int, default=1000, help="labelled test users")
-    parser.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
-    parser.add_argument("--lang", default="en", choices=sorted(TEMPLATES), help="language of all texts")
-    parser.add_argument("--taxonomy", default=None, help="taxonomy JSON (default: taxonomy.json)")
-    args = parser.parse_args(argv)
-    if args.n_train < 0 or args.n_test < 0:
-        parser.error("--n-train and --n-test must be >= 0")
-    taxonomy = confprofile.load_taxonomy(args.taxonomy)
+    args, rest = load_config(WorldArgs, argv, prog="profilebench.py", description=__doc__.strip().split("\n\n")[0])
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
+    taxonomy = confprofile.load_taxonomy(args.taxonomy or None)
     cfg = WorldConfig()
     train, train_labels, test = make_world(args.n_train, args.n_test, args.seed, args.lang, taxonomy, cfg)
-    common.write_jsonl(os.path.join(args.out, "train.jsonl"), train)
-    common.write_jsonl(os.path.join(args.out, "train_labels.jsonl"), train_labels)
-    common.write_jsonl(os.path.join(args.out, "test.jsonl"), test)
+    write_jsonl(os.path.join(args.out, "train.jsonl"), train)
+    write_jsonl(os.path.join(args.out, "train_labels.jsonl"), train_labels)
+    write_jsonl(os.path.join(args.out, "test.jsonl"), test)
     meta = {"seed": args.seed, "lang": args.lang, "n_train": args.n_train, "n_test": args.n_test,
             "world_config": dataclasses.asdict(cfg)}
-    common.atomic_write_text(os.path.join(args.out, "world_config.json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(os.path.join(args.out, "world_config.json"), json.dumps(meta, indent=2) + "\n")
     print(f"wrote {len(train)} train users, {len(test)} test users ({args.lang}) to {args.out}")
 
 
-def cli(argv=None):
-    """The command line: bad input (a DataError is a ValueError; a missing file an OSError) is one line
-    "profilebench.py: error: file:line: field: expected ..." and exit status 1, never a traceback."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:
-        sys.exit(f"profilebench.py: error: {e}")
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main, "profilebench.py")

@@ -42,18 +42,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
-from common import (DEVICE, ConfigError, DataError, all_reduce_sum, append_jsonl, atomic_write_text, autocast_for,
-                    barrier, build_optimizer, chat_prompt_ids, check_fields, check_output_dir, cleanup_distributed,
-                    completion_text, iter_jsonl, load_tokenizer, load_training_state, lr_at, run_record, save_config,
-                    save_training_state, setup_run, stop_ids_for)
+from common import (DEVICE, ConfigError, DataError, Progress, all_reduce_sum, append_jsonl,
+                    autocast_for, barrier, build_optimizer, chat_prompt_ids, check_fields, check_output_dir,
+                    cleanup_distributed, completion_text, iter_jsonl, load_tokenizer, load_training_state, lr_at,
+                    open_metrics, opt, run_record, save_config, save_training_state, setup_run, stop_ids_for)
 from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer, parse_answer_spans, read_users, render_prompt,
                          vote)
 from evaluate import evaluate, profile_from_parse
-from model import load_model, rope_cos_sin, save_model
-from rollout import generate, token_logprobs
+from model import load_model, save_model
+from rollout import SamplingParams, generate, token_logprobs
 
 # -----------------------------------------------------------------------------
 # Config
@@ -74,64 +72,79 @@ CHOICES = {
 @dataclass
 class RLConfig:
     # model and data
-    model: str = "runs/demo/sft"                # HF checkpoint dir of the SFT student (also the KL reference)
-    data: str = "runs/demo/world/train.jsonl"   # unlabelled users
-    stage1: str = "runs/demo/sft.jsonl"         # Stage-1 "calibrated" confidences (difficulty/weighting = stage1)
-    taxonomy: str = ""                          # "" = taxonomy.json at the repo root
-    output_dir: str = "runs/demo/rl"            # final HF checkpoint, rl_config.json, metrics.jsonl, train_state/
-    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false} for Qwen3
+    model: str = opt("runs/demo/sft", "HF checkpoint dir of the SFT student (also the KL reference)", nonempty=True)
+    data: str = opt("runs/demo/world/train.jsonl", "unlabelled users (JSONL)", nonempty=True)
+    stage1: str = opt("runs/demo/sft.jsonl", "calibrate.py's SFT set: the frozen Stage-1 confidences that "
+                      "difficulty=stage1 and confidence_weighting=stage1 read")
+    taxonomy: str = opt("", "taxonomy JSON (empty: taxonomy.json of the repository)")
+    output_dir: str = opt("runs/demo/rl", "the final HF checkpoint, rl_config.json, metrics.jsonl, train_state/",
+                          nonempty=True)
+    chat_template_kwargs: dict = opt({}, 'passed to the chat template, e.g. {"enable_thinking": false} for Qwen3')
     # rollouts
-    batch_size: int = 4              # B users per step (global; split over ranks)
-    num_generations: int = 8         # G rollouts per user
-    max_new_tokens: int = 256        # TRL: max_completion_length
-    temperature: float = 1.0         # sampling AND ratio logprobs use this temperature
-    top_k: int = 0
-    top_p: float = 1.0
-    max_batch_tokens: int = 0        # 0 = rollout.py's default token budget per generate() chunk
+    batch_size: int = opt(4, "B: users per step, all processes together", min=1)
+    num_generations: int = opt(8, "G: rollouts per user (advantages are relative within these)", min=2)
+    max_new_tokens: int = opt(256, "longest rollout (TRL: max_completion_length)", min=1)
+    temperature: float = opt(1.0, "sampling temperature, also of the ratio's logprobs", gt=0)
+    top_k: int = opt(0, "sample from the k most likely tokens (0 = all)", min=0)
+    top_p: float = opt(1.0, "nucleus mass to sample from (1 = all)", gt=0, max=1)
+    max_batch_tokens: int = opt(0, "KV-cache slots per generate() batch (0 = the device's default)", min=0)
     # Conf-Profile
-    quasi_label: str = "confidence"
-    na_weight: float = 1.0           # weight of an NA answer in the quasi-label vote (1 = as in Stage 1)
-    difficulty: str = "rollout"
-    low: float = 0.0                 # keep users with low <= difficulty <= high (0..10 confidence scale)
-    high: float = 10.0
-    confidence_weighting: str = "rollout_masked"
-    agreement: str = "flat"          # flat: an agreeing answer earns +1; weighted: +w too (dimension_rewards)
+    quasi_label: str = opt("confidence", "quasi label: the vote of the G rollouts weighted by stated confidence, or "
+                           "a plain majority", choices=CHOICES["quasi_label"])
+    na_weight: float = opt(1.0, "weight of the NA votes in the quasi-label vote (1 = as in Stage 1; below 1 a label "
+                           "the rollouts agree on outvotes a few hesitant NAs)", min=0)
+    difficulty: str = opt("rollout", "difficulty of a user: the rollouts' agreement and confidence, the frozen "
+                          "Stage-1 confidence, or off (keep everyone)", choices=CHOICES["difficulty"])
+    low: float = opt(0.0, "keep users whose difficulty is >= low (below: quasi label too scattered to trust)",
+                     min=0, max=10)
+    high: float = opt(10.0, "keep users whose difficulty is <= high (above: the rollouts already agree)", min=0, max=10)
+    confidence_weighting: str = opt("rollout_masked", "w of the reward: the rollout's stated confidence with its "
+                                    "tokens frozen, the Stage-1 confidence, its live (trained) confidence, or 1",
+                                    choices=CHOICES["confidence_weighting"])
+    agreement: str = opt("flat", "an agreeing answer earns +1 (flat) or +w (weighted); a disagreeing one costs w",
+                         choices=CHOICES["agreement"])
     # GRPO
-    scale_rewards: str = "group"
-    advantage: str = "dimension"     # dimension: each dimension's tokens get that dimension's advantage
-    loss_type: str = "dapo"
-    epsilon: float = 0.2
-    epsilon_high: float = 0.28
-    beta: float = 0.0
-    num_iterations: int = 1
-    micro_batch_size: int = 8        # sequences per forward/backward (gradient accumulation over the batch)
+    scale_rewards: str = opt("group", "divide advantages by the group's reward std (group) or not (none)",
+                             choices=CHOICES["scale_rewards"])
+    advantage: str = opt("dimension", "one advantage per dimension, given to its answer's tokens, or one per "
+                         "rollout (sequence: plain GRPO)", choices=CHOICES["advantage"])
+    loss_type: str = opt("dapo", "token-loss normalisation: dapo (batch token mean), grpo (per sequence), dr_grpo "
+                         "(constant)", choices=CHOICES["loss_type"])
+    epsilon: float = opt(0.2, "lower clip of the ratio: 1 - epsilon", min=0, lt=1)
+    epsilon_high: float = opt(0.28, "upper clip of the ratio: 1 + epsilon_high (clip-higher)", min=0)
+    beta: float = opt(0.0, "weight of the k3 KL to the starting checkpoint (0: no reference model is loaded)", min=0)
+    num_iterations: int = opt(1, "optimizer steps on each batch of rollouts", min=1)
+    micro_batch_size: int = opt(8, "rollouts per forward/backward (gradients accumulate over the batch)", min=1)
     # optimisation
-    max_steps: int = 20
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    grad_clip: float = 1.0           # max global grad norm; 0 = off
-    gradient_checkpointing: bool = False
-    dtype: str = "float32"           # parameter dtype; bfloat16 (CUDA) to fit an 8B model and its AdamW states
-    device: str = "auto"             # auto = cuda if available, else cpu
-    seed: int = 0
+    max_steps: int = opt(20, "GRPO steps", min=1)
+    lr: float = opt(1e-5, "peak learning rate", min=0)
+    min_lr_ratio: float = opt(0.1, "the cosine decays to lr * min_lr_ratio at the last step", min=0, max=1)
+    warmup_steps: int = opt(0, "linear warmup steps", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", min=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1", min=0, lt=1)
+    adam_beta2: float = opt(0.99, "AdamW beta2", min=0, lt=1)
+    grad_clip: float = opt(1.0, "max global gradient norm; 0 = off", min=0)
+    gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, slower")
+    dtype: str = opt("float32", "parameter dtype: bfloat16 keeps weights, grads and AdamW moments in bf16 (big models, "
+                     "CUDA)", choices=CHOICES["dtype"])
+    device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
+    seed: int = opt(0, "data order and rollout randomness", min=0)
     # evaluation, logging, checkpoints
-    dev_data: str = ""               # labelled users for the periodic greedy eval ("" = none)
-    dev_size: int = 100
-    eval_every: int = 0              # steps; 0 = no periodic eval
-    eval_max_new_tokens: int = 0     # 0 = max_new_tokens
-    probe_size: int = 32             # training users whose greedy answers are compared with the SFT student's (0 = off)
-    probe_every: int = 10            # steps between probes (and at the last step)
-    save_every: int = 0              # steps between resumable checkpoints (0 = only the final model)
-    resume: bool = False             # continue from output_dir/train_state (made with the same settings)
-    force_resume: bool = False       # resume even though settings or data changed (they are named)
-    stop_after_steps: int = 0        # leave after this many steps without saving, as if killed (the resume test)
+    dev_data: str = opt("", "labelled users for a periodic greedy evaluation (empty: none)")
+    dev_size: int = opt(100, "dev users evaluated", min=1)
+    eval_every: int = opt(0, "steps between dev evaluations (0 = none)", min=0)
+    eval_max_new_tokens: int = opt(0, "greedy answer length of the dev evaluation and the probe (0 = max_new_tokens)",
+                                   min=0)
+    probe_size: int = opt(32, "training users whose greedy answers are compared with the SFT student's (0 = no probe)",
+                          min=0)
+    probe_every: int = opt(10, "steps between probes (and at the last step)", min=0)
+    save_every: int = opt(0, "steps between resumable checkpoints (0 = only the final model)", min=0)
+    resume: bool = opt(False, "continue from output_dir/train_state (made with the same settings)")
+    force_resume: bool = opt(False, "resume even though settings or data changed (they are named)")
+    stop_after_steps: int = opt(0, "leave after this many steps without saving, as if killed (the resume test)", min=0)
 
     def __post_init__(self):
-        check_fields(self, LIMITS, "rl config")
+        check_fields(self, "rl config")
         if self.low > self.high:
             raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected low <= high")
 
@@ -145,20 +158,6 @@ class RLConfig:
 RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "dev_data", "dev_size",
                      "eval_max_new_tokens", "probe_size", "probe_every", "device", "gradient_checkpointing", "output_dir")
 PATH_KEYS = ("model", "data", "stage1", "taxonomy", "output_dir", "dev_data")  # compared as absolute paths
-
-LIMITS = {  # ranges of RLConfig's values; the types come from the annotations (common.check_fields)
-    **{k: {"choices": v} for k, v in CHOICES.items()},
-    "model": {"nonempty": True}, "data": {"nonempty": True}, "output_dir": {"nonempty": True},
-    "batch_size": {"min": 1}, "num_generations": {"min": 2},  # advantages are group-relative: G >= 2
-    "max_new_tokens": {"min": 1}, "temperature": {"gt": 0}, "top_k": {"min": 0}, "top_p": {"gt": 0, "max": 1},
-    "max_batch_tokens": {"min": 0}, "na_weight": {"min": 0}, "low": {"min": 0, "max": 10}, "high": {"min": 0, "max": 10},
-    "epsilon": {"min": 0, "lt": 1}, "epsilon_high": {"min": 0}, "beta": {"min": 0}, "num_iterations": {"min": 1},
-    "micro_batch_size": {"min": 1}, "max_steps": {"min": 1}, "lr": {"min": 0}, "min_lr_ratio": {"min": 0, "max": 1},
-    "warmup_steps": {"min": 0}, "weight_decay": {"min": 0}, "adam_beta1": {"min": 0, "lt": 1},
-    "adam_beta2": {"min": 0, "lt": 1}, "grad_clip": {"min": 0}, "device": DEVICE, "seed": {"min": 0},
-    "dev_size": {"min": 1}, "eval_every": {"min": 0}, "eval_max_new_tokens": {"min": 0}, "save_every": {"min": 0},
-    "stop_after_steps": {"min": 0}, "probe_size": {"min": 0}, "probe_every": {"min": 0},
-}
 
 
 # -----------------------------------------------------------------------------
@@ -548,27 +547,13 @@ def pack_groups(packs):
 
 
 def completion_logprobs(model, packs, temperature):
-    """Teacher-forced logprobs of every completion in `packs` (see pack_groups) under `model`.
-
-    Runs model.py's blocks with the segment mask (the same layers, RoPE and weights that
-    Transformer.forward runs; tests/test_rl.py checks the result against one plain forward per
-    completion), applies the final norm and lm_head only at the states that predict completion
-    tokens (never the prompt's: less time and memory with a big vocabulary), and returns
-    (logp [N, C] from rollout.token_logprobs at `temperature`, entropy [N, C] without gradient)."""
-
+    """Teacher-forced logprobs of every completion in `packs` (see pack_groups) under `model`: one
+    forward of the packed rows with their segment mask, the vocabulary projection only at the states
+    that predict completion tokens (never the prompt's: less time and memory with a big vocabulary).
+    Returns (logp [N, C] from rollout.token_logprobs at `temperature`, entropy [N, C] without gradient)."""
     device = next(model.parameters()).device
     ids, positions, mask, row, index, targets = (t.to(device) for t in pack_groups(packs))
-    x = model.model.embed_tokens(ids)
-    if model.inv_freq.device != device:
-        model.inv_freq = model.inv_freq.to(device)
-    cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
-    for layer in model.model.layers:
-        if model.gradient_checkpointing and model.training:
-            x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-        else:
-            x = layer(x, cos, sin, mask)
-    states = x[row[:, None], index]                                              # [N, C, dim]
-    logits = model.lm_head(model.model.norm(states)).float()                     # [N, C, V]
+    logits = model(ids, positions, mask=mask, logits_at=(row[:, None], index))   # [N, C, V]
     logp = token_logprobs(logits, targets, temperature)
     with torch.no_grad():
         entropy = token_entropy(logits, temperature)
@@ -605,10 +590,9 @@ def padded(rows, width, dtype=torch.float32):
 def sample_groups(model, prompts, cfg, generator, stop_ids):
     """Rollouts: G samples of each of this rank's prompts from the current policy."""
     model.eval()
-    gen_kwargs = {"max_batch_tokens": cfg.max_batch_tokens} if cfg.max_batch_tokens else {}
-    return generate(model, prompts, n=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop_ids,
-                    generator=generator, **gen_kwargs)
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids),
+                              cfg.max_batch_tokens)
+    return generate(model, prompts, sampling, n=cfg.num_generations, generator=generator)
 
 
 def training_batch(groups, prompts, scored, cfg):
@@ -811,19 +795,16 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
     start = 0
     if cfg.resume:
         start, _ = load_training_state(state_dir, model, optimizer)
+    log = None
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        if cfg.resume and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint
-            with open(metrics_path, encoding="utf-8") as f:
-                lines = [line for line in f if json.loads(line).get("step", 0) <= start]
-            atomic_write_text(metrics_path, "".join(lines))
-    log = open(metrics_path, "a" if cfg.resume else "w", encoding="utf-8") if main_process else None
+        log = open_metrics(metrics_path, start)  # a resumed run drops the lines of steps after its checkpoint
     if dev_eval is not None and start == 0 and cfg.eval_every and main_process:
         record = {"step": 0, **dev_eval(model)}
         append_jsonl(log, record)
         print(f"step 0 (the starting policy): {fmt_metrics(record)}", flush=True)
     barrier()
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="grpo", dynamic_ncols=True, disable=not main_process)
+    bar = Progress(cfg.max_steps, "grpo", "step", initial=start, disable=not main_process)
     step = start
     for step in range(start, cfg.max_steps):
         if cfg.stop_after_steps and step - start >= cfg.stop_after_steps:
@@ -842,7 +823,7 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
                 barrier()
         if main_process:
             append_jsonl(log, record)
-            bar.set_postfix_str(fmt_metrics(record), refresh=False)
+            bar.set_postfix_str(fmt_metrics(record))
             bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             if main_process:
@@ -889,7 +870,7 @@ def read_stage1(path, taxonomy):
 
 def greedy_answers(model, tokenizer, prompts, taxonomy, stop_ids, max_new_tokens):
     """The policy's greedy answers to `prompts`, parsed."""
-    groups = generate(model, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids)
+    groups = generate(model, prompts, SamplingParams(max_new_tokens, temperature=0.0, stop_ids=tuple(stop_ids)))
     return [parse_answer(completion_text(tokenizer, g[0], set(stop_ids)), taxonomy) for g in groups]
 
 
@@ -991,7 +972,7 @@ def run(cfg, rank, world_size, device, made_by=None):
 
 
 def main(argv=None):
-    cfg, rank, world_size, _, device = setup_run(RLConfig, argv, DEFAULT_CONFIG)
+    cfg, rank, world_size, _, device = setup_run(RLConfig, argv, DEFAULT_CONFIG, "rl.py", __doc__.strip().split("\n\n")[0])
     try:
         if cfg.batch_size % world_size:
             raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes {world_size}")

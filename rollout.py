@@ -44,15 +44,14 @@ CLIs:
         prompts line {"id": ..., "messages": [...]} -> out line {"id": ..., "samples": [{"text", "finish_reason"}]}
     python rollout.py --teacher DIR|sim --users users.jsonl --samples 8 --out teacher.jsonl \
         [--temperature T --max-new-tokens M --seed S --batch-users U] [--force-resume]
-        out line per user {"user_id", "samples": [{"text", "finish_reason", "parse"}]}; restartable: the
+        out line per user {"user_id", "samples": [{"text", "finish_reason"}]}; restartable: the
         settings are recorded in teacher.jsonl.meta.json, and a rerun with other settings is refused
         (naming the keys) unless --force-resume. An --out that is an input, or whose lines are not this
         tool's output, is refused before anything in it changes.
     `--samples 1 --temperature 0` gives any checkpoint's greedy predictions for evaluate.py.
     Both: --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
-    --device cpu|cuda, --dtype float32|bfloat16, --no-progress. The last line printed gives tokens/s.
+    --device, --dtype, --progress false. `python rollout.py --help` lists every option. The last line printed gives tokens/s.
 """
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -65,12 +64,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import profilebench
-from common import (atomic_write_text, chat_prompt_ids, completion_text, dumps_line, iter_jsonl, load_tokenizer,
-                    stop_ids_for, write_jsonl)
-from confprofile import load_taxonomy, parse_answer, read_users, render_prompt
+from common import (DEVICE, ConfigError, Progress, atomic_write_text, chat_prompt_ids, check_fields, completion_text,
+                    dumps_line, iter_jsonl, load_config, load_tokenizer, opt, run_cli, stop_ids_for, write_jsonl)
+from confprofile import load_taxonomy, read_users, render_prompt
 from model import PrefixSharedCache, load_model
 
 # KV-cache slots per batch (rows x (prompt + new tokens)). CPU: 64k (SmolLM2-135M: 3 GB fp32; more rows
@@ -79,6 +77,27 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1 << 16, "cuda": 1 << 17}
 PREFILL_CHUNK_TOKENS = 8192  # prompt tokens per prefill forward (bounds activation memory)
 NUCLEUS_PROBE = 256  # top-p looks for its nucleus among this many most likely tokens before a full sort
 COMPACT_AT = 0.75  # drop finished rows from the decode batch once at most this share of it still runs
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How generate() samples, as one value that travels from a config to the decode loop."""
+    max_new_tokens: int = 256    # new tokens per sample at most
+    temperature: float = 1.0     # 0 = greedy
+    top_k: int = 0               # sample from the k most likely tokens (0 = all)
+    top_p: float = 1.0           # nucleus: the smallest set of most likely tokens with this mass (1 = all)
+    stop_ids: tuple = ()         # a sample ends on any of these (the stop token is kept)
+    max_batch_tokens: int = 0    # KV-cache slots per batch, rows x (prompt + max_new_tokens); 0 = the device's default
+
+    def check(self):
+        """Raise ValueError naming the first setting that is out of range (before any work is done)."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if isinstance(self.max_batch_tokens, bool) or not isinstance(self.max_batch_tokens, int) or self.max_batch_tokens < 0:
+            raise ValueError(f"max_batch_tokens: expected an integer >= 0 (0 = the device's default), "
+                             f"got {self.max_batch_tokens!r}")
+        return self
 
 
 @dataclasses.dataclass
@@ -297,10 +316,9 @@ def prefill(model, prompts, cache, chunk_tokens=PREFILL_CHUNK_TOKENS):
     """Run right-padded prompts through the model once, filling `cache` rows 0..P-1 (slot = position).
 
     Returns each prompt's last-token logits [P, V]. Two things keep this cheap for big vocabularies
-    and long prompts: the vocabulary projection runs only on one position per prompt (a pre-hook on
-    `lm_head` picks it; model.forward itself projects every position), and the prompts go in chunks
-    of positions, at most `chunk_tokens` tokens per forward, which the cache makes exact (a query
-    attends to every earlier slot).
+    and long prompts: the vocabulary projection runs only on one position per prompt (the model's
+    logits_at), and the prompts go in chunks of positions, at most `chunk_tokens` tokens per forward,
+    which the cache makes exact (a query attends to every earlier slot).
     """
     device = _model_device(model)
     n_prompts, width = len(prompts), max(len(p) for p in prompts)
@@ -315,67 +333,60 @@ def prefill(model, prompts, cache, chunk_tokens=PREFILL_CHUNK_TOKENS):
     for start in range(0, width, chunk):
         stop = min(width, start + chunk)
         pick = (last - start).clamp(0, stop - start - 1)  # each row's last token if it is in this chunk
-        hook = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][rows, pick][:, None],))
-        try:
-            positions = torch.arange(start, stop, device=device).expand(n_prompts, stop - start)
-            logits = model(ids[:, start:stop], positions, cache)[:, 0]  # [P, V]
-        finally:
-            hook.remove()
+        positions = torch.arange(start, stop, device=device).expand(n_prompts, stop - start)
+        logits = model(ids[:, start:stop], positions, cache, logits_at=(rows, pick))  # [P, V]
         in_chunk = ((last >= start) & (last < stop))[:, None]
         last_logits = logits if last_logits is None else torch.where(in_chunk, logits, last_logits)
     return last_logits
 
 
 @torch.inference_mode()
-def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
-             seed=None, generator=None, max_batch_tokens=None, progress=False):
-    """Sample n completions for each token-id prompt; returns [prompt_index][sample_index] -> Sample.
+def generate(model, prompts, sampling, n=1, generator=None, seed=None, progress=False):
+    """Sample n completions for each token-id prompt as `sampling` (SamplingParams) says; returns
+    [prompt_index][sample_index] -> Sample.
 
     See the module docstring for the algorithm. `generator` (a torch.Generator on the model's device)
     wins over `seed`; with neither, a fresh random seed is drawn. Results are reproducible for the same
-    seed, prompts, settings, `max_batch_tokens` and device. `max_batch_tokens` None: the device's default.
+    seed, prompts, settings (max_batch_tokens too) and device.
     """
-    if n < 1 or max_new_tokens < 1:
-        raise ValueError(f"generate: n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
     try:
-        check_sampling(temperature, top_k, top_p)
+        sampling.check()
     except ValueError as e:
         raise ValueError(f"generate: {e}") from None
+    if n < 1:
+        raise ValueError(f"generate: n must be >= 1, got n={n}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
-    if temperature <= 0 and n > 1:  # greedy samples of one prompt are identical: decode one row each
+    if sampling.temperature <= 0 and n > 1:  # greedy samples of one prompt are identical: decode one row each
         return [[dataclasses.replace(s, tokens=list(s.tokens), logprobs=list(s.logprobs))
                  for _ in range(n) for s in group]
-                for group in generate(model, prompts, 1, max_new_tokens, 0.0, top_k, top_p, stop_ids, seed,
-                                      generator, max_batch_tokens, progress)]
+                for group in generate(model, prompts, sampling, 1, generator, seed, progress)]
     device = _model_device(model)
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-    stop = torch.tensor(sorted(set(int(s) for s in stop_ids)) or [-1], device=device)
+    stop = torch.tensor(sorted(set(int(s) for s in sampling.stop_ids)) or [-1], device=device)
     results = [[None] * n for _ in prompts]
-    if max_batch_tokens is None:
-        max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cuda"])
-    batches = plan_batches([len(p) for p in prompts], n, max_new_tokens, max_batch_tokens)
-    bar = None
-    if progress:  # counts generated tokens; the total (every row to max_new_tokens) shrinks as rows stop
-        bar = tqdm(total=len(prompts) * n * max_new_tokens, unit="tok", unit_scale=True, desc="generate",
-                   dynamic_ncols=True)
+    budget = sampling.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cuda"])
+    batches = plan_batches([len(p) for p in prompts], n, sampling.max_new_tokens, budget)
+    # counts generated tokens; the total (every row to max_new_tokens) shrinks as rows stop
+    bar = Progress(len(prompts) * n * sampling.max_new_tokens, "generate", "tok", disable=not progress)
     with onednn_linears(model):  # CPU fp32: the weights packed once for all batches
         for batch in batches:
-            samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch],
-                                      max_new_tokens, temperature, top_k, top_p, stop, generator, bar)
+            samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch], sampling,
+                                      stop, generator, bar)
             for (i, first, count), group in zip(batch, samples):
                 results[i][first:first + count] = group
-    if bar is not None:
-        bar.close()
+    bar.close()
     return results
 
 
-def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, top_p, stop, generator, bar):
+def _generate_batch(model, prompts, counts, sampling, stop, generator, bar):
     """One planned batch: prefill each prompt once, decode counts[i] rows on it. Returns [[Sample]]."""
     device = _model_device(model)
+    max_new_tokens = sampling.max_new_tokens
+    settings = (sampling.temperature, sampling.top_k, sampling.top_p)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     counts_t = torch.tensor(counts, device=device)
     rows = int(counts_t.sum())
@@ -398,7 +409,7 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
     running = torch.ones(rows, dtype=torch.bool, device=device)  # decode rows not finished yet
     n_running = rows
 
-    token, logprob = sample_tokens(last_logits.index_select(0, row_prompt), temperature, top_k, top_p, generator)
+    token, logprob = sample_tokens(last_logits.index_select(0, row_prompt), *settings, generator)
     for step in range(max_new_tokens):
         out_tokens[live, step] = token
         out_logprobs[live, step] = logprob
@@ -406,8 +417,7 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
         running &= ~hit
         stopped[live] |= hit  # index tensors, not boolean masks: no host sync on GPU
         n_tokens[live] = torch.where(hit, step + 1, n_tokens[live])
-        if bar is not None:
-            bar.update(n_running)  # every row still running wrote a token this step
+        bar.update(n_running)  # every row still running wrote a token this step
         n_running = int(running.sum())  # the one host sync per step: it lets the loop end early
         if step == max_new_tokens - 1 or n_running == 0:
             break
@@ -419,13 +429,11 @@ def _generate_batch(model, prompts, counts, max_new_tokens, temperature, top_k, 
             torch.compiler.cudagraph_mark_step_begin()
         logits = model(token[:, None], positions[:, None], cache)[:, -1]
         positions += 1
-        token, logprob = sample_tokens(logits, temperature, top_k, top_p, generator)
+        token, logprob = sample_tokens(logits, *settings, generator)
 
     out_tokens, out_logprobs = out_tokens.cpu(), out_logprobs.cpu()
     n_tokens, stopped = n_tokens.tolist(), stopped.tolist()
-    if bar is not None:
-        bar.total -= rows * max_new_tokens - sum(n_tokens)
-        bar.refresh()
+    bar.total -= rows * max_new_tokens - sum(n_tokens)
     samples, row = [], 0
     for count in counts:
         group = []
@@ -607,7 +615,7 @@ def teacher_settings(args, taxonomy):
     settings = {
         "teacher": "sim" if sim else os.path.abspath(args.teacher),
         "samples": args.samples, "seed": args.seed,
-        "temperature": args.temperature if sim or args.temperature is not None else 1.0,
+        "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
         "template_kwargs": args.template_kwargs,
         "taxonomy_sha256": hashlib.sha256(json.dumps(taxonomy, sort_keys=True).encode()).hexdigest(),
@@ -629,23 +637,21 @@ def _derived_seed(*parts):
 class CheckpointTeacher:
     """A real checkpoint: chat template -> generate (prefix-shared n samples) -> decoded texts."""
 
-    def __init__(self, path, device, dtype, max_new_tokens, temperature, top_k, top_p, max_batch_tokens,
-                 template_kwargs):
-        self.tokenizer = load_tokenizer(path)  # first: it says clearly when the directory is missing
-        self.model = load_model(path, dtype=dtype, device=device)
-        self.stop_ids = stop_ids_for(self.tokenizer)
-        self.settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             max_batch_tokens=max_batch_tokens)
-        self.template_kwargs = template_kwargs
-        self.device = device
+    def __init__(self, args):
+        self.tokenizer = load_tokenizer(args.teacher)  # first: a missing directory is named before weights load
+        self.model = load_model(args.teacher, dtype=getattr(torch, args.dtype), device=args.device)
+        self.sampling = args.sampling(stop_ids_for(self.tokenizer))
+        self.template_kwargs = args.template_kwargs
+        self.device = args.device
 
     def answer(self, message_lists, n, seeds):
         """[[(text, finish_reason, n_tokens)] * n] per chat. One generate() call for the whole batch,
         seeded from all its users' seeds (samples depend on the batch, as batched sampling does)."""
         prompts = [chat_prompt_ids(self.tokenizer, m, **self.template_kwargs) for m in message_lists]
         generator = torch.Generator(device=self.device).manual_seed(_derived_seed(*seeds))
-        out = generate(self.model, prompts, n=n, stop_ids=self.stop_ids, generator=generator, **self.settings)
-        return [[(completion_text(self.tokenizer, s, self.stop_ids), s.finish_reason, len(s.tokens)) for s in group]
+        out = generate(self.model, prompts, self.sampling, n=n, generator=generator)
+        stop_ids = self.sampling.stop_ids
+        return [[(completion_text(self.tokenizer, s, stop_ids), s.finish_reason, len(s.tokens)) for s in group]
                 for group in out]
 
 
@@ -653,8 +659,7 @@ class SimulatedTeacher:
     """profilebench.SimTeacher (a simulated teacher, no weights) behind the same interface."""
 
     def __init__(self, taxonomy, seed, temperature):
-        kwargs = {} if temperature is None else {"temperature": temperature}
-        self.sim = profilebench.SimTeacher(taxonomy, seed=seed, **kwargs)
+        self.sim = profilebench.SimTeacher(taxonomy, seed=seed, temperature=temperature)
 
     def answer(self, message_lists, n, seeds):
         """Same shape as CheckpointTeacher.answer. SimTeacher seeds each user from its --seed and the
@@ -663,7 +668,7 @@ class SimulatedTeacher:
 
 
 def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True, done=None):
-    """Stage 1 teacher labelling: render, sample n answers, parse, append one whole line per user.
+    """Stage 1 teacher labelling: render, sample n answers, append one whole line per user.
 
     Restartable: users already in `out_path` are skipped (`done`: the ids open_teacher_output
     returned; None: open it here, without recording settings). Each user has its own seed (from
@@ -678,9 +683,7 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
     todo = sum(1 for u in users if u["user_id"] not in done)
     if done:
         print(f"{out_path}: {len(done)} users already labelled, {todo} to go", file=sys.stderr)
-    bar = None
-    if progress:
-        bar = tqdm(total=todo, unit="user", desc="teacher", dynamic_ncols=True)
+    bar = Progress(todo, "teacher", "user", disable=not progress)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as f:
@@ -692,17 +695,15 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
             answers = teacher.answer([render_prompt(u, taxonomy) for u in batch], n, seeds)
             for user, samples in zip(batch, answers):
                 f.write(dumps_line({"user_id": user["user_id"], "samples": [
-                    {"text": text, "finish_reason": reason, "parse": parse_answer(text, taxonomy)}
+                    {"text": text, "finish_reason": reason}
                     for text, reason, _ in samples]}))
                 n_tokens += sum(k for _, _, k in samples)
             f.flush()  # whole lines reach the file once per batch (a kill leaves at most one partial
             os.fsync(f.fileno())  # line, cut off by resume_output); one fsync per batch, not per user
             written += len(batch)
-            if bar is not None:
-                bar.update(len(batch))
-                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s")
-    if bar is not None:
-        bar.close()
+            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s")
+            bar.update(len(batch))
+    bar.close()
     return written, n_tokens
 
 
@@ -710,52 +711,44 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
 # CLI
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a checkpoint (--model), or label users with a teacher "
-                                            "(--teacher).")
-    p.add_argument("--model", help="HF checkpoint dir to sample from (generic mode, with --prompts)")
-    p.add_argument("--prompts", help="JSONL of {\"id\", \"messages\"} (generic mode)")
-    p.add_argument("--teacher", help="teacher labelling: an HF checkpoint dir, or 'sim' for profilebench.SimTeacher")
-    p.add_argument("--users", help="users JSONL to label (teacher mode)")
-    p.add_argument("--taxonomy", default=None, help="taxonomy.json (teacher mode; default: the repo's)")
-    p.add_argument("--out", required=True, help="output JSONL")
-    p.add_argument("--samples", type=int, default=1, help="samples per prompt / user")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="new tokens per sample at most")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0; sim: its own default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
-    p.add_argument("--seed", type=int, default=0, help="makes the samples reproducible")
-    p.add_argument("--batch-users", type=int, default=64, help="users per generate() call (teacher mode)")
-    p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="KV-cache slots per batch (default: 64k on cpu, 128k on cuda)")
-    p.add_argument("--template-kwargs", type=json.loads, default={},
-                   help="JSON passed to the chat template, e.g. '{\"enable_thinking\": false}'")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--force-resume", action="store_true",
-                   help="teacher mode: resume --out even though <out>.meta.json records other settings (or none)")
-    args = p.parse_args(argv)
-    if (args.model is None) == (args.teacher is None):
-        p.error("give exactly one of --model (with --prompts) or --teacher (with --users)")
-    if args.model is not None and args.prompts is None:
-        p.error("--model needs --prompts")
-    if args.teacher is not None and args.users is None:
-        p.error("--teacher needs --users")
-    if args.samples < 1 or args.max_new_tokens < 1 or args.batch_users < 1:
-        p.error("--samples, --max-new-tokens and --batch-users must be >= 1")
-    if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
-        p.error(f"--max-batch-tokens: expected >= 1, got {args.max_batch_tokens}")
-    try:
-        check_sampling(1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p)
-    except ValueError as e:
-        p.error("--" + str(e).replace("_", "-", 1))  # "--top-p: expected a number in (0, 1] ..."
-    return args
+@dataclasses.dataclass
+class RolloutConfig:
+    model: str = opt("", "generic mode: HF checkpoint dir to sample from, with --prompts")
+    prompts: str = opt("", 'generic mode: JSONL of {"id", "messages"}')
+    teacher: str = opt("", "teacher labelling: an HF checkpoint dir, or sim for the simulated teacher, with --users")
+    users: str = opt("", "teacher mode: users JSONL to label")
+    taxonomy: str = opt("", "teacher mode: taxonomy JSON (empty: taxonomy.json of the repository)")
+    out: str = opt("", "output JSONL", nonempty=True)
+    samples: int = opt(1, "samples per prompt / user", min=1)
+    max_new_tokens: int = opt(512, "new tokens per sample at most", min=1)
+    temperature: float = opt(1.0, "0 = greedy", min=0)
+    top_k: int = opt(0, "sample from the k most likely tokens (0 = all)", min=0)
+    top_p: float = opt(1.0, "nucleus mass to sample from (1 = all)", gt=0, max=1)
+    seed: int = opt(0, "makes the samples reproducible", min=0)
+    batch_users: int = opt(64, "teacher mode: users per generate() call", min=1)
+    max_batch_tokens: int = opt(0, "KV-cache slots per batch (0 = 64k on cpu, 128k on cuda)", min=0)
+    template_kwargs: dict = opt({}, 'passed to the chat template, e.g. {"enable_thinking": false}')
+    device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
+    dtype: str = opt("auto", "auto = bfloat16 on cuda, float32 on cpu", choices=("auto", "float32", "bfloat16"))
+    progress: bool = opt(True, "a progress bar (on a terminal) or progress lines (in a log)")
+    force_resume: bool = opt(False, "teacher mode: resume --out even though <out>.meta.json records other settings")
 
+    def __post_init__(self):
+        check_fields(self, "rollout")
+        if bool(self.model) == bool(self.teacher):
+            raise ConfigError("give exactly one of --model (with --prompts) or --teacher (with --users)")
+        if self.model and not self.prompts:
+            raise ConfigError("--model needs --prompts")
+        if self.teacher and not self.users:
+            raise ConfigError("--teacher needs --users")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
 
-def _dtype(args):
-    name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    return getattr(torch, name)
+    def sampling(self, stop_ids):
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p, tuple(stop_ids),
+                              self.max_batch_tokens)
 
 
 def run_prompts(args):
@@ -763,15 +756,12 @@ def run_prompts(args):
     refuse_input_as_output(args.out, {"--prompts": args.prompts, "--model": args.model})
     records = read_prompts(args.prompts)
     check_own_output(args.out, ("id", "samples"), "sampler output", "rollout.py --model")  # replaced whole: only ours
-    model = load_model(args.model, dtype=_dtype(args), device=args.device)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tokenizer = load_tokenizer(args.model)
     stop_ids = stop_ids_for(tokenizer)
     prompts = [chat_prompt_ids(tokenizer, r["messages"], **args.template_kwargs) for r in records]
     t0 = time.perf_counter()
-    out = generate(model, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
-                   temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, stop_ids=stop_ids, seed=args.seed, max_batch_tokens=args.max_batch_tokens,
-                   progress=not args.no_progress)
+    out = generate(model, prompts, args.sampling(stop_ids), n=args.samples, seed=args.seed, progress=args.progress)
     seconds = time.perf_counter() - t0
     write_jsonl(args.out, [{"id": r["id"], "samples": [{"text": completion_text(tokenizer, s, stop_ids),
                                                         "finish_reason": s.finish_reason} for s in group]}
@@ -782,7 +772,7 @@ def run_prompts(args):
 
 
 def run_teacher(args):
-    """Teacher mode: users -> rendered prompts -> n answers each, parsed -> one line per user (restartable)."""
+    """Teacher mode: users -> rendered prompts -> n answers each -> one line per user (restartable)."""
     refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
                                       "--teacher": None if args.teacher == "sim" else args.teacher})
     taxonomy = load_taxonomy(args.taxonomy)
@@ -791,12 +781,10 @@ def run_teacher(args):
     if args.teacher == "sim":
         teacher = SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
-        teacher = CheckpointTeacher(args.teacher, args.device, _dtype(args), args.max_new_tokens,
-                                    1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p,
-                                    args.max_batch_tokens, args.template_kwargs)
+        teacher = CheckpointTeacher(args)
     t0 = time.perf_counter()
     written, n_tokens = label_users(teacher, users, taxonomy, args.out, args.samples, seed=args.seed,
-                                    batch_users=args.batch_users, progress=not args.no_progress, done=done)
+                                    batch_users=args.batch_users, progress=args.progress, done=done)
     seconds = time.perf_counter() - t0
     rate = f", {n_tokens} tokens, {n_tokens / seconds:.1f} tokens/s" if n_tokens else ""
     print(f"{written} users labelled x {args.samples} samples -> {args.out} in {seconds:.1f} s "
@@ -804,21 +792,14 @@ def run_teacher(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.teacher is not None:
+    args, rest = load_config(RolloutConfig, argv, prog="rollout.py", description=__doc__.strip().split("\n\n")[0])
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
+    if args.teacher:
         run_teacher(args)
     else:
         run_prompts(args)
 
 
-def cli(argv=None):
-    """The command line: bad input (a DataError is a ValueError; a missing file an OSError) is one line
-    "rollout.py: error: file:line: field: expected ..." and exit status 1, never a traceback."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:
-        sys.exit(f"rollout.py: error: {e}")
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main, "rollout.py")

@@ -1,7 +1,7 @@
 """
-Stage 1 distillation (DESIGN.md "Stage 1"): supervised fine-tuning of the student on the SFT set that
-calibrate.py writes, one chat per user: [system, user prompt, assistant answer with label, calibrated
-confidence and evidence per dimension].
+Stage 1 distillation (docs/design.md, "Stage 1"): supervised fine-tuning of the student on the SFT
+set that calibrate.py writes, one chat per user: [system, user prompt, assistant answer with label,
+calibrated confidence and evidence per dimension].
 
     python sft.py                                        # the CPU demo: configs/sft_demo.json
     python sft.py --config configs/sft_qwen3_8b.json --lr 5e-6
@@ -12,7 +12,8 @@ What it does, and why:
 * Loss = mean next-token NLL over the assistant answer tokens only, *including* the end-of-turn token,
   so the student learns to stop. Which tokens those are comes from the checkpoint's own chat template
   (`assistant_mask`), never from hand-written role markers, so Qwen3's `<think>` handling, Llama's
-  headers etc. are whatever the template says.
+  headers etc. are whatever the template says; the end-of-turn tokens are the sampler's stop tokens
+  (common.stop_ids_for), so the student learns to stop exactly where generation stops.
 * `batch_size` is the GLOBAL number of sequences per optimizer step. The global batch is cut into
   world_size * grad_accum length-sorted micro-batches, and every token's loss is divided by the
   global batch's answer-token count: one process, gradient accumulation and K processes give the
@@ -21,31 +22,13 @@ What it does, and why:
   and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly.
 * The final checkpoint is `output_dir` itself, an HF directory (config.json, model.safetensors,
   tokenizer + chat template) that transformers, rollout.py and rl.py load as is. The resolved
-  training config goes to output_dir/sft_config.json (config.json is the model's; "_inputs" holds the
-  data files' size and sha256), metrics to output_dir/metrics.jsonl, the resumable state to
-  output_dir/train_state/ (safetensors + JSON, never a pickle; removed once the run is finished).
-* The resumable state records what produced it: `--resume` with other settings or a changed data file
-  is refused, naming each difference (only `RESUME_MAY_CHANGE`, how a run is watched, saved, stopped
-  or placed, may change; `--force-resume` goes on anyway), and a fresh run refuses an output_dir that
-  holds another run's state.
+  training config goes to output_dir/sft_config.json, metrics to output_dir/metrics.jsonl, the
+  resumable state to output_dir/train_state/ (common.save_training_state: safetensors + JSON, removed
+  once the run is finished; a resume with other settings or data is refused, naming what differs).
 * `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
   BPE tokenizer trained on the corpus, a ChatML chat template, a tiny from-scratch Qwen3.
 * `dtype: bfloat16` (big models on one GPU) keeps weights, grads and AdamW moments in bf16 and writes
-  each update back with stochastic rounding (`AdamWBF16`); float32 is plain torch AdamW.
-
-Helpers rl.py reuses (names are stable):
-    setup_distributed() -> (rank, world_size, local_rank, device); cleanup_distributed(); unwrap(model)
-    lr_at(step, cfg, total_steps=None)        warmup + cosine (cfg: lr, warmup_steps, min_lr_ratio, max_steps)
-    build_optimizer(model, cfg)               AdamW (cfg: lr, weight_decay, adam_beta1, adam_beta2); no decay on 1-D
-    save_training_state(dir, model, optimizer, step, extra, made_by) / load_training_state(dir, model, optimizer)
-                                              -> (step, extra)
-    run_record(cfg, path_keys, inputs); check_output_dir(cfg, made_by, may_change, rank)   what produced a run
-    assistant_mask(tokenizer, messages, **template_kwargs) -> (input_ids, loss_mask)
-    pad_batch(sequences, masks, pad_id, device) -> (input_ids[B,T], loss_mask[B,T]) right-padded tensors
-    masked_nll_sum(logits, input_ids, loss_mask) -> (sum of NLL over masked targets, their count)
-    answer_nll_sum(model, input_ids, loss_mask)   the same, projecting only the answer positions onto the vocab
-    autocast_for(device)                      bf16 autocast on CUDA, a no-op on CPU
-    all_reduce_sum(tensor)                    sum over processes (a no-op in one process)
+  each update back with stochastic rounding (common.AdamWBF16); float32 is plain torch AdamW.
 """
 import contextlib
 import json
@@ -55,16 +38,15 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import (DEVICE, ConfigError, all_reduce_sum, append_jsonl, autocast_for, barrier, build_optimizer,
+from common import (DEVICE, ConfigError, Progress, all_reduce_sum, append_jsonl, autocast_for, barrier, build_optimizer,
                     check_fields, check_output_dir, cleanup_distributed, iter_jsonl, load_tokenizer,
-                    load_training_state, lr_at, neutralize_messages, open_metrics, run_record,
-                    save_config, save_training_state, setup_run, stop_ids_for, unwrap)
+                    load_training_state, lr_at, neutralize_messages, open_metrics, opt, run_record, save_config,
+                    save_training_state, setup_run, stop_ids_for, unwrap)
 from model import ModelArgs, Transformer, init_weights, load_model, save_model
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
@@ -81,51 +63,56 @@ CHATML_TEMPLATE = (
 @dataclass
 class SFTConfig:
     # what to train on what
-    model: str = "runs/demo/student_init"     # HF checkpoint dir (built here first when init_student)
-    data: str = "runs/demo/sft.jsonl"          # calibrate.py output: {"user_id", "messages": [system, user, assistant]}
-    eval_data: str = ""                        # held-out records in the same format; "" = split eval_fraction off data
-    eval_fraction: float = 0.02
-    output_dir: str = "runs/demo/sft"
-    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false}; use the same at inference
-    # the demo student (init_student: build a from-scratch student at `model` unless one is there)
-    init_student: bool = False
-    student_corpus: list = field(default_factory=list)  # JSONL files whose texts train the BPE tokenizer ([] = data)
-    student_vocab_size: int = 4096
-    student_hidden: int = 256
-    student_layers: int = 4
-    student_heads: int = 4
-    student_kv_heads: int = 2
-    student_head_dim: int = 64
-    student_intermediate: int = 768
+    model: str = opt("runs/demo/student_init", "HF checkpoint dir of the student (built here first with --init-student)",
+                     nonempty=True)
+    data: str = opt("runs/demo/sft.jsonl", "SFT records from calibrate.py: {user_id, messages: [system, user, "
+                    "assistant]}", nonempty=True)
+    eval_data: str = opt("", "held-out records in the same format; empty: hold out eval_fraction of data")
+    eval_fraction: float = opt(0.02, "share of data held out for the eval loss when eval_data is empty", min=0, lt=1)
+    output_dir: str = opt("runs/demo/sft", "the final HF checkpoint, sft_config.json, metrics.jsonl, train_state/",
+                          nonempty=True)
+    chat_template_kwargs: dict = opt({}, 'passed to the chat template, e.g. {"enable_thinking": false}; use the same '
+                                     "at inference")
+    # the demo student
+    init_student: bool = opt(False, "build the tiny from-scratch demo student at `model` unless one is there")
+    student_corpus: list = opt([], "JSONL files whose texts train its BPE tokenizer (empty: data)", items=str)
+    student_vocab_size: int = opt(4096, "demo student: BPE vocabulary size", min=1)
+    student_hidden: int = opt(256, "demo student: hidden size", min=1)
+    student_layers: int = opt(4, "demo student: layers", min=1)
+    student_heads: int = opt(4, "demo student: attention heads", min=1)
+    student_kv_heads: int = opt(2, "demo student: key/value heads (grouped-query attention)", min=1)
+    student_head_dim: int = opt(64, "demo student: head dimension", min=1)
+    student_intermediate: int = opt(768, "demo student: MLP intermediate size", min=1)
     # optimisation
-    max_steps: int = 0                         # > 0 overrides epochs
-    epochs: float = 1.0
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1                  # cosine decays to lr * min_lr_ratio at the last step
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    grad_clip: float = 1.0                     # max global grad norm; 0 = off
-    batch_size: int = 32                       # sequences per optimizer step, all processes together
-    grad_accum: int = 1                        # micro-batches per process per step
-    max_len: int = 1024                        # longer records are left out (and counted)
-    length_group: int = 16                     # sort by length within windows of this many batches (less padding)
-    seed: int = 0
+    max_steps: int = opt(0, "optimizer steps; > 0 overrides epochs", min=0)
+    epochs: float = opt(1.0, "passes over the training records (when max_steps is 0)", min=0)
+    lr: float = opt(1e-3, "peak learning rate", min=0)
+    warmup_steps: int = opt(20, "linear warmup steps", min=0)
+    min_lr_ratio: float = opt(0.1, "the cosine decays to lr * min_lr_ratio at the last step", min=0, max=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", min=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1", min=0, lt=1)
+    adam_beta2: float = opt(0.95, "AdamW beta2", min=0, lt=1)
+    grad_clip: float = opt(1.0, "max global gradient norm; 0 = off", min=0)
+    batch_size: int = opt(32, "chats per optimizer step, all processes together", min=1)
+    grad_accum: int = opt(1, "micro-batches per process per step (gradient accumulation)", min=1)
+    max_len: int = opt(1024, "longer records are left out (and counted)", min=2)
+    length_group: int = opt(16, "sort by length within windows of this many batches (less padding)", min=1)
+    seed: int = opt(0, "data order, held-out split and the demo student's init", min=0)
     # runtime
-    dtype: str = "float32"                     # parameter dtype: float32, or bfloat16 to fit big models (CUDA)
-    device: str = "auto"                       # auto = cuda if available else cpu
-    gradient_checkpointing: bool = False       # recompute block activations in backward: less memory, ~30% slower
-    eval_every: int = 50                       # steps between held-out evals (0 = only at the end)
-    save_every: int = 100                      # steps between resumable checkpoints (0 = never)
-    log_every: int = 1
-    resume: bool = False                       # continue from output_dir/train_state (made with the same settings)
-    force_resume: bool = False                 # resume even though settings or data changed (they are named)
-    stop_after_steps: int = 0                  # leave after this many steps of this process without saving, as if
-                                               # killed (time-sliced jobs; the resume test)
+    dtype: str = opt("float32", "parameter dtype: bfloat16 keeps weights, grads and AdamW moments in bf16 (big models, "
+                     "CUDA)", choices=("float32", "bfloat16"))
+    device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
+    gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, slower")
+    eval_every: int = opt(50, "steps between held-out evals (0 = only at the end)", min=0)
+    save_every: int = opt(100, "steps between resumable checkpoints (0 = never)", min=0)
+    log_every: int = opt(1, "steps between metrics lines", min=1)
+    resume: bool = opt(False, "continue from output_dir/train_state (made with the same settings)")
+    force_resume: bool = opt(False, "resume even though settings or data changed (they are named)")
+    stop_after_steps: int = opt(0, "leave after this many steps without saving, as if killed (time-sliced jobs, "
+                                "the resume test)", min=0)
 
     def __post_init__(self):
-        check_fields(self, LIMITS, "sft config")
+        check_fields(self, "sft config")
 
 
 # Keys that may change on --resume: they decide how a run is watched, saved, stopped or placed, not
@@ -133,19 +120,6 @@ class SFTConfig:
 RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "log_every", "device",
                      "gradient_checkpointing", "output_dir")
 PATH_KEYS = ("model", "data", "eval_data", "output_dir")  # compared as absolute paths
-
-LIMITS = {  # ranges of SFTConfig's values; the types come from the annotations (common.check_fields)
-    "model": {"nonempty": True}, "data": {"nonempty": True}, "output_dir": {"nonempty": True},
-    "eval_fraction": {"min": 0, "lt": 1}, "student_corpus": {"items": str},
-    **{k: {"min": 1} for k in ("student_vocab_size", "student_hidden", "student_layers", "student_heads",
-                               "student_kv_heads", "student_head_dim", "student_intermediate")},
-    "max_steps": {"min": 0}, "epochs": {"min": 0}, "lr": {"min": 0}, "warmup_steps": {"min": 0},
-    "min_lr_ratio": {"min": 0, "max": 1}, "weight_decay": {"min": 0}, "adam_beta1": {"min": 0, "lt": 1},
-    "adam_beta2": {"min": 0, "lt": 1}, "grad_clip": {"min": 0}, "batch_size": {"min": 1}, "grad_accum": {"min": 1},
-    "max_len": {"min": 2}, "length_group": {"min": 1}, "seed": {"min": 0}, "dtype": {"choices": ("float32", "bfloat16")},
-    "device": DEVICE, "eval_every": {"min": 0}, "save_every": {"min": 0}, "log_every": {"min": 1},
-    "stop_after_steps": {"min": 0},
-}
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +305,7 @@ def epoch_batches(lengths, batch_size, seed, epoch, length_group):
     return batches
 
 
-def micro_batches(batch, lengths, n_micro, rank, world_size):
+def local_micro_batches(batch, lengths, n_micro, rank, world_size):
     """This process's micro-batches of a global batch: sort by length, cut into world*accum pieces,
     piece k goes to process k % world_size."""
     batch = sorted(batch, key=lambda i: lengths[i])
@@ -365,18 +339,14 @@ def masked_nll_sum(logits, input_ids, loss_mask):
 
 
 def answer_nll_sum(model, input_ids, loss_mask):
-    """masked_nll_sum(model(input_ids), ...) without projecting the prompt onto the vocabulary: a forward
-    pre-hook on lm_head keeps only the positions that predict a target (t - 1 for every target t), so
-    the vocabulary matmul -- the biggest one of a small model, the biggest activation of a 150k-vocab
-    one -- runs on the answer tokens only. Returns (sum of NLL, number of targets)."""
+    """masked_nll_sum(model(input_ids), ...) without projecting the prompt onto the vocabulary: the
+    model's logits_at keeps only the positions that predict a target (t - 1 for every target t), so the
+    vocabulary matmul -- the biggest one of a small model, the biggest activation of a 150k-vocab one --
+    runs on the answer tokens only. Returns (sum of NLL, number of targets)."""
     target_mask = loss_mask[:, 1:]
     predicts = F.pad(target_mask, (0, 1))  # position t-1 predicts token t
-    hook = unwrap(model).lm_head.register_forward_pre_hook(lambda module, args: (args[0][predicts],))
-    try:
-        with autocast_for(input_ids.device):
-            logits = model(input_ids)  # [N, V]
-    finally:
-        hook.remove()
+    with autocast_for(input_ids.device):
+        logits = model(input_ids, logits_at=predicts.nonzero(as_tuple=True))  # [N, V]
     targets = input_ids[:, 1:][target_mask]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(target_mask.sum())
 
@@ -479,9 +449,7 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
         print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}", flush=True)
 
     metrics_file = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start_step) if main_process else None
-    bar = None
-    if main_process:
-        bar = tqdm(total=total_steps, initial=start_step, desc="sft", dynamic_ncols=True)
+    bar = Progress(total_steps, "sft", "step", initial=start_step, disable=not main_process)
     epoch_cache = {}
     tokens_seen, t_last = 0, time.time()
     step = start_step
@@ -498,7 +466,7 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
             group["lr"] = lr
 
         step_loss, step_tokens = 0.0, 0
-        mine = micro_batches(batch, lengths, n_micro, rank, world_size)
+        mine = local_micro_batches(batch, lengths, n_micro, rank, world_size)
         for k, micro in enumerate(mine):
             ids, lm = pad_batch([examples[i][0] for i in micro], [examples[i][1] for i in micro], pad_id, device)
             # DDP all-reduces gradients only on the last micro-batch of the step.
@@ -531,10 +499,9 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
                                                 rank, world_size)
         if main_process and record:
             append_jsonl(metrics_file, record)
-            bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in record.items()
-                             if k in ("loss", "lr", "tokens_per_s", "eval_loss")})
-        if main_process:
-            bar.update(1)
+            bar.set_postfix_str(" ".join(f"{k}={v:.3g}" for k, v in record.items()
+                                         if k in ("loss", "lr", "tokens_per_s", "eval_loss")))
+        bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             if main_process:
                 save_training_state(state_dir, model, optimizer, done,
@@ -543,8 +510,8 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
         t_last += time.time() - t_pause
     else:
         step = total_steps
+    bar.close()
     if main_process:
-        bar.close()
         metrics_file.close()
     if step < total_steps:
         print(f"stopped after step {step} of {total_steps} (stop_after_steps); resume with --resume", flush=True)
@@ -558,7 +525,7 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
 
 
 def main(argv=None):
-    cfg, rank, world_size, local_rank, device = setup_run(SFTConfig, argv, DEFAULT_CONFIG)
+    cfg, rank, world_size, local_rank, device = setup_run(SFTConfig, argv, DEFAULT_CONFIG, "sft.py", __doc__.strip().split("\n\n")[0])
     try:
         check_config(cfg, world_size)
         made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "eval_data": cfg.eval_data})

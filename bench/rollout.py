@@ -175,8 +175,7 @@ def make_prompts(n_prompts, prompt_len, vocab, seed):
 
 
 def ours(model, prompts, n, args, seed):
-    out = rollout.generate(model, prompts, n=n, max_new_tokens=args.new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, stop_ids=(), seed=seed)
+    out = rollout.generate(model, prompts, rollout.SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=()), n=n, seed=seed)
     assert all(len(s.tokens) == args.new_tokens for g in out for s in g)
 
 

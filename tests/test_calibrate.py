@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import calibrate as cal
+import common
 from common import DataError
 from calibrate import calibrate_none, calibrate_quantile, fit_isotonic
 from confprofile import parse_answer, read_users
@@ -107,7 +108,7 @@ def world(tmp_path):
 def run(world, *extra):
     argv = ["--samples", str(world / "teacher.jsonl"), "--users", str(world / "users.jsonl"), "--out", str(world / "sft.jsonl"),
             "--taxonomy", str(world / "tax.json"), "--audit", str(world / "audit.jsonl"), *extra]
-    summary = cal.main(argv)
+    summary = common.run_cli(cal.main, "calibrate.py", argv)
     sft = [json.loads(line) for line in open(world / "sft.jsonl", encoding="utf-8")]
     return sft, summary
 
@@ -198,11 +199,11 @@ def test_empty_input_fails_and_unanswered_users_are_reported(world, capsys):
     teacher never answered, are printed and listed in the summary."""
     (world / "empty.jsonl").write_text("\n")
     with pytest.raises(SystemExit) as e:
-        cal.main(["--samples", str(world / "empty.jsonl"), "--out", str(world / "e.jsonl"), "--taxonomy", str(world / "tax.json")])
+        common.run_cli(cal.main, "calibrate.py", ["--samples", str(world / "empty.jsonl"), "--out", str(world / "e.jsonl"), "--taxonomy", str(world / "tax.json")])
     assert "empty.jsonl: no teacher records" in str(e.value.code)
     (world / "bad.jsonl").write_text(json.dumps({"user_id": "u4", "samples": [{"text": "nonsense"}]}) + "\n")
     with pytest.raises(SystemExit) as e:
-        cal.main(["--samples", str(world / "bad.jsonl"), "--out", str(world / "e.jsonl"), "--taxonomy", str(world / "tax.json")])
+        common.run_cli(cal.main, "calibrate.py", ["--samples", str(world / "bad.jsonl"), "--out", str(world / "e.jsonl"), "--taxonomy", str(world / "tax.json")])
     assert "none of the 1 users has a valid teacher answer in every dimension (u4)" in str(e.value.code)
     assert not (world / "e.jsonl").exists()
     with open(world / "users.jsonl", "a", encoding="utf-8") as f:
@@ -246,7 +247,7 @@ def test_cli_bad_input_is_one_line(world):
         argv = ["--samples", str(world / "teacher.jsonl"), "--users", str(world / "users.jsonl"), "--out",
                 str(world / "sft.jsonl"), "--taxonomy", str(world / "tax.json"), *extra]
         with pytest.raises(SystemExit) as e:
-            cal.main(argv)
+            common.run_cli(cal.main, "calibrate.py", argv)
         assert isinstance(e.value.code, str) and "\n" not in e.value.code
         assert e.value.code.startswith("calibrate.py: error: ") and re.search(message, e.value.code), e.value.code
     assert (world / "users.jsonl").read_bytes() == users

@@ -592,8 +592,8 @@ def test_check_fields_types_ranges_and_the_command_line():
         mode: str = "a"
 
         def __post_init__(self):
-            common.check_fields(self, {"rate": {"gt": 0, "max": 1}, "n": {"min": 1}, "names": {"items": str},
-                                   "mode": {"choices": ("a", "b")}}, "c")
+            common.check_fields(self, "c", {"rate": {"gt": 0, "max": 1}, "n": {"min": 1}, "names": {"items": str},
+                                        "mode": {"choices": ("a", "b")}})
     assert C(rate=1).rate == 1.0 and isinstance(C(rate=1).rate, float)  # an int is a number
     for kwargs, message in ((dict(rate=float("inf")), "rate: expected a finite number"),
                             (dict(rate=0.0), "rate: expected > 0 and <= 1, got 0.0"), (dict(n=2.0), "n: expected an integer"),
@@ -606,13 +606,13 @@ def test_check_fields_types_ranges_and_the_command_line():
     with pytest.raises(common.ConfigError, match="c: rate: expected > 0"):
         common.load_config(C, ["--rate=-1"])
     with pytest.raises(AssertionError, match="unknown key"):
-        common.check_fields(C(), {"nope": {"min": 0}})
+        common.check_fields(C(), "c", {"nope": {"min": 0}})
 
     @dataclasses.dataclass
     class D:
         maybe: tuple = ()
     with pytest.raises(AssertionError, match="maybe: annotation <class 'tuple'>; expected one of int, float"):
-        common.check_fields(D(), {})
+        common.check_fields(D(), "d")
 
 
 def test_demo_stage_is_skipped_only_when_its_command_and_configs_are_the_same(tmp_path):

@@ -50,7 +50,7 @@ def test_fp32_logits_cached_decode_and_greedy_match_transformers(checkpoints, fa
         x = torch.tensor([prompt], device="cuda")
         theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12,
                              pad_token_id=0, eos_token_id=2)[0, len(prompt):].tolist()
-        mine = rollout.generate(ours, [prompt], max_new_tokens=12, temperature=0, stop_ids=[2])[0][0].tokens
+        mine = rollout.generate(ours, [prompt], rollout.SamplingParams(max_new_tokens=12, temperature=0, stop_ids=[2]))[0][0].tokens
         assert mine == theirs
 
 
@@ -82,8 +82,7 @@ def teacher_forced(model, prompt, tokens, temperature):
 
 def test_sampler_logprobs_equal_teacher_forced_on_gpu(checkpoints):
     model = load_model(checkpoints["qwen3"], device="cuda")
-    out = rollout.generate(model, PROMPTS, n=3, max_new_tokens=10, temperature=0.7, top_p=0.9,
-                           stop_ids=range(3, 256, 7), seed=0)
+    out = rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=10, temperature=0.7, top_p=0.9, stop_ids=range(3, 256, 7)), n=3, seed=0)
     lengths = sorted(len(s.tokens) for group in out for s in group)
     assert lengths[0] < 5 and lengths[-1] >= 6  # rows stopped early and the cache was compacted
     worst = 0.0
@@ -102,8 +101,8 @@ def test_compiled_decode_with_cuda_graphs_gives_the_same_samples(checkpoints):
     compiled = torch.compile(model, mode="reduce-overhead")
     counters.clear()
     for seed in (5, 6):
-        kwargs = dict(n=3, max_new_tokens=10, temperature=1.0, stop_ids=range(3, 256, 7), seed=seed)
-        eager, comp = rollout.generate(model, PROMPTS, **kwargs), rollout.generate(compiled, PROMPTS, **kwargs)
+        sampling = rollout.SamplingParams(max_new_tokens=10, temperature=1.0, stop_ids=tuple(range(3, 256, 7)))
+        eager, comp = (rollout.generate(m, PROMPTS, sampling, n=3, seed=seed) for m in (model, compiled))
         assert [[s.tokens for s in g] for g in comp] == [[s.tokens for s in g] for g in eager]
         diff = max(abs(x - y) for g, h in zip(comp, eager) for a, b in zip(g, h)
                    for x, y in zip(a.logprobs, b.logprobs))

@@ -44,7 +44,7 @@ def test_quick_demo_writes_every_row(quick_run):
     for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py"):
         assert any(f" {script} " in line for line in shown), script
     assert any(line.startswith("$ torchrun --standalone --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
-    # The RL log carries what shows a label-free run going wrong before F1 does (DESIGN "Stage 2").
+    # The RL log carries what shows a label-free run going wrong before F1 does (docs/design.md, "Reading a Stage-2 run").
     last = json.loads((out / "rl" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
     for key in ("na_rate", "majority_ratio", "entropy", "probe_agreement", "kept", "format_fail", "confidence",
                 "zero_var_frac", "optimizer_step"):

@@ -270,7 +270,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
         if bad:
             args[args.index(bad) + 1] = str(tmp_path / "missing")
         with pytest.raises(SystemExit) as e:
-            evaluate.cli(args)
+            common.run_cli(evaluate.main, "evaluate.py", args)
         assert isinstance(e.value.code, str) and "\n" not in e.value.code
         assert e.value.code.startswith("evaluate.py: error: ") and re.search(message, e.value.code), e.value.code
 

@@ -160,21 +160,6 @@ def test_left_padding_with_attn_mask_matches_unpadded(pair):
     assert torch.isfinite(ours(padded, attn_mask=mask)).all()  # pad queries see their own slot, no NaN
 
 
-@torch.no_grad()
-def test_copy_rows_shares_a_prefilled_prompt(pair):
-    ours, _ = pair("qwen2")
-    prompt = random_ids(1, 7, seed=8)
-    cache = ours.setup_cache(3, 12)
-    ids = torch.cat([prompt, random_ids(2, 7, seed=9)])  # rows 1, 2 hold another prompt until the copy
-    ours(ids, torch.arange(7).expand(3, 7), cache)
-    cache.copy_rows([0, 0], [1, 2])
-    nxt = torch.tensor([[5], [6], [7]])
-    got = ours(nxt, torch.full((3, 1), 7), cache)[:, 0]
-    for r in range(3):
-        full = ours(torch.cat([prompt, nxt[r:r + 1]], dim=1))[0, -1]
-        assert (got[r] - full).abs().max().item() < 1e-4
-
-
 def test_cache_shape_and_overflow_error(pair):
     ours, _ = pair("qwen3")
     cache = ours.setup_cache(3, 10)

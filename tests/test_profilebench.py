@@ -207,19 +207,22 @@ def test_cli_bad_input_is_one_line(tmp_path):
     for taxonomy, message in ((tmp_path / "tax.json", "'Male' and 'male' are the same up to case/separators"),
                               (tmp_path / "missing.json", "taxonomy file not found")):
         with pytest.raises(SystemExit) as e:
-            pb.cli(["--out", str(tmp_path / "w"), "--n-train", "2", "--n-test", "1", "--taxonomy", str(taxonomy)])
+            common.run_cli(pb.main, "profilebench.py", ["--out", str(tmp_path / "w"), "--n-train", "2", "--n-test", "1",
+                                                        "--taxonomy", str(taxonomy)])
         assert isinstance(e.value.code, str) and "\n" not in e.value.code
         assert e.value.code.startswith("profilebench.py: error: ") and message in e.value.code, e.value.code
     assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("flags", [["--n-train", "-5"], ["--n-test", "-1"]])
-def test_cli_rejects_negative_sizes(tmp_path, flags, capsys):
-    """#13 item 13: a negative --n-train / --n-test is a usage error (exit status 2), not an empty world
-    and exit 0. Zero is allowed (a world of test users only, or of training users only)."""
+def test_cli_rejects_negative_sizes(tmp_path, flags):
+    """#13 item 13: a negative --n-train / --n-test is one line naming the key and exit status 1, not an empty
+    world and exit 0. Zero is allowed (a world of test users only, or of training users only)."""
     with pytest.raises(SystemExit) as e:
-        pb.main(["--out", str(tmp_path / "w"), "--n-train", "2", "--n-test", "1", *flags])
-    assert e.value.code == 2 and "--n-train and --n-test must be >= 0" in capsys.readouterr().err
+        common.run_cli(pb.main, "profilebench.py", ["--out", str(tmp_path / "w"), "--n-train", "2", "--n-test", "1",
+                                                    *flags])
+    key = flags[0][2:].replace("-", "_")
+    assert e.value.code == f"profilebench.py: error: profilebench: {key}: expected >= 0, got {flags[1]}"
     assert not (tmp_path / "w").exists()
     pb.main(["--out", str(tmp_path / "w"), "--n-train", "0", "--n-test", "1"])
     assert (tmp_path / "w" / "train.jsonl").read_text() == "" and (tmp_path / "w" / "test.jsonl").read_text()

@@ -134,11 +134,11 @@ def test_plan_batches_by_hand():
 def test_greedy_ragged_batch_equals_one_at_a_time_and_transformers(family, request):
     path, model = request.getfixturevalue(family)
     hf = hf_model(path)
-    batched = rollout.generate(model, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[EOS])
+    batched = rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=12, temperature=0, stop_ids=[EOS]))
     # a tiny token budget: one prompt per batch, the longest one split across batches
-    split = rollout.generate(model, PROMPTS, n=3, max_new_tokens=12, temperature=0, stop_ids=[EOS], max_batch_tokens=40)
+    split = rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=12, temperature=0, stop_ids=[EOS], max_batch_tokens=40), n=3)
     for prompt, [sample], group in zip(PROMPTS, batched, split):
-        alone = rollout.generate(model, [prompt], max_new_tokens=12, temperature=0, stop_ids=[EOS])[0][0]
+        alone = rollout.generate(model, [prompt], rollout.SamplingParams(max_new_tokens=12, temperature=0, stop_ids=[EOS]))[0][0]
         reference = hf_greedy(hf, prompt, 12)
         assert sample.tokens == alone.tokens == reference
         assert all(s.tokens == reference for s in group)
@@ -199,8 +199,8 @@ def test_compiled_decode_gives_the_same_samples(qwen3):
     same tokens and logprobs as the eager model, with rows stopping and the cache compacted."""
     _, model = qwen3
     compiled = torch.compile(model)
-    kwargs = dict(n=3, max_new_tokens=10, temperature=1.0, stop_ids=range(3, 256, 7), seed=5)
-    eager, comp = rollout.generate(model, PROMPTS, **kwargs), rollout.generate(compiled, PROMPTS, **kwargs)
+    sampling = rollout.SamplingParams(max_new_tokens=10, temperature=1.0, stop_ids=tuple(range(3, 256, 7)))
+    eager, comp = (rollout.generate(m, PROMPTS, sampling, n=3, seed=5) for m in (model, compiled))
     lengths = sorted(len(s.tokens) for group in comp for s in group)
     assert lengths[0] < 5 and lengths[-1] >= 6  # the compacted cache (fewer rows) went through the compiled step
     assert [[s.tokens for s in g] for g in comp] == [[s.tokens for s in g] for g in eager]
@@ -223,7 +223,7 @@ def test_onednn_linears_give_f_linear_logits_repack_every_call_and_restore(qwen3
         assert not any("forward" in m.__dict__ for m in linears)  # nn.Linear.forward again
         assert torch.allclose(packed, plain, atol=1e-5)
         model.lm_head.weight.zero_()  # RL changes the weights between calls: each call packs them anew
-    assert rollout.generate(model, [PROMPTS[1]], max_new_tokens=4, temperature=0)[0][0].tokens == [0, 0, 0, 0]
+    assert rollout.generate(model, [PROMPTS[1]], rollout.SamplingParams(max_new_tokens=4, temperature=0))[0][0].tokens == [0, 0, 0, 0]
     bf16 = load_model(path, dtype=torch.bfloat16)
     with rollout.onednn_linears(bf16):  # bf16 (and GPU, compiled) models are left as they are
         assert not any("forward" in m.__dict__ for m in bf16.modules())
@@ -234,8 +234,7 @@ def test_sampler_logprobs_equal_teacher_forced(qwen3, temperature, top_k, top_p,
     """Also with many stop ids: rows finish at different steps and the decode cache is compacted
     (rollout.COMPACT_AT) several times; every later logprob still matches a full forward."""
     _, model = qwen3
-    out = rollout.generate(model, PROMPTS, n=3, max_new_tokens=10, temperature=temperature, top_k=top_k,
-                           top_p=top_p, stop_ids=stop_ids, seed=0)
+    out = rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids), n=3, seed=0)
     lengths = sorted(len(s.tokens) for group in out for s in group)
     if stop_ids:
         assert lengths[0] < 5 and lengths[-1] >= 6  # some rows stopped early, others decoded on after compaction
@@ -249,15 +248,15 @@ def test_sampler_logprobs_equal_teacher_forced(qwen3, temperature, top_k, top_p,
 
 def test_stop_ids_and_max_new_tokens_are_honoured(qwen3):
     _, model = qwen3
-    free = rollout.generate(model, [PROMPTS[1]], max_new_tokens=12, temperature=0)[0][0].tokens
+    free = rollout.generate(model, [PROMPTS[1]], rollout.SamplingParams(max_new_tokens=12, temperature=0))[0][0].tokens
     k = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # first occurrence at index k >= 2
-    stopped = rollout.generate(model, [PROMPTS[1]], max_new_tokens=12, temperature=0, stop_ids=[free[k], 255])[0][0]
+    stopped = rollout.generate(model, [PROMPTS[1]], rollout.SamplingParams(max_new_tokens=12, temperature=0, stop_ids=[free[k], 255]))[0][0]
     assert stopped.tokens == free[:k + 1] and stopped.finish_reason == "stop"
-    short = rollout.generate(model, [PROMPTS[1]], max_new_tokens=2, temperature=0)[0][0]
+    short = rollout.generate(model, [PROMPTS[1]], rollout.SamplingParams(max_new_tokens=2, temperature=0))[0][0]
     assert short.tokens == free[:2] and short.finish_reason == "length"
     # sampled rows: a "stop" sample ends at its first stop id, a "length" one has none and is full length
     stops = {free[k], 7, 100}
-    for group in rollout.generate(model, PROMPTS, n=4, max_new_tokens=8, stop_ids=stops, seed=3):
+    for group in rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=8, stop_ids=stops), n=4, seed=3):
         for s in group:
             if s.finish_reason == "stop":
                 assert s.tokens[-1] in stops and not stops & set(s.tokens[:-1])
@@ -275,20 +274,20 @@ def test_sampler_settings_are_checked_before_any_work(qwen3, setting, message, c
     naming the setting (they crashed inside the sampler, or sampled nonsense), and usage errors on the CLI."""
     _, model = qwen3
     with pytest.raises(ValueError, match="generate: " + message):
-        rollout.generate(model, PROMPTS, n=2, max_new_tokens=3, seed=0, **setting)
+        rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=3, **setting), n=2, seed=0)
     (key, value), = setting.items()
-    with pytest.raises(SystemExit) as e:
-        rollout.parse_args(["--teacher", "sim", "--users", "u.jsonl", "--out", "o.jsonl", f"--{key.replace('_', '-')}",
-                            str(value)])
-    assert e.value.code == 2 and f"--{key.replace('_', '-')}: expected" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the command line: one line naming the key, exit status 1
+        common.run_cli(rollout.main, "rollout.py", ["--teacher", "sim", "--users", "u.jsonl", "--out", "o.jsonl",
+                                                    f"--{key.replace('_', '-')}", str(value)])
+    assert e.value.code.startswith("rollout.py: error: rollout: " + key) and "expected" in e.value.code
 
 
 def test_same_seed_same_samples_different_seed_different(qwen3):
     _, model = qwen3
-    kwargs = dict(n=4, max_new_tokens=8, temperature=1.0, top_p=0.95)
-    a = rollout.generate(model, PROMPTS, seed=11, **kwargs)
-    b = rollout.generate(model, PROMPTS, generator=torch.Generator().manual_seed(11), **kwargs)
-    c = rollout.generate(model, PROMPTS, seed=12, **kwargs)
+    sampling = rollout.SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    a = rollout.generate(model, PROMPTS, sampling, n=4, seed=11)
+    b = rollout.generate(model, PROMPTS, sampling, n=4, generator=torch.Generator().manual_seed(11))
+    c = rollout.generate(model, PROMPTS, sampling, n=4, seed=12)
     assert a == b
     assert [[s.tokens for s in g] for g in a] != [[s.tokens for s in g] for g in c]
 
@@ -337,15 +336,14 @@ def test_cli_round_trip(chat_checkpoint, tmp_path):
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
     out = tmp_path / "out.jsonl"
     argv = ["--model", chat_checkpoint, "--prompts", str(prompts), "--samples", "3", "--max-new-tokens", "6",
-            "--temperature", "0.8", "--seed", "5", "--out", str(out), "--no-progress"]
+            "--temperature", "0.8", "--seed", "5", "--out", str(out), "--progress", "false"]
     rollout.main(argv)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == ["a", 7]
     # the same samples as calling the library directly with the same seed
     tok, model = common.load_tokenizer(chat_checkpoint), load_model(chat_checkpoint)
     stop = common.stop_ids_for(tok)
-    direct = rollout.generate(model, [common.chat_prompt_ids(tok, r["messages"]) for r in records], n=3,
-                              max_new_tokens=6, temperature=0.8, stop_ids=stop, seed=5)
+    direct = rollout.generate(model, [common.chat_prompt_ids(tok, r["messages"]) for r in records], rollout.SamplingParams(max_new_tokens=6, temperature=0.8, stop_ids=stop), n=3, seed=5)
     for line, group in zip(lines, direct):
         assert [s["text"] for s in line["samples"]] == [common.completion_text(tok, s, stop) for s in group]
         assert [s["finish_reason"] for s in line["samples"]] == [s.finish_reason for s in group]
@@ -378,15 +376,14 @@ def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint,
     teacher_arg = chat_checkpoint if teacher == "checkpoint" else "sim"
     full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
     base = ["--teacher", teacher_arg, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
-            "--seed", "1", "--batch-users", "1", "--no-progress"]
+            "--seed", "1", "--batch-users", "1", "--progress", "false"]
     rollout.main(base + ["--out", str(full)])
     lines = _labelled(full)
     assert [x["user_id"] for x in lines] == [u["user_id"] for u in USERS]
     for x in lines:
         assert len(x["samples"]) == 2
         for s in x["samples"]:
-            assert set(s) == {"text", "finish_reason", "parse"} and s["finish_reason"] in ("stop", "length")
-            assert set(s["parse"]) == {"format_ok", "dims"}
+            assert set(s) == {"text", "finish_reason"} and s["finish_reason"] in ("stop", "length")
     # a run killed while writing user 3: two whole lines and half of the third
     text = full.read_text(encoding="utf-8").splitlines(keepends=True)
     cut.write_text(text[0] + text[1] + text[2][:17], encoding="utf-8")
@@ -409,13 +406,13 @@ def test_greedy_predictions_batch_many_users(chat_checkpoint, tmp_path, monkeypa
     calls = []
     real_generate = rollout.generate
 
-    def counting_generate(model, prompts, **kw):
+    def counting_generate(model, prompts, sampling, **kw):
         calls.append(len(prompts))
-        return real_generate(model, prompts, **kw)
+        return real_generate(model, prompts, sampling, **kw)
 
     monkeypatch.setattr(rollout, "generate", counting_generate)
     base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "1", "--temperature", "0",
-            "--max-new-tokens", "6", "--no-progress"]
+            "--max-new-tokens", "6", "--progress", "false"]
     rollout.main(base + ["--out", str(tmp_path / "a.jsonl")])
     assert calls == [5]
     rollout.main(base + ["--out", str(tmp_path / "b.jsonl"), "--batch-users", "2"])
@@ -464,7 +461,7 @@ def test_out_that_is_not_our_output_is_left_untouched(chat_checkpoint, tmp_path)
     users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"meeting notes\nremember: the teacher file is elsewhere")  # 55 bytes, no final newline
-    base = ["--teacher", "sim", "--users", str(users), "--samples", "2", "--no-progress"]
+    base = ["--teacher", "sim", "--users", str(users), "--samples", "2", "--progress", "false"]
     for content in (notes.read_bytes(), b"", b"todo\n", b'{"user_id": "u0", "samples": []}\nhalf a line'):
         notes.write_bytes(content)
         if content:
@@ -484,7 +481,7 @@ def test_out_that_is_not_our_output_is_left_untouched(chat_checkpoint, tmp_path)
         before = out.read_bytes()
         with pytest.raises(ValueError, match=r"(notes\.txt:1: expected a sampler output line|--out is the input --prompts)"):
             rollout.main(["--model", chat_checkpoint, "--prompts", str(prompts), "--max-new-tokens", "2", "--out", str(out),
-                          "--no-progress"])
+                          "--progress", "false"])
         assert out.read_bytes() == before
 
 
@@ -494,7 +491,7 @@ def test_teacher_resume_with_other_settings_is_refused(tmp_path):
     users = tmp_path / "users.jsonl"
     users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
     out = tmp_path / "teacher.jsonl"
-    base = ["--teacher", "sim", "--users", str(users), "--out", str(out), "--no-progress"]
+    base = ["--teacher", "sim", "--users", str(users), "--out", str(out), "--progress", "false"]
     rollout.main(base + ["--samples", "2", "--seed", "1"])
     meta = json.loads((tmp_path / "teacher.jsonl.meta.json").read_text())
     assert meta["settings"]["teacher"] == "sim" and meta["settings"]["samples"] == 2 and meta["settings"]["seed"] == 1
@@ -526,7 +523,7 @@ def test_labelling_ignores_partial_labels(tmp_path):
     users = tmp_path / "users.jsonl"
     users.write_text("".join(json.dumps({**u, "labels": {"gender": "female", "age": None}}) + "\n" for u in USERS))
     out = tmp_path / "teacher.jsonl"
-    rollout.main(["--teacher", "sim", "--users", str(users), "--samples", "2", "--out", str(out), "--no-progress"])
+    rollout.main(["--teacher", "sim", "--users", str(users), "--samples", "2", "--out", str(out), "--progress", "false"])
     assert len(_labelled(out)) == len(USERS)
 
 
@@ -535,10 +532,10 @@ def run_script(*argv):
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=root)
 
 
-def cli_error(cli, argv):
-    """The one line a CLI exits with (sys.exit(message): printed to stderr, exit status 1)."""
+def cli_error(argv):
+    """The one line rollout.py exits with (sys.exit(message): printed to stderr, exit status 1)."""
     with pytest.raises(SystemExit) as e:
-        cli(argv)
+        common.run_cli(rollout.main, "rollout.py", argv)
     assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
     return e.value.code
 
@@ -562,7 +559,7 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
          r"No such file or directory: .*missing\.jsonl"),
     ]
     for argv, message in cases:
-        line = cli_error(rollout.cli, argv)
+        line = cli_error(argv)
         assert line.startswith("rollout.py: error: ") and re.search(message, line), line
     result = run_script("rollout.py", *cases[0][0])  # the real entry point: that line on stderr, exit status 1
-    assert result.returncode == 1 and result.stderr.strip().splitlines() == [cli_error(rollout.cli, cases[0][0])]
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [cli_error(cases[0][0])]

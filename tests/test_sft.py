@@ -155,7 +155,7 @@ def test_batches_cover_epoch_and_split_evenly():
     batches = sft.epoch_batches(lengths, 8, seed=0, epoch=1, length_group=2)
     assert len(batches) == 6 and len({i for b in batches for i in b}) == 48
     assert batches == sft.epoch_batches(lengths, 8, seed=0, epoch=1, length_group=2)  # pure function of (seed, epoch)
-    pieces = [sft.micro_batches(batches[0], lengths, 4, rank, 2) for rank in range(2)]
+    pieces = [sft.local_micro_batches(batches[0], lengths, 4, rank, 2) for rank in range(2)]
     assert sorted(i for p in pieces for m in p for i in m) == sorted(batches[0])
     assert [len(m) for p in pieces for m in p] == [2, 2, 2, 2]
 
