@@ -63,6 +63,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -523,12 +524,13 @@ def graph_decode_step(sampling):
 def compile_decode_step(compiled_model, sampling):
     """graph_decode_step compiled whole for one batch shape: fullgraph (a graph break is an error, not a
     silent second graph), static shapes, a compile cache of its own (a StaticDecode's shapes never change,
-    and other shapes' graphs must not count towards its recompile limit), CUDA graphs if `compiled_model`
-    was compiled with them (mode="reduce-overhead")."""
+    and other shapes' graphs must not count towards its recompile limit; a torch without
+    isolate_recompiles, before 2.13, shares one cache: torch._dynamo.config.recompile_limit shapes per
+    process), CUDA graphs if `compiled_model` was compiled with them (mode="reduce-overhead")."""
     config = getattr(compiled_model, "get_compiler_config", lambda: None)() or {}  # inductor's, with the mode applied
     mode = "reduce-overhead" if config.get("triton.cudagraphs", False) else None
-    return torch.compile(graph_decode_step(sampling), fullgraph=True, dynamic=False, isolate_recompiles=True,
-                         mode=mode)
+    isolate = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+    return torch.compile(graph_decode_step(sampling), fullgraph=True, dynamic=False, mode=mode, **isolate)
 
 
 class StaticDecode:

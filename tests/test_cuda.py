@@ -132,10 +132,11 @@ def test_compiled_decode_with_cuda_graphs_gives_the_same_samples_and_replays(che
 
 
 @torch.inference_mode()
-def test_decode_step_makes_no_host_sync(checkpoints):
+def test_decode_step_makes_no_host_sync(tmp_path):
     """The decode step, run eagerly in its compiled form (graph=True), under CUDA's sync check: any
-    operation that waits for the GPU (an .item(), a bool mask index, a host copy) raises."""
-    model = load_model(checkpoints["qwen3"], device="cuda")
+    operation that waits for the GPU (an .item(), a bool mask index, a host copy) raises. A vocabulary
+    larger than rollout.NUCLEUS_PROBE, so that top-p alone takes its probe-or-sort path."""
+    model = load_model(make_checkpoint("qwen3", tmp_path / "v1000", seed=3, vocab_size=1000), device="cuda")
     prompt_cache = model.setup_cache(len(PROMPTS), rollout.PREFIX_BUCKET)
     last = rollout.prefill(model, PROMPTS, prompt_cache)
     counts = [3, 2, 1, 2]
@@ -150,6 +151,8 @@ def test_decode_step_makes_no_host_sync(checkpoints):
     try:
         for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 20, 0.9), (0.8, 0, 0.9), (0.0, 0, 1.0)]:
             rollout.decode_step(model, state, cache, u, temperature, top_k, top_p, graph=True)
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the check does catch a host read
+            state.running.sum().item()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert state.step.item() == 4

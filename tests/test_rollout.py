@@ -298,6 +298,46 @@ def test_compiled_decode_gives_the_same_samples_and_reuses_its_buffers(qwen3, mo
         torch._dynamo.callback.callback_handler.remove_start_callback(compiles.append)
 
 
+def load_bench():
+    """bench/rollout.py as a module (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "rollout.py")
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_prints_the_memory_bandwidth_of_a_decode_step(qwen3, llama3, capsys):
+    """bench/rollout.py, gpt-fast style: bytes a decode step reads (by hand for the tiny checkpoints),
+    GB/s = those bytes / (wall time / new tokens), % of peak = GB/s / --peak-gbps, printed beside tok/s."""
+    bench = load_bench()
+    # qwen3, untied: per layer q 64x96, k and v 64x48, o 96x64, q/k norms 24 each, MLP 3 x 64x128, two
+    # norms of 64 = 43,184; x 2 layers + final norm 64 + lm_head 256x64 (the embedding table: only the
+    # rows a step looks up) = 102,816 fp32 weights = 411,264 bytes. KV per token: 2 x 2 layers x 2 heads
+    # x 24 x 4 bytes = 768; prompts of 3 and 11 tokens once, 2 x 4 rows x 10 new / 2 on average = 54 tokens.
+    assert bench.decode_step_bytes(qwen3[1], [3, 11], 4, 10) == 411_264 + 54 * 768
+    # llama3, tied: per layer 36,992 (head_dim 16), x 2 + 64 + the table once (16,384) = 90,432 weights;
+    # KV 2 x 2 x 2 x 16 x 4 = 512 bytes per token
+    assert bench.decode_step_bytes(llama3[1], [5], 1, 8) == 90_432 * 4 + (5 + 4) * 512
+    assert bench.bandwidth(452_736, 0.5, 10, 0.1) == pytest.approx((0.00905472, 0.0905472))
+    assert bench.bandwidth(452_736, 0.5, 10, None)[1] is None
+    args = bench.main_parser().parse_args(["--shapes", "2x4", "--new-tokens", "6", "--prompt-len", "12",
+                                           "--peak-gbps", "0.5"])
+    args.shapes = [args.shapes]
+    with torch.inference_mode():
+        bench.run_case("tiny", qwen3[0], args, torch.device("cpu"), torch.float32, (0.5, "--peak-gbps"))
+    out = capsys.readouterr().out
+    step_gb = float(re.search(r"; ([\d.e+-]+) GB/step\)", out).group(1))
+    number = r"([\d.e+-]+)"
+    rows = re.findall(rf"(ours|transformers): +{number} tok/s, +{number} ms/step, +{number} GB/s \({number}% of peak\)", out)
+    assert [r[0] for r in rows] == ["ours", "transformers"], out
+    for _, tok_s, ms, gbs, share in rows:  # (as printed: to 3 decimals of a ms, 4 digits of GB/s)
+        assert float(tok_s) * float(ms) / 1e3 == pytest.approx(8, rel=0.01)  # 2 x 4 rows, one token each per step
+        assert float(gbs) == pytest.approx(step_gb / (float(ms) / 1e3), rel=0.01)
+        assert float(share) == pytest.approx(100 * float(gbs) / 0.5, rel=0.01)
+
+
 def test_onednn_linears_give_f_linear_logits_repack_every_call_and_restore(qwen3):
     """generate()'s CPU fast path: nn.Linear through oneDNN on weights packed on entry."""
     path, _ = qwen3
