@@ -1056,6 +1056,7 @@ def save_sharded_training_state(path, model, optimizer, step, extra=None, made_b
         fsync_file(name)
     atomic_write_text(os.path.join(tmp, f"rank{rank}.json"),
                       json.dumps({"rank": rank, "optimizer": optimizer_meta, "rng": rng_meta}) + "\n")
+    dist.barrier()  # every rank's files are in path.tmp before rank 0 renames it
     if rank == 0:
         index = {k: {"shape": list(v.shape), "rows": [shard_rows(v.shape[0], world, r) for r in range(world)]}
                  for k, v in params.items()}

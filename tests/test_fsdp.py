@@ -48,8 +48,8 @@ def test_sft_fsdp_two_processes_match_one_and_resume_bit_exactly(world):  # noqa
     init = load_file(os.path.join(world.student, "model.safetensors"))
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the updates moved far more than that
     ma, mb = read_metrics(one), read_metrics(two)
-    assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], abs=1e-5)
     assert [r["grad_norm"] for r in ma] == pytest.approx([r["grad_norm"] for r in mb], rel=1e-4)  # x2 / x0.5 fails
+    assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], abs=1e-5)
     assert [r["eval_loss"] for r in ma if "eval_loss" in r] == pytest.approx(
         [r["eval_loss"] for r in mb if "eval_loss" in r], abs=1e-5)
 
