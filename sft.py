@@ -365,8 +365,8 @@ def answer_nll_sum(model, input_ids, loss_mask):
 @torch.no_grad()
 def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size, sharded=False):
     """Mean answer-token NLL over held-out examples (each process takes every world_size-th micro-batch).
-    sharded: every forward is a collective, so a process with one batch fewer runs its first batch
-    again and drops the result."""
+    sharded: every forward is a collective, so a process with one batch fewer than another runs the
+    first batch once more and drops the result."""
     model.eval()
     lengths = [len(ids) for ids, _ in examples]
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
