@@ -948,7 +948,6 @@ def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
         return save_sharded_training_state(path, model, optimizer, step, extra, made_by)
     if is_distributed() and dist.get_rank() != 0:
         return
-
     path = os.path.abspath(path)
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
