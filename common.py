@@ -705,13 +705,13 @@ def unwrap(model):
 PARALLEL = ("ddp", "fsdp")
 
 
-def shard_model(model, device, reshard_after_forward=True):
+def shard_model(model, device):
     """FSDP2 in place: fully_shard each decoder layer (one all-gather per layer), then the root (the
     embedding, final norm and lm_head, tied or not). Gradients are reduced with SUM and not divided.
     Returns the model (now an FSDPModule; its parameters are DTensors)."""
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh)  # its full weights are freed after its forward, gathered again in backward
     fully_shard(model, mesh=mesh, reshard_after_forward=False)  # the root's weights are needed first in backward
     for module in fsdp_modules(model):
         module.set_force_sum_reduction_for_comms(True)
