@@ -573,13 +573,14 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model.eval()
 
 
-def save_model(model: Transformer, out_dir, tokenizer_dir=None):
-    """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files."""
+def save_model(model: Transformer, out_dir, tokenizer_dir=None, state=None):
+    """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files.
+    `state`: the weights to write instead of model.state_dict() (a sharded model's, gathered)."""
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.args.tie_embeddings:
         del state["lm_head.weight"]  # safetensors refuses shared tensors; HF re-ties from the config
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = state["model.embed_tokens.weight"].dtype
     config = dict(model.config)
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
