@@ -1,6 +1,7 @@
 """calibrate.py: the three calibrations with hand-computed levels, and the CLI end to end on a
 hand-made teacher.jsonl (tiny two-dimension taxonomy so every number can be checked by hand)."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -183,14 +184,14 @@ def test_cli_errors(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"user_id": "u1", "samples": [{"text": "x"}]}\n{"user_id": "u1", "samples": []}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2: user_id: duplicate 'u1'"):
-        cal.read_samples(bad)
+        list(cal.read_samples(bad))
     bad.write_text('{"user_id": "u1", "samples": [{"finish_reason": "stop"}]}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:1: samples\[0\]: expected an object with a string \"text\""):
-        cal.read_samples(bad)
+        list(cal.read_samples(bad))
     tax = json.loads((world / "tax.json").read_text())
-    teacher = cal.read_samples(world / "teacher.jsonl")
     with pytest.raises(DataError, match="'u1': not in --users"):
-        cal.build_sft(teacher, {}, tax)
+        cal.build_sft(world / "teacher.jsonl", "", tax, tmp_path / "o" / "no.jsonl", audit=tmp_path / "o" / "a.jsonl")
+    assert os.listdir(tmp_path / "o") == []  # no output, no temp or spill file left
 
 
 def test_empty_input_fails_and_unanswered_users_are_reported(world, capsys):
