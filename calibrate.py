@@ -21,6 +21,10 @@ answer that agrees with ŷ. A user is kept only if every dimension has at least 
 the others are reported (printed, summary, audit) and left out, so no target is made up, and so are
 the users of --users that --samples never answered. An empty --samples, or a run that keeps no
 user, is an error: it would write an empty SFT set.
+
+Memory holds a few numbers per user, not the answers: a first pass votes each teacher line and keeps
+only what calibration ranks, a second writes the SFT and audit lines as they come (see build_sft), so
+a million users × 8 answers fit in a few hundred MB (docs/benchmarks.md, bench/scale.py).
 """
 import array
 import contextlib

@@ -18,7 +18,8 @@ CLI: python evaluate.py --predictions preds.jsonl --data test.jsonl --out DIR [-
 A predictions line is {"user_id", "profile": {dim: {"label", "confidence"}}} or {"user_id", "text"}
 (parsed with confprofile.parse_answer) or {"user_id", "samples": [{"text", ...}, ...]} (the first
 sample, or with --vote the Stage-1 vote of all samples: label ŷ, confidence = pooled confidence).
-Writes DIR/metrics.json, DIR/report.md and DIR/pr_curve.csv.
+Writes DIR/metrics.json, DIR/report.md and DIR/pr_curve.csv. The files are read line by line into a
+table of a few bytes per (user, dimension) (Table), so memory does not grow with the answers.
 """
 import array
 import dataclasses
@@ -174,6 +175,7 @@ def confusion_matrix(pairs, classes):
 
 @dataclasses.dataclass
 class Table:
+    """Gold and predicted class and confidence per (user, dimension): all the metrics read."""
     classes: list  # per dimension, its class names (the indices below point into them)
     user_ids: list  # in the order of the evaluation data
     gold: np.ndarray  # [users, dims] int32 gold class; -1: unlabelled in that dimension

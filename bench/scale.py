@@ -1,0 +1,115 @@
+"""
+calibrate.py and evaluate.py at scale: wall time and peak memory (RSS) at 10k / 100k / 1M users.
+
+For each size it writes a synthetic users file (with gold labels) and a teacher file of 8 answers per
+user (texts made by confprofile.format_answer, drawn from a pool, so a million users take seconds to
+write), then runs, each in a fresh process whose peak RSS is read from os.wait4:
+    python calibrate.py --samples teacher.jsonl --users users.jsonl --out sft.jsonl --audit audit.jsonl
+    python evaluate.py --predictions teacher.jsonl --data users.jsonl --out eval [--vote]
+and prints seconds, peak MB, µs and KB per user. Memory that grows with users × answers shows as KB per
+user that does not fall with size; a fixed cost (Python, torch: ~290 MB) shows as one that does.
+With --baseline DIR (another checkout, e.g. `git worktree add /tmp/base <commit>`) the same commands
+run from there too, side by side with their ratio. Files go under --dir and are deleted after each
+size (the 1M teacher file is ~4.7 GB, plus the SFT set, audit and calibrate.py's spill file beside it).
+
+    python bench/scale.py [--sizes 10000,100000,1000000] [--vote] [--baseline DIR] [--dir /tmp/confprofile-scale]
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import confprofile  # noqa: E402
+
+SAMPLES = 8
+POOL = 512  # distinct answer texts to draw from
+PHRASES = ["cooking videos", "stroller reviews", "stock market news", "campus life vlog", "gym routine", "retirement plans",
+           "exam preparation", "wedding venues", "night shift nurse", "code review tips", "farm machinery", "makeup tutorials"]
+
+
+def synthetic_answer(rng, taxonomy):
+    """One teacher answer text: a label, a confidence 1..10 and a short evidence per dimension."""
+    profile = {d: {"label": rng.choice(spec["classes"]), "confidence": rng.randint(1, 10),
+                   "evidence": "; ".join(rng.sample(PHRASES, 2))} for d, spec in taxonomy["dimensions"].items()}
+    return confprofile.format_answer(profile, taxonomy)
+
+
+def write_world(folder, n_users, taxonomy, seed=0):
+    """users.jsonl (gold labels included) and teacher.jsonl (SAMPLES answers per user); returns their paths."""
+    rng = random.Random(seed)
+    pool = [json.dumps({"text": synthetic_answer(rng, taxonomy), "finish_reason": "stop"}, ensure_ascii=False)
+            for _ in range(POOL)]
+    dims = taxonomy["dimensions"]
+    users, teacher = os.path.join(folder, "users.jsonl"), os.path.join(folder, "teacher.jsonl")
+    with open(users, "w", encoding="utf-8") as fu, open(teacher, "w", encoding="utf-8") as ft:
+        for i in range(n_users):
+            uid = f"s{i:07d}"
+            fu.write(json.dumps({"user_id": uid, "behavior": {"watched": rng.sample(PHRASES, 3),
+                                                              "searched": rng.sample(PHRASES, 2)},
+                                 "demographic": {"age": str(rng.randint(16, 70))},
+                                 "labels": {d: rng.choice(spec["classes"]) for d, spec in dims.items()}}) + "\n")
+            # the bytes common.dumps_line writes for {"user_id", "samples"}
+            ft.write(f'{{"user_id": "{uid}", "samples": [' + ", ".join(rng.choices(pool, k=SAMPLES)) + "]}\n")
+    return users, teacher
+
+
+def measure(argv, cwd):
+    """(seconds, peak RSS in MB) of one command in a fresh process; its output goes to a log beside it."""
+    t0 = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        p = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=sink, stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        stderr = p.stderr.read()
+    seconds = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(argv[:1])} failed:\n{stderr[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated numbers of users")
+    p.add_argument("--vote", action="store_true", help="evaluate.py --vote (parses all 8 answers, not the first)")
+    p.add_argument("--baseline", default="", help="another checkout to run the same commands from, side by side")
+    p.add_argument("--dir", default="/tmp/confprofile-scale", help="where the files go (deleted after each size)")
+    p.add_argument("--keep", action="store_true", help="keep the files of the last size")
+    args = p.parse_args(argv)
+    taxonomy = confprofile.load_taxonomy()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    codes = [("ours", ROOT)] + ([("baseline", os.path.abspath(args.baseline))] if args.baseline else [])
+    print(f"{'users':>9} {'teacher MB':>10} {'script':<10} {'code':<9} {'seconds':>8} {'peak MB':>8} "
+          f"{'µs/user':>8} {'KB/user':>8}")
+    for n in sizes:
+        folder = os.path.join(args.dir, str(n))
+        os.makedirs(folder, exist_ok=True)
+        users, teacher = write_world(folder, n, taxonomy)
+        size_mb = os.path.getsize(teacher) / 2 ** 20
+        commands = {
+            "calibrate": ["calibrate.py", "--samples", teacher, "--users", users, "--out",
+                          os.path.join(folder, "sft.jsonl"), "--audit", os.path.join(folder, "audit.jsonl")],
+            "evaluate": ["evaluate.py", "--predictions", teacher, "--data", users, "--out",
+                         os.path.join(folder, "eval")] + (["--vote"] if args.vote else []),
+        }
+        for script, command in commands.items():
+            figures = {}
+            for code, cwd in codes:
+                seconds, peak = measure(command, cwd)
+                figures[code] = (seconds, peak)
+                print(f"{n:>9} {size_mb:>10.0f} {script:<10} {code:<9} {seconds:>8.1f} {peak:>8.0f} "
+                      f"{1e6 * seconds / n:>8.0f} {1024 * peak / n:>8.2f}", flush=True)
+            if "baseline" in figures:
+                (s0, m0), (s1, m1) = figures["ours"], figures["baseline"]
+                print(f"{'':>9} {'':>10} {script:<10} {'ratio':<9} {s0 / s1:>8.2f} {m0 / m1:>8.2f}   (ours / baseline)")
+        if not (args.keep and n == sizes[-1]):
+            shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()
