@@ -961,6 +961,8 @@ def _label_shard(args, users, taxonomy, settings, shards, rank, world):
         if rank == 0:
             for path in shards.get(world, []):  # left behind by a merge that stopped before removing them
                 os.remove(path)
+                if os.path.exists(meta_path(path)):
+                    os.remove(meta_path(path))
             print(f"{args.out}: complete, nothing to do")
         return
     out = args.out if world == 1 else shard_path(args.out, rank, world)

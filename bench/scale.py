@@ -2,8 +2,8 @@
 calibrate.py and evaluate.py at scale: wall time and peak memory (RSS) at 10k / 100k / 1M users.
 
 For each size it writes a synthetic users file (with gold labels) and a teacher file of 8 answers per
-user (texts made by confprofile.format_answer, drawn from a pool, so a million users take seconds to
-write), then runs, each in a fresh process whose peak RSS is read from os.wait4:
+user (--samples; texts made by confprofile.format_answer, drawn from a pool, so a million users take
+seconds to write), then runs, each in a fresh process whose peak RSS is read from os.wait4:
     python calibrate.py --samples teacher.jsonl --users users.jsonl --out sft.jsonl --audit audit.jsonl
     python evaluate.py --predictions teacher.jsonl --data users.jsonl --out eval [--vote]
 and prints seconds, peak MB, µs and KB per user. Memory that grows with users × answers shows as KB per
@@ -12,7 +12,8 @@ With --baseline DIR (another checkout, e.g. `git worktree add /tmp/base <commit>
 run from there too, side by side with their ratio. Files go under --dir and are deleted after each
 size (the 1M teacher file is ~4.7 GB, plus the SFT set, audit and calibrate.py's spill file beside it).
 
-    python bench/scale.py [--sizes 10000,100000,1000000] [--vote] [--baseline DIR] [--dir /tmp/confprofile-scale]
+    python bench/scale.py [--sizes 10000,100000,1000000] [--samples 8] [--vote] [--baseline DIR]
+        [--dir /tmp/confprofile-scale] [--keep]
 """
 import argparse
 import json
@@ -21,6 +22,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +30,6 @@ sys.path.insert(0, ROOT)
 
 import confprofile  # noqa: E402
 
-SAMPLES = 8
 POOL = 512  # distinct answer texts to draw from
 PHRASES = ["cooking videos", "stroller reviews", "stock market news", "campus life vlog", "gym routine", "retirement plans",
            "exam preparation", "wedding venues", "night shift nurse", "code review tips", "farm machinery", "makeup tutorials"]
@@ -41,8 +42,8 @@ def synthetic_answer(rng, taxonomy):
     return confprofile.format_answer(profile, taxonomy)
 
 
-def write_world(folder, n_users, taxonomy, seed=0):
-    """users.jsonl (gold labels included) and teacher.jsonl (SAMPLES answers per user); returns their paths."""
+def write_world(folder, n_users, taxonomy, samples=8, seed=0):
+    """users.jsonl (gold labels included) and teacher.jsonl (`samples` answers per user); returns their paths."""
     rng = random.Random(seed)
     pool = [json.dumps({"text": synthetic_answer(rng, taxonomy), "finish_reason": "stop"}, ensure_ascii=False)
             for _ in range(POOL)]
@@ -56,19 +57,22 @@ def write_world(folder, n_users, taxonomy, seed=0):
                                  "demographic": {"age": str(rng.randint(16, 70))},
                                  "labels": {d: rng.choice(spec["classes"]) for d, spec in dims.items()}}) + "\n")
             # the bytes common.dumps_line writes for {"user_id", "samples"}
-            ft.write(f'{{"user_id": "{uid}", "samples": [' + ", ".join(rng.choices(pool, k=SAMPLES)) + "]}\n")
+            ft.write(f'{{"user_id": "{uid}", "samples": [' + ", ".join(rng.choices(pool, k=samples)) + "]}\n")
     return users, teacher
 
 
 def measure(argv, cwd):
-    """(seconds, peak RSS in MB) of one command in a fresh process; its output goes to a log beside it."""
+    """(seconds, peak RSS in MB) of one command in a fresh process; its stderr is shown if it fails."""
     t0 = time.perf_counter()
-    with open(os.devnull, "w") as sink:
-        p = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=sink, stderr=subprocess.PIPE, text=True)
+    # stderr goes to a file, not a pipe: a pipe nobody reads until the end could fill and block the child
+    with open(os.devnull, "w") as sink, tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=sink, stderr=log, text=True)
         _, status, usage = os.wait4(p.pid, 0)
-        stderr = p.stderr.read()
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen from waiting again
+        log.seek(0)
+        stderr = log.read()
     seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:1])} failed:\n{stderr[-2000:]}")
     return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux
 
@@ -76,7 +80,8 @@ def measure(argv, cwd):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated numbers of users")
-    p.add_argument("--vote", action="store_true", help="evaluate.py --vote (parses all 8 answers, not the first)")
+    p.add_argument("--samples", type=int, default=8, help="teacher answers per user")
+    p.add_argument("--vote", action="store_true", help="evaluate.py --vote (parses all answers, not the first)")
     p.add_argument("--baseline", default="", help="another checkout to run the same commands from, side by side")
     p.add_argument("--dir", default="/tmp/confprofile-scale", help="where the files go (deleted after each size)")
     p.add_argument("--keep", action="store_true", help="keep the files of the last size")
@@ -89,7 +94,7 @@ def main(argv=None):
     for n in sizes:
         folder = os.path.join(args.dir, str(n))
         os.makedirs(folder, exist_ok=True)
-        users, teacher = write_world(folder, n, taxonomy)
+        users, teacher = write_world(folder, n, taxonomy, args.samples)
         size_mb = os.path.getsize(teacher) / 2 ** 20
         commands = {
             "calibrate": ["calibrate.py", "--samples", teacher, "--users", users, "--out",
