@@ -6,14 +6,17 @@ user (--samples; texts made by confprofile.format_answer, drawn from a pool, so 
 seconds to write), then runs, each in a fresh process whose peak RSS is read from os.wait4:
     python calibrate.py --samples teacher.jsonl --users users.jsonl --out sft.jsonl --audit audit.jsonl
     python evaluate.py --predictions teacher.jsonl --data users.jsonl --out eval [--vote]
-and prints seconds, peak MB, µs and KB per user. Memory that grows with users × answers shows as KB per
-user that does not fall with size; a fixed cost (Python, torch: ~290 MB) shows as one that does.
+and prints wall seconds, CPU seconds (user + system, from os.wait4: unlike wall time, not inflated by
+other jobs on a shared machine), peak MB, CPU µs and KB per user. Memory that grows with users × answers
+shows as KB per user that does not fall with size; a fixed cost (Python, torch: ~290 MB) shows as one
+that does.
 With --baseline DIR (another checkout, e.g. `git worktree add /tmp/base <commit>`) the same commands
-run from there too, side by side with their ratio. Files go under --dir and are deleted after each
-size (the 1M teacher file is ~4.7 GB, plus the SFT set, audit and calibrate.py's spill file beside it).
+run from there too, side by side with their ratio (--baseline-up-to N: only at sizes ≤ N, for a
+baseline that would not fit in memory above). Files go under --dir and are deleted after each size (the
+1M teacher file is ~5.5 GB, plus the SFT set, audit and calibrate.py's spill file beside it).
 
     python bench/scale.py [--sizes 10000,100000,1000000] [--samples 8] [--vote] [--baseline DIR]
-        [--dir /tmp/confprofile-scale] [--keep]
+        [--baseline-up-to N] [--dir /tmp/confprofile-scale] [--keep]
 """
 import argparse
 import json
@@ -62,7 +65,8 @@ def write_world(folder, n_users, taxonomy, samples=8, seed=0):
 
 
 def measure(argv, cwd):
-    """(seconds, peak RSS in MB) of one command in a fresh process; its stderr is shown if it fails."""
+    """(wall seconds, CPU seconds, peak RSS in MB) of one command in a fresh process; its stderr is shown
+    if it fails."""
     t0 = time.perf_counter()
     # stderr goes to a file, not a pipe: a pipe nobody reads until the end could fill and block the child
     with open(os.devnull, "w") as sink, tempfile.TemporaryFile("w+") as log:
@@ -74,7 +78,7 @@ def measure(argv, cwd):
     seconds = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:1])} failed:\n{stderr[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux
 
 
 def main(argv=None):
@@ -83,14 +87,15 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=8, help="teacher answers per user")
     p.add_argument("--vote", action="store_true", help="evaluate.py --vote (parses all answers, not the first)")
     p.add_argument("--baseline", default="", help="another checkout to run the same commands from, side by side")
+    p.add_argument("--baseline-up-to", type=int, default=0, help="run the baseline only at sizes up to this (0: all)")
     p.add_argument("--dir", default="/tmp/confprofile-scale", help="where the files go (deleted after each size)")
     p.add_argument("--keep", action="store_true", help="keep the files of the last size")
     args = p.parse_args(argv)
     taxonomy = confprofile.load_taxonomy()
     sizes = [int(s) for s in args.sizes.split(",")]
     codes = [("ours", ROOT)] + ([("baseline", os.path.abspath(args.baseline))] if args.baseline else [])
-    print(f"{'users':>9} {'teacher MB':>10} {'script':<10} {'code':<9} {'seconds':>8} {'peak MB':>8} "
-          f"{'µs/user':>8} {'KB/user':>8}")
+    print(f"{'users':>9} {'teacher MB':>10} {'script':<10} {'code':<9} {'wall s':>8} {'CPU s':>8} {'peak MB':>8} "
+          f"{'CPU µs/user':>11} {'KB/user':>8}")
     for n in sizes:
         folder = os.path.join(args.dir, str(n))
         os.makedirs(folder, exist_ok=True)
@@ -105,13 +110,16 @@ def main(argv=None):
         for script, command in commands.items():
             figures = {}
             for code, cwd in codes:
-                seconds, peak = measure(command, cwd)
-                figures[code] = (seconds, peak)
-                print(f"{n:>9} {size_mb:>10.0f} {script:<10} {code:<9} {seconds:>8.1f} {peak:>8.0f} "
-                      f"{1e6 * seconds / n:>8.0f} {1024 * peak / n:>8.2f}", flush=True)
+                if code == "baseline" and args.baseline_up_to and n > args.baseline_up_to:
+                    continue
+                seconds, cpu, peak = measure(command, cwd)
+                figures[code] = (seconds, cpu, peak)
+                print(f"{n:>9} {size_mb:>10.0f} {script:<10} {code:<9} {seconds:>8.1f} {cpu:>8.1f} {peak:>8.0f} "
+                      f"{1e6 * cpu / n:>11.0f} {1024 * peak / n:>8.2f}", flush=True)
             if "baseline" in figures:
-                (s0, m0), (s1, m1) = figures["ours"], figures["baseline"]
-                print(f"{'':>9} {'':>10} {script:<10} {'ratio':<9} {s0 / s1:>8.2f} {m0 / m1:>8.2f}   (ours / baseline)")
+                ours, base = figures["ours"], figures["baseline"]
+                print(f"{'':>9} {'':>10} {script:<10} {'ratio':<9} "
+                      + " ".join(f"{a / b:>8.2f}" for a, b in zip(ours, base)) + "   (ours / baseline)")
         if not (args.keep and n == sizes[-1]):
             shutil.rmtree(folder)
 
