@@ -51,15 +51,24 @@ class ConfigError(ValueError):
 
 
 def atomic_write_text(path, text):
-    """Write a whole file atomically: a temp file in the same folder, fsync, rename over, fsync the folder.
-    The file gets the mode a plain open() gives (0666 minus the umask), not mkstemp's private 0600."""
+    """Write a whole file atomically (see atomic_writer)."""
+    with atomic_writer(path) as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_writer(path):
+    """Write a file atomically as a stream: yields a text file (UTF-8) open on a temp file in the same
+    folder; on success fsync, rename over `path`, fsync the folder; on an error the temp file is
+    removed and `path` is left as it was. The file gets the mode a plain open() gives (0666 minus the
+    umask), not mkstemp's private 0600. Memory does not grow with what is written."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -109,8 +118,10 @@ def dumps_line(record):
 
 
 def write_jsonl(path, records):
-    """Write a whole JSONL file atomically."""
-    atomic_write_text(path, "".join(dumps_line(r) for r in records))
+    """Write a whole JSONL file atomically, one record at a time (`records` may be a generator)."""
+    with atomic_writer(path) as f:
+        for r in records:
+            f.write(dumps_line(r))
 
 
 def append_jsonl(f, record):
@@ -120,7 +131,7 @@ def append_jsonl(f, record):
     os.fsync(f.fileno())
 
 
-def iter_jsonl(path, expected="one JSON object per line", strict=False):
+def iter_jsonl(path, expected="one JSON object per line", strict=False, offsets=False):
     """Yield (lineno, "file:line", record) for every non-blank line of a JSONL file: the one reader
     behind the pipeline's JSONL inputs (users, teacher samples, predictions, prompts, SFT chats). A
     leading BOM is skipped; invalid UTF-8 or JSON is a DataError naming file, line and column, and so
@@ -128,11 +139,15 @@ def iter_jsonl(path, expected="one JSON object per line", strict=False):
     limit, integers of more than 4,300 digits, and lone UTF-16 surrogates ("\\ud800", half of a pair
     split by a JavaScript exporter: such a string cannot be written back as UTF-8).
     strict: a key repeated within one object, NaN, Infinity or a number that overflows to infinity
-    (1e999) is an error too (user records, predictions)."""
+    (1e999) is an error too (user records, predictions).
+    offsets: yield (lineno, "file:line", record, byte offset of the line) instead, so that a caller can
+    index a big file and read a record again later (read_jsonl_at) rather than hold them all."""
     hooks = dict(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
                  parse_float=_finite_float) if strict else {}
     with open(path, "rb") as f:
+        offset = 0
         for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\n")  # columns within the line
@@ -155,7 +170,14 @@ def iter_jsonl(path, expected="one JSON object per line", strict=False):
                 if field is not None:
                     raise DataError(f"{where}: {field}: lone UTF-16 surrogate in a string (half of a pair, as some "
                                     "JavaScript exports write); expected valid Unicode text")
-            yield lineno, where, record
+            yield (lineno, where, record, start) if offsets else (lineno, where, record)
+
+
+def read_jsonl_at(f, offset):
+    """The record on the line at byte `offset` of a JSONL file open in binary mode (an offset that
+    iter_jsonl(..., offsets=True) gave: the line was validated then, so it is only decoded here)."""
+    f.seek(offset)
+    return json.loads(f.readline().decode("utf-8-sig"))  # -sig: the first line may start with a BOM
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

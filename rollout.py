@@ -54,29 +54,39 @@ CLIs:
         out line per user {"user_id", "samples": [{"text", "finish_reason"}]}; restartable: the
         settings are recorded in teacher.jsonl.meta.json, and a rerun with other settings is refused
         (naming the keys) unless --force-resume. An --out that is an input, or whose lines are not this
-        tool's output, is refused before anything in it changes.
+        tool's output, is refused before anything in it changes. Users go in batches of --batch-users
+        (in file order); a batch an interrupted run wrote in part is sampled again whole.
+    torchrun --nproc_per_node=K rollout.py --teacher ... (same options): rank r labels batches r, r + K,
+        ... into its own shard teacher.jsonl.rank{r}-of{K} (restartable on its own, like --out); when
+        every shard is complete, rank 0 merges them into teacher.jsonl, the same bytes as one process
+        writes. `--merge` merges complete shards later (e.g. copied from nodes without a shared disk).
     `--samples 1 --temperature 0` gives any checkpoint's greedy predictions for evaluate.py.
     Both: --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
     --device, --dtype, --progress false. `python rollout.py --help` lists every option. The last line printed gives tokens/s.
 """
 import contextlib
 import dataclasses
+import datetime
 import functools
+import glob
 import hashlib
 import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import weakref
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import profilebench
-from common import (DEVICE, ConfigError, Progress, atomic_write_text, chat_prompt_ids, check_fields, completion_text,
-                    dumps_line, iter_jsonl, load_config, load_tokenizer, opt, run_cli, stop_ids_for, write_jsonl)
+from common import (DEVICE, ConfigError, Progress, atomic_write_text, atomic_writer, chat_prompt_ids, check_fields,
+                    cleanup_distributed, completion_text, dumps_line, file_sha256, is_distributed, iter_jsonl, load_config,
+                    load_tokenizer, opt, run_cli, stop_ids_for, write_jsonl)
 from confprofile import load_taxonomy, read_users, render_prompt
 from model import PrefixSharedCache, load_model
 
@@ -699,32 +709,35 @@ def refuse_input_as_output(out, inputs):
 
 def check_own_output(path, fields, what, tool):
     """Validate that every whole line of an existing `path` is a JSON object with `fields` whose second
-    is a list (this tool's output), touching nothing. Returns ([(lineno, first field)], byte length of
-    the whole lines, the bytes after them). A file whose lines are anything else is an error naming
-    the line: --out pointing at the wrong file is refused before a byte of it changes."""
+    is a list (this tool's output), touching nothing; one line at a time. Returns ([(lineno, first
+    field, byte offset of the line)], byte length of the whole lines, the bytes after them). A file
+    whose lines are anything else is an error naming the line: --out pointing at the wrong file is
+    refused before a byte of it changes."""
+    ids, keep, tail = [], 0, b""
     if not os.path.exists(path):
-        return [], 0, b""
+        return ids, keep, tail
     with open(path, "rb") as f:
-        data = f.read()
-    keep = data.rfind(b"\n") + 1
-    ids = []
-    for lineno, line in enumerate(data[:keep].split(b"\n")[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            record = None
-        if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], list)):
-            raise ValueError(f"{path}:{lineno}: expected a {what} line {{{', '.join(map(repr, fields))}}}; "
-                             f"is --out pointing at the right file? Refusing to touch a file {tool} did not write")
-        ids.append((lineno, record[fields[0]]))
-    return ids, keep, data[keep:]
+        for lineno, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                tail = line  # the last line, half-written
+                break
+            start, keep = keep, keep + len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                record = None
+            if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], list)):
+                raise ValueError(f"{path}:{lineno}: expected a {what} line {{{', '.join(map(repr, fields))}}}; "
+                                 f"is --out pointing at the right file? Refusing to touch a file {tool} did not write")
+            ids.append((lineno, record[fields[0]], start))
+    return ids, keep, tail
 
 
 def resume_output(path, settings=None, force=False):
-    """Check an existing teacher output before resuming it; touches nothing. Returns (user ids already
-    written, byte length of its whole lines, the half-written last line).
+    """Check an existing teacher output before resuming it; touches nothing. Returns ({user_id: byte
+    offset of its line}, byte length of its whole lines, the half-written last line).
 
     Refused, each with a one-line error: a whole line that is not {"user_id", "samples"} (not our
     file); a user written twice; a half-written last line that does not start like one of our lines;
@@ -733,11 +746,11 @@ def resume_output(path, settings=None, force=False):
     keys), unless `force`. A killed run leaves at most one partial line (lines are written whole, then
     flushed and fsynced); open_teacher_output cuts it once all of this passed."""
     ids, keep, tail = check_own_output(path, ("user_id", "samples"), "teacher output", "rollout.py --teacher")
-    done = set()
-    for lineno, uid in ids:
-        if uid in done:
+    written = {}
+    for lineno, uid, offset in ids:
+        if uid in written:
             raise ValueError(f"{path}:{lineno}: user_id: {uid!r} written twice; expected one line per user")
-        done.add(uid)
+        written[uid] = offset
     if tail and not TEACHER_LINE_START.startswith(tail[:len(TEACHER_LINE_START)]):
         raise ValueError(f"{path}: the last line is neither whole nor the start of a teacher output line; "
                          "is --out pointing at the right file? Refusing to touch it")
@@ -751,7 +764,7 @@ def resume_output(path, settings=None, force=False):
         if changed:
             raise ValueError(f"{path}: written with other settings ({changed}); resuming would mix two kinds of "
                              "answers: rerun with the recorded settings, choose another --out, or pass --force-resume")
-    return done, keep, tail
+    return written, keep, tail
 
 
 def read_meta(path):
@@ -779,15 +792,45 @@ def settings_diff(recorded, settings):
                      if recorded.get(k) != settings.get(k))
 
 
-def open_teacher_output(path, settings=None, force=False):
-    """Validate `path` (resume_output), then make it ready to append to: cut a half-written last line
-    and record `settings` in <out>.meta.json (a forced resume over other settings keeps the earlier
-    ones under "earlier_settings"). Returns the user ids already written."""
-    done, keep, tail = resume_output(path, settings, force)
-    if tail:
-        print(f"{path}: dropping a half-written last line ({len(tail)} bytes) from an interrupted run", file=sys.stderr)
+def unfinished_batches(written, batches):
+    """The batches (lists of user ids) of which some users but not all are written: what an interrupted
+    run was writing. They are sampled again whole: a checkpoint's samples depend on the whole batch,
+    so the rest of it drawn as a smaller batch would differ from an uninterrupted run's."""
+    return [b for b in batches if 0 < sum(uid in written for uid in b) < len(b)]
+
+
+def rewrite_without(path, keep, skip):
+    """Rewrite `path` (atomically) with its whole lines, the first `keep` bytes, except the lines that
+    start at the byte offsets in `skip`."""
+    with open(path, "rb") as src, atomic_writer(path) as dst:
+        start = 0
+        for line in src:
+            if start >= keep:
+                break
+            if start not in skip:
+                dst.write(line.decode("utf-8"))
+            start += len(line)
+
+
+def open_teacher_output(path, settings=None, force=False, batches=()):
+    """Validate `path` (resume_output), then make it ready to append to: drop the lines of any batch an
+    interrupted run wrote in part (unfinished_batches; `batches`: this process's batches as lists of
+    user ids), cut a half-written last line, and record `settings` in <out>.meta.json (a forced resume
+    over other settings keeps the earlier ones under "earlier_settings"). Returns the user ids written."""
+    written, keep, tail = resume_output(path, settings, force)
+    unfinished = [uid for b in unfinished_batches(written, batches) for uid in b if uid in written]
+    drop = sorted(written.pop(uid) for uid in unfinished)
+    if drop:
+        print(f"{path}: dropping {len(drop)} whole line(s) of a batch an interrupted run wrote in part "
+              "(the batch is sampled again whole)", file=sys.stderr)
+    if drop and any(offset > drop[0] for offset in written.values()):  # not the last lines: other batches
+        rewrite_without(path, keep, set(drop))  # (--force-resume over another batch_users) came after them
+    elif tail or drop:
+        if tail:
+            print(f"{path}: dropping a half-written last line ({len(tail)} bytes) from an interrupted run",
+                  file=sys.stderr)
         with open(path, "r+b") as f:
-            f.truncate(keep)
+            f.truncate(drop[0] if drop else keep)
             f.flush()
             os.fsync(f.fileno())
     if settings is not None:
@@ -798,28 +841,27 @@ def open_teacher_output(path, settings=None, force=False):
         earlier = list(recorded.get("earlier_settings") or [])
         if recorded.get("settings") not in (None, settings):
             earlier.append(recorded["settings"])
-        meta = {"written_by": "rollout.py --teacher", "settings": settings, "earlier_settings": earlier}
-        atomic_write_text(meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    return done
+        write_meta(path, settings, earlier)
+    return set(written)
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def write_meta(path, settings, earlier=(), **extra):
+    """<out>.meta.json: what produced a teacher output (read back by read_meta on resume)."""
+    meta = {"written_by": "rollout.py --teacher", "settings": settings, "earlier_settings": list(earlier), **extra}
+    atomic_write_text(meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
 def teacher_settings(args, taxonomy):
-    """What decides the answers in a teacher output: recorded in <out>.meta.json, compared on resume."""
+    """What decides the answers in a teacher output: recorded in <out>.meta.json, compared on resume.
+    batch_users too: it cuts the batches, whose users a checkpoint samples together and whose order
+    decides which rank of a torchrun run labels which users."""
     sim = args.teacher == "sim"
     settings = {
         "teacher": "sim" if sim else os.path.abspath(args.teacher),
         "samples": args.samples, "seed": args.seed,
         "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-        "template_kwargs": args.template_kwargs,
+        "template_kwargs": args.template_kwargs, "batch_users": args.batch_users,
         "taxonomy_sha256": hashlib.sha256(json.dumps(taxonomy, sort_keys=True).encode()).hexdigest(),
         "users_sha256": file_sha256(args.users),  # the file's bytes: another users file is another job
     }
@@ -869,30 +911,35 @@ class SimulatedTeacher:
         return [[(text, "stop", 0) for text in self.sim.answer(messages, n)] for messages in message_lists]
 
 
-def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True, done=None):
+def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True, done=None,
+                shard=(0, 1), stop_after_batches=0):
     """Stage 1 teacher labelling: render, sample n answers, append one whole line per user.
 
-    Restartable: users already in `out_path` are skipped (`done`: the ids open_teacher_output
-    returned; None: open it here, without recording settings). Each user has its own seed (from
-    `seed` and its user_id); a checkpoint's samples depend on the seeds of its whole batch (batches
-    are cut from the full user list, so a rerun reproduces an uninterrupted run except in the batch
-    that was being written when it was killed). The simulated teacher's depend on the user only.
-    Returns (users written, tokens generated).
+    The users are cut into batches of batch_users, in file order (teacher_batches); with shard = (rank,
+    K) this process labels batches rank, rank + K, ... So every run, one process or K, first or
+    resumed, samples the same batches. Each user has its own seed (from `seed` and its user_id); a
+    checkpoint's samples depend on the seeds of its whole batch, the simulated teacher's on the user only.
+    Restartable: batches already in `out_path` are skipped (`done`: the ids open_teacher_output
+    returned; None: open it here, without recording settings), and one that an interrupted run wrote
+    in part is sampled again whole. stop_after_batches > 0: stop after that many batches (to test
+    restarts). Returns (users written, tokens generated, whether all of this process's batches are done).
     """
+    rank, world = shard
+    batches = teacher_batches(users, batch_users)[rank::world]
     if done is None:
-        done = open_teacher_output(out_path)
-    batches = [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
-    todo = sum(1 for u in users if u["user_id"] not in done)
+        done = open_teacher_output(out_path, batches=[[u["user_id"] for u in b] for b in batches])
+    todo = [[u for u in b if u["user_id"] not in done] for b in batches]
+    todo = [b for b in todo if b]
     if done:
-        print(f"{out_path}: {len(done)} users already labelled, {todo} to go", file=sys.stderr)
-    bar = Progress(todo, "teacher", "user", disable=not progress)
+        print(f"{out_path}: {len(done)} users already labelled, {sum(map(len, todo))} to go", file=sys.stderr)
+    bar = Progress(sum(map(len, todo)), "teacher" if world == 1 else f"teacher {rank}/{world}", "user",
+                   disable=not progress)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as f:
-        for batch in batches:
-            batch = [u for u in batch if u["user_id"] not in done]
-            if not batch:
-                continue
+        for k, batch in enumerate(todo):
+            if stop_after_batches and k == stop_after_batches:
+                break
             seeds = [_derived_seed(seed, u["user_id"]) for u in batch]
             answers = teacher.answer([render_prompt(u, taxonomy) for u in batch], n, seeds)
             for user, samples in zip(batch, answers):
@@ -906,7 +953,111 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
             bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s")
             bar.update(len(batch))
     bar.close()
-    return written, n_tokens
+    return written, n_tokens, written == sum(map(len, todo))
+
+
+# -----------------------------------------------------------------------------
+# Labelling under torchrun: rank r of K labels batches r, r + K, ... into its own shard
+# <out>.rank{r}-of{K} (with its own .meta.json, resumable on its own); once every shard is complete,
+# rank 0 merges them into <out> in the one-process order (the same bytes as a one-process run).
+
+SHARD_NAME = re.compile(r"\.rank(\d+)-of(\d+)\Z")
+LABELLING_WAIT = datetime.timedelta(hours=24)  # how long a rank that has finished waits for the others
+
+
+def teacher_batches(users, batch_users):
+    """The labelling batches: runs of batch_users consecutive users of the users file, in order."""
+    return [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
+
+
+def shard_path(out_path, rank, world):
+    """Rank `rank`'s shard of a K-process labelling run: <out>.rank{r}-of{K}."""
+    return f"{out_path}.rank{rank}-of{world}"
+
+
+def existing_shards(out_path):
+    """{K: [shard paths]} of the shards of `out_path` on disk (their .meta.json sidecars aside)."""
+    found = {}
+    for path in sorted(glob.glob(glob.escape(out_path) + ".rank*-of*")):
+        m = SHARD_NAME.search(path[len(out_path):])
+        if m:
+            found.setdefault(int(m.group(2)), []).append(path)
+    return found
+
+
+def merge_shards(out_path, users, batch_users, world, settings, force=False):
+    """Merge the K complete shards of `out_path` into it: batch g is read from shard g mod K, so the
+    lines come in the users file's order, exactly as a one-process run writes them; one line at a
+    time, written atomically. Each shard must record `settings` (unless `force`) and hold exactly its
+    batches' users, in order; the shards are removed once <out> is in place."""
+    paths = [shard_path(out_path, r, world) for r in range(world)]
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: missing; expected the {world} shards of a torchrun run with "
+                             f"--nproc_per_node x --nnodes = {world}")
+        recorded = read_meta(path)
+        changed = "no .meta.json" if recorded is None else settings_diff(recorded["settings"], settings)
+        if changed and not force:
+            raise ValueError(f"{path}: written with other settings ({changed}); merge with the settings the shards "
+                             "were labelled with, or pass --force-resume")
+    readers = [open(path, "rb") for path in paths]
+    try:
+        with atomic_writer(out_path) as out:
+            for g, batch in enumerate(teacher_batches(users, batch_users)):
+                for user in batch:
+                    line = _next_line(readers[g % world])
+                    uid = json.loads(line)["user_id"] if line.endswith(b"\n") else None
+                    if uid != user["user_id"]:
+                        raise ValueError(f"{paths[g % world]}: expected user {user['user_id']!r} (batch {g}) next, got "
+                                         f"{uid!r}: the shard is incomplete, or was written with other batches; run "
+                                         "the labelling command again to complete it")
+                    out.write(line.decode("utf-8"))
+            for path, f in zip(paths, readers):
+                if _next_line(f):
+                    raise ValueError(f"{path}: lines after its last batch; expected only the users of its batches")
+    finally:
+        for f in readers:
+            f.close()
+    write_meta(out_path, settings, merged_from=[os.path.basename(p) for p in paths])
+    for path in paths:
+        os.remove(path)
+        if os.path.exists(meta_path(path)):
+            os.remove(meta_path(path))
+    print(f"merged {world} shards -> {out_path}")
+
+
+def _next_line(f):
+    """The next non-blank line of a file open in binary mode (b"" at its end)."""
+    line = f.readline()
+    while line and not line.strip():
+        line = f.readline()
+    return line
+
+
+def start_ranks():
+    """(rank, K): (0, 1) in one process; under torchrun a gloo process group (a barrier at the end is all
+    labelling needs, on CPU, whatever device the teacher runs on) that waits LABELLING_WAIT for the
+    slowest rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    dist.init_process_group("gloo", timeout=LABELLING_WAIT)
+    return dist.get_rank(), world
+
+
+def all_ranks(flag):
+    """True when `flag` is true on every rank (a barrier too)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def is_complete(out_path, users, settings, force):
+    """Whether `out_path` is a finished teacher output of `settings` for all `users` (checked, untouched)."""
+    written, _, tail = resume_output(out_path, settings, force)
+    return not tail and all(u["user_id"] in written for u in users)
 
 
 # -----------------------------------------------------------------------------
@@ -934,6 +1085,10 @@ class RolloutConfig:
     dtype: str = opt("auto", "auto = bfloat16 on cuda, float32 on cpu", choices=("auto", "float32", "bfloat16"))
     progress: bool = opt(True, "a progress bar (on a terminal) or progress lines (in a log)")
     force_resume: bool = opt(False, "teacher mode: resume --out even though <out>.meta.json records other settings")
+    merge: bool = opt(False, "teacher mode: merge the complete shards <out>.rank{r}-of{K} of a torchrun run into --out "
+                             "(rank 0 does this itself when every shard is complete)")
+    stop_after_batches: int = opt(0, "teacher mode: stop after this many batches per process (0 = all; to test restarts)",
+                                  min=0)
 
     def __post_init__(self):
         check_fields(self, "rollout")
@@ -974,23 +1129,65 @@ def run_prompts(args):
 
 
 def run_teacher(args):
-    """Teacher mode: users -> rendered prompts -> n answers each -> one line per user (restartable)."""
+    """Teacher mode: users -> rendered prompts -> n answers each -> one line per user (restartable). Under
+    torchrun each rank labels its share of the batches into its own shard and rank 0 merges them."""
     refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
                                       "--teacher": None if args.teacher == "sim" else args.teacher})
     taxonomy = load_taxonomy(args.taxonomy)
     users = read_users(args.users, taxonomy=taxonomy)
-    done = open_teacher_output(args.out, teacher_settings(args, taxonomy), args.force_resume)  # before loading weights
+    settings = teacher_settings(args, taxonomy)
+    shards = existing_shards(args.out)
+    if args.merge:
+        if len(shards) != 1 or os.path.exists(args.out):
+            raise ValueError(f"{args.out}: --merge needs the shards of one torchrun run ({len(shards)} sets found: "
+                             f"{', '.join(f'K = {k}' for k in shards) or 'none'}) and no {args.out} yet")
+        merge_shards(args.out, users, args.batch_users, next(iter(shards)), settings, args.force_resume)
+        return
+    rank, world = start_ranks()
+    try:
+        _label_shard(args, users, taxonomy, settings, shards, rank, world)
+    finally:
+        cleanup_distributed()
+
+
+def _label_shard(args, users, taxonomy, settings, shards, rank, world):
+    """run_teacher's work in one process of `world`: checks, this process's batches, and the merge."""
+    other = [paths[0] for k, paths in shards.items() if k != world or world == 1]
+    if other:
+        raise ValueError(f"{other[0]}: a shard of a torchrun run with other --nproc_per_node x --nnodes than this "
+                         "one: resume it with as many processes, merge complete shards with --merge, or remove them")
+    if world > 1 and os.path.exists(args.out):  # a merged (or one-process) output: nothing left to shard
+        if not is_complete(args.out, users, settings, args.force_resume):
+            raise ValueError(f"{args.out}: an unfinished one-process output; resume it with one process (no "
+                             "torchrun), or choose another --out")
+        if rank == 0:
+            for path in shards.get(world, []):  # left behind by a merge that stopped before removing them
+                os.remove(path)
+                if os.path.exists(meta_path(path)):
+                    os.remove(meta_path(path))
+            print(f"{args.out}: complete, nothing to do")
+        return
+    out = args.out if world == 1 else shard_path(args.out, rank, world)
+    mine = [[u["user_id"] for u in b] for b in teacher_batches(users, args.batch_users)[rank::world]]
+    done = open_teacher_output(out, settings, args.force_resume, mine)  # before loading weights
     if args.teacher == "sim":
         teacher = SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
+        if world > 1 and args.device == "cuda":  # one GPU per process of a node
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         teacher = CheckpointTeacher(args)
     t0 = time.perf_counter()
-    written, n_tokens = label_users(teacher, users, taxonomy, args.out, args.samples, seed=args.seed,
-                                    batch_users=args.batch_users, progress=args.progress, done=done)
+    written, n_tokens, finished = label_users(teacher, users, taxonomy, out, args.samples, seed=args.seed,
+                                              batch_users=args.batch_users, progress=args.progress, done=done,
+                                              shard=(rank, world), stop_after_batches=args.stop_after_batches)
     seconds = time.perf_counter() - t0
     rate = f", {n_tokens} tokens, {n_tokens / seconds:.1f} tokens/s" if n_tokens else ""
-    print(f"{written} users labelled x {args.samples} samples -> {args.out} in {seconds:.1f} s "
+    print(f"{written} users labelled x {args.samples} samples -> {out} in {seconds:.1f} s "
           f"({written / max(seconds, 1e-9):.1f} users/s{rate})")
+    if world > 1 and all_ranks(finished) and rank == 0:
+        merge_shards(args.out, users, args.batch_users, world, settings, args.force_resume)
+    elif world > 1 and rank == 0:
+        print(f"not every shard of {args.out} is complete; run the same command again to resume them")
 
 
 def main(argv=None):

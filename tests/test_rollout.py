@@ -516,7 +516,7 @@ def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint,
     teacher_arg = chat_checkpoint if teacher == "checkpoint" else "sim"
     full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
     base = ["--teacher", teacher_arg, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
-            "--seed", "1", "--batch-users", "1", "--progress", "false"]
+            "--seed", "1", "--batch-users", "2", "--progress", "false"]
     rollout.main(base + ["--out", str(full)])
     lines = _labelled(full)
     assert [x["user_id"] for x in lines] == [u["user_id"] for u in USERS]
@@ -524,12 +524,13 @@ def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint,
         assert len(x["samples"]) == 2
         for s in x["samples"]:
             assert set(s) == {"text", "finish_reason"} and s["finish_reason"] in ("stop", "length")
-    # a run killed while writing user 3: two whole lines and half of the third
+    # a run killed while writing user 3 (the second of batch [u2, u3]): three whole lines and half of the fourth
     text = full.read_text(encoding="utf-8").splitlines(keepends=True)
-    cut.write_text(text[0] + text[1] + text[2][:17], encoding="utf-8")
+    cut.write_text(text[0] + text[1] + text[2] + text[3][:17], encoding="utf-8")
     shutil.copy(str(full) + ".meta.json", str(cut) + ".meta.json")  # written before the first line
     rollout.main(base + ["--out", str(cut)])
-    assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")  # batch_users=1: exactly reproduced
+    # u2's line is dropped and the batch [u2, u3] sampled again whole: exactly the uninterrupted run
+    assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
     rollout.main(base + ["--out", str(cut)])  # nothing left to do: nothing written
     assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
     # a complete line we did not write is an error naming it, not something to skip or overwrite
@@ -703,3 +704,110 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
         assert line.startswith("rollout.py: error: ") and re.search(message, line), line
     result = run_script("rollout.py", *cases[0][0])  # the real entry point: that line on stderr, exit status 1
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [cli_error(cases[0][0])]
+
+
+# -----------------------------------------------------------------------------
+# Labelling across processes (#16): batches r, r + K, ... per rank, one shard each, merged in file order
+
+USERS9 = [{"user_id": f"u{i}", "behavior": {"watched": ["cooking videos", "stock market news", "gym"][: 1 + i % 3]},
+           "demographic": {"age": str(20 + i)}} for i in range(9)]
+
+
+def torchrun(*argv):
+    """rollout.py under torchrun, 2 processes (gloo); --standalone: a free port of its own."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "rollout.py", *argv], cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_checkpoint_shards_equal_one_process_after_a_kill(chat_checkpoint, tmp_path, capsys):
+    """2 processes label a checkpoint teacher's batches into two shards; stopped part-way, one shard cut in
+    the middle of a batch (a whole line of it and half the next), then resumed: the merged file is the
+    one-process run's, byte for byte, so no user's samples depended on its rank or on the restart."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS9))
+    base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "2", "--max-new-tokens", "6",
+            "--temperature", "1.0", "--seed", "3", "--batch-users", "2", "--progress", "false"]
+    rollout.main(base + ["--out", str(tmp_path / "one.jsonl")])
+    one = (tmp_path / "one.jsonl").read_text(encoding="utf-8")
+    out = tmp_path / "two.jsonl"
+    # batches [u0 u1] [u2 u3] [u4 u5] [u6 u7] [u8]: rank 0 takes 0, 2, 4; rank 1 takes 1, 3
+    r = torchrun(*base, "--out", str(out), "--stop-after-batches", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not every shard" in r.stdout and not out.exists()
+    shard0, shard1 = tmp_path / "two.jsonl.rank0-of2", tmp_path / "two.jsonl.rank1-of2"
+    assert [x["user_id"] for x in _labelled(shard0)] == ["u0", "u1", "u4", "u5"]
+    lines = shard1.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert [json.loads(x)["user_id"] for x in lines] == ["u2", "u3", "u6", "u7"]
+    # whichever rank drew a batch, and in whatever process, its lines are the one-process run's
+    assert set(lines + shard0.read_text(encoding="utf-8").splitlines(keepends=True)) <= set(one.splitlines(keepends=True))
+    shard1.write_text("".join(lines[:3]) + lines[3][:30], encoding="utf-8")  # killed while writing u7
+    r = torchrun(*base, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropping 1 whole line(s) of a batch" in r.stderr and f"merged 2 shards -> {out}" in r.stdout
+    assert out.read_text(encoding="utf-8") == one
+    assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "one.jsonl.meta.json", "two.jsonl", "two.jsonl.meta.json",
+                                            "users.jsonl"]
+    assert json.loads((tmp_path / "two.jsonl.meta.json").read_text())["settings"] == \
+        json.loads((tmp_path / "one.jsonl.meta.json").read_text())["settings"]
+    # run again as rank 0 of 2 (in this process: this path returns before any collective): all done, and
+    # shards a merge left behind (it stopped before removing them) are removed with their .meta.json
+    shard0.write_text("x")
+    (tmp_path / "two.jsonl.rank0-of2.meta.json").write_text("{}")
+    args, _ = common.load_config(rollout.RolloutConfig, base + ["--out", str(out)])
+    taxonomy = load_taxonomy()
+    rollout._label_shard(args, USERS9, taxonomy, rollout.teacher_settings(args, taxonomy),
+                         rollout.existing_shards(str(out)), 0, 2)
+    assert "complete, nothing to do" in capsys.readouterr().out and out.read_text(encoding="utf-8") == one
+    assert not list(tmp_path.glob("*rank*"))
+
+
+def test_merge_of_shards_and_its_refusals(tmp_path):
+    """Shards labelled as ranks 0 and 1 of 2 (in this process), merged with --merge: the one-process file.
+    Refused: a one-process run while shards exist, a shard missing a user, --merge without shards."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    base = ["--teacher", "sim", "--users", str(users), "--samples", "2", "--batch-users", "2", "--progress", "false"]
+    rollout.main(base + ["--out", str(tmp_path / "one.jsonl")])
+    out = tmp_path / "two.jsonl"
+    args = rollout.RolloutConfig(teacher="sim", users=str(users), out=str(out), samples=2, batch_users=2)
+    taxonomy = load_taxonomy()
+    settings = rollout.teacher_settings(args, taxonomy)
+    for rank in (0, 1):  # batches [u0 u1] [u2 u3] [u4]: rank 0 takes 0 and 2, rank 1 takes 1
+        shard = rollout.shard_path(str(out), rank, 2)
+        done = rollout.open_teacher_output(shard, settings)
+        rollout.label_users(rollout.SimulatedTeacher(taxonomy, 0, 1.0), USERS, taxonomy, shard, 2, batch_users=2,
+                            progress=False, done=done, shard=(rank, 2))
+    with pytest.raises(ValueError, match=r"two\.jsonl\.rank0-of2: a shard of a torchrun run"):
+        rollout.main(base + ["--out", str(out)])
+    shard1 = tmp_path / "two.jsonl.rank1-of2"
+    lines = shard1.read_text().splitlines(keepends=True)
+    assert [json.loads(x)["user_id"] for x in lines] == ["u2", "u3"]
+    shard1.write_text(lines[0])
+    with pytest.raises(ValueError, match=r"rank1-of2: expected user 'u3' \(batch 1\) next, got None"):
+        rollout.main(base + ["--out", str(out), "--merge"])
+    assert not out.exists()
+    shard1.write_text("".join(lines))
+    rollout.main(base + ["--out", str(out), "--merge"])
+    assert out.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert not list(tmp_path.glob("*rank*"))
+    with pytest.raises(ValueError, match=r"--merge needs the shards of one torchrun run \(0 sets found: none\)"):
+        rollout.main(base + ["--out", str(out), "--merge"])
+
+
+def test_resume_redoes_a_partly_written_batch_anywhere_in_the_file(chat_checkpoint, tmp_path):
+    """A batch written in part that is followed by other batches' lines (a file whose lines came in
+    another order) is dropped by rewriting the file, and sampled again whole: the set of lines is the
+    uninterrupted run's."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
+            "--temperature", "1.0", "--batch-users", "2", "--progress", "false"]
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    rollout.main(base + ["--out", str(full)])
+    lines = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut.write_text(lines[0] + lines[2] + lines[3], encoding="utf-8")  # u0 of [u0 u1], then all of [u2 u3]
+    shutil.copy(str(full) + ".meta.json", str(cut) + ".meta.json")
+    rollout.main(base + ["--out", str(cut)])
+    assert [x["user_id"] for x in _labelled(cut)] == ["u2", "u3", "u0", "u1", "u4"]
+    assert sorted(cut.read_text(encoding="utf-8").splitlines()) == sorted(x.rstrip("\n") for x in lines)
