@@ -14,7 +14,7 @@ after the last step without writing the final checkpoint (stop_after_steps), TRL
 the targeted matrices on the CPU while it is written (merged_state_dict), not counted here.
 
 Data: profilebench users rendered with confprofile.render_prompt, answered once by the simulated
-teacher (the demo's SFT chats, ~750 SmolLM2 tokens each); loss on the answer only on both sides. fp32,
+teacher (the demo's SFT chats, ~650 SmolLM2 tokens each); loss on the answer only on both sides. fp32,
 AdamW, lr 1e-4, no eval. s/step is the mean wall time of the steps after the first.
 
 TRL and PEFT are not dependencies of this project: --peer-venv names a virtual environment where
@@ -66,9 +66,12 @@ def make_chats(path, n_users):
 
 
 def worker_load(a):
+    import torch
     sys.path.insert(0, ROOT)
     from model import load_model
     model = load_model(a.model, device=a.device)
+    with torch.no_grad():  # every weight read once: memory-mapped pages count once they are touched
+        sum(p.sum() for p in model.parameters())
     del model
     print(json.dumps({"peak_mb": peak_memory_mb(a.device), "s_per_step": None}), flush=True)
 
@@ -77,14 +80,14 @@ def worker_ours(a, lora):
     sys.path.insert(0, ROOT)
     import sft
     out = os.path.join(a.work, f"ours_{'lora' if lora else 'full'}")
-    argv = [f"--model={a.model}", f"--data={a.data}", f"--output_dir={out}", f"--max_steps={a.steps}",
+    argv = [f"--model={a.model}", f"--data={a.data}", f"--output_dir={out}", f"--max_steps={a.steps + 1}",
             f"--stop_after_steps={a.steps}", f"--batch_size={a.batch_size}", "--grad_accum=1", f"--max_len={MAX_LEN}",
             f"--lr={LR}", "--warmup_steps=0", "--weight_decay=0.0", f"--seed={SEED}", "--eval_fraction=0",
             "--eval_every=0", "--save_every=0", f"--device={a.device}",
             f"--gradient_checkpointing={str(a.gradient_checkpointing).lower()}"]
     if lora:
         argv += [f"--lora_rank={a.rank}", f"--lora_alpha={2 * a.rank}", f"--lora_targets={json.dumps(TARGETS)}"]
-    assert sft.main(argv) is None  # stopped after the last step, nothing written but the metrics
+    assert sft.main(argv) is None  # stopped one step before the end: no final checkpoint is written
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     steps = [r["seconds"] for r in records[1:]]
@@ -174,7 +177,7 @@ def main():
             rows += [("TRL, full SFT", run_worker(peer_python, "peer_full", a)),
                      (f"TRL + PEFT, LoRA r={a.rank}", run_worker(peer_python, "peer_lora", a))]
 
-    print(f"\nSFT peak memory, {a.device}, {os.path.basename(a.model)}, batch {a.batch_size} chats (~750 tokens), "
+    print(f"\nSFT peak memory, {a.device}, {os.path.basename(a.model)}, batch {a.batch_size} chats (~650 tokens), "
           f"{a.steps} steps, fp32, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}")
     print(f"{'':28}{'peak MB':>10}{'s/step':>10}")
     for name, r in rows:
