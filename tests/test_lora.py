@@ -208,7 +208,7 @@ def test_sft_lora_run_trains_adapters_only_and_resumes_bitwise_after_a_kill(worl
         sft.main(lora_args(world, killed, lora_rank=8) + ["--resume"])
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     r = subprocess.run([sys.executable, "sft.py", *lora_args(world, killed), "--resume"], cwd=ROOT, env=env,
-                       timeout=120, capture_output=True, text=True)
+                       timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
