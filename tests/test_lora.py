@@ -177,6 +177,23 @@ def test_bad_targets_are_refused():
         rl.RLConfig(lora_targets=[])
 
 
+def test_lora_with_fsdp_is_refused_naming_both_keys(tmp_path):
+    for config in (sft.SFTConfig, rl.RLConfig):
+        with pytest.raises(common.ConfigError, match="lora_rank=4, parallel=fsdp: expected parallel ddp with LoRA"):
+            config(lora_rank=4, parallel="fsdp")
+        assert config(lora_rank=4, parallel="ddp").parallel == "ddp"  # LoRA alone and DDP stay allowed
+        assert config(lora_rank=0, parallel="fsdp").parallel == "fsdp"
+    # on the command line: one line and exit 1, before any process group or model (nothing written)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--lora-rank", "4", "--parallel", "fsdp",
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "sft.py: error: sft config: lora_rank=4, parallel=fsdp: expected parallel ddp with LoRA "
+        "(LoRA with FSDP is not supported; docs/fsdp.md)"]
+    assert not out.exists()
+
+
 # -----------------------------------------------------------------------------
 # sft.py: a killed LoRA run resumes bit for bit; the state holds the adapters only
 
