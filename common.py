@@ -266,8 +266,8 @@ def check_fields(config, where="config", limits=None):
     The type comes from the field's annotation: int (a JSON integer, not true/false), float (an integer
     is accepted and becomes a float; NaN and infinities are not), bool, str, dict, list. The limits come
     from each field's metadata (opt), `limits` {key: {...}} adds to them: min / max (inclusive), gt / lt
-    (exclusive), choices, pattern (a regex the whole string must match), nonempty, items (the type of a
-    list's elements). A key of `limits` that is not a field, or a field of another type, is a
+    (exclusive), choices (of a list: of each item), pattern (a regex the whole string must match), nonempty,
+    items (the type of a list's elements). A key of `limits` that is not a field, or a field of another type, is a
     programming error (an AssertionError in every test)."""
     fields = {f.name: f for f in dataclasses.fields(config)}
     limits = limits or {}
@@ -292,7 +292,10 @@ def check_fields(config, where="config", limits=None):
         if any(not holds(value, b) for (holds, _), b in bounds):
             raise ConfigError(f"{where}: {key}: expected {' and '.join(f'{sign} {b}' for (_, sign), b in bounds)}, "
                               f"got {value!r}")
-        if "choices" in rule and value not in rule["choices"]:
+        if "choices" in rule and kind is list:
+            if any(v not in rule["choices"] for v in value):
+                raise ConfigError(f"{where}: {key}: expected a list of items among {list(rule['choices'])}, got {value!r}")
+        elif "choices" in rule and value not in rule["choices"]:
             raise ConfigError(f"{where}: {key}: expected one of {list(rule['choices'])}, got {value!r}")
         if "pattern" in rule and not re.fullmatch(rule["pattern"], value):
             raise ConfigError(f"{where}: {key}: expected {rule.get('describe', rule['pattern'])}, got {value!r}")
@@ -900,7 +903,9 @@ def build_optimizer(model, cfg):
 # Resumable training state: safetensors + JSON only, so resuming never unpickles anything (a pickle
 # can run any code when it is loaded); written to a temp dir, fsynced, then renamed into place.
 #
-#   train_state/model.safetensors       the weights (tied ones once)
+#   train_state/model.safetensors       the weights (tied ones once); when some are frozen (LoRA: the
+#                                       base), only the trainable ones: the frozen ones are reloaded
+#                                       from the run's `model` checkpoint
 #   train_state/optimizer.safetensors   every tensor of optimizer.state_dict() ("state.<param>.<key>")
 #   train_state/rng.safetensors         torch's (and CUDA's) generator states
 #   train_state/state.json              format, step, extra; the optimizer's other state (step counts,
@@ -976,12 +981,18 @@ def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
     os.makedirs(tmp)
     optimizer_meta, optimizer_tensors = _split_optimizer_state(optimizer.state_dict())
     rng_meta, rng_tensors = _rng_state()
-    save_model(unwrap(model), os.path.join(tmp, "model.safetensors"))  # stores tied weights once
+    params = dict(unwrap(model).named_parameters())
+    trainable = {name: p for name, p in params.items() if p.requires_grad}
+    if len(trainable) < len(params):  # LoRA: the adapters only, not a copy of the frozen base
+        save_file({k: p.detach().cpu().contiguous() for k, p in trainable.items()}, os.path.join(tmp, "model.safetensors"))
+    else:
+        save_model(unwrap(model), os.path.join(tmp, "model.safetensors"))  # stores tied weights once
     save_file({k: v.cpu() for k, v in optimizer_tensors.items()}, os.path.join(tmp, "optimizer.safetensors"))
     save_file({k: v.cpu() for k, v in rng_tensors.items()}, os.path.join(tmp, "rng.safetensors"))
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
         fsync_file(os.path.join(tmp, name))
     state = {"format": TRAIN_STATE_FORMAT, "step": step, "extra": extra or {}, **(made_by or {}),
+             "parameters": "trainable" if len(trainable) < len(params) else "all",
              "optimizer": optimizer_meta, "rng": rng_meta}
     atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
     if os.path.exists(path):
@@ -1027,7 +1038,18 @@ def load_training_state(path, model, optimizer):
         raise ValueError(f"{path}: a sharded state (one file set per rank); it loads only into the layout that "
                          f"wrote it ({state.get('layout')})")
     device = next(unwrap(model).parameters()).device
-    load_model(unwrap(model), os.path.join(path, "model.safetensors"), strict=True, device=str(device))
+    if state.get("parameters") == "trainable":  # LoRA: the state holds the adapters; the base is loaded already
+        tensors = load_file(os.path.join(path, "model.safetensors"), device=str(device))
+        trainable = {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
+        if set(tensors) != set(trainable):
+            diff = sorted(set(tensors) ^ set(trainable))
+            raise ValueError(f"{path}/model.safetensors: holds trainable tensors {len(tensors)}, the model has "
+                             f"{len(trainable)} (first difference {diff[:1]}); expected the same adapters")
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(tensors[name])
+    else:
+        load_model(unwrap(model), os.path.join(path, "model.safetensors"), strict=True, device=str(device))
     # on the CPU: load_state_dict moves each tensor where its parameter is (step counts stay on the CPU)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     optimizer.load_state_dict(_join_optimizer_state(state["optimizer"], tensors))

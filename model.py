@@ -9,6 +9,7 @@ permutation. Family differences are three switches in ModelArgs: q/k/v bias (Qwe
 RMSNorm of q and k (Qwen3), and llama3 rope scaling (Llama 3.1+). Every number this file computes is
 checked against transformers in tests/test_model.py.
 """
+import contextlib
 import copy
 import json
 import math
@@ -490,6 +491,141 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# LoRA: low-rank adapters on chosen Linear layers, the base frozen (written by hand, no PEFT)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear layer W, b plus a trainable low-rank update (LoRA, Hu et al. 2021):
+
+        y = W x + b + (alpha / r) * B A dropout(x)        A [r, in], B [out, r]
+
+    A starts uniform in +-1/sqrt(in) (nn.Linear's and PEFT's init), B at zero, so training starts from
+    the base model exactly. A and B are float32 whatever the base's dtype (a bf16 base keeps fp32
+    adapters and fp32 AdamW moments for them). `enabled = False` computes W x + b alone (adapters_off).
+    Module names are PEFT's: `<name>.base_layer` (the original nn.Linear, still an nn.Linear, so the
+    sampler's oneDNN packing applies to it), `<name>.lora_A`, `<name>.lora_B`."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0, generator=None):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        device = base.weight.device
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(base.in_features)
+        with torch.no_grad():
+            self.lora_A.weight.copy_((torch.rand(rank, base.in_features, generator=generator) * 2 - 1) * bound)
+            self.lora_B.weight.zero_()
+        # Identity at p = 0: a zero-probability dropout would still draw random numbers in training.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / rank
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if not self.enabled:
+            return y
+        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+        return y + (self.scaling * update).to(y.dtype)
+
+
+def add_lora(model: Transformer, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0) -> Transformer:
+    """Freeze every parameter of `model` and wrap the Linear layers named in `targets` (q_proj, ...,
+    down_proj) of every block in a LoRALinear: the adapters are then the model's only trainable
+    parameters. Their initial values are a function of `seed` alone. Records the settings in
+    `model.lora` (save_adapter writes them)."""
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets or rank < 1:
+        raise ValueError(f"add_lora: rank {rank}, targets {list(targets)}; expected rank >= 1 and targets among "
+                         f"{list(LORA_TARGETS)}")
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name in LORA_TARGETS:  # a fixed order: the same seed gives the same adapters
+                if name in targets and hasattr(parent, name):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, generator))
+    model.lora = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
+                  "target_modules": [t for t in LORA_TARGETS if t in targets]}
+    return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Inside the block every LoRALinear of `model` computes W x + b alone: the base model, no copy made."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(layers, before):
+            m.enabled = enabled
+
+
+class AdaptersOff:
+    """`model` seen with its adapters switched off, called like the model: the base weights alone.
+    Under LoRA, RL's KL reference is the policy's own frozen base, so no second copy of the weights
+    exists (a full reference model of an 8B student is 16 GB of bf16)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, *args, **kwargs):
+        with adapters_off(self.model):
+            return self.model(*args, **kwargs)
+
+
+def merge_lora_weight(weight, lora_A, lora_B, scaling):
+    """Merged LoRA weight W' = W + (alpha / r) * B A, computed in float32, returned in W's dtype."""
+    return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
+def merged_state_dict(model: Transformer) -> dict:
+    """The model's tensors under HF names with every adapter folded into its base weight
+    (merge_lora_weight): a plain checkpoint of the adapted model, in the base's dtype. A model without
+    adapters gives its state_dict unchanged. The merged matrices are made on the CPU, one at a time (the
+    checkpoint is written from the CPU anyway): merging on the GPU would hold a second copy of every
+    targeted matrix there at once, 14 GB for Qwen3-8B."""
+    state = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            del state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+            weight = state.pop(f"{name}.base_layer.weight").detach().cpu()
+            state[f"{name}.weight"] = merge_lora_weight(weight, m.lora_A.weight.detach().cpu(),
+                                                        m.lora_B.weight.detach().cpu(), m.scaling)
+            if f"{name}.base_layer.bias" in state:
+                state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
+    return state
+
+
+def save_adapter(model: Transformer, out_dir, base_model=""):
+    """The adapters alone, in PEFT's file format (peft.PeftModel.from_pretrained reads it):
+    adapter_model.safetensors with float32 tensors `base_model.model.<module>.lora_A.weight` [r, in] and
+    `...lora_B.weight` [out, r], and adapter_config.json (peft_type LORA, r, lora_alpha, lora_dropout,
+    target_modules, base_model_name_or_path)."""
+    state = {f"base_model.model.{name}.{part}.weight": getattr(m, part).weight.detach().cpu().contiguous()
+             for name, m in model.named_modules() if isinstance(m, LoRALinear) for part in ("lora_A", "lora_B")}
+    if not state:
+        raise ValueError("save_adapter: the model has no LoRA adapters (add_lora)")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".tmp-adapter_model.safetensors")
+    save_file(state, tmp, metadata={"format": "pt"})
+    fsync_file(tmp)
+    os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **model.lora, "bias": "none", "fan_in_fan_out": False,
+              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
+              "use_dora": False, "base_model_name_or_path": base_model}
+    atomic_write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
 # Init, load, save
 
 
@@ -575,9 +711,10 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
 
 def save_model(model: Transformer, out_dir, tokenizer_dir=None, state=None):
     """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files.
-    `state`: the weights to write instead of model.state_dict() (a sharded model's, gathered)."""
+    LoRA adapters are merged into their base weights (merged_state_dict). `state`: the weights to write
+    instead of the model's own (a sharded model's, gathered)."""
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (merged_state_dict(model) if state is None else state).items()}
     if model.args.tie_embeddings:
         del state["lm_head.weight"]  # safetensors refuses shared tensors; HF re-ties from the config
     dtype = state["model.embed_tokens.weight"].dtype

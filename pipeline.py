@@ -62,6 +62,8 @@ class DemoConfig:
     rl_config: str = opt("configs/rl_demo.json", "rl.py's config", nonempty=True)
     eval_max_new_tokens: int = opt(320, "greedy answer budget of the student at evaluation", min=1)
     procs: int = opt(2, "SFT / RL processes (torchrun, one thread each); 1 = plain python", min=1)
+    student_model: str = opt("", "an HF checkpoint dir to train as the student instead of building the tiny "
+                             "from-scratch one (with an sft_config whose init_student is false)")
 
     def __post_init__(self):
         check_fields(self, "demo config")
@@ -235,6 +237,7 @@ def run_demo(cfg):
         setattr(cfg, key, os.path.abspath(path if os.path.exists(path) else os.path.join(ROOT, path)))
     world = os.path.join(out, "world")
     sft_dir, rl_dir, init_dir = (os.path.join(out, d) for d in ("sft", "rl", "student_init"))
+    init_dir = cfg.student_model or init_dir
     sft_extra = QUICK_SFT if cfg.quick else []
     rl_extra = QUICK_RL if cfg.quick else []
 
@@ -260,8 +263,10 @@ def run_demo(cfg):
                       *sft_extra, "--output-dir", run_dir, *_resume(run_dir)], out, log)
 
     sft_stage("sft", f"{out}/sft.jsonl", sft_dir)
-    # The untrained student never stops and never writes a valid answer: 64 tokens show that as well as 320.
-    rows["student_init"] = _predict_and_evaluate("student_init", init_dir, cfg, world, out, log, max_new_tokens=64)
+    # The untrained tiny student never stops and never writes a valid answer: 64 tokens show that as well as
+    # 320. A pretrained student may answer before training: it gets the full budget.
+    rows["student_init"] = _predict_and_evaluate("student_init", init_dir, cfg, world, out, log,
+                                                 max_new_tokens=None if cfg.student_model else 64)
     rows["student_sft"] = _predict_and_evaluate("student_sft", sft_dir, cfg, world, out, log)
     # Stage 2: confidence-guided GRPO from the SFT student, on the unlabelled train users.
     rl_common = ["--config", cfg.rl_config, "--model", sft_dir, "--data", f"{world}/train.jsonl", "--stage1",

@@ -14,6 +14,8 @@ What we keep from GRPO (TRL's GRPOTrainer option names): G samples per prompt an
 advantages, no value network (`scale_rewards`); the clipped surrogate with clip-higher (`epsilon`,
 `epsilon_high`) and `num_iterations` passes over one batch; the three token-loss normalisations
 (`loss_type`: dapo, grpo, dr_grpo); k3 KL to a frozen reference (`beta`, default 0: no reference).
+With LoRA (`lora_rank` > 0) only the adapters train, and the reference is the policy itself with its
+adapters switched off (model.AdaptersOff): the starting checkpoint, without a second copy of it.
 
 What Conf-Profile adds, each an option so it can be switched off:
   * quasi labels (`quasi_label`, `na_weight`): the Stage-1 vote over the G rollouts; NA's votes may
@@ -52,7 +54,7 @@ from common import (DEVICE, PARALLEL, ConfigError, DataError, Progress, all_redu
 from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer, parse_answer_spans, read_users, render_prompt,
                          vote)
 from evaluate import evaluate, profile_from_parse
-from model import load_model, save_model
+from model import LORA_TARGETS, AdaptersOff, add_lora, load_model, save_adapter, save_model
 from rollout import SamplingParams, generate, token_logprobs
 
 # -----------------------------------------------------------------------------
@@ -128,7 +130,17 @@ class RLConfig:
     grad_clip: float = opt(1.0, "max global gradient norm; 0 = off", min=0)
     gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, slower")
     dtype: str = opt("float32", "parameter dtype: bfloat16 keeps weights, grads and AdamW moments in bf16 (big models, "
-                     "CUDA)", choices=CHOICES["dtype"])
+                     "CUDA); with LoRA the base is in this dtype and the adapters float32", choices=CHOICES["dtype"])
+    # LoRA
+    lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters on lora_targets, the base frozen (and, with beta > 0, "
+                         "the KL reference: no second copy of the weights); 0 = full fine-tuning", min=0)
+    lora_alpha: float = opt(16.0, "LoRA alpha: the adapters add (alpha / r) * B A x", gt=0)
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input in training (> 0: the trainer's logprobs are no "
+                              "longer the sampler's)", min=0, lt=1)
+    lora_targets: list = opt(list(LORA_TARGETS), "the Linear layers of every block that get adapters",
+                             choices=LORA_TARGETS, nonempty=True)
+    lora_save_adapter: bool = opt(False, "also write the adapters alone to output_dir/adapter (PEFT's file format); "
+                                  "output_dir itself always holds the merged checkpoint")
     device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
     parallel: str = opt("ddp", "under torchrun: ddp (each process a full copy, gradients all-reduced) or fsdp "
                         "(FSDP2: parameters, gradients, AdamW moments and the KL reference sharded over the "
@@ -150,6 +162,9 @@ class RLConfig:
 
     def __post_init__(self):
         check_fields(self, "rl config")
+        if self.lora_rank and self.parallel == "fsdp":  # LoRA under fully_shard is not implemented (docs/fsdp.md)
+            raise ConfigError(f"rl config: lora_rank={self.lora_rank}, parallel=fsdp: expected parallel ddp with LoRA "
+                              "(LoRA with FSDP is not supported; docs/fsdp.md)")
         if self.low > self.high:
             raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected low <= high")
 
@@ -965,10 +980,14 @@ def run(cfg, rank, world_size, device, made_by=None):
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = load_model(cfg.model, dtype=dtype, device=device)
+    if cfg.lora_rank:  # the base frozen; the optimizer and the training state see the adapters only
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     ref_model = None
     if cfg.beta > 0:  # the KL reference is the starting checkpoint, frozen; not loaded at all when beta = 0
-        ref_model = load_model(cfg.model, dtype=dtype, device=device).requires_grad_(False)
+        # LoRA: the policy's own base with its adapters off IS the starting checkpoint: no second copy
+        ref_model = (AdaptersOff(model) if cfg.lora_rank
+                     else load_model(cfg.model, dtype=dtype, device=device).requires_grad_(False))
     probe = None
     if cfg.probe_size and main_process:  # the reference: the starting checkpoint's greedy answers
         probe_prompts = [prompt_ids(u) for u in users[: cfg.probe_size]]
@@ -985,7 +1004,9 @@ def run(cfg, rank, world_size, device, made_by=None):
         save_config(cfg, cfg.output_dir, name="rl_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
         print("config: " + json.dumps(dataclasses.asdict(cfg), ensure_ascii=False), flush=True)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}; {len(users)} users, "
+        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trained = f", {n_trained / 1e6:.2f}M trained" if n_trained < n_params else ""
+        print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters{trained}, {cfg.dtype}) on {device}; {len(users)} users, "
               f"{cfg.batch_size} x {cfg.num_generations} rollouts per step, {world_size} process(es)", flush=True)
     t0 = time.time()
     done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval, probe, made_by)
@@ -995,7 +1016,9 @@ def run(cfg, rank, world_size, device, made_by=None):
         return None
     weights = full_state_dict(model, rank) if is_sharded(model) else None  # every rank: the shards are all-gathered
     if main_process:
-        save_model(model, cfg.output_dir, tokenizer_dir=cfg.model, state=weights)
+        save_model(model, cfg.output_dir, tokenizer_dir=cfg.model, state=weights)  # LoRA: merged into the base weights
+        if cfg.lora_rank and cfg.lora_save_adapter:
+            save_adapter(model, os.path.join(cfg.output_dir, "adapter"), base_model=os.path.abspath(cfg.model))
         shutil.rmtree(os.path.join(cfg.output_dir, "train_state"), ignore_errors=True)  # finished: 3x the model, dead weight
         print(f"saved the final checkpoint to {cfg.output_dir} ({time.time() - t0:.0f}s of RL)", flush=True)
     barrier()

@@ -33,6 +33,10 @@ What it does, and why:
   per rank, the final checkpoint the same merged HF directory (docs/fsdp.md).
 * `dtype: bfloat16` (big models on one GPU) keeps weights, grads and AdamW moments in bf16 and writes
   each update back with stochastic rounding (common.AdamWBF16); float32 is plain torch AdamW.
+* `lora_rank: r > 0` trains LoRA adapters instead (model.LoRALinear: y = W x + (alpha / r) B A x on
+  `lora_targets`), the base frozen: the optimizer and the resumable state hold the adapters only, and
+  the final checkpoint has them merged into the base weights (`lora_save_adapter`: also alone); one
+  process or `parallel: ddp` only (with `fsdp` the config is refused).
 """
 import contextlib
 import json
@@ -52,7 +56,7 @@ from common import (DEVICE, PARALLEL, ConfigError, Progress, all_reduce_sum, app
                     full_state_dict, iter_jsonl, load_tokenizer, load_training_state, lr_at, neutralize_messages,
                     open_metrics, opt, run_record, save_config, save_training_state, setup_run, shard_model,
                     stop_ids_for, unwrap)
-from model import ModelArgs, Transformer, init_weights, load_model, save_model
+from model import LORA_TARGETS, ModelArgs, Transformer, add_lora, init_weights, load_model, save_adapter, save_model
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -103,9 +107,18 @@ class SFTConfig:
     max_len: int = opt(1024, "longer records are left out (and counted)", min=2)
     length_group: int = opt(16, "sort by length within windows of this many batches (less padding)", min=1)
     seed: int = opt(0, "data order, held-out split and the demo student's init", min=0)
+    # LoRA
+    lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters on lora_targets, the base frozen; 0 = full "
+                         "fine-tuning", min=0)
+    lora_alpha: float = opt(16.0, "LoRA alpha: the adapters add (alpha / r) * B A x", gt=0)
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input in training", min=0, lt=1)
+    lora_targets: list = opt(list(LORA_TARGETS), "the Linear layers of every block that get adapters",
+                             choices=LORA_TARGETS, nonempty=True)
+    lora_save_adapter: bool = opt(False, "also write the adapters alone to output_dir/adapter (PEFT's file format); "
+                                  "output_dir itself always holds the merged checkpoint")
     # runtime
     dtype: str = opt("float32", "parameter dtype: bfloat16 keeps weights, grads and AdamW moments in bf16 (big models, "
-                     "CUDA)", choices=("float32", "bfloat16"))
+                     "CUDA); with LoRA the base is in this dtype and the adapters float32", choices=("float32", "bfloat16"))
     device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
     parallel: str = opt("ddp", "under torchrun: ddp (each process a full copy, gradients all-reduced) or fsdp "
                         "(FSDP2: parameters, gradients and AdamW moments sharded over the processes)", choices=PARALLEL)
@@ -120,6 +133,9 @@ class SFTConfig:
 
     def __post_init__(self):
         check_fields(self, "sft config")
+        if self.lora_rank and self.parallel == "fsdp":  # LoRA under fully_shard is not implemented (docs/fsdp.md)
+            raise ConfigError(f"sft config: lora_rank={self.lora_rank}, parallel=fsdp: expected parallel ddp with LoRA "
+                              "(LoRA with FSDP is not supported; docs/fsdp.md)")
 
 
 # Keys that may change on --resume: they decide how a run is watched, saved, stopped or placed, not
@@ -385,6 +401,13 @@ def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size,
     return (total[0] / total[1]).item()
 
 
+def parameter_counts(model):
+    """"1.23M parameters" or, when some are frozen (LoRA), "1.23M parameters, 0.05M trained"."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total / 1e6:.2f}M parameters" + (f", {trained / 1e6:.2f}M trained" if trained < total else "")
+
+
 def prepare_student(cfg, rank):
     """init_student: build the demo student at cfg.model unless a checkpoint is already there.
     Only rank 0 looks and builds; every rank then meets at the barrier (a rank that looked itself could
@@ -443,6 +466,8 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = load_model(cfg.model, dtype=dtype, device=device)
+    if cfg.lora_rank:  # the base frozen; the optimizer and the training state see the adapters only
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     sharded = cfg.parallel == "fsdp" and world_size > 1
@@ -461,8 +486,7 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, cfg.output_dir, name="sft_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
-        n_params = sum(p.numel() for p in unwrap(model).parameters())
-        print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters, {cfg.dtype}) on {device}", flush=True)
+        print(f"model: {cfg.model} ({parameter_counts(unwrap(model))}, {cfg.dtype}) on {device}", flush=True)
 
     metrics_file = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start_step) if main_process else None
     bar = Progress(total_steps, "sft", "step", initial=start_step, disable=not main_process)
@@ -534,7 +558,9 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
         return None
     weights = full_state_dict(model, rank) if sharded else None  # every rank: the shards are all-gathered
     if main_process:
-        save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model, state=weights)
+        save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model, state=weights)  # LoRA: merged into the base
+        if cfg.lora_rank and cfg.lora_save_adapter:
+            save_adapter(unwrap(model), os.path.join(cfg.output_dir, "adapter"), base_model=os.path.abspath(cfg.model))
         shutil.rmtree(state_dir, ignore_errors=True)  # finished: the resumable state (3x the model) is dead weight
         print(f"saved the final checkpoint to {cfg.output_dir}", flush=True)
     barrier()
