@@ -478,11 +478,22 @@ def read_prompts(path):
     return records
 
 
-TEACHER_LINE_START = b'{"user_id": '  # how every line label_users writes begins (common.dumps_line)
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """A resumable one-line-per-user output of ours: what its lines hold and which tool writes them.
+    label_users writes it (common.dumps_line), so every line starts with LINE_START."""
+    fields: tuple     # the keys every line has: the user id, then the payload
+    payload: type     # the payload's JSON type (list or dict)
+    what: str         # "teacher output": how errors name a line
+    tool: str         # "rollout.py --teacher": recorded in <out>.meta.json, named in errors
+
+
+LINE_START = b'{"user_id": '  # how every line label_users writes begins
+TEACHER_OUTPUT = OutputKind(("user_id", "samples"), list, "teacher output", "rollout.py --teacher")
 
 
 def meta_path(out_path):
-    """The sidecar that records what produced a teacher output: <out>.meta.json."""
+    """The sidecar that records what produced a resumable output (settings): <out>.meta.json."""
     return out_path + ".meta.json"
 
 
@@ -495,9 +506,9 @@ def refuse_input_as_output(out, inputs):
             raise ValueError(f"{out}: --out is the input {flag} {path}; expected a new output file")
 
 
-def check_own_output(path, fields, what, tool):
+def check_own_output(path, fields, what, tool, payload=list):
     """Validate that every whole line of an existing `path` is a JSON object with `fields` whose second
-    is a list (this tool's output), touching nothing. Returns ([(lineno, first field)], byte length of
+    is a `payload` (this tool's output), touching nothing. Returns ([(lineno, first field)], byte length of
     the whole lines, the bytes after them). A file whose lines are anything else is an error naming
     the line: --out pointing at the wrong file is refused before a byte of it changes."""
     if not os.path.exists(path):
@@ -513,37 +524,37 @@ def check_own_output(path, fields, what, tool):
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             record = None
-        if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], list)):
+        if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], payload)):
             raise ValueError(f"{path}:{lineno}: expected a {what} line {{{', '.join(map(repr, fields))}}}; "
                              f"is --out pointing at the right file? Refusing to touch a file {tool} did not write")
         ids.append((lineno, record[fields[0]]))
     return ids, keep, data[keep:]
 
 
-def resume_output(path, settings=None, force=False):
-    """Check an existing teacher output before resuming it; touches nothing. Returns (user ids already
+def resume_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
+    """Check an existing output of `kind` before resuming it; touches nothing. Returns (user ids already
     written, byte length of its whole lines, the half-written last line).
 
-    Refused, each with a one-line error: a whole line that is not {"user_id", "samples"} (not our
-    file); a user written twice; a half-written last line that does not start like one of our lines;
+    Refused, each with a one-line error: a whole line that is not {kind.fields} (not our file); a user
+    written twice; a half-written last line that does not start like one of our lines;
     with `settings`: a non-empty file without <out>.meta.json (not written by this tool, or by a
     version that did not record its settings) or whose recorded settings differ (the error names the
     keys), unless `force`. A killed run leaves at most one partial line (lines are written whole, then
-    flushed and fsynced); open_teacher_output cuts it once all of this passed."""
-    ids, keep, tail = check_own_output(path, ("user_id", "samples"), "teacher output", "rollout.py --teacher")
+    flushed and fsynced); open_output cuts it once all of this passed."""
+    ids, keep, tail = check_own_output(path, kind.fields, kind.what, kind.tool, kind.payload)
     done = set()
     for lineno, uid in ids:
         if uid in done:
             raise ValueError(f"{path}:{lineno}: user_id: {uid!r} written twice; expected one line per user")
         done.add(uid)
-    if tail and not TEACHER_LINE_START.startswith(tail[:len(TEACHER_LINE_START)]):
-        raise ValueError(f"{path}: the last line is neither whole nor the start of a teacher output line; "
+    if tail and not LINE_START.startswith(tail[:len(LINE_START)]):
+        raise ValueError(f"{path}: the last line is neither whole nor the start of a {kind.what} line; "
                          "is --out pointing at the right file? Refusing to touch it")
     if (keep or tail) and settings is not None and not force:
-        recorded = read_meta(path)
+        recorded = read_meta(path, kind)
         if recorded is None:
             raise ValueError(f"{path}: has no {os.path.basename(meta_path(path))} recording the settings it was "
-                             "written with; expected a rollout.py --teacher output to resume: choose another --out, "
+                             f"written with; expected a {kind.tool} output to resume: choose another --out, "
                              "or pass --force-resume to resume it anyway")
         changed = settings_diff(recorded["settings"], settings)
         if changed:
@@ -552,8 +563,8 @@ def resume_output(path, settings=None, force=False):
     return done, keep, tail
 
 
-def read_meta(path):
-    """The recorded <out>.meta.json of a teacher output, or None when there is none."""
+def read_meta(path, kind=TEACHER_OUTPUT):
+    """The recorded <out>.meta.json of an output of `kind`, or None when there is none."""
     meta = meta_path(path)
     if not os.path.exists(meta):
         return None
@@ -561,9 +572,9 @@ def read_meta(path):
         with open(meta, encoding="utf-8") as f:
             recorded = json.load(f)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{meta}: unreadable ({e}); expected the JSON rollout.py --teacher writes") from None
+        raise ValueError(f"{meta}: unreadable ({e}); expected the JSON {kind.tool} writes") from None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("settings"), dict):
-        raise ValueError(f"{meta}: settings: expected the JSON object rollout.py --teacher writes")
+        raise ValueError(f"{meta}: settings: expected the JSON object {kind.tool} writes")
     return recorded
 
 
@@ -577,11 +588,11 @@ def settings_diff(recorded, settings):
                      if recorded.get(k) != settings.get(k))
 
 
-def open_teacher_output(path, settings=None, force=False):
+def open_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
     """Validate `path` (resume_output), then make it ready to append to: cut a half-written last line
     and record `settings` in <out>.meta.json (a forced resume over other settings keeps the earlier
     ones under "earlier_settings"). Returns the user ids already written."""
-    done, keep, tail = resume_output(path, settings, force)
+    done, keep, tail = resume_output(path, settings, force, kind)
     if tail:
         print(f"{path}: dropping a half-written last line ({len(tail)} bytes) from an interrupted run", file=sys.stderr)
         with open(path, "r+b") as f:
@@ -590,13 +601,13 @@ def open_teacher_output(path, settings=None, force=False):
             os.fsync(f.fileno())
     if settings is not None:
         try:
-            recorded = (read_meta(path) if keep else None) or {}
+            recorded = (read_meta(path, kind) if keep else None) or {}
         except ValueError:  # unreadable, and --force-resume said to go on
             recorded = {}
         earlier = list(recorded.get("earlier_settings") or [])
         if recorded.get("settings") not in (None, settings):
             earlier.append(recorded["settings"])
-        meta = {"written_by": "rollout.py --teacher", "settings": settings, "earlier_settings": earlier}
+        meta = {"written_by": kind.tool, "settings": settings, "earlier_settings": earlier}
         atomic_write_text(meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return done
 
@@ -609,11 +620,12 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def teacher_settings(args, taxonomy):
-    """What decides the answers in a teacher output: recorded in <out>.meta.json, compared on resume."""
-    sim = args.teacher == "sim"
+def teacher_settings(args, taxonomy, model_key="teacher"):
+    """What decides the answers in a teacher output: recorded in <out>.meta.json, compared on resume.
+    The checkpoint (or "sim") is args.<model_key>, recorded under that key."""
+    model = getattr(args, model_key)
     settings = {
-        "teacher": "sim" if sim else os.path.abspath(args.teacher),
+        model_key: "sim" if model == "sim" else os.path.abspath(model),
         "samples": args.samples, "seed": args.seed,
         "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
@@ -635,14 +647,15 @@ def _derived_seed(*parts):
 
 
 class CheckpointTeacher:
-    """A real checkpoint: chat template -> generate (prefix-shared n samples) -> decoded texts."""
+    """A real checkpoint: chat template -> generate (prefix-shared n samples) -> decoded texts.
+    `sampling`: SamplingParams whose stop_ids become the checkpoint's end-of-turn tokens."""
 
-    def __init__(self, args):
-        self.tokenizer = load_tokenizer(args.teacher)  # first: a missing directory is named before weights load
-        self.model = load_model(args.teacher, dtype=getattr(torch, args.dtype), device=args.device)
-        self.sampling = args.sampling(stop_ids_for(self.tokenizer))
-        self.template_kwargs = args.template_kwargs
-        self.device = args.device
+    def __init__(self, path, sampling, template_kwargs, device, dtype):
+        self.tokenizer = load_tokenizer(path)  # first: a missing directory is named before weights load
+        self.model = load_model(path, dtype=getattr(torch, dtype), device=device)
+        self.sampling = dataclasses.replace(sampling, stop_ids=tuple(stop_ids_for(self.tokenizer)))
+        self.template_kwargs = template_kwargs
+        self.device = device
 
     def answer(self, message_lists, n, seeds):
         """[[(text, finish_reason, n_tokens)] * n] per chat. One generate() call for the whole batch,
@@ -667,23 +680,30 @@ class SimulatedTeacher:
         return [[(text, "stop", 0) for text in self.sim.answer(messages, n)] for messages in message_lists]
 
 
-def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True, done=None):
-    """Stage 1 teacher labelling: render, sample n answers, append one whole line per user.
+def teacher_line(user, samples):
+    """A teacher output line: {"user_id", "samples": [{"text", "finish_reason"}]}."""
+    return {"user_id": user["user_id"], "samples": [{"text": text, "finish_reason": reason} for text, reason, _ in samples]}
 
-    Restartable: users already in `out_path` are skipped (`done`: the ids open_teacher_output
-    returned; None: open it here, without recording settings). Each user has its own seed (from
+
+def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True, done=None,
+                to_line=teacher_line, desc="teacher"):
+    """Stage 1 teacher labelling: render, sample n answers, append one whole line per user,
+    to_line(user, [(text, finish_reason, n_tokens)] * n) (predict.py writes profiles through it).
+
+    Restartable: users already in `out_path` are skipped (`done`: the ids open_output returned;
+    None: open it here as a teacher output, without recording settings). Each user has its own seed (from
     `seed` and its user_id); a checkpoint's samples depend on the seeds of its whole batch (batches
     are cut from the full user list, so a rerun reproduces an uninterrupted run except in the batch
     that was being written when it was killed). The simulated teacher's depend on the user only.
     Returns (users written, tokens generated).
     """
     if done is None:
-        done = open_teacher_output(out_path)
+        done = open_output(out_path)
     batches = [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
     todo = sum(1 for u in users if u["user_id"] not in done)
     if done:
-        print(f"{out_path}: {len(done)} users already labelled, {todo} to go", file=sys.stderr)
-    bar = Progress(todo, "teacher", "user", disable=not progress)
+        print(f"{out_path}: {len(done)} users already done, {todo} to go", file=sys.stderr)
+    bar = Progress(todo, desc, "user", disable=not progress)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as f:
@@ -694,9 +714,7 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
             seeds = [_derived_seed(seed, u["user_id"]) for u in batch]
             answers = teacher.answer([render_prompt(u, taxonomy) for u in batch], n, seeds)
             for user, samples in zip(batch, answers):
-                f.write(dumps_line({"user_id": user["user_id"], "samples": [
-                    {"text": text, "finish_reason": reason}
-                    for text, reason, _ in samples]}))
+                f.write(dumps_line(to_line(user, samples)))
                 n_tokens += sum(k for _, _, k in samples)
             f.flush()  # whole lines reach the file once per batch (a kill leaves at most one partial
             os.fsync(f.fileno())  # line, cut off by resume_output); one fsync per batch, not per user
@@ -777,11 +795,11 @@ def run_teacher(args):
                                       "--teacher": None if args.teacher == "sim" else args.teacher})
     taxonomy = load_taxonomy(args.taxonomy)
     users = read_users(args.users, taxonomy=taxonomy)
-    done = open_teacher_output(args.out, teacher_settings(args, taxonomy), args.force_resume)  # before loading weights
+    done = open_output(args.out, teacher_settings(args, taxonomy), args.force_resume)  # before loading weights
     if args.teacher == "sim":
         teacher = SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
-        teacher = CheckpointTeacher(args)
+        teacher = CheckpointTeacher(args.teacher, args.sampling(()), args.template_kwargs, args.device, args.dtype)
     t0 = time.perf_counter()
     written, n_tokens = label_users(teacher, users, taxonomy, args.out, args.samples, seed=args.seed,
                                     batch_users=args.batch_users, progress=args.progress, done=done)
