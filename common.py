@@ -49,13 +49,18 @@ class ConfigError(ValueError):
 def atomic_write_text(path, text):
     """Write a whole file atomically: a temp file in the same folder, fsync, rename over, fsync the folder.
     The file gets the mode a plain open() gives (0666 minus the umask), not mkstemp's private 0600."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path, data):
+    """atomic_write_text for bytes (a PNG, say)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
