@@ -13,20 +13,32 @@ gives, per τ, the mean over dimensions of P (over the dimensions where P is def
 Calibration: ECE over 10 bins of c/10 on the non-abstained predictions at τ = 0, correctness
 = (label == gold); AUROC of the same confidences for the same correctness.
 
+Thresholds for deployment (docs/design.md, "Thresholds"): per dimension the smallest τ in 1..10 whose
+precision's one-sided Wilson lower bound L (wilson_lower_bound, 95 % by default) reaches a target
+precision; no such τ: unreachable (the dimension abstains everywhere), reported with its best τ.
+Without labels: per dimension the smallest τ that keeps at most a target share of the users
+(coverage_threshold; precision unknown). predict.py applies the thresholds.
+
 CLI: python evaluate.py --predictions preds.jsonl --data test.jsonl --out DIR [--vote] [--weighting confidence|majority]
-     [--na-weight W]
-A predictions line is {"user_id", "profile": {dim: {"label", "confidence"}}} or {"user_id", "text"}
-(parsed with confprofile.parse_answer) or {"user_id", "samples": [{"text", ...}, ...]} (the first
-sample, or with --vote the Stage-1 vote of all samples: label ŷ, confidence = pooled confidence).
-Writes DIR/metrics.json, DIR/report.md and DIR/pr_curve.csv.
+     [--na-weight W] [--target-precision 0.9 [--dimension-targets '{"gender": 0.95}'] [--bound-level 0.95]]
+     [--thresholds thresholds.json]
+     python evaluate.py --predictions preds.jsonl --out DIR --target-coverage 0.3      (no labels)
+A predictions line is {"user_id", "profile": {dim: {"label", "confidence"}}} (predict.py's profiles
+too) or {"user_id", "text"} (parsed with confprofile.parse_answer) or {"user_id", "samples": [{"text",
+...}, ...]} (the first sample, or with --vote the Stage-1 vote of all samples: label ŷ, confidence =
+pooled confidence). Writes DIR/metrics.json, DIR/report.md (embedding DIR/pr_curve.png and
+DIR/reliability.png), DIR/pr_curve.csv; with a target, DIR/thresholds.json; with --thresholds, the
+precision, recall and recall cost at those τ in metrics.json ("at_thresholds") and report.md.
 """
 import dataclasses
 import json
 import math
 import os
+import statistics
 
 import common
 import confprofile
+import plots
 
 from common import ConfigError, atomic_write_text, check_fields, load_config, opt, run_cli
 
@@ -209,7 +221,8 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
         for tau in (0,) + tuple(taus):
             n_predicted, n_correct, n_gold = count_outcomes(pairs[dim], tau)
             p, r, f1 = precision_recall_f1(n_correct, n_predicted, n_gold)
-            curves[dim].append({"tau": tau, "precision": p, "recall": r, "f1": f1, "n_predicted": n_predicted})
+            curves[dim].append({"tau": tau, "precision": p, "recall": r, "f1": f1, "n_predicted": n_predicted,
+                                 "n_correct": n_correct})
         at0 = curves[dim][0]
         n_gold_na = sum(1 for g, _, _ in pairs[dim] if g == "NA")
         per_dimension[dim] = {
@@ -255,6 +268,136 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
         "confusion": {d: confusion_matrix(pairs[d], taxonomy["dimensions"][d]["classes"]) for d in dims},
         "curves": curves,
     }
+
+
+# -----------------------------------------------------------------------------
+# Thresholds for deployment: per dimension, the τ at which a label is kept (docs/design.md, "Thresholds")
+
+
+def one_sided_z(level):
+    """z = Φ⁻¹(level), the standard normal quantile of a one-sided bound at confidence `level`
+    (0.95 -> 1.6449)."""
+    return statistics.NormalDist().inv_cdf(level)
+
+
+def wilson_lower_bound(k, n, z):
+    """Wilson score lower bound of a binomial proportion p̂ = k / n:
+        L = (p̂ + z²/2n − z·√(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n)
+    With z = one_sided_z(0.95) = 1.645 the true proportion is ≥ L with about 95 % confidence. It stays
+    inside [0, 1] and is honest for small n and for p̂ = 1 (3 of 3 gives 0.53, not 1). None when n = 0."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))
+
+
+def _precision_at(row, z):
+    """{precision, precision_lower, recall, n_kept} of one curve row (one τ of one dimension)."""
+    return {"precision": row["precision"], "precision_lower": wilson_lower_bound(row["n_correct"], row["n_predicted"], z),
+            "recall": row["recall"], "n_kept": row["n_predicted"]}
+
+
+def choose_threshold(curve, target, z, taus=TAUS):
+    """One dimension's threshold for a target precision, from its labelled curve (evaluate()'s
+    curves[dim]: rows {"tau", "n_predicted", "n_correct", "precision", "recall"} for τ = 0..10):
+        τ* = min{τ ∈ 1..10 : L(correct_τ, kept_τ) ≥ target},  L = wilson_lower_bound
+    the smallest τ (the most recall) whose precision is claimed at the bound's confidence. A label
+    is kept when it is not NA and c ≥ τ (abstains), so every prediction of one confidence level is
+    kept or dropped together: τ moves in whole levels. Returns {"tau": τ* or None, "claimed", "target",
+    precision, precision_lower, recall, n_kept at τ*, "recall_no_threshold": recall at τ = 0}; when no
+    τ reaches the target (unreachable): "tau" None and the same figures at "best_tau", the τ with the
+    highest lower bound (the smallest such τ on a tie; None when nothing is ever kept)."""
+    rows = {r["tau"]: r for r in curve}
+    bounds = {t: wilson_lower_bound(rows[t]["n_correct"], rows[t]["n_predicted"], z) for t in taus}
+    reached = [t for t in taus if bounds[t] is not None and bounds[t] >= target]
+    if reached:
+        return {"tau": reached[0], "claimed": True, "target": target, **_precision_at(rows[reached[0]], z),
+                "recall_no_threshold": rows[0]["recall"]}
+    defined = [t for t in taus if bounds[t] is not None]
+    best = max(defined, key=lambda t: (bounds[t], -t)) if defined else None
+    nothing = {"precision": None, "precision_lower": None, "recall": None, "n_kept": 0}
+    return {"tau": None, "claimed": False, "target": target, "best_tau": best,
+            **(_precision_at(rows[best], z) if best is not None else nothing), "recall_no_threshold": rows[0]["recall"]}
+
+
+def choose_thresholds(curves, targets, z, taus=TAUS):
+    """choose_threshold for every dimension: targets {dim: target precision}."""
+    return {dim: choose_threshold(curve, targets[dim], z, taus) for dim, curve in curves.items()}
+
+
+def coverage_threshold(confidences, n_users, coverage, taus=TAUS):
+    """Label-free: one dimension's threshold from its confidences alone (precision unknown):
+        τ* = min{τ ∈ 1..10 : kept_τ / n ≤ coverage},  kept_τ = #{non-NA answers with c ≥ τ}
+    over n users, i.e. keep at most that share of the users, the most confident ones (whole levels:
+    ties stand or fall together). τ* = 10 when even τ = 10 keeps more. `confidences`: one per non-NA
+    answer (None for an answer without a confidence: kept at no τ ≥ 1). Returns {"tau",
+    "target_coverage", "coverage": kept / n at τ*, "n_kept", "n_users", "precision": None}."""
+    kept = {t: sum(1 for c in confidences if c is not None and c >= t) for t in taus}  # as abstains() keeps
+    share = {t: kept[t] / n_users if n_users else 0.0 for t in taus}
+    tau = next((t for t in taus if share[t] <= coverage), taus[-1])
+    return {"tau": tau, "target_coverage": coverage, "coverage": share[tau], "n_kept": kept[tau], "n_users": n_users,
+            "precision": None}
+
+
+def answer_confidences(pred_profiles, dims):
+    """{dim: [confidence of each non-NA answer]} over all profiles (a missing or invalid answer has none)."""
+    out = {d: [] for d in dims}
+    for profile in pred_profiles.values():
+        for d in dims:
+            entry = (profile or {}).get(d)
+            if entry is not None and entry["label"] not in (None, "NA"):
+                out[d].append(entry["confidence"])
+    return out
+
+
+def thresholds_applied(curves, taus):
+    """What deploying thresholds {dim: τ or None} costs on labelled predictions, per dimension: precision
+    and recall at τ (τ None: the dimension abstains everywhere: recall 0, precision undefined), recall
+    with no threshold (τ = 0) and the recall cost = R(0) − R(τ)."""
+    out = {}
+    for dim, curve in curves.items():
+        rows, tau = {r["tau"]: r for r in curve}, taus[dim]
+        at = rows[tau] if tau is not None else {"precision": None, "recall": 0.0 if rows[0]["recall"] is not None else None,
+                                               "n_predicted": 0}
+        r0 = rows[0]["recall"]
+        out[dim] = {"tau": tau, "precision": at["precision"], "recall": at["recall"], "n_kept": at["n_predicted"],
+                    "recall_no_threshold": r0, "recall_cost": None if r0 is None or at["recall"] is None else r0 - at["recall"]}
+    return out
+
+
+THRESHOLDS_NOTE_LABEL_FREE = ("precision unknown: these thresholds come from the confidences alone (no labels); "
+                              "they keep at most target_coverage of the users per dimension, the most confident ones")
+
+
+def read_thresholds(path, taxonomy):
+    """A thresholds.json (evaluate.py --target-precision / --target-coverage, or written by hand) ->
+    ({dim: τ or None}, the whole document): {"dimensions": {dim: {"tau": integer 0..10 or null}, ...}} with every dimension of
+    the taxonomy (τ null: the dimension abstains everywhere; τ 0: every non-NA label is kept). Errors
+    name the file and the field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise common.DataError(f"{path}: unreadable ({e}); expected the JSON evaluate.py writes") from None
+    dims = doc.get("dimensions") if isinstance(doc, dict) else None
+    if not isinstance(dims, dict):
+        raise common.DataError(f"{path}: dimensions: expected an object {{dim: {{\"tau\": 0..10 or null}}}}")
+    out = {}
+    for dim in taxonomy["dimensions"]:
+        entry = dims.get(dim)
+        if not isinstance(entry, dict) or "tau" not in entry:
+            raise common.DataError(f"{path}: dimensions.{dim}: missing; expected {{\"tau\": 0..10 or null}} for every "
+                                   f"dimension of the taxonomy")
+        tau = entry["tau"]
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, int) or not 0 <= tau <= 10):
+            raise common.DataError(f"{path}: dimensions.{dim}.tau: expected an integer 0..10 or null, got {tau!r}")
+        out[dim] = tau
+    unknown = sorted(set(dims) - set(taxonomy["dimensions"]))
+    if unknown:
+        raise common.DataError(f"{path}: dimensions: {unknown} not in the taxonomy; expected {list(taxonomy['dimensions'])}")
+    return out, doc
 
 
 # -----------------------------------------------------------------------------
@@ -358,9 +501,11 @@ def _fmt(x, digits=3):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def render_report(metrics, title="Evaluation"):
-    """report.md: per-dimension table, the τ sweep, the reliability table, confusion matrices."""
-    m = metrics
+def render_report(metrics, title="Evaluation", figures=None):
+    """report.md: per-dimension table, the τ sweep, the reliability table, confusion matrices; the
+    thresholds chosen (metrics["thresholds"]) or applied (metrics["at_thresholds"]) when there are any;
+    `figures` {"pr_curve": file, "reliability": file} embeds those PNGs (paths relative to report.md)."""
+    m, figures = metrics, figures or {}
     lines = [f"# {title}", "",
              f"users: {m['n_users']} (missing predictions: {m['n_missing']}); **avg F1 = {_fmt(m['avg_f1'])}**; "
              f"ECE = {_fmt(m['ece'])}; AUROC = {_fmt(m['auroc'])}; mean confidence = {_fmt(m['mean_confidence'], 2)}; "
@@ -381,10 +526,18 @@ def render_report(metrics, title="Evaluation"):
               "| τ | precision | recall | F1 | coverage |", "|---|---|---|---|---|"]
     for r in m["threshold_sweep"]:
         lines.append(f"| {r['tau']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {_fmt(r['coverage'])} |")
+    if "pr_curve" in figures:
+        lines += ["", f"![precision and recall against τ, per dimension]({figures['pr_curve']})"]
+    if m.get("thresholds"):
+        lines += ["", *render_thresholds(m["thresholds"])]
+    if m.get("at_thresholds"):
+        lines += ["", *render_thresholds_applied(m["at_thresholds"])]
     lines += ["", "## Reliability (non-abstained predictions at τ = 0, all dimensions)", "",
               "| c/10 bin | n | mean c/10 | accuracy |", "|---|---|---|---|"]
     for r in m["reliability"]:
         lines.append(f"| {r['bin']} | {r['n']} | {_fmt(r['mean_confidence'])} | {_fmt(r['accuracy'])} |")
+    if "reliability" in figures:
+        lines += ["", f"![reliability: accuracy per bin of stated confidence, with counts]({figures['reliability']})"]
     lines += ["", f"## Confusion matrices (rows: gold, columns: predicted; {NO_PREDICTION} = no valid prediction)"]
     for dim, matrix in m["confusion"].items():
         columns = list(next(iter(matrix.values())))
@@ -393,6 +546,37 @@ def render_report(metrics, title="Evaluation"):
         for gold, row in matrix.items():
             lines.append(f"| {gold} | " + " | ".join(str(row[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def render_thresholds(doc):
+    """The thresholds.json just written, as a markdown section."""
+    if doc["method"] == "coverage":
+        lines = [f"## Thresholds chosen: keep at most {doc['target_coverage']:.0%} of the users per dimension "
+                 "(thresholds.json)", "", doc["note"], "", "| dimension | τ | coverage | kept | users |", "|---|---|---|---|---|"]
+        for dim, r in doc["dimensions"].items():
+            lines.append(f"| {dim} | {r['tau']} | {_fmt(r['coverage'])} | {r['n_kept']} | {r['n_users']} |")
+        return lines
+    lines = [f"## Thresholds chosen (thresholds.json): smallest τ whose precision's one-sided "
+             f"{doc['bound_level']:.0%} Wilson lower bound reaches the target", "",
+             "| dimension | target | τ | precision | lower bound | recall | recall at τ = 0 | kept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for dim, r in doc["dimensions"].items():
+        tau = str(r["tau"]) if r["claimed"] else f"unreachable (best τ = {r['best_tau'] if r['best_tau'] is not None else '—'})"
+        lines.append(f"| {dim} | {r['target']:.2f} | {tau} | {_fmt(r['precision'])} | {_fmt(r['precision_lower'])} | "
+                     f"{_fmt(r['recall'])} | {_fmt(r['recall_no_threshold'])} | {r['n_kept']} |")
+    return lines
+
+
+def render_thresholds_applied(applied):
+    """thresholds_applied() as a markdown section."""
+    lines = [f"## At the thresholds of {applied['path']}", "",
+             "| dimension | τ | claimed there | precision | recall | recall at τ = 0 | recall cost | kept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for dim, r in applied["dimensions"].items():
+        claimed = {True: "yes", False: "no", None: "—"}[r.get("claimed")]
+        lines.append(f"| {dim} | {'—' if r['tau'] is None else r['tau']} | {claimed} | {_fmt(r['precision'])} | "
+                     f"{_fmt(r['recall'])} | {_fmt(r['recall_no_threshold'])} | {_fmt(r['recall_cost'])} | {r['n_kept']} |")
+    return lines
 
 
 def render_pr_curve(metrics):
@@ -413,15 +597,86 @@ def render_pr_curve(metrics):
 @dataclasses.dataclass
 class EvaluateConfig:
     predictions: str = opt("", "predictions JSONL: one line per user with profile, text or samples", nonempty=True)
-    data: str = opt("", "users JSONL with gold labels (e.g. test.jsonl)", nonempty=True)
-    out: str = opt("", "output folder for metrics.json, report.md, pr_curve.csv", nonempty=True)
+    data: str = opt("", "users JSONL with gold labels (e.g. test.jsonl); may be left out with --target-coverage only")
+    out: str = opt("", "output folder for metrics.json, report.md, pr_curve.csv, the figures, thresholds.json", nonempty=True)
     vote: bool = opt(False, "with samples: the Stage-1 vote of all samples instead of the first")
     weighting: str = opt("confidence", "vote weighting", choices=confprofile.WEIGHTINGS)
     na_weight: float = opt(1.0, "weight of the NA votes (rl.py's na_weight)", min=0)
     taxonomy: str = opt("", "taxonomy JSON (empty: taxonomy.json of the repository)")
+    target_precision: float = opt(0.0, "choose per-dimension thresholds reaching this precision -> OUT/thresholds.json "
+                                       "(0 = none)", min=0, max=1)
+    dimension_targets: dict = opt({}, 'per-dimension precision targets, e.g. {"gender": 0.95}; the other dimensions '
+                                      "take --target-precision")
+    bound_level: float = opt(0.95, "one-sided confidence level of the Wilson lower bound a claimed precision must "
+                                   "reach", gt=0.5, lt=1)
+    target_coverage: float = opt(0.0, "label-free thresholds: per dimension the smallest τ that keeps at most this "
+                                      "share of the users -> OUT/thresholds.json (0 = none)", min=0, max=1)
+    thresholds: str = opt("", "a thresholds.json to apply: precision, recall and the recall cost at its τ per dimension")
 
     def __post_init__(self):
         check_fields(self, "evaluate")
+        if self.target_coverage and (self.target_precision or self.dimension_targets):
+            raise ConfigError("give either --target-precision / --dimension-targets (labelled) or --target-coverage "
+                              "(label-free), not both: each writes thresholds.json")
+        if not self.data and not self.target_coverage:
+            raise ConfigError("--data: expected the labelled users (only --target-coverage works without labels)")
+        if not self.data and self.thresholds:
+            raise ConfigError("--thresholds: measuring thresholds needs --data (labelled users)")
+
+
+def precision_targets(args, dims):
+    """{dim: target precision} from --target-precision and --dimension-targets; None when neither is given."""
+    if not args.target_precision and not args.dimension_targets:
+        return None
+    for dim, target in args.dimension_targets.items():
+        if dim not in dims:
+            raise ConfigError(f"dimension_targets: {dim!r} is not a dimension; expected some of {list(dims)}")
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+            raise ConfigError(f"dimension_targets.{dim}: expected a precision in (0, 1], got {target!r}")
+    missing = [d for d in dims if d not in args.dimension_targets and not args.target_precision]
+    if missing:
+        raise ConfigError(f"dimension_targets: no target for {missing}; list them or give --target-precision")
+    return {d: float(args.dimension_targets.get(d, args.target_precision)) for d in dims}
+
+
+def thresholds_document(args, per_dimension, z=None):
+    """thresholds.json: how the thresholds were chosen, from what, and per dimension τ with its figures."""
+    common_keys = {"predictions": args.predictions, "data": args.data or None, "vote": args.vote}
+    if args.target_coverage:
+        return {"method": "coverage", "rule": "per dimension the smallest τ in 1..10 keeping at most target_coverage of "
+                "the users (non-NA answers with confidence ≥ τ)", "note": THRESHOLDS_NOTE_LABEL_FREE,
+                "target_coverage": args.target_coverage, **common_keys, "dimensions": per_dimension}
+    return {"method": "wilson_lower_bound", "rule": "per dimension the smallest τ in 1..10 whose precision's one-sided "
+            "Wilson lower bound reaches the target; tau null: unreachable, the dimension abstains everywhere "
+            "(best_tau: the τ with the highest bound)", "bound_level": args.bound_level, "z": z,
+            "target_precision": args.target_precision or None, "dimension_targets": args.dimension_targets,
+            **common_keys, "dimensions": per_dimension}
+
+
+def prediction_ids(path):
+    """The user ids of a predictions file (what load_predictions checks lines against when there is no --data)."""
+    return {r.get("user_id") for _, _, r in common.iter_jsonl(path, strict=True) if isinstance(r, dict)}
+
+
+def write_figures(metrics, out):
+    """pr_curve.png and reliability.png next to report.md; returns {name: file name} for render_report."""
+    plots.save_png(plots.precision_recall_figure(metrics["curves"]), os.path.join(out, "pr_curve.png"))
+    plots.save_png(plots.reliability_figure(metrics["reliability"]), os.path.join(out, "reliability.png"))
+    return {"pr_curve": "pr_curve.png", "reliability": "reliability.png"}
+
+
+def _threshold_summary(doc):
+    """One line per run: each dimension's τ (or why none)."""
+    parts = []
+    for dim, r in doc["dimensions"].items():
+        if doc["method"] == "coverage":
+            parts.append(f"{dim} τ={r['tau']} (keeps {r['coverage']:.2f})")
+        elif r["claimed"]:
+            parts.append(f"{dim} τ={r['tau']} (P {r['precision']:.3f} ≥ {r['precision_lower']:.3f})")
+        else:
+            parts.append(f"{dim} unreachable (best τ={r['best_tau']}: P {_fmt(r['precision'])} ≥ "
+                         f"{_fmt(r['precision_lower'])}, R {_fmt(r['recall'])})")
+    return "; ".join(parts)
 
 
 def main(argv=None):
@@ -429,21 +684,58 @@ def main(argv=None):
     if rest:
         raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
     taxonomy = confprofile.load_taxonomy(args.taxonomy or None)
+    dims = list(taxonomy["dimensions"])
+    targets = precision_targets(args, dims)
+    applied = read_thresholds(args.thresholds, taxonomy) if args.thresholds else None
+    if not args.data:  # label-free thresholds only
+        preds, _, _ = load_predictions(args.predictions, taxonomy, prediction_ids(args.predictions), args.vote,
+                                       args.weighting, args.na_weight)
+        confidences = answer_confidences(preds, dims)
+        doc = thresholds_document(args, {d: coverage_threshold(confidences[d], len(preds), args.target_coverage)
+                                         for d in dims})
+        atomic_write_text(os.path.join(args.out, "thresholds.json"), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        print(f"thresholds -> {os.path.join(args.out, 'thresholds.json')} (precision unknown): {_threshold_summary(doc)}")
+        return doc
     users = confprofile.read_users(args.data, require_labels=True, taxonomy=taxonomy)
     preds, n_answers, n_failures = load_predictions(args.predictions, taxonomy, {u["user_id"] for u in users},
                                                     args.vote, args.weighting, args.na_weight)
     metrics = evaluate(preds, users, taxonomy, format_failure_rate=n_failures / n_answers if n_answers else 0.0)
     metrics["inputs"] = {"predictions": args.predictions, "data": args.data, "vote": args.vote,
                          "weighting": args.weighting, "na_weight": args.na_weight, "n_answers": n_answers}
+    if targets or args.target_coverage:
+        if targets:
+            z = one_sided_z(args.bound_level)
+            doc = thresholds_document(args, choose_thresholds(metrics["curves"], targets, z), z)
+        else:
+            confidences = answer_confidences(preds, dims)
+            doc = thresholds_document(args, {d: coverage_threshold(confidences[d], len(preds), args.target_coverage)
+                                             for d in dims})
+        atomic_write_text(os.path.join(args.out, "thresholds.json"), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        metrics["thresholds"] = doc
+    if applied:
+        taus, doc = applied
+        at = thresholds_applied(metrics["curves"], taus)
+        for dim, r in at.items():
+            claimed = (doc["dimensions"].get(dim) or {}).get("claimed")
+            r["claimed"] = claimed if isinstance(claimed, bool) else None
+        metrics["at_thresholds"] = {"path": args.thresholds, "dimensions": at}
+    figures = write_figures(metrics, args.out)
     summary = {k: v for k, v in metrics.items() if k != "curves"}
     atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}"))
+    atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}",
+                                                                         figures))
     atomic_write_text(os.path.join(args.out, "pr_curve.csv"), render_pr_curve(metrics))
     sweep = " ".join(f"{r['tau']}:{_fmt(r['precision'], 2)}" for r in metrics["threshold_sweep"])
     print(f"avg_f1 {metrics['avg_f1']:.4f} | ece {_fmt(metrics['ece'])} | auroc {_fmt(metrics['auroc'])} | "
           f"format failures {metrics['format_failure_rate']:.3f} | missing {metrics['n_missing']} | "
           + (f"unlabelled (user, dim) {metrics['n_unlabelled']} | " if metrics["n_unlabelled"] else "")
           + f"precision@tau {sweep}")
+    if metrics.get("thresholds"):
+        print(f"thresholds -> {os.path.join(args.out, 'thresholds.json')}: {_threshold_summary(metrics['thresholds'])}")
+    if applied:
+        print("at " + args.thresholds + ": " + "; ".join(
+            f"{d} τ={r['tau']} P {_fmt(r['precision'])} R {_fmt(r['recall'])} (cost {_fmt(r['recall_cost'])})"
+            for d, r in metrics["at_thresholds"]["dimensions"].items()))
     return metrics
 
 

@@ -22,7 +22,8 @@ What it does, and why:
   and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly.
 * The final checkpoint is `output_dir` itself, an HF directory (config.json, model.safetensors,
   tokenizer + chat template) that transformers, rollout.py and rl.py load as is. The resolved
-  training config goes to output_dir/sft_config.json, metrics to output_dir/metrics.jsonl, the
+  training config goes to output_dir/sft_config.json, metrics to output_dir/metrics.jsonl (drawn at
+  the end in output_dir/training_curves.png: train and eval loss), the
   resumable state to output_dir/train_state/ (common.save_training_state: safetensors + JSON, removed
   once the run is finished; a resume with other settings or data is refused, naming what differs).
 * `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
@@ -48,6 +49,7 @@ from common import (DEVICE, ConfigError, Progress, all_reduce_sum, append_jsonl,
                     load_training_state, lr_at, neutralize_messages, open_metrics, opt, run_record, save_config,
                     save_training_state, setup_run, stop_ids_for, unwrap)
 from model import ModelArgs, Transformer, init_weights, load_model, save_model
+from plots import draw_training_curves
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -519,7 +521,8 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
     if main_process:
         save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model)
         shutil.rmtree(state_dir, ignore_errors=True)  # finished: the resumable state (3x the model) is dead weight
-        print(f"saved the final checkpoint to {cfg.output_dir}", flush=True)
+        print(f"saved the final checkpoint to {cfg.output_dir}; training curves: "
+              f"{draw_training_curves(cfg.output_dir)}", flush=True)
     barrier()
     return cfg.output_dir
 
