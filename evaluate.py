@@ -426,7 +426,9 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
     a user_id that is not in the evaluation data, a duplicate user_id, a line with none of profile /
     text / samples, and in a profile an entry that is not an object or null, a label that is no class
     (labels match up to case and separators, as parse_answer's do: "Male" is read as "male"), or a
-    confidence that is not a number 0..10 (1e9 or -3 would otherwise skew ECE or abstain silently)."""
+    confidence that is not a number 0..10 (1e9 or -3 would otherwise skew ECE or abstain silently).
+    A format failure is a text that does not parse, or a profile that is null or whose line says
+    "format_ok": false (predict.py's lines: the answer behind the profile did not parse)."""
     pred_profiles, first_line = {}, {}
     n_answers = n_failures = 0
     for lineno, where, record in common.iter_jsonl(path, expected="one prediction object per line", strict=True):
@@ -445,7 +447,7 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
             if profile is not None:
                 profile = checked_profile(profile, taxonomy, where)
             n_answers += 1
-            n_failures += profile is None
+            n_failures += profile is None or record.get("format_ok") is False  # predict.py's lines say whether the text parsed
             pred_profiles[uid] = profile
         elif "text" in record:
             parsed = confprofile.parse_answer(record["text"], taxonomy)

@@ -215,13 +215,15 @@ def sweep_table(rows):
 
 
 def thresholds_table(doc, applied):
-    """Per dimension: τ chosen on dev (or unreachable), its dev precision and lower bound, and on the test
-    users the precision, the recall and its cost (recall at τ = 0 minus recall at τ)."""
+    """Per dimension: τ chosen on dev (or unreachable: then the dev figures are the best τ's, and the
+    dimension abstains on test), its dev precision and lower bound, and on the test users the precision,
+    the recall and its cost (recall at τ = 0 minus recall at τ)."""
     lines = ["| dimension | τ (dev) | dev precision | dev lower bound | test precision | test recall | "
-             "recall at τ = 0 | recall cost |", "|---" * 9 + "|"]
+             "recall at τ = 0 | recall cost |", "|---" * 8 + "|"]
     for dim, d in doc["dimensions"].items():
         t = applied["dimensions"][dim]
-        tau = str(d["tau"]) if d["claimed"] else f"unreachable (best {d['best_tau']})"
+        best = f" (best τ {d['best_tau']})" if d.get("best_tau") is not None else ""
+        tau = str(d["tau"]) if d["claimed"] else "unreachable" + best
         dev_p, dev_l = _pct(d["precision"]), _pct(d["precision_lower"])
         lines.append(f"| {dim} | {tau} | {dev_p} | {dev_l} | {_pct(t['precision'])} | {_pct(t['recall'])} | "
                      f"{_pct(t['recall_no_threshold'])} | {_pct(t['recall_cost'])} |")
@@ -311,7 +313,8 @@ def run_demo(cfg):
     if cfg.target_precision:
         # Thresholds for deployment: chosen on a labelled dev world of its own, then applied to the test users.
         tdir, dev_world = os.path.join(out, "thresholds"), os.path.join(out, "thresholds", "dev_world")
-        _stage("dev_world", ["profilebench.py", "--out", dev_world, "--n-train", 0, "--n-test", cfg.n_dev, "--seed",
+        # Its test users are the dev users; its 10 train users are unused (the command of docs/results.md, "Thresholds").
+        _stage("dev_world", ["profilebench.py", "--out", dev_world, "--n-train", 10, "--n-test", cfg.n_dev, "--seed",
                              cfg.seed + DEV_SEED_OFFSET], out, log)
         _stage("predict_dev", ["predict.py", "--model", rl_dir, "--users", f"{dev_world}/test.jsonl", "--max-new-tokens",
                                cfg.eval_max_new_tokens, "--out", f"{tdir}/dev_profiles.jsonl"], out, log)

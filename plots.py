@@ -125,9 +125,11 @@ def moving_average(values, half_width):
     prefix = [0.0]
     for v in values:
         prefix.append(prefix[-1] + v)
-    n = len(values)
-    return [(prefix[min(n, i + half_width + 1)] - prefix[max(0, i - half_width)]) / (min(n, i + half_width + 1) - max(0, i - half_width))
-            for i in range(n)]
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half_width), min(len(values), i + half_width + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
+    return out
 
 
 def training_curves_figure(records, title=""):

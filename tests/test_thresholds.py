@@ -156,6 +156,17 @@ def test_cli_writes_thresholds_json_and_applies_it(files):
     assert "## At the thresholds of" in (d / "test" / "report.md").read_text()
 
 
+def test_profile_lines_that_say_their_answer_did_not_parse_count_as_format_failures(files):
+    d, tax, data, preds = files
+    lines = [json.loads(x) for x in open(preds, encoding="utf-8")]
+    for x in lines[:3]:
+        x["format_ok"] = False
+    lines[3]["format_ok"] = True
+    common.write_jsonl(preds, lines)
+    m = evaluate.main(["--predictions", preds, "--data", data, "--out", str(d / "f"), "--taxonomy", tax])
+    assert m["format_failure_rate"] == pytest.approx(3 / 40)
+
+
 def test_cli_label_free_thresholds_say_precision_is_unknown(files):
     d, tax, _, preds = files
     doc = evaluate.main(["--predictions", preds, "--out", str(d / "free"), "--taxonomy", tax, "--target-coverage", "0.3"])
