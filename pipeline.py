@@ -313,7 +313,7 @@ def run_demo(cfg):
     if cfg.target_precision:
         # Thresholds for deployment: chosen on a labelled dev world of its own, then applied to the test users.
         tdir, dev_world = os.path.join(out, "thresholds"), os.path.join(out, "thresholds", "dev_world")
-        # Its test users are the dev users; its 10 train users are unused (the command of docs/results.md, "Thresholds").
+        # Its test users are the dev users (its 10 train users go unused), as in the command of docs/results.md.
         _stage("dev_world", ["profilebench.py", "--out", dev_world, "--n-train", 10, "--n-test", cfg.n_dev, "--seed",
                              cfg.seed + DEV_SEED_OFFSET], out, log)
         _stage("predict_dev", ["predict.py", "--model", rl_dir, "--users", f"{dev_world}/test.jsonl", "--max-new-tokens",
