@@ -847,7 +847,6 @@ def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
     """Model, optimizer, step, RNG states and `extra` (JSON: data position, ...) in dir `path`, atomically:
     written to path.tmp and fsynced, then renamed, so a kill or a crash at any moment leaves the previous
     state or the new one. `made_by` (JSON, run_record) is stored as is: what produced the state."""
-
     path = os.path.abspath(path)
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -898,7 +897,6 @@ def read_training_state(path):
 
 def load_training_state(path, model, optimizer):
     """Restore what save_training_state wrote (and RNG states); returns (step, extra)."""
-
     path, state = read_training_state(path)
     device = next(unwrap(model).parameters()).device
     load_model(unwrap(model), os.path.join(path, "model.safetensors"), strict=True, device=str(device))

@@ -325,7 +325,7 @@ class PrefixSharedCache:
         The group of H / n_kv query heads that share a kv head is one matrix against that head's keys
         (no K/V expansion, no per-head copies)."""
         slot, S, later = mask
-        if later is None:  # lockstep: every row writes slot S - 1, a plain slice (an index_put costs 3x)
+        if later is None:  # lockstep: every row writes slot S - 1, a plain slice (cheaper than an index_put)
             self.k[layer, :, :, S - 1] = k[:, 0]
             self.v[layer, :, :, S - 1] = v[:, 0]
         else:

@@ -252,7 +252,7 @@ def run_demo(cfg):
     os.makedirs(out, exist_ok=True)
     save_config(cfg, out, "demo_config.json")
     # A tiny model's matmuls do not split well over threads: on 2 cores, 2 data-parallel processes of
-    # one thread each train ~2x faster than one process with 2 threads.
+    # one thread each train faster than one process with 2 threads.
     # --standalone: torchrun picks a free port, so two demos (or a demo and the tests) can run at once.
     launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
     taxonomy = load_taxonomy()

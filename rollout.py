@@ -25,7 +25,7 @@ How `generate` works, in the order it happens:
    The loop ends as soon as every row has finished.
 
 On CPU in float32 the whole call runs the model's Linear layers through oneDNN on weights packed
-once on entry (onednn_linears: 1.16x on the demo's decode); a torch.compile'd model decodes on a
+once on entry (onednn_linears; docs/benchmarks.md); a torch.compile'd model decodes on a
 fixed-shape cache so each step can replay as a CUDA graph (model.PrefixSharedCache, static).
 
 Sampling: temperature T (T = 0 is greedy), then top-k, then top-p (nucleus), then one categorical
@@ -174,8 +174,8 @@ def sample_categorical(logits, generator=None):
     """One draw per row from softmax(logits) by inverse CDF: the first index whose cumulative
     probability exceeds u ~ U(0, total). Tokens at -inf (probability 0) are never drawn.
 
-    One random number per row (on CPU torch.multinomial is ~20x slower and Gumbel noise for every
-    vocabulary entry ~15x); no host sync on GPU. The CDF is walked in two levels, because a cumsum over
+    One random number per row (on CPU torch.multinomial, and Gumbel noise for every vocabulary entry,
+    are much slower); no host sync on GPU. The CDF is walked in two levels, because a cumsum over
     the whole vocabulary is one long sequential pass (as slow as the softmax itself): sum blocks of
     ~sqrt(V) probabilities, pick the block whose cumulative mass exceeds u, then the token by a cumsum
     inside that block only. Same distribution; only the summation order differs.
@@ -282,11 +282,10 @@ def onednn_linears(model):
     """On CPU in float32: run the model's nn.Linear layers through oneDNN on weights packed once per call.
 
     torch's fp32 F.linear on CPU is MKL's GEMM. At decode shapes (64 rows x 256-768 features, each
-    weight read once per step) oneDNN on a weight reordered once into its blocked layout ran 25 % faster
-    on our 2-core AMD CPU (48 % for the demo's 4096 x 256 lm_head; MKL's own prepacked GEMM gained only
-    ~10 %), and a whole demo generate() 1.16x faster. These are the ops torch.compile's CPU backend uses
+    weight read once per step) oneDNN on a weight reordered once into its blocked layout is faster than
+    MKL's GEMM, plain or prepacked (docs/benchmarks.md, "Sampler vs transformers"). These are the ops torch.compile's CPU backend uses
     for frozen Linear layers (torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise); the result
-    differs from F.linear by summation order only (~1e-6 relative). Costs one packed copy of the
+    differs from F.linear by summation order only (about 1e-6 relative). Costs one packed copy of the
     weights while it is active. A no-op elsewhere (GPU, bf16, a torch without mkldnn, a torch.compile'd
     model, which the compiler packs itself): the model runs as it is.
     """

@@ -156,7 +156,7 @@ def build_demo_student(texts, out_dir, vocab_size=4096, hidden=256, layers=4, he
     tok = Tokenizer(models.BPE())
     # Pieces may span words (no whitespace split, like SentencePiece's split_by_whitespace=false), so the
     # corpus' frequent phrases -- instruction lines, JSON keys, whole keyphrases ("fishing gear tips") --
-    # become single tokens: sequences are ~2.5x shorter than with GPT-2 word splitting, which is what
+    # become single tokens: sequences are much shorter than with GPT-2 word splitting, which is what
     # lets a from-scratch student train on a CPU in minutes. Pieces never cross a line end (so the
     # generation prompt "...assistant\n" stays a token prefix of the full chat), start at a quote (JSON
     # values are their own pieces) and keep numbers apart (a confidence is one token of its own).

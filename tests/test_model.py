@@ -230,7 +230,6 @@ def test_missing_unexpected_or_misshapen_tensor_is_an_error_naming_it(checkpoint
 def test_checkpoints_are_fsynced_before_they_replace_the_old_ones(tmp_path, monkeypatch):
     """#13 item 13: the final checkpoint and the resumable training state reach the disk (fsync) before
     the rename that makes them current, and their folder after it: a crash cannot leave a torn file."""
-
     synced = []
     real_fsync = os.fsync
 

@@ -219,7 +219,6 @@ def test_resume_after_kill_is_bit_exact(world):
 def test_training_state_round_trips_through_safetensors_and_json(tmp_path, dtype):
     """#13 item 2: model (tied weights), AdamW / AdamWBF16 state and every RNG state come back exactly,
     from safetensors and JSON only: the same next step, bit for bit, and the same random numbers."""
-
     args = ModelArgs(model_type="qwen3", vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
                      intermediate_size=32, qk_norm=True, tie_embeddings=True)
     cfg = types.SimpleNamespace(lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95)
