@@ -307,6 +307,7 @@ def run_demo(cfg):
           "## Precision / recall over the confidence threshold τ", "",
           sweep_table(named[2:]), "", "After SFT + RL, per dimension:", "",
           "![precision and recall against τ after SFT + RL](eval/student_rl/pr_curve.png)", "",
+          "![reliability after SFT + RL: accuracy per bin of stated confidence, with counts](eval/student_rl/reliability.png)", "",
           "## Training curves", "", "![SFT: train and eval loss](sft/training_curves.png)", "",
           "![RL: reward, agreement, NA rate, mean stated confidence](rl/training_curves.png)", ""]
 
