@@ -14,13 +14,13 @@ Calibration: ECE over 10 bins of c/10 on the non-abstained predictions at τ = 0
 = (label == gold); AUROC of the same confidences for the same correctness.
 
 Thresholds for deployment (docs/design.md, "Thresholds"): per dimension the smallest τ in 1..10 whose
-precision's one-sided Wilson lower bound L (wilson_lower_bound, 95 % by default) reaches a target
-precision; no such τ: unreachable (the dimension abstains everywhere), reported with its best τ.
+precision's one-sided Wilson lower bound L (wilson_lower_bound, 95 % by default, Bonferroni-corrected
+over the levels searched: bonferroni_z) reaches a target precision; no such τ: unreachable (the dimension abstains everywhere), reported with its best τ.
 Without labels: per dimension the smallest τ that keeps at most a target share of the users
 (coverage_threshold; precision unknown). predict.py applies the thresholds.
 
 CLI: python evaluate.py --predictions preds.jsonl --data test.jsonl --out DIR [--vote] [--weighting confidence|majority]
-     [--na-weight W] [--target-precision 0.9 [--dimension-targets '{"gender": 0.95}'] [--bound-level 0.95]]
+     [--na-weight W] [--target-precision 0.9 [--dimension-targets '{"gender": 0.95}'] [--bound-level 0.95] [--bound-correction bonferroni|none]]
      [--thresholds thresholds.json]
      python evaluate.py --predictions preds.jsonl --out DIR --target-coverage 0.3      (no labels)
 A predictions line is {"user_id", "profile": {dim: {"label", "confidence"}}} (predict.py's profiles
@@ -293,38 +293,69 @@ def wilson_lower_bound(k, n, z):
     return max(0.0, (centre - spread) / (1 + z * z / n))
 
 
+def levels_searched(curve, taus=TAUS):
+    """m, the number of distinct hypotheses the threshold rule tests on one dimension's curve: the
+    distinct non-empty kept sets over τ ∈ taus,
+        m = #{τ ∈ taus : kept_τ > 0 and (τ is the first of taus or kept_τ ≠ kept_τ')},  τ' = the τ before it
+    The kept sets are nested (a higher τ keeps a subset), so equal counts mean the same set, and two τ
+    keeping the same labels are one hypothesis, not two."""
+    kept = {r["tau"]: r["n_predicted"] for r in curve}
+    return sum(1 for i, t in enumerate(taus) if kept[t] > 0 and (i == 0 or kept[t] != kept[taus[i - 1]]))
+
+
+def bonferroni_z(level, m):
+    """The z of a one-sided bound that holds for m hypotheses at once (Bonferroni):
+        z = Φ⁻¹(1 − (1 − level) / m)
+    each of the m levels is bounded at error (1 − level)/m, so the chance that any of them (and hence the
+    one chosen) overstates its precision is at most 1 − level. m = 1 is one_sided_z(level); 0.95 over
+    m = 10 levels gives 2.5758, over 3 gives 2.1280."""
+    return one_sided_z(1 - (1 - level) / max(m, 1))
+
+
 def _precision_at(row, z):
     """{precision, precision_lower, recall, n_kept} of one curve row (one τ of one dimension)."""
     return {"precision": row["precision"], "precision_lower": wilson_lower_bound(row["n_correct"], row["n_predicted"], z),
             "recall": row["recall"], "n_kept": row["n_predicted"]}
 
 
-def choose_threshold(curve, target, z, taus=TAUS):
+CORRECTIONS = ("bonferroni", "none")
+
+
+def choose_threshold(curve, target, level=0.95, correction="bonferroni", taus=TAUS):
     """One dimension's threshold for a target precision, from its labelled curve (evaluate()'s
     curves[dim]: rows {"tau", "n_predicted", "n_correct", "precision", "recall"} for τ = 0..10):
-        τ* = min{τ ∈ 1..10 : L(correct_τ, kept_τ) ≥ target},  L = wilson_lower_bound
-    the smallest τ (the most recall) whose precision is claimed at the bound's confidence. A label
-    is kept when it is not NA and c ≥ τ (abstains), so every prediction of one confidence level is
-    kept or dropped together: τ moves in whole levels. Returns {"tau": τ* or None, "claimed", "target",
+        τ* = min{τ ∈ 1..10 : L(correct_τ, kept_τ; z) ≥ target},  L = wilson_lower_bound
+        z = bonferroni_z(level, m), m = levels_searched(curve)   (correction "bonferroni")
+        z = one_sided_z(level)                                    (correction "none": per level only)
+    the smallest τ (the most recall) whose precision is claimed at the bound's confidence. The rule
+    looks at every level and keeps the first that passes, so the bound must hold for all m levels at
+    once, or a level that was lucky on the dev set is the one chosen. A label is kept when it is not NA
+    and c ≥ τ (abstains), so every prediction of one confidence level is kept or dropped together: τ
+    moves in whole levels. Returns {"tau": τ* or None, "claimed", "target", "levels_searched": m, "z",
     precision, precision_lower, recall, n_kept at τ*, "recall_no_threshold": recall at τ = 0}; when no
     τ reaches the target (unreachable): "tau" None and the same figures at "best_tau", the τ with the
     highest lower bound (the smallest such τ on a tie; None when nothing is ever kept)."""
+    if correction not in CORRECTIONS:
+        raise ConfigError(f"bound_correction: expected one of {list(CORRECTIONS)}, got {correction!r}")
     rows = {r["tau"]: r for r in curve}
+    m = levels_searched(curve, taus)
+    z = bonferroni_z(level, m) if correction == "bonferroni" else one_sided_z(level)
     bounds = {t: wilson_lower_bound(rows[t]["n_correct"], rows[t]["n_predicted"], z) for t in taus}
     reached = [t for t in taus if bounds[t] is not None and bounds[t] >= target]
+    searched = {"levels_searched": m, "z": z}
     if reached:
-        return {"tau": reached[0], "claimed": True, "target": target, **_precision_at(rows[reached[0]], z),
+        return {"tau": reached[0], "claimed": True, "target": target, **searched, **_precision_at(rows[reached[0]], z),
                 "recall_no_threshold": rows[0]["recall"]}
     defined = [t for t in taus if bounds[t] is not None]
     best = max(defined, key=lambda t: (bounds[t], -t)) if defined else None
     nothing = {"precision": None, "precision_lower": None, "recall": None, "n_kept": 0}
-    return {"tau": None, "claimed": False, "target": target, "best_tau": best,
+    return {"tau": None, "claimed": False, "target": target, **searched, "best_tau": best,
             **(_precision_at(rows[best], z) if best is not None else nothing), "recall_no_threshold": rows[0]["recall"]}
 
 
-def choose_thresholds(curves, targets, z, taus=TAUS):
+def choose_thresholds(curves, targets, level=0.95, correction="bonferroni", taus=TAUS):
     """choose_threshold for every dimension: targets {dim: target precision}."""
-    return {dim: choose_threshold(curve, targets[dim], z, taus) for dim, curve in curves.items()}
+    return {dim: choose_threshold(curve, targets[dim], level, correction, taus) for dim, curve in curves.items()}
 
 
 def coverage_threshold(confidences, n_users, coverage, taus=TAUS):
@@ -558,14 +589,16 @@ def render_thresholds(doc):
         for dim, r in doc["dimensions"].items():
             lines.append(f"| {dim} | {r['tau']} | {_fmt(r['coverage'])} | {r['n_kept']} | {r['n_users']} |")
         return lines
+    over = " over the levels searched (Bonferroni)" if doc.get("correction") == "bonferroni" else " per level"
     lines = [f"## Thresholds chosen (thresholds.json): smallest τ whose precision's one-sided "
-             f"{doc['bound_level']:.0%} Wilson lower bound reaches the target", "",
-             "| dimension | target | τ | precision | lower bound | recall | recall at τ = 0 | kept |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{doc['bound_level']:.0%} Wilson lower bound{over} reaches the target", "",
+             "| dimension | target | τ | precision | lower bound | recall | recall at τ = 0 | kept | levels | z |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for dim, r in doc["dimensions"].items():
         tau = str(r["tau"]) if r["claimed"] else f"unreachable (best τ = {r['best_tau'] if r['best_tau'] is not None else '—'})"
         lines.append(f"| {dim} | {r['target']:.2f} | {tau} | {_fmt(r['precision'])} | {_fmt(r['precision_lower'])} | "
-                     f"{_fmt(r['recall'])} | {_fmt(r['recall_no_threshold'])} | {r['n_kept']} |")
+                     f"{_fmt(r['recall'])} | {_fmt(r['recall_no_threshold'])} | {r['n_kept']} | "
+                     f"{r.get('levels_searched', '—')} | {_fmt(r.get('z'))} |")
     return lines
 
 
@@ -611,6 +644,9 @@ class EvaluateConfig:
                                       "take --target-precision")
     bound_level: float = opt(0.95, "one-sided confidence level of the Wilson lower bound a claimed precision must "
                                    "reach", gt=0.5, lt=1)
+    bound_correction: str = opt("bonferroni", "bonferroni: the bound holds over all the levels searched at once; none: "
+                                              "per level only (the smallest τ of several is then optimistic)",
+                                choices=CORRECTIONS)
     target_coverage: float = opt(0.0, "label-free thresholds: per dimension the smallest τ that keeps at most this "
                                       "share of the users -> OUT/thresholds.json (0 = none)", min=0, max=1)
     thresholds: str = opt("", "a thresholds.json to apply: precision, recall and the recall cost at its τ per dimension")
@@ -641,7 +677,7 @@ def precision_targets(args, dims):
     return {d: float(args.dimension_targets.get(d, args.target_precision)) for d in dims}
 
 
-def thresholds_document(args, per_dimension, z=None):
+def thresholds_document(args, per_dimension):
     """thresholds.json: how the thresholds were chosen, from what, and per dimension τ with its figures."""
     common_keys = {"predictions": args.predictions, "data": args.data or None, "vote": args.vote}
     if args.target_coverage:
@@ -649,8 +685,10 @@ def thresholds_document(args, per_dimension, z=None):
                 "the users (non-NA answers with confidence ≥ τ)", "note": THRESHOLDS_NOTE_LABEL_FREE,
                 "target_coverage": args.target_coverage, **common_keys, "dimensions": per_dimension}
     return {"method": "wilson_lower_bound", "rule": "per dimension the smallest τ in 1..10 whose precision's one-sided "
-            "Wilson lower bound reaches the target; tau null: unreachable, the dimension abstains everywhere "
-            "(best_tau: the τ with the highest bound)", "bound_level": args.bound_level, "z": z,
+            "Wilson lower bound reaches the target, at z = Φ⁻¹(1 − (1 − bound_level)/m) over the m levels searched "
+            "(correction bonferroni) or z = Φ⁻¹(bound_level) (none); tau null: unreachable, the dimension abstains "
+            "everywhere (best_tau: the τ with the highest bound)", "bound_level": args.bound_level,
+            "correction": args.bound_correction,
             "target_precision": args.target_precision or None, "dimension_targets": args.dimension_targets,
             **common_keys, "dimensions": per_dimension}
 
@@ -706,8 +744,8 @@ def main(argv=None):
                          "weighting": args.weighting, "na_weight": args.na_weight, "n_answers": n_answers}
     if targets or args.target_coverage:
         if targets:
-            z = one_sided_z(args.bound_level)
-            doc = thresholds_document(args, choose_thresholds(metrics["curves"], targets, z), z)
+            doc = thresholds_document(args, choose_thresholds(metrics["curves"], targets, args.bound_level,
+                                                              args.bound_correction))
         else:
             confidences = answer_confidences(preds, dims)
             doc = thresholds_document(args, {d: coverage_threshold(confidences[d], len(preds), args.target_coverage)

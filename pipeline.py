@@ -330,6 +330,7 @@ def run_demo(cfg):
         results["thresholds"] = {"dev": doc, "test": applied}
         md += [f"## Thresholds for a precision of {cfg.target_precision:.2f} (after SFT + RL)", "",
                f"τ per dimension: the smallest whose precision's one-sided {doc['bound_level']:.0%} Wilson lower bound "
+               + ("(Bonferroni over the levels searched) " if doc.get("correction") == "bonferroni" else "") +
                f"reaches {cfg.target_precision:.2f} on {cfg.n_dev} labelled dev users (a world of its own, seed "
                f"{cfg.seed + DEV_SEED_OFFSET}); applied to the {cfg.n_test} test users. Unreachable: that dimension "
                "abstains everywhere. In %.", "", thresholds_table(doc, applied), ""]

@@ -75,7 +75,7 @@ def test_ties_in_confidence_stand_or_fall_together(curve):
     (0.78, 8, 1.0, L_10_OF_10),       # τ = 8 and 9 tie: the smallest, more recall
 ])
 def test_choose_threshold_smallest_tau_whose_bound_reaches_the_target(curve, target, tau, precision, lower):
-    r = evaluate.choose_threshold(curve, target, Z95)
+    r = evaluate.choose_threshold(curve, target, 0.95, "none")
     assert r["tau"] == tau and r["claimed"] is True and r["target"] == target
     assert r["precision"] == pytest.approx(precision) and r["precision_lower"] == pytest.approx(lower, abs=1e-5)
     assert r["recall"] == pytest.approx({1: 17, 4: 15, 8: 10}[tau] / 40) and r["recall_no_threshold"] == pytest.approx(17 / 40)
@@ -85,15 +85,47 @@ def test_choose_threshold_smallest_tau_whose_bound_reaches_the_target(curve, tar
 def test_unreachable_target_reports_the_best_tau(curve):
     """0.80 > every bound (the best is 10 of 10: 0.787): no τ is claimed; the best bound is reported, at the
     smaller of the two tied levels (8 and 9), with its precision and recall."""
-    r = evaluate.choose_threshold(curve, 0.80, Z95)
+    r = evaluate.choose_threshold(curve, 0.80, 0.95, "none")
     assert r["tau"] is None and r["claimed"] is False and r["best_tau"] == 8
     assert r["precision"] == 1.0 and r["precision_lower"] == pytest.approx(L_10_OF_10)
     assert r["recall"] == pytest.approx(10 / 40) and r["n_kept"] == 10
     # a dimension where nothing is ever kept (all NA): no best τ either
     all_na = {u["user_id"]: {"a": {"label": "NA", "confidence": 9}} for u in USERS}
-    nothing = evaluate.choose_threshold(evaluate.evaluate(all_na, USERS, TAX)["curves"]["a"], 0.5, Z95)
+    nothing = evaluate.choose_threshold(evaluate.evaluate(all_na, USERS, TAX)["curves"]["a"], 0.5)
     assert nothing["tau"] is None and nothing["best_tau"] is None and nothing["n_kept"] == 0
-    assert nothing["precision"] is None and nothing["recall_no_threshold"] == 0.0
+    assert nothing["precision"] is None and nothing["recall_no_threshold"] == 0.0 and nothing["levels_searched"] == 0
+
+
+# The same curve at the Bonferroni z over its m = 3 distinct kept sets (τ 1..3, 4..7, 8..9; τ = 10 keeps
+# nothing): z = Φ⁻¹(1 − 0.05/3) = Φ⁻¹(0.983333) = 2.128045, z² = 4.528577.
+Z_B3 = 2.128045234
+L3_10_OF_10 = 10 / (10 + Z_B3 ** 2)  # n / (n + z²) = 10 / 14.528577 = 0.688299
+L3_15_OF_20 = 0.51215  # (0.75 + 0.113214 − 2.128045·√(0.009375 + 0.002830)) / 1.226429 = 0.628110 / 1.226429
+L3_17_OF_30 = 0.37825  # (0.566667 + 0.075476 − 2.128045·√(0.008185 + 0.001258)) / 1.150953 = 0.435349 / 1.150953
+
+
+def test_bonferroni_z_and_levels_searched_by_hand(curve):
+    assert evaluate.bonferroni_z(0.95, 1) == pytest.approx(Z95)
+    assert evaluate.bonferroni_z(0.95, 3) == pytest.approx(Z_B3)
+    assert evaluate.bonferroni_z(0.95, 10) == pytest.approx(2.575829, abs=1e-6)  # Φ⁻¹(0.995)
+    assert evaluate.levels_searched(curve) == 3  # ten levels, three distinct kept sets
+    assert evaluate.wilson_lower_bound(15, 20, Z_B3) == pytest.approx(L3_15_OF_20, abs=1e-5)
+    assert evaluate.wilson_lower_bound(17, 30, Z_B3) == pytest.approx(L3_17_OF_30, abs=1e-5)
+
+
+@pytest.mark.parametrize("target, tau, lower, uncorrected_tau", [
+    (0.37, 1, L3_17_OF_30, 1),
+    (0.45, 4, L3_15_OF_20, 4),       # τ = 1..3: 0.378 < 0.45
+    (0.52, 8, L3_10_OF_10, 4),       # τ = 4..7: 0.512 < 0.52 corrected, 0.568 per level: the correction moves τ
+    (0.70, None, L3_10_OF_10, 8),    # 10 of 10 gives 0.688 < 0.70: unreachable (best τ 8), though 0.787 per level
+])
+def test_choose_threshold_bonferroni_by_default(curve, target, tau, lower, uncorrected_tau):
+    r = evaluate.choose_threshold(curve, target)
+    assert (r["tau"], r["claimed"], r["levels_searched"]) == (tau, tau is not None, 3)
+    assert r["z"] == pytest.approx(Z_B3) and r["precision_lower"] == pytest.approx(lower, abs=1e-5)
+    if tau is None:
+        assert r["best_tau"] == 8 and r["n_kept"] == 10
+    assert evaluate.choose_threshold(curve, target, 0.95, "none")["tau"] == uncorrected_tau
 
 
 def test_coverage_threshold_by_hand():
@@ -135,12 +167,18 @@ def test_cli_writes_thresholds_json_and_applies_it(files):
     m = evaluate.main(["--predictions", preds, "--data", data, "--out", str(d / "dev"), "--taxonomy", tax,
                        "--target-precision", "0.5"])
     doc = json.loads((d / "dev" / "thresholds.json").read_text())
-    assert doc["method"] == "wilson_lower_bound" and doc["bound_level"] == 0.95 and doc["z"] == pytest.approx(Z95)
+    assert doc["method"] == "wilson_lower_bound" and doc["bound_level"] == 0.95 and doc["correction"] == "bonferroni"
     a = doc["dimensions"]["a"]
-    assert (a["tau"], a["claimed"], a["target"], a["n_kept"]) == (4, True, 0.5, 20)
-    assert a["precision_lower"] == pytest.approx(L_15_OF_20, abs=1e-5) and m["thresholds"] == doc
+    assert (a["tau"], a["claimed"], a["target"], a["n_kept"], a["levels_searched"]) == (4, True, 0.5, 20, 3)
+    assert a["precision_lower"] == pytest.approx(L3_15_OF_20, abs=1e-5) and m["thresholds"] == doc
+    assert a["z"] == pytest.approx(Z_B3)
     report = (d / "dev" / "report.md").read_text()
-    assert "## Thresholds chosen" in report and "| a | 0.50 | 4 | 0.750 | 0.568 | 0.375 | 0.425 | 20 |" in report
+    assert "## Thresholds chosen" in report and "| a | 0.50 | 4 | 0.750 | 0.512 | 0.375 | 0.425 | 20 | 3 | 2.128 |" in report
+    # per level only (--bound-correction none): the uncorrected bound, 0.568
+    evaluate.main(["--predictions", preds, "--data", data, "--out", str(d / "dev1"), "--taxonomy", tax,
+                   "--target-precision", "0.52", "--bound-correction", "none"])
+    a = json.loads((d / "dev1" / "thresholds.json").read_text())["dimensions"]["a"]
+    assert (a["tau"], a["z"]) == (4, pytest.approx(Z95)) and a["precision_lower"] == pytest.approx(L_15_OF_20, abs=1e-5)
     # per-dimension targets win over the global one; an unreachable one is written as such
     evaluate.main(["--predictions", preds, "--data", data, "--out", str(d / "dev2"), "--taxonomy", tax,
                    "--dimension-targets", '{"a": 0.9}'])
@@ -182,6 +220,7 @@ def test_cli_label_free_thresholds_say_precision_is_unknown(files):
     (["--dimension-targets", '{"a": 1.5}'], r"dimension_targets\.a: expected a precision in \(0, 1\]"),
     (["--target-precision", "1.2"], r"target_precision: expected >= 0 and <= 1"),
     (["--bound-level", "0.3"], r"bound_level: expected > 0.5"),
+    (["--bound-correction", "holm"], r"bound_correction: expected one of"),
 ])
 def test_cli_threshold_options_are_checked(files, extra, message):
     d, tax, data, preds = files
