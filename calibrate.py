@@ -21,16 +21,24 @@ answer that agrees with ŷ. A user is kept only if every dimension has at least 
 the others are reported (printed, summary, audit) and left out, so no target is made up, and so are
 the users of --users that --samples never answered. An empty --samples, or a run that keeps no
 user, is an error: it would write an empty SFT set.
+
+Memory holds a few numbers per user, not the answers: a first pass votes each teacher line and keeps
+only what calibration ranks, a second writes the SFT and audit lines as they come (see build_sft), so
+a million users × 8 answers fit in a few hundred MB (docs/benchmarks.md, bench/scale.py).
 """
+import array
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
+import tempfile
 
-from common import (ConfigError, DataError, atomic_write_text, check_fields, iter_jsonl, load_config, opt, run_cli,
-                    write_jsonl)
-from confprofile import dimensions, format_answer, load_taxonomy, parse_answer, read_users, render_prompt, vote
+from common import (ConfigError, DataError, atomic_write_text, atomic_writer, check_fields, dumps_line, iter_jsonl,
+                    load_config, opt, read_jsonl_at, run_cli)
+from confprofile import (dimensions, format_answer, iter_users, load_taxonomy, parse_answer, read_users, render_prompt,
+                         vote)
 
 LEVELS = 10
 METHODS = ("quantile", "none", "isotonic")
@@ -121,9 +129,12 @@ def fit_isotonic(values, correct, levels=LEVELS):
 # Reading teacher samples
 
 
-def read_samples(path):
-    """teacher.jsonl -> [{"user_id", "samples": [...], ...}], validated; errors name file:line: field."""
-    records, first_line = [], {}
+def read_samples(path, first_line=None):
+    """Yield the records of teacher.jsonl ({"user_id", "samples": [...], ...}) one at a time, validated;
+    errors name file:line: field. `first_line` (a dict) is filled as they are read, user_id -> line
+    number: the duplicate check, and the record of who was answered. An empty file is an error."""
+    first_line = {} if first_line is None else first_line
+    n_records = 0
     for lineno, where, rec in iter_jsonl(path, expected="one teacher record per line"):
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected an object {{\"user_id\", \"samples\"}}")
@@ -139,10 +150,10 @@ def read_samples(path):
         for i, s in enumerate(samples):
             if not isinstance(s, dict) or not isinstance(s.get("text"), str):
                 raise DataError(f"{where}: samples[{i}]: expected an object with a string \"text\"")
-        records.append(rec)
-    if not records:
+        n_records += 1
+        yield rec
+    if not n_records:
         raise DataError(f"{path}: no teacher records; expected one line per user {{\"user_id\", \"samples\"}}")
-    return records
 
 
 def read_dev_labels(path, taxonomy):
@@ -150,62 +161,102 @@ def read_dev_labels(path, taxonomy):
     return {u["user_id"]: u["labels"] for u in read_users(path, require_labels=True, taxonomy=taxonomy)}
 
 
+def index_users(path, taxonomy):
+    """{user_id: byte offset of its line} of a users file, every record validated (read_users' checks)."""
+    return {u["user_id"]: offset for offset, u in iter_users(path, taxonomy=taxonomy)}
+
+
 def all_dims_valid(parse, dims):
     return all(parse["dims"].get(d) is not None for d in dims)
 
 
 # -----------------------------------------------------------------------------
-# The SFT set
+# The SFT set, in two passes, so that memory holds a few numbers per user and never the answers:
+#   1. vote_samples: each teacher record -> parse, vote. Calibration needs all of a dimension's values
+#      at once, so each kept user's voted labels and pooled confidences stay in memory (Votes); its
+#      vote details, stored prompt and audit entry go to a spill file, one line per user.
+#   2. calibrate_levels, then output_records: the spill file read back line by line -> SFT and audit
+#      lines, written as they come (atomically: temp files renamed at the end).
 
 
 def histogram(levels, n_levels=LEVELS):
     return {str(k): sum(1 for v in levels if v == k) for k in range(1, n_levels + 1)}
 
 
-def build_sft(teacher, users_by_id, taxonomy, method="quantile", weighting="confidence", target="full",
-              single_answer=False, dev_labels=None, levels=LEVELS):
-    """Vote, calibrate, and make the SFT records. Returns (sft_records, audit_records, summary)."""
+@dataclasses.dataclass
+class Votes:
+    """What pass 1 keeps in memory: the users answered and those left out, counts, and per kept user
+    (in teacher order) its id and, per dimension, its voted label and pooled confidence."""
+    answered: dict  # user_id -> its line in --samples
+    labels: dict  # dim -> [voted label per kept user]
+    pooled: dict  # dim -> array('d'): pooled confidence per kept user
+    missing_by_dim: dict  # dim -> users without a valid answer there
+    kept: list = dataclasses.field(default_factory=list)  # user ids, in teacher order
+    dropped: list = dataclasses.field(default_factory=list)  # user ids without a valid answer in some dimension
+    n_samples: int = 0
+    n_format_ok: int = 0
+
+
+def vote_samples(path, taxonomy, spill, weighting="confidence", single_answer=False, audit=True):
+    """Pass 1 over --samples: parse each answer, vote per dimension; one spill line per user
+    {"user_id", "vote": {dim: vote} (kept users), "prompt": the stored prompt (if any), "entry": the
+    audit entry so far (with `audit`)}. Returns Votes."""
     dims = dimensions(taxonomy)
-    voted, audit, dropped, missing_by_dim = [], [], [], {d: 0 for d in dims}
-    n_samples = n_format_ok = 0
-    for rec in teacher:
+    v = Votes(answered={}, labels={d: [] for d in dims}, pooled={d: array.array("d") for d in dims},
+              missing_by_dim={d: 0 for d in dims})
+    for rec in read_samples(path, v.answered):
+        uid = rec["user_id"]
         parses = [parse_answer(s["text"], taxonomy) for s in rec["samples"]]
-        n_samples += len(parses)
-        n_format_ok += sum(1 for p in parses if p.get("format_ok"))
+        v.n_samples += len(parses)
+        v.n_format_ok += sum(1 for p in parses if p.get("format_ok"))
         used = parses
         if single_answer:  # the ablation without voting: each user's first answer valid in every dimension
             used = [p for p in parses if all_dims_valid(p, dims)][:1]
         votes = vote(used, taxonomy, weighting)
-        entry = {"user_id": rec["user_id"],
-                 "answers": [{"format_ok": p.get("format_ok", False),
-                              "dims": {d: (None if p["dims"].get(d) is None else
-                                           [p["dims"][d]["label"], p["dims"][d]["confidence"]]) for d in dims}}
-                             for p in parses]}
+        line = {"user_id": uid}
+        if audit:
+            line["entry"] = {"user_id": uid,
+                             "answers": [{"format_ok": p.get("format_ok", False),
+                                          "dims": {d: (None if p["dims"].get(d) is None else
+                                                       [p["dims"][d]["label"], p["dims"][d]["confidence"]])
+                                                   for d in dims}} for p in parses]}
         missing = [d for d in dims if votes[d] is None]
         if missing:
             for d in missing:
-                missing_by_dim[d] += 1
-            dropped.append(rec["user_id"])
-            entry.update(kept=False, reason=f"no valid answer for {', '.join(missing)}")
-            audit.append(entry)
-            continue
-        entry["kept"] = True
-        voted.append((rec, votes, entry))
-        audit.append(entry)
+                v.missing_by_dim[d] += 1
+            v.dropped.append(uid)
+            if audit:
+                line["entry"].update(kept=False, reason=f"no valid answer for {', '.join(missing)}")
+        else:
+            if audit:
+                line["entry"]["kept"] = True
+            line["vote"] = votes
+            if isinstance(rec.get("messages"), list):  # the prompt the teacher saw, when it was stored
+                line["prompt"] = [m for m in rec["messages"] if m.get("role") != "assistant"]
+            v.kept.append(uid)
+            for d in dims:
+                v.labels[d].append(votes[d]["label"])
+                v.pooled[d].append(votes[d]["pooled_confidence"])
+        spill.write(dumps_line(line))
+    if not v.kept:
+        raise DataError(f"none of the {len(v.answered)} users has a valid teacher answer in every dimension "
+                        f"({', '.join(v.dropped[:5])}{' ...' if len(v.dropped) > 5 else ''}); nothing to train on")
+    return v
 
-    if not voted:
-        raise DataError(f"none of the {len(teacher)} users has a valid teacher answer in every dimension "
-                        f"({', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}); nothing to train on")
-    calibrated = {}  # dim -> list of levels, aligned with `voted`
-    for d in dims:
-        values = [v[d]["pooled_confidence"] for _, v, _ in voted]
+
+def calibrate_levels(votes, taxonomy, method="quantile", dev_labels=None, levels=LEVELS):
+    """Calibration within each dimension over all kept users: {dim: [level per kept user]}."""
+    calibrated = {}
+    for d in dimensions(taxonomy):
+        values = list(votes.pooled[d])
         if method == "quantile":
             calibrated[d] = calibrate_quantile(values, levels)
         elif method == "none":
             calibrated[d] = calibrate_none(values, levels)
         elif method == "isotonic":
-            dev = [(v[d]["pooled_confidence"], v[d]["label"] == dev_labels[r["user_id"]][d])  # labelled in d only
-                   for r, v, _ in voted if (dev_labels or {}).get(r["user_id"], {}).get(d) is not None]
+            dev = [(x, label == dev_labels[uid][d])  # labelled in d only
+                   for uid, label, x in zip(votes.kept, votes.labels[d], values)
+                   if (dev_labels or {}).get(uid, {}).get(d) is not None]
             if not dev:
                 raise DataError(f"--dev-labels: no user labelled in {d} is among the kept users of --samples; "
                                 "expected user_ids that the teacher answered")
@@ -213,43 +264,85 @@ def build_sft(teacher, users_by_id, taxonomy, method="quantile", weighting="conf
             calibrated[d] = [level_of(x) for x in values]
         else:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return calibrated
 
-    sft = []
-    for i, (rec, votes, entry) in enumerate(voted):
-        uid = rec["user_id"]
-        if isinstance(rec.get("messages"), list):  # the prompt the teacher saw, when it was stored
-            prompt = [m for m in rec["messages"] if m.get("role") != "assistant"]
-        elif uid in users_by_id:
-            prompt = render_prompt(users_by_id[uid], taxonomy)
-        else:
-            raise DataError(f"user_id {uid!r}: not in --users and no stored \"messages\"; expected the users file the teacher labelled")
-        profile = {d: {"label": votes[d]["label"], "confidence": calibrated[d][i], "evidence": votes[d]["evidence"]}
+
+def output_records(spill, calibrated, prompt_of, taxonomy, target="full"):
+    """Pass 2: the spill lines of pass 1 -> (SFT record or None, audit entry or None) per user, in
+    teacher order. prompt_of(user_id) is the user's prompt when its teacher record stored none."""
+    dims = dimensions(taxonomy)
+    i = 0  # the next kept user
+    for text in spill:
+        line = json.loads(text)
+        uid, votes, entry = line["user_id"], line.get("vote"), line.get("entry")
+        if votes is None:  # left out
+            yield None, entry
+            continue
+        level_by_dim = {d: calibrated[d][i] for d in dims}
+        i += 1
+        prompt = line["prompt"] if "prompt" in line else prompt_of(uid)
+        profile = {d: {"label": votes[d]["label"], "confidence": level_by_dim[d], "evidence": votes[d]["evidence"]}
                    for d in dims}
         answer = format_answer(profile, taxonomy, labels_only=(target == "labels_only"))
-        level_by_dim = {d: calibrated[d][i] for d in dims}
-        sft.append({"user_id": uid, "messages": prompt + [{"role": "assistant", "content": answer}],
-                    "calibrated": level_by_dim})
-        entry["vote"] = {d: {"label": votes[d]["label"], "scores": votes[d]["scores"], "n_valid": votes[d]["n_valid"],
-                             "pooled_confidence": round(votes[d]["pooled_confidence"], 6),
-                             "calibrated": level_by_dim[d]} for d in dims}
+        if entry is not None:
+            entry["vote"] = {d: {"label": votes[d]["label"], "scores": votes[d]["scores"],
+                                 "n_valid": votes[d]["n_valid"],
+                                 "pooled_confidence": round(votes[d]["pooled_confidence"], 6),
+                                 "calibrated": level_by_dim[d]} for d in dims}
+        yield {"user_id": uid, "messages": prompt + [{"role": "assistant", "content": answer}],
+               "calibrated": level_by_dim}, entry
 
+
+def summarize(votes, calibrated, users_index, taxonomy, method, weighting, target, single_answer, levels=LEVELS):
+    """The run's summary: users kept, left out and never answered, label distribution, confidence
+    histograms before (pooled, rounded) and after calibration."""
+    dims = dimensions(taxonomy)
     summary = {
         "method": method, "weighting": weighting, "target": target, "single_answer": single_answer,
-        "users_total": len(teacher), "users_kept": len(sft), "users_without_valid_answer": len(dropped),
-        "dropped_user_ids": dropped, "missing_by_dimension": missing_by_dim,
-        "users_not_answered": sorted(set(users_by_id) - {r["user_id"] for r in teacher}),
-        "samples_total": n_samples, "samples_format_ok": n_format_ok,
+        "users_total": len(votes.answered), "users_kept": len(votes.kept),
+        "users_without_valid_answer": len(votes.dropped),
+        "dropped_user_ids": votes.dropped, "missing_by_dimension": votes.missing_by_dim,
+        "users_not_answered": sorted(uid for uid in users_index if uid not in votes.answered),
+        "samples_total": votes.n_samples, "samples_format_ok": votes.n_format_ok,
         "label_distribution": {d: {} for d in dims},
         "confidence_histogram_before": {}, "confidence_histogram_after": {},
     }
     for d in dims:
-        for _, votes, _ in voted:
-            label = votes[d]["label"]
+        for label in votes.labels[d]:
             summary["label_distribution"][d][label] = summary["label_distribution"][d].get(label, 0) + 1
-        raw = calibrate_none([v[d]["pooled_confidence"] for _, v, _ in voted], levels)
-        summary["confidence_histogram_before"][d] = histogram(raw, levels)
+        summary["confidence_histogram_before"][d] = histogram(calibrate_none(votes.pooled[d], levels), levels)
         summary["confidence_histogram_after"][d] = histogram(calibrated[d], levels)
-    return sft, audit, summary
+    return summary
+
+
+def build_sft(samples, users, taxonomy, out, audit="", method="quantile", weighting="confidence", target="full",
+              single_answer=False, dev_labels="", levels=LEVELS):
+    """Vote, calibrate, and write the SFT set `out` (and the audit file `audit`, if given), streaming:
+    pass 1 over the teacher file `samples`, calibration, pass 2 over the spill file. `users`: the users
+    file the prompts are rendered from ("" when every teacher record stores its prompt); `dev_labels`:
+    the labelled dev set file of isotonic calibration. Returns the summary (not written)."""
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=folder) as spill:  # beside the output: room for it
+        votes = vote_samples(samples, taxonomy, spill, weighting, single_answer, audit=bool(audit))
+        users_index = index_users(users, taxonomy) if users else {}
+        dev = read_dev_labels(dev_labels, taxonomy) if dev_labels else None
+        calibrated = calibrate_levels(votes, taxonomy, method, dev, levels)
+        spill.seek(0)
+        with open(users or os.devnull, "rb") as users_file, atomic_writer(out) as sft_file, \
+                (atomic_writer(audit) if audit else contextlib.nullcontext()) as audit_file:
+            def prompt_of(uid):
+                if uid not in users_index:
+                    raise DataError(f"user_id {uid!r}: not in --users and no stored \"messages\"; expected the users "
+                                    "file the teacher labelled")
+                return render_prompt(read_jsonl_at(users_file, users_index[uid]), taxonomy)
+
+            for record, entry in output_records(spill, calibrated, prompt_of, taxonomy, target):
+                if record is not None:
+                    sft_file.write(dumps_line(record))
+                if audit_file is not None:
+                    audit_file.write(dumps_line(entry))
+    return summarize(votes, calibrated, users_index, taxonomy, method, weighting, target, single_answer, levels)
 
 
 def print_summary(summary, file=None):
@@ -303,14 +396,8 @@ def main(argv=None):
             if out and path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(out, path):
                 raise DataError(f"{out}: {flag} is the input {name}; expected a new output file")
     taxonomy = load_taxonomy(args.taxonomy or None)
-    teacher = read_samples(args.samples)
-    users_by_id = {u["user_id"]: u for u in read_users(args.users, taxonomy=taxonomy)} if args.users else {}
-    dev_labels = read_dev_labels(args.dev_labels, taxonomy) if args.dev_labels else None
-    sft, audit, summary = build_sft(teacher, users_by_id, taxonomy, args.method, args.weighting, args.target,
-                                    args.single_answer, dev_labels)
-    write_jsonl(args.out, sft)
-    if args.audit:
-        write_jsonl(args.audit, audit)
+    summary = build_sft(args.samples, args.users, taxonomy, args.out, args.audit, args.method, args.weighting,
+                        args.target, args.single_answer, args.dev_labels)
     atomic_write_text(args.out + ".summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print_summary(summary)
     return summary

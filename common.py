@@ -4,8 +4,9 @@ The shared base of the stage scripts: plumbing, no Conf-Profile method. Imports 
 Reads top to bottom: errors; files (atomic writes, the one JSONL reader); configs (a dataclass per
 script: JSON file + command-line flags, every value checked); the tokenizer layer (the checkpoint's
 own tokenizer, chat template and stop tokens, and the guard that keeps user text from becoming control
-tokens); processes and devices (torchrun); the optimiser and schedule; resumable training state
-(safetensors + JSON, never a pickle), what produced a run, and the metrics log.
+tokens); processes and devices (torchrun); sharded data parallel (FSDP2); the optimiser and schedule;
+resumable training state (safetensors + JSON, never a pickle; one file set per rank when sharded), what
+produced a run, and the metrics log.
 """
 import contextlib
 import dataclasses
@@ -29,6 +30,9 @@ import torch
 import torch._dynamo  # noqa: F401  before any process group exists: see cleanup_distributed
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -47,20 +51,30 @@ class ConfigError(ValueError):
 
 
 def atomic_write_text(path, text):
-    """Write a whole file atomically: a temp file in the same folder, fsync, rename over, fsync the folder.
-    The file gets the mode a plain open() gives (0666 minus the umask), not mkstemp's private 0600."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write a whole file atomically (see atomic_writer)."""
+    with atomic_writer(path) as f:
+        f.write(text)
 
 
 def atomic_write_bytes(path, data):
     """atomic_write_text for bytes (a PNG, say)."""
+    with atomic_writer(path, binary=True) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path, binary=False):
+    """Write a file atomically as a stream: yields a text file (UTF-8; bytes with binary=True) open on a
+    temp file in the same folder; on success fsync, rename over `path`, fsync the folder; on an error
+    the temp file is removed and `path` is left as it was. The file gets the mode a plain open() gives
+    (0666 minus the umask), not mkstemp's private 0600. Memory does not grow with what is written."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -110,8 +124,10 @@ def dumps_line(record):
 
 
 def write_jsonl(path, records):
-    """Write a whole JSONL file atomically."""
-    atomic_write_text(path, "".join(dumps_line(r) for r in records))
+    """Write a whole JSONL file atomically, one record at a time (`records` may be a generator)."""
+    with atomic_writer(path) as f:
+        for r in records:
+            f.write(dumps_line(r))
 
 
 def append_jsonl(f, record):
@@ -121,7 +137,7 @@ def append_jsonl(f, record):
     os.fsync(f.fileno())
 
 
-def iter_jsonl(path, expected="one JSON object per line", strict=False):
+def iter_jsonl(path, expected="one JSON object per line", strict=False, offsets=False):
     """Yield (lineno, "file:line", record) for every non-blank line of a JSONL file: the one reader
     behind the pipeline's JSONL inputs (users, teacher samples, predictions, prompts, SFT chats). A
     leading BOM is skipped; invalid UTF-8 or JSON is a DataError naming file, line and column, and so
@@ -129,11 +145,15 @@ def iter_jsonl(path, expected="one JSON object per line", strict=False):
     limit, integers of more than 4,300 digits, and lone UTF-16 surrogates ("\\ud800", half of a pair
     split by a JavaScript exporter: such a string cannot be written back as UTF-8).
     strict: a key repeated within one object, NaN, Infinity or a number that overflows to infinity
-    (1e999) is an error too (user records, predictions)."""
+    (1e999) is an error too (user records, predictions).
+    offsets: yield (lineno, "file:line", record, byte offset of the line) instead, so that a caller can
+    index a big file and read a record again later (read_jsonl_at) rather than hold them all."""
     hooks = dict(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
                  parse_float=_finite_float) if strict else {}
     with open(path, "rb") as f:
+        offset = 0
         for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\n")  # columns within the line
@@ -156,7 +176,14 @@ def iter_jsonl(path, expected="one JSON object per line", strict=False):
                 if field is not None:
                     raise DataError(f"{where}: {field}: lone UTF-16 surrogate in a string (half of a pair, as some "
                                     "JavaScript exports write); expected valid Unicode text")
-            yield lineno, where, record
+            yield (lineno, where, record, start) if offsets else (lineno, where, record)
+
+
+def read_jsonl_at(f, offset):
+    """The record on the line at byte `offset` of a JSONL file open in binary mode (an offset that
+    iter_jsonl(..., offsets=True) gave: the line was validated then, so it is only decoded here)."""
+    f.seek(offset)
+    return json.loads(f.readline().decode("utf-8-sig"))  # -sig: the first line may start with a BOM
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -692,6 +719,96 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+# Sharded data parallel (`parallel: fsdp`): FSDP2 (torch.distributed.fsdp.fully_shard). Each rank keeps
+# 1/world_size of every parameter, gradient and AdamW moment (dim-0 shards, DTensors); a layer's full
+# weights exist only while it runs (all-gathered before its forward and again in backward, freed after),
+# and backward reduce-scatters each gradient to its shard. Gradients are SUMMED over ranks (each rank's
+# loss is its share of the global loss, as with rl.py's DDP all-reduce): FSDP2's default averages
+# with ReduceOp.AVG, which gloo has been reported to sum instead (pytorch issue 162338), so only SUM
+# reductions are used and nothing is divided. Every rank must run the same number of sharded forwards
+# and backwards (each one is a collective): callers pad uneven work with dummy micro-batches, and
+# generation, whose decode steps differ per rank, runs inside full_parameters().
+
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def shard_model(model, device):
+    """FSDP2 in place: fully_shard each decoder layer (one all-gather per layer), then the root (the
+    embedding, final norm and lm_head, tied or not). Gradients are reduced with SUM and not divided.
+    Returns the model (now an FSDPModule; its parameters are DTensors)."""
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)  # its full weights are freed after its forward, gathered again in backward
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # the root's weights are needed first in backward
+    for module in fsdp_modules(model):
+        module.set_force_sum_reduction_for_comms(True)
+        module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def fsdp_modules(model):
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model):
+    """Free the full parameters of a sharded model, leaving its shards registered: a forward without
+    backward (eval, no_grad) leaves the root's gathered, and a state dict must see the shards."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+def is_sharded(model):
+    """True when `model` was sharded by shard_model (FSDP2)."""
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_parameters(model):
+    """Inside: every rank holds the full parameters of a sharded model (one all-gather per layer on entry,
+    freed on exit), so forwards run without collectives: the sampler decodes a different number of steps
+    on each rank, and rank 0 alone runs the evaluations. Every rank must enter it. Not sharded: nothing."""
+    modules = fsdp_modules(model)
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.set_reshard_after_forward(m is not model, recurse=False)  # as shard_model set them
+            m.reshard()
+
+
+def full_state_dict(model, rank=0):
+    """The model's state dict with full tensors on the CPU on rank 0 (None elsewhere). Sharded: every rank
+    must call it (each tensor is all-gathered); tied weights are gathered once."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()} if rank == 0 else None
+    reshard(model)
+    gathered, out = {}, {}
+    for name, value in model.state_dict().items():
+        if id(value) not in gathered:
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            gathered[id(value)] = full.detach().cpu() if rank == 0 else None
+        out[name] = gathered[id(value)]
+    return out if rank == 0 else None
+
+
+def clip_gradients(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ for plain and sharded (DTensor) gradients: the global norm before
+    clipping (a float; the norm of sharded gradients is summed over ranks), and the gradients scaled
+    to at most max_norm (0 = off)."""
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total.item()
+
+
 def autocast_for(device):
     """bf16 autocast on CUDA (fp32 master weights stay fp32); fp32 on CPU, where bf16 matmuls are slow."""
     if torch.device(device).type == "cuda":
@@ -757,8 +874,8 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
-                for w, g, m, v in zip(*(t.view(-1).split(self.CHUNK) for t in
-                                        (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))):
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])  # sharded (FSDP2): this rank's shard
+                for w, g, m, v in zip(*(_local(t).view(-1).split(self.CHUNK) for t in tensors)):
                     g32 = g.float()
                     m32 = m.float().lerp_(g32, 1 - b1)
                     v32 = v.float().mul_(b2).addcmul_(g32, g32, value=1 - b2)
@@ -766,6 +883,11 @@ class AdamWBF16(torch.optim.Optimizer):
                     v.copy_(v32)
                     w32 = w.float().mul_(1 - lr * wd).addcdiv_(m32 / c1, (v32 / c2).sqrt_().add_(eps), value=-lr)
                     w.copy_(stochastic_round_to_bf16(w32))
+
+
+def _local(t):
+    """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_optimizer(model, cfg):
@@ -777,7 +899,8 @@ def build_optimizer(model, cfg):
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if params[0].dtype == torch.bfloat16:
         return AdamWBF16(groups, lr=cfg.lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=params[0].is_cuda)
+    fused = params[0].is_cuda and not isinstance(params[0], DTensor)  # sharded: the foreach kernels
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
 
 # -----------------------------------------------------------------------------
 # Resumable training state: safetensors + JSON only, so resuming never unpickles anything (a pickle
@@ -846,7 +969,13 @@ def _join_optimizer_state(meta, tensors):
 def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
     """Model, optimizer, step, RNG states and `extra` (JSON: data position, ...) in dir `path`, atomically:
     written to path.tmp and fsynced, then renamed, so a kill or a crash at any moment leaves the previous
-    state or the new one. `made_by` (JSON, run_record) is stored as is: what produced the state."""
+    state or the new one. `made_by` (JSON, run_record) is stored as is: what produced the state.
+    Every rank calls it: rank 0 writes the one copy (ranks hold the same model), or, for a sharded
+    model, every rank its shards (save_sharded_training_state)."""
+    if is_sharded(model):
+        return save_sharded_training_state(path, model, optimizer, step, extra, made_by)
+    if is_distributed() and dist.get_rank() != 0:
+        return
     path = os.path.abspath(path)
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -897,13 +1026,113 @@ def read_training_state(path):
 
 def load_training_state(path, model, optimizer):
     """Restore what save_training_state wrote (and RNG states); returns (step, extra)."""
+    if is_sharded(model):
+        return load_sharded_training_state(path, model, optimizer)
     path, state = read_training_state(path)
+    if "tensors" in state:
+        raise ValueError(f"{path}: a sharded state (one file set per rank); it loads only into the layout that "
+                         f"wrote it ({state.get('layout')})")
     device = next(unwrap(model).parameters()).device
     load_model(unwrap(model), os.path.join(path, "model.safetensors"), strict=True, device=str(device))
     # on the CPU: load_state_dict moves each tensor where its parameter is (step counts stay on the CPU)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     optimizer.load_state_dict(_join_optimizer_state(state["optimizer"], tensors))
     _set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))
+    return state["step"], state["extra"]
+
+
+# A sharded model's training state (parallel: fsdp): every rank writes its own shards, so no rank ever
+# holds the whole model, and a resume loads them back into the same layout (same world size).
+# torch.distributed.checkpoint is not used: its .metadata file is a pickle, and resuming never unpickles.
+#
+#   train_state/state.json                  format, step, extra, layout {parallel, world_size}, and the
+#                                           index: each tensor's global shape and which rank holds which rows
+#   train_state/rank<r>.model.safetensors   rank r's shard (dim-0 rows) of every parameter (tied ones once)
+#   train_state/rank<r>.optimizer.safetensors   its shards of the AdamW moments (+ step counts)
+#   train_state/rank<r>.rng.safetensors     its generator states (AdamWBF16 rounds its shard with them)
+#   train_state/rank<r>.json                its optimizer JSON state and Python / numpy RNG states
+
+
+def shard_rows(n, world_size, rank):
+    """[first, end) of the n dim-0 rows that FSDP2 gives `rank`: chunks of ceil(n / world_size) rows, as
+    torch.chunk cuts them (the last ranks may hold fewer, or none)."""
+    per = -(-n // world_size)
+    return [min(n, rank * per), min(n, (rank + 1) * per)]
+
+
+def save_sharded_training_state(path, model, optimizer, step, extra=None, made_by=None):
+    """save_training_state for a sharded model: every rank writes its files into path.tmp, then rank 0
+    writes state.json and renames path.tmp over path (the same atomic swap). Every rank must call it;
+    `path` must be on a file system all ranks see."""
+    path = os.path.abspath(path)
+    tmp, old = path + ".tmp", path + ".old"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    reshard(model)
+    params = dict(unwrap(model).named_parameters())  # shared (tied) parameters appear once
+    optimizer_meta, optimizer_tensors = _split_optimizer_state(optimizer.state_dict())
+    rng_meta, rng_tensors = _rng_state()
+    files = {"model": {k: _local(v).detach() for k, v in params.items()},
+             "optimizer": {k: _local(v) for k, v in optimizer_tensors.items()}, "rng": rng_tensors}
+    for kind, tensors in files.items():
+        name = os.path.join(tmp, f"rank{rank}.{kind}.safetensors")
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, name)
+        fsync_file(name)
+    atomic_write_text(os.path.join(tmp, f"rank{rank}.json"),
+                      json.dumps({"rank": rank, "optimizer": optimizer_meta, "rng": rng_meta}) + "\n")
+    dist.barrier()  # every rank's files are in path.tmp before rank 0 renames it
+    if rank == 0:
+        index = {k: {"shape": list(v.shape), "rows": [shard_rows(v.shape[0], world, r) for r in range(world)]}
+                 for k, v in params.items()}
+        state = {"format": TRAIN_STATE_FORMAT, "step": step, "extra": extra or {}, **(made_by or {}),
+                 "layout": {"parallel": "fsdp", "world_size": world}, "tensors": index}
+        atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded_training_state(path, model, optimizer):
+    """Restore this rank's shards written by save_sharded_training_state (same world size); returns
+    (step, extra). Every rank must call it."""
+    path, state = read_training_state(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = state.get("layout") or {"parallel": "ddp", "world_size": None}
+    if "tensors" not in state or layout != {"parallel": "fsdp", "world_size": world}:
+        raise ValueError(f"{path}: written with parallel={layout.get('parallel')}, world_size="
+                         f"{layout.get('world_size')}; this run is parallel=fsdp, world_size={world}: a sharded "
+                         "state loads only into the layout that wrote it")
+    reshard(model)
+    params = dict(unwrap(model).named_parameters())
+    shards = load_file(os.path.join(path, f"rank{rank}.model.safetensors"))
+    if set(shards) != set(params):
+        raise ValueError(f"{path}/rank{rank}.model.safetensors: tensors {sorted(set(shards) ^ set(params))[:5]} do not "
+                         "match the model's")
+    with torch.no_grad():
+        for name, p in params.items():
+            local = _local(p)
+            if shards[name].shape != local.shape:
+                raise ValueError(f"{path}/rank{rank}.model.safetensors: {name}: shape {tuple(shards[name].shape)}, "
+                                 f"expected this rank's shard {tuple(local.shape)}")
+            local.copy_(shards[name])
+    with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    tensors = load_file(os.path.join(path, f"rank{rank}.optimizer.safetensors"))
+    by_index = [p for group in optimizer.param_groups for p in group["params"]]
+    for name, t in list(tensors.items()):  # state.<param index>.<key>: a moment takes its parameter's layout
+        p = by_index[int(name.split(".")[1])]
+        if isinstance(p, DTensor) and t.shape == _local(p).shape and t.dim() > 0:
+            tensors[name] = DTensor.from_local(t.to(_local(p).device), p.device_mesh, p.placements, run_check=False,
+                                               shape=p.shape, stride=p.stride())
+    optimizer.load_state_dict(_join_optimizer_state(meta["optimizer"], tensors))
+    _set_rng_state(meta["rng"], load_file(os.path.join(path, f"rank{rank}.rng.safetensors")))
     return state["step"], state["extra"]
 
 
@@ -944,7 +1173,8 @@ def record_changes(saved, record, may_change):
 def check_output_dir(cfg, record, may_change, rank=0):
     """Before a run: with --resume, the state in output_dir/train_state must have been made with the same
     settings and input files (except `may_change`; --force-resume goes on with the new ones, saying
-    which); without --resume, output_dir must not hold another run's resumable state."""
+    which); without --resume, output_dir must not hold another run's resumable state. A sharded state
+    (record["layout"]: parallel fsdp) needs the same parallel mode and world size, even with --force-resume."""
     state_dir = os.path.join(cfg.output_dir, "train_state")
     if not cfg.resume:
         if os.path.exists(state_dir) or os.path.exists(state_dir + ".old"):
@@ -952,6 +1182,11 @@ def check_output_dir(cfg, record, may_change, rank=0):
                               "it, or delete it (or choose another output_dir) to start afresh")
         return
     path, saved = read_training_state(state_dir)
+    old_layout, layout = saved.get("layout") or {"parallel": "ddp"}, record.get("layout")
+    if layout and "fsdp" in (old_layout.get("parallel"), layout["parallel"]) and old_layout != layout:
+        diffs = [f"{k} {old_layout.get(k)!r} -> {layout[k]!r}" for k in layout if old_layout.get(k) != layout[k]]
+        raise ConfigError(f"{path}: a sharded (parallel=fsdp) training state resumes only with the parallel mode and "
+                          f"the number of processes that wrote it: {'; '.join(diffs)}")
     diffs = record_changes(saved, record, may_change)
     if diffs and not cfg.force_resume:
         raise ConfigError(f"{path}: made with other settings than this --resume: {'; '.join(diffs)}. Resume with the "

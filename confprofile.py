@@ -142,9 +142,17 @@ def read_users(path, require_labels=False, taxonomy=None):
     """Read and validate a users JSONL file. Blank lines are skipped; anything else malformed is an
     error "file:line: field: expected ..., got ..."; a duplicate user_id is an error naming both lines.
     Records are returned exactly as read (no defaults filled in), so they round-trip byte for byte."""
+    return [record for _, record in iter_users(path, require_labels, taxonomy)]
+
+
+def iter_users(path, require_labels=False, taxonomy=None):
+    """read_users one record at a time: yields (byte offset of its line, record), validated the same
+    way. Holds only the ids seen (for the duplicate check), so a caller can index millions of users
+    by offset (common.read_jsonl_at) instead of holding their records."""
     taxonomy = taxonomy or load_taxonomy()
-    users, first_line = [], {}
-    for lineno, where, record in iter_jsonl(path, expected="one user object per line", strict=True):
+    first_line = {}
+    for lineno, where, record, offset in iter_jsonl(path, expected="one user object per line", strict=True,
+                                                    offsets=True):
         try:
             validate_user(record, taxonomy, require_labels)
         except DataError as e:
@@ -153,8 +161,7 @@ def read_users(path, require_labels=False, taxonomy=None):
         if uid in first_line:
             raise DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]}); expected unique ids")
         first_line[uid] = lineno
-        users.append(record)
-    return users
+        yield offset, record
 
 
 # -----------------------------------------------------------------------------

@@ -28,13 +28,18 @@ too) or {"user_id", "text"} (parsed with confprofile.parse_answer) or {"user_id"
 ...}, ...]} (the first sample, or with --vote the Stage-1 vote of all samples: label ŷ, confidence =
 pooled confidence). Writes DIR/metrics.json, DIR/report.md (embedding DIR/pr_curve.png and
 DIR/reliability.png), DIR/pr_curve.csv; with a target, DIR/thresholds.json; with --thresholds, the
-precision, recall and recall cost at those τ in metrics.json ("at_thresholds") and report.md.
+precision, recall and recall cost at those τ in metrics.json ("at_thresholds") and report.md. The
+files are read line by line into a table of a few bytes per (user, dimension) (Table), so memory does
+not grow with the answers.
 """
+import array
 import dataclasses
 import json
 import math
 import os
 import statistics
+
+import numpy as np
 
 import common
 import confprofile
@@ -86,7 +91,11 @@ def no_confidence_rate(answers):
     """Share of the answered dimensions, (label, confidence) pairs, that state no confidence (the
     labels-only form): they take part at τ = 0 only and in no calibration figure (ECE, reliability,
     mean confidence), so a policy that learnt to drop its confidences would be invisible there."""
-    return sum(c is None for _, c in answers) / len(answers) if answers else 0.0
+    n_answers = n_without = 0
+    for _, c in answers:
+        n_answers += 1
+        n_without += c is None
+    return n_without / n_answers if n_answers else 0.0
 
 
 def mean_defined(values):
@@ -120,28 +129,44 @@ def reliability_table(confidences, correct, n_bins=N_BINS):
 
 def expected_calibration_error(confidences, correct, n_bins=N_BINS):
     """ECE = Σ_b (n_b / n) · |accuracy_b − mean(c/10)_b| over 10 bins of c/10 (None when n = 0)."""
-    n = len(confidences)
+    return calibration_error(reliability_table(confidences, correct, n_bins))
+
+
+def calibration_error(rows):
+    """ECE from the reliability rows: Σ_b (n_b / n) · |accuracy_b − mean(c/10)_b|, n = Σ_b n_b (None when n = 0)."""
+    n = sum(r["n"] for r in rows)
     if n == 0:
         return None
-    rows = reliability_table(confidences, correct, n_bins)
     return sum(r["n"] / n * abs(r["accuracy"] - r["mean_confidence"]) for r in rows if r["n"])
 
 
 def auroc(scores, correct):
     """AUROC of a score for correctness = P(score of a correct item > score of an incorrect one),
     ties counting 1/2 (the Mann–Whitney U statistic over n_correct · n_incorrect). None if either is empty."""
-    pairs = sorted(zip(scores, correct), key=lambda p: p[0])
-    n_pos = sum(1 for _, ok in pairs if ok)
-    n_neg = len(pairs) - n_pos
+    return auroc_from_counts(score_counts(scores, correct))
+
+
+def score_counts(scores, correct):
+    """{score: [n correct, n incorrect]}: all that AUROC needs, one entry per distinct score (confidences
+    are few levels, so a million predictions count in a few entries)."""
+    counts = {}
+    for s, ok in zip(scores, correct):
+        counts.setdefault(s, [0, 0])[0 if ok else 1] += 1
+    return counts
+
+
+def auroc_from_counts(counts):
+    """AUROC from score_counts: the correct items' rank sum (1-based ranks, ascending score, tied scores
+    sharing their mean rank) minus its minimum n_pos(n_pos + 1)/2, over n_pos · n_neg. None if either is 0."""
+    n_pos = sum(pos for pos, _ in counts.values())
+    n_neg = sum(neg for _, neg in counts.values())
     if n_pos == 0 or n_neg == 0:
         return None
     rank_sum, i = 0.0, 0
-    while i < len(pairs):  # average 1-based ranks over runs of tied scores
-        j = i
-        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
-            j += 1
-        mean_rank = (i + 1 + j) / 2
-        rank_sum += mean_rank * sum(1 for _, ok in pairs[i:j] if ok)
+    for score in sorted(counts):  # one run of tied scores each
+        pos, neg = counts[score]
+        j = i + pos + neg
+        rank_sum += (i + 1 + j) / 2 * pos
         i = j
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
@@ -156,41 +181,74 @@ def confusion_matrix(pairs, classes):
 
 
 # -----------------------------------------------------------------------------
-# evaluate(): profiles + gold users -> metrics dict
+# The evaluation table: per (user, dimension) the gold class, the predicted class and its confidence,
+# in three numpy arrays, so that a million users cost ~60 MB rather than their profiles. evaluate()
+# fills it from profiles in memory, main() from the files line by line; metrics_from_table reads it.
 
 
-def _prediction_pairs(pred_profiles, users, taxonomy):
-    """Per dimension, (gold, label | None, confidence | None) for every user labelled in that dimension,
-    in user order, and per dimension the number of users left out as unlabelled there (a label that
-    is missing or null: questionnaires have gaps)."""
+@dataclasses.dataclass
+class Table:
+    """Gold and predicted class and confidence per (user, dimension): all the metrics read."""
+    classes: list  # per dimension, its class names (the indices below point into them)
+    user_ids: list  # in the order of the evaluation data
+    gold: np.ndarray  # [users, dims] int32 gold class; -1: unlabelled in that dimension
+    label: np.ndarray  # [users, dims] int32 predicted class; -1: no valid prediction
+    confidence: np.ndarray  # [users, dims] float64 stated confidence; NaN: none
+    answered: np.ndarray  # [users] bool: the user has a prediction
+
+
+def gold_table(users, taxonomy):
+    """(Table without predictions, {user_id: row}) from gold users (any iterable of records, in order).
+    Only the labels are kept. A user without labels, or with a label that is no class, is an error."""
     dims = taxonomy["dimensions"]
-    pairs, unlabelled = {d: [] for d in dims}, {d: 0 for d in dims}
+    index = {name: {c: k for k, c in enumerate(spec["classes"])} for name, spec in dims.items()}
+    gold, row_of = array.array("i"), {}
     for user in users:
         labels = user.get("labels")
         if not isinstance(labels, dict):
             raise ValueError(f"user {user.get('user_id')!r}: labels: missing; evaluation data needs gold labels")
-        profile = pred_profiles.get(user["user_id"]) or {}
         for dim, spec in dims.items():
-            gold = labels.get(dim)
-            if gold is None:
-                unlabelled[dim] += 1
-                continue
-            if gold not in spec["classes"]:
-                raise ValueError(f"user {user['user_id']!r}: labels.{dim}: expected one of {spec['classes']}, got {gold!r}")
-            entry = profile.get(dim)
-            if entry is None:
-                pairs[dim].append((gold, None, None))
-                continue
-            if not isinstance(entry, dict):
-                raise ValueError(f"prediction for {user['user_id']!r}: {dim}: expected an object {{label, confidence}} "
-                                 f"or null, got {type(entry).__name__}")
-            label, confidence = entry.get("label"), entry.get("confidence")
-            if label not in spec["classes"]:
-                raise ValueError(f"prediction for {user['user_id']!r}: {dim}.label: expected one of {spec['classes']}, got {label!r}")
-            if confidence is not None and not valid_confidence(confidence):
-                raise ValueError(f"prediction for {user['user_id']!r}: {dim}.confidence: expected a number 0..10, got {confidence!r}")
-            pairs[dim].append((gold, label, confidence))
-    return pairs, unlabelled
+            g = labels.get(dim)  # missing or null: unlabelled there (questionnaires have gaps)
+            if g is not None and g not in index[dim]:
+                raise ValueError(f"user {user['user_id']!r}: labels.{dim}: expected one of {spec['classes']}, got {g!r}")
+            gold.append(-1 if g is None else index[dim][g])
+        row_of[user["user_id"]] = len(row_of)
+    n, d = len(row_of), len(dims)
+    table = Table([spec["classes"] for spec in dims.values()], list(row_of),
+                  np.frombuffer(gold, dtype=np.int32).reshape(n, d).copy() if n else np.zeros((0, d), np.int32),
+                  np.full((n, d), -1, np.int32), np.full((n, d), np.nan), np.zeros(n, bool))
+    return table, row_of
+
+
+def set_prediction(table, row, uid, profile, taxonomy):
+    """Enter one user's profile {dim: {"label", "confidence"} | None} | None into row `row` of the table.
+    A dimension where the user is unlabelled is not looked at; elsewhere an entry that is not an object,
+    a label that is no class or a confidence that is not a number 0..10 is a ValueError."""
+    table.answered[row] = True
+    profile = profile or {}
+    for j, (dim, spec) in enumerate(taxonomy["dimensions"].items()):
+        entry = profile.get(dim)
+        if table.gold[row, j] < 0 or entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"prediction for {uid!r}: {dim}: expected an object {{label, confidence}} "
+                             f"or null, got {type(entry).__name__}")
+        label, confidence = entry.get("label"), entry.get("confidence")
+        if label not in spec["classes"]:
+            raise ValueError(f"prediction for {uid!r}: {dim}.label: expected one of {spec['classes']}, got {label!r}")
+        if confidence is not None and not valid_confidence(confidence):
+            raise ValueError(f"prediction for {uid!r}: {dim}.confidence: expected a number 0..10, got {confidence!r}")
+        table.label[row, j] = spec["classes"].index(label)
+        table.confidence[row, j] = math.nan if confidence is None else confidence
+
+
+def dimension_pairs(table, j):
+    """(gold, label | None, confidence | None) for every user labelled in dimension j, in user order."""
+    classes = table.classes[j]
+    rows = np.flatnonzero(table.gold[:, j] >= 0)
+    gold, label, conf = table.gold[rows, j].tolist(), table.label[rows, j].tolist(), table.confidence[rows, j].tolist()
+    return [(classes[g], classes[y] if y >= 0 else None, None if c != c else c)  # c != c: NaN, no confidence
+            for g, y, c in zip(gold, label, conf)]
 
 
 def valid_confidence(c):
@@ -209,30 +267,38 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
     unknown = [uid for uid in pred_profiles if uid not in known]
     if unknown:
         raise ValueError(f"predictions: user_id {unknown[0]!r} (and {len(unknown) - 1} more) not in the evaluation data")
-    missing = [u["user_id"] for u in users if u["user_id"] not in pred_profiles]
     if format_failure_rate is None:
         given = list(pred_profiles.values())
         format_failure_rate = sum(p is None for p in given) / len(given) if given else 0.0
-    pairs, unlabelled = _prediction_pairs(pred_profiles, users, taxonomy)
-    dims = list(taxonomy["dimensions"])
+    table, row_of = gold_table(users, taxonomy)
+    for uid, row in row_of.items():
+        if uid in pred_profiles:
+            set_prediction(table, row, uid, pred_profiles[uid], taxonomy)
+    return metrics_from_table(table, taxonomy, format_failure_rate, taus)
 
-    per_dimension, curves = {}, {d: [] for d in dims}
-    for dim in dims:
+
+def metrics_from_table(table, taxonomy, format_failure_rate, taus=TAUS):
+    """evaluate()'s metrics from a filled Table (see evaluate)."""
+    dims = list(taxonomy["dimensions"])
+    per_dimension, curves, confusion = {}, {d: [] for d in dims}, {}
+    for j, dim in enumerate(dims):
+        pairs = dimension_pairs(table, j)
         for tau in (0,) + tuple(taus):
-            n_predicted, n_correct, n_gold = count_outcomes(pairs[dim], tau)
+            n_predicted, n_correct, n_gold = count_outcomes(pairs, tau)
             p, r, f1 = precision_recall_f1(n_correct, n_predicted, n_gold)
             curves[dim].append({"tau": tau, "precision": p, "recall": r, "f1": f1, "n_predicted": n_predicted,
                                  "n_correct": n_correct})
         at0 = curves[dim][0]
-        n_gold_na = sum(1 for g, _, _ in pairs[dim] if g == "NA")
+        n_gold_na = sum(1 for g, _, _ in pairs if g == "NA")
         per_dimension[dim] = {
             "precision": at0["precision"], "recall": at0["recall"], "f1": at0["f1"],
-            "support": sum(1 for g, _, _ in pairs[dim] if g != "NA"),
+            "support": sum(1 for g, _, _ in pairs if g != "NA"),
             "n_predicted": at0["n_predicted"], "n_gold_na": n_gold_na,
-            "false_positives_on_gold_na": sum(1 for g, y, _ in pairs[dim] if g == "NA" and y not in (None, "NA")),
-            "n_unlabelled": unlabelled[dim],
+            "false_positives_on_gold_na": sum(1 for g, y, _ in pairs if g == "NA" and y not in (None, "NA")),
+            "n_unlabelled": len(table.user_ids) - len(pairs),
         }
-    n_cells = sum(len(pairs[d]) for d in dims)  # labelled (user, dimension) cells
+        confusion[dim] = confusion_matrix(pairs, table.classes[j])
+    n_cells = int((table.gold >= 0).sum())  # labelled (user, dimension) cells
     threshold_sweep = []
     for i, tau in enumerate(taus, start=1):
         rows = [curves[d][i] for d in dims]
@@ -244,28 +310,32 @@ def evaluate(pred_profiles, users, taxonomy, format_failure_rate=None, taus=TAUS
             "coverage": sum(r["n_predicted"] for r in rows) / n_cells if n_cells else 0.0,
         })
 
-    confidences, correct = [], []  # non-abstained at τ = 0, all dimensions pooled
-    answered = [(label, confidence) for d in dims for _, label, confidence in pairs[d] if label is not None]
-    for dim in dims:
-        for gold, label, confidence in pairs[dim]:
-            if not abstains(label, confidence, 0) and confidence is not None:
-                confidences.append(confidence)
-                correct.append(label == gold)
+    def scored():  # (confidence, correct) of the non-abstained predictions at τ = 0, all dimensions pooled
+        for j in range(len(dims)):
+            for gold, label, confidence in dimension_pairs(table, j):
+                if not abstains(label, confidence, 0) and confidence is not None:
+                    yield confidence, label == gold
+
+    reliability = reliability_table((c for c, _ in scored()), (ok for _, ok in scored()))
+    n_scored = sum(r["n"] for r in reliability)
+    answered = ((label, confidence) for j in range(len(dims)) for _, label, confidence in dimension_pairs(table, j)
+                if label is not None)
+    missing = [uid for uid, has in zip(table.user_ids, table.answered.tolist()) if not has]
     return {
         "avg_f1": sum(per_dimension[d]["f1"] for d in dims) / len(dims),
         "per_dimension": per_dimension,
         "threshold_sweep": threshold_sweep,
-        "ece": expected_calibration_error(confidences, correct),
-        "auroc": auroc(confidences, correct),
-        "mean_confidence": sum(confidences) / len(confidences) if confidences else None,
+        "ece": calibration_error(reliability),
+        "auroc": auroc_from_counts(score_counts((c for c, _ in scored()), (ok for _, ok in scored()))),
+        "mean_confidence": sum(c for c, _ in scored()) / n_scored if n_scored else None,
         "no_confidence_rate": no_confidence_rate(answered),
         "format_failure_rate": format_failure_rate,
-        "n_users": len(users),
+        "n_users": len(table.user_ids),
         "n_missing": len(missing),
-        "n_unlabelled": sum(unlabelled.values()),  # (user, dimension) cells without a gold label, left out
+        "n_unlabelled": sum(per_dimension[d]["n_unlabelled"] for d in dims),  # (user, dimension) cells left out
         "missing_user_ids": missing[:20],
-        "reliability": reliability_table(confidences, correct),
-        "confusion": {d: confusion_matrix(pairs[d], taxonomy["dimensions"][d]["classes"]) for d in dims},
+        "reliability": reliability,
+        "confusion": confusion,
         "curves": curves,
     }
 
@@ -358,29 +428,33 @@ def choose_thresholds(curves, targets, level=0.95, correction="bonferroni", taus
     return {dim: choose_threshold(curve, targets[dim], level, correction, taus) for dim, curve in curves.items()}
 
 
-def coverage_threshold(confidences, n_users, coverage, taus=TAUS):
+def coverage_threshold(kept, n_users, coverage, taus=TAUS):
     """Label-free: one dimension's threshold from its confidences alone (precision unknown):
         τ* = min{τ ∈ 1..10 : kept_τ / n ≤ coverage},  kept_τ = #{non-NA answers with c ≥ τ}
     over n users, i.e. keep at most that share of the users, the most confident ones (whole levels:
-    ties stand or fall together). τ* = 10 when even τ = 10 keeps more. `confidences`: one per non-NA
-    answer (None for an answer without a confidence: kept at no τ ≥ 1). Returns {"tau",
-    "target_coverage", "coverage": kept / n at τ*, "n_kept", "n_users", "precision": None}."""
-    kept = {t: sum(1 for c in confidences if c is not None and c >= t) for t in taus}  # as abstains() keeps
+    ties stand or fall together). τ* = 10 when even τ = 10 keeps more. `kept`: {τ: kept_τ} (kept_counts,
+    or count_kept over a file). Returns {"tau", "target_coverage", "coverage": kept / n at τ*, "n_kept",
+    "n_users", "precision": None}."""
     share = {t: kept[t] / n_users if n_users else 0.0 for t in taus}
     tau = next((t for t in taus if share[t] <= coverage), taus[-1])
     return {"tau": tau, "target_coverage": coverage, "coverage": share[tau], "n_kept": kept[tau], "n_users": n_users,
             "precision": None}
 
 
-def answer_confidences(pred_profiles, dims):
-    """{dim: [confidence of each non-NA answer]} over all profiles (a missing or invalid answer has none)."""
-    out = {d: [] for d in dims}
-    for profile in pred_profiles.values():
-        for d in dims:
-            entry = (profile or {}).get(d)
-            if entry is not None and entry["label"] not in (None, "NA"):
-                out[d].append(entry["confidence"])
-    return out
+def kept_counts(confidences, taus=TAUS):
+    """{τ: kept_τ}, kept_τ = #{c ≥ τ} over the confidences of one dimension's non-NA answers (None, an
+    answer without a confidence: kept at no τ ≥ 1), as abstains() keeps them."""
+    return {t: sum(1 for c in confidences if c is not None and c >= t) for t in taus}
+
+
+def count_kept(kept, profile, taus=TAUS):
+    """Add one profile's non-NA answers to kept {dim: {τ: kept_τ}} (a missing or invalid answer has
+    none): kept_counts one prediction at a time, so a file is counted without holding it."""
+    for dim, counts in kept.items():
+        entry = (profile or {}).get(dim)
+        if entry is not None and entry["label"] not in (None, "NA") and entry["confidence"] is not None:
+            for t in taus:
+                counts[t] += entry["confidence"] >= t
 
 
 def thresholds_applied(curves, taus):
@@ -451,22 +525,33 @@ def profile_from_vote(voted):
 
 
 def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confidence", na_weight=1.0):
-    """Read a predictions JSONL -> (pred_profiles, n_answers, n_format_failures).
+    """Read a predictions JSONL -> (pred_profiles, n_answers, n_format_failures): iter_predictions, all
+    profiles in memory."""
+    pred_profiles, n_answers, n_failures = {}, 0, 0
+    for uid, profile, answers, failures in iter_predictions(path, taxonomy, known_ids, use_vote, weighting, na_weight):
+        pred_profiles[uid] = profile
+        n_answers += answers
+        n_failures += failures
+    return pred_profiles, n_answers, n_failures
+
+
+def iter_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confidence", na_weight=1.0):
+    """Read a predictions JSONL one line at a time -> yields (user_id, profile, answers read, format failures).
 
     Errors name file, line and field: malformed JSON (NaN and Infinity included), a missing user_id,
     a user_id that is not in the evaluation data, a duplicate user_id, a line with none of profile /
     text / samples, and in a profile an entry that is not an object or null, a label that is no class
     (labels match up to case and separators, as parse_answer's do: "Male" is read as "male"), or a
     confidence that is not a number 0..10 (1e9 or -3 would otherwise skew ECE or abstain silently).
-    A format failure is a text that does not parse, or a profile that is null or whose line says
-    "format_ok": false (predict.py's lines: the answer behind the profile did not parse)."""
-    pred_profiles, first_line = {}, {}
-    n_answers = n_failures = 0
+    known_ids None: any user_id is taken (label-free thresholds, no evaluation data). A format failure
+    is a text that does not parse, or a profile that is null or whose line says "format_ok": false
+    (predict.py's lines: the answer behind the profile did not parse)."""
+    first_line = {}
     for lineno, where, record in common.iter_jsonl(path, expected="one prediction object per line", strict=True):
         uid = record.get("user_id") if isinstance(record, dict) else None
         if not isinstance(uid, str):
             raise common.DataError(f"{where}: user_id: expected a string, got {uid!r}")
-        if uid not in known_ids:
+        if known_ids is not None and uid not in known_ids:
             raise common.DataError(f"{where}: user_id: {uid!r} is not in the evaluation data; expected one of its ids")
         if uid in first_line:
             raise common.DataError(f"{where}: user_id: duplicate {uid!r} (first on line {first_line[uid]})")
@@ -477,28 +562,22 @@ def load_predictions(path, taxonomy, known_ids, use_vote=False, weighting="confi
                 raise common.DataError(f"{where}: profile: expected an object {{dim: {{label, confidence}}}} or null")
             if profile is not None:
                 profile = checked_profile(profile, taxonomy, where)
-            n_answers += 1
-            n_failures += profile is None or record.get("format_ok") is False  # predict.py's lines say whether the text parsed
-            pred_profiles[uid] = profile
+            yield uid, profile, 1, profile is None or record.get("format_ok") is False
         elif "text" in record:
             parsed = confprofile.parse_answer(record["text"], taxonomy)
-            n_answers += 1
-            n_failures += not parsed["format_ok"]
-            pred_profiles[uid] = profile_from_parse(parsed)
+            yield uid, profile_from_parse(parsed), 1, not parsed["format_ok"]
         elif "samples" in record:
             samples = record["samples"]
             if not isinstance(samples, list) or not samples or not all(isinstance(s, dict) for s in samples):
                 raise common.DataError(f"{where}: samples: expected a non-empty list of {{\"text\", ...}} objects")
             parsed = [confprofile.parse_answer(s.get("text"), taxonomy) for s in (samples if use_vote else samples[:1])]
-            n_answers += len(parsed)
-            n_failures += sum(not p["format_ok"] for p in parsed)
+            failures = sum(not p["format_ok"] for p in parsed)
             if use_vote:
-                pred_profiles[uid] = profile_from_vote(confprofile.vote(parsed, taxonomy, weighting, na_weight))
+                yield uid, profile_from_vote(confprofile.vote(parsed, taxonomy, weighting, na_weight)), len(parsed), failures
             else:
-                pred_profiles[uid] = profile_from_parse(parsed[0])
+                yield uid, profile_from_parse(parsed[0]), len(parsed), failures
         else:
             raise common.DataError(f"{where}: expected one of the fields profile, text, samples")
-    return pred_profiles, n_answers, n_failures
 
 
 def checked_profile(profile, taxonomy, where):
@@ -693,11 +772,6 @@ def thresholds_document(args, per_dimension):
             **common_keys, "dimensions": per_dimension}
 
 
-def prediction_ids(path):
-    """The user ids of a predictions file (what load_predictions checks lines against when there is no --data)."""
-    return {r.get("user_id") for _, _, r in common.iter_jsonl(path, strict=True) if isinstance(r, dict)}
-
-
 def write_figures(metrics, out):
     """pr_curve.png and reliability.png next to report.md; returns {name: file name} for render_report."""
     plots.save_png(plots.precision_recall_figure(metrics["curves"]), os.path.join(out, "pr_curve.png"))
@@ -727,29 +801,38 @@ def main(argv=None):
     dims = list(taxonomy["dimensions"])
     targets = precision_targets(args, dims)
     applied = read_thresholds(args.thresholds, taxonomy) if args.thresholds else None
-    if not args.data:  # label-free thresholds only
-        preds, _, _ = load_predictions(args.predictions, taxonomy, prediction_ids(args.predictions), args.vote,
-                                       args.weighting, args.na_weight)
-        confidences = answer_confidences(preds, dims)
-        doc = thresholds_document(args, {d: coverage_threshold(confidences[d], len(preds), args.target_coverage)
-                                         for d in dims})
-        atomic_write_text(os.path.join(args.out, "thresholds.json"), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-        print(f"thresholds -> {os.path.join(args.out, 'thresholds.json')} (precision unknown): {_threshold_summary(doc)}")
-        return doc
-    users = confprofile.read_users(args.data, require_labels=True, taxonomy=taxonomy)
-    preds, n_answers, n_failures = load_predictions(args.predictions, taxonomy, {u["user_id"] for u in users},
-                                                    args.vote, args.weighting, args.na_weight)
-    metrics = evaluate(preds, users, taxonomy, format_failure_rate=n_failures / n_answers if n_answers else 0.0)
+    # one user or prediction at a time: memory holds the table (a few bytes per user and dimension) and
+    # the counts of kept answers per dimension and τ (label-free thresholds)
+    table = row_of = None
+    if args.data:
+        users = (u for _, u in confprofile.iter_users(args.data, require_labels=True, taxonomy=taxonomy))
+        table, row_of = gold_table(users, taxonomy)
+    kept = {d: dict.fromkeys(TAUS, 0) for d in dims}
+    n_predictions = n_answers = n_failures = 0
+    for uid, profile, answers, failures in iter_predictions(args.predictions, taxonomy, row_of, args.vote,
+                                                            args.weighting, args.na_weight):
+        if table is not None:
+            set_prediction(table, row_of[uid], uid, profile, taxonomy)
+        count_kept(kept, profile)
+        n_predictions += 1
+        n_answers += answers
+        n_failures += failures
+    coverage_doc = None
+    if args.target_coverage:
+        coverage_doc = thresholds_document(args, {d: coverage_threshold(kept[d], n_predictions, args.target_coverage)
+                                                  for d in dims})
+    if table is None:  # label-free thresholds only
+        atomic_write_text(os.path.join(args.out, "thresholds.json"),
+                          json.dumps(coverage_doc, indent=2, ensure_ascii=False) + "\n")
+        print(f"thresholds -> {os.path.join(args.out, 'thresholds.json')} (precision unknown): "
+              f"{_threshold_summary(coverage_doc)}")
+        return coverage_doc
+    metrics = metrics_from_table(table, taxonomy, n_failures / n_answers if n_answers else 0.0)
     metrics["inputs"] = {"predictions": args.predictions, "data": args.data, "vote": args.vote,
                          "weighting": args.weighting, "na_weight": args.na_weight, "n_answers": n_answers}
-    if targets or args.target_coverage:
-        if targets:
-            doc = thresholds_document(args, choose_thresholds(metrics["curves"], targets, args.bound_level,
-                                                              args.bound_correction))
-        else:
-            confidences = answer_confidences(preds, dims)
-            doc = thresholds_document(args, {d: coverage_threshold(confidences[d], len(preds), args.target_coverage)
-                                             for d in dims})
+    if targets or coverage_doc:
+        doc = coverage_doc or thresholds_document(args, choose_thresholds(metrics["curves"], targets, args.bound_level,
+                                                                          args.bound_correction))
         atomic_write_text(os.path.join(args.out, "thresholds.json"), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         metrics["thresholds"] = doc
     if applied:

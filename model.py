@@ -246,33 +246,41 @@ class PrefixSharedCache:
 
     static=True is for a torch.compile'd decode step (CUDA graphs need fixed shapes and no host
     sync): every step reads all max_new suffix slots and masks the later ones, instead of slicing
-    the filled part, which needs the host to know how far the rows are; and the tensors the step
-    reads or writes are marked as static inputs, so CUDA graphs use them in place instead of copying.
+    the filled part, which needs the host to know how far the rows are; the prefix is the whole prompt
+    cache (its width chosen by whoever allocated it, so that later prompts of other lengths fit: prefill
+    them into it, then set_prompt_lengths); and the tensors the step reads or writes are marked as
+    static inputs, so CUDA graphs use them in place instead of copying.
     """
 
     def __init__(self, prompt_cache: KVCache, prompt_lengths, counts, max_new_tokens, static=False):
         device = prompt_cache.k.device
-        width = int(max(prompt_lengths))
+        width = prompt_cache.max_len if static else int(max(prompt_lengths))
         self.prefix_k, self.prefix_v = prompt_cache.k[:, :, :, :width], prompt_cache.v[:, :, :, :width]
         n_layers, n_prompts, n_kv, _, head_dim = self.prefix_k.shape
-        lengths = torch.as_tensor(prompt_lengths, device=device)
         counts = torch.as_tensor(counts, device=device)
         rows = int(counts.sum())
         self.n_max = int(counts.max())
-        row_prompt = torch.repeat_interleave(torch.arange(n_prompts, device=device), counts)
+        self.row_prompt = torch.repeat_interleave(torch.arange(n_prompts, device=device), counts)
         first_row = torch.cumsum(counts, 0) - counts
-        self.grid = row_prompt * self.n_max + torch.arange(rows, device=device) - first_row[row_prompt]
-        self.row_length = lengths[row_prompt]
+        self.grid = self.row_prompt * self.n_max + torch.arange(rows, device=device) - first_row[self.row_prompt]
+        self.row_length = torch.zeros(rows, dtype=torch.long, device=device)
         # 0 on a prompt's real slots, -inf on its pads; added to the prefix scores [P, n_kv, n_max * group, Lp]
-        pads = torch.arange(width, device=device) >= lengths[:, None]
-        self.prefix_bias = torch.zeros(n_prompts, 1, 1, width, dtype=self.prefix_k.dtype,
-                                       device=device).masked_fill(pads[:, None, None], float("-inf"))
+        self.prefix_bias = torch.zeros(n_prompts, 1, 1, width, dtype=self.prefix_k.dtype, device=device)
+        self.set_prompt_lengths(prompt_lengths)
         shape = (n_layers, rows, n_kv, max_new_tokens, head_dim)
         self.k = torch.zeros(shape, dtype=self.prefix_k.dtype, device=device)
         self.v = torch.zeros(shape, dtype=self.prefix_k.dtype, device=device)
         self.max_new = max_new_tokens
         self.static = static
         self._mark_static()
+
+    def set_prompt_lengths(self, prompt_lengths):
+        """The prompts' real lengths, written in place: a static cache serves each new batch of prompts of
+        its shape, prefilled into the same prompt cache (rollout.StaticDecode)."""
+        lengths = torch.as_tensor(prompt_lengths, device=self.row_length.device)
+        self.row_length.copy_(lengths[self.row_prompt])
+        pads = torch.arange(self.prefix_bias.shape[-1], device=lengths.device) >= lengths[:, None]
+        self.prefix_bias.zero_().masked_fill_(pads[:, None, None], float("-inf"))
 
     def _mark_static(self):
         if self.static:
@@ -283,7 +291,7 @@ class PrefixSharedCache:
         """The same cache for rows `keep` only (finished rows dropped); the prefix is shared, not copied."""
         small = copy.copy(self)
         small.k, small.v = self.k.index_select(1, keep), self.v.index_select(1, keep)
-        small.grid, small.row_length = self.grid[keep], self.row_length[keep]
+        small.grid, small.row_length, small.row_prompt = self.grid[keep], self.row_length[keep], self.row_prompt[keep]
         small._mark_static()
         return small
 
@@ -565,13 +573,14 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model.eval()
 
 
-def save_model(model: Transformer, out_dir, tokenizer_dir=None):
-    """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files."""
+def save_model(model: Transformer, out_dir, tokenizer_dir=None, state=None):
+    """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files.
+    `state`: the weights to write instead of model.state_dict() (a sharded model's, gathered)."""
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.args.tie_embeddings:
         del state["lm_head.weight"]  # safetensors refuses shared tensors; HF re-ties from the config
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = state["model.embed_tokens.weight"].dtype
     config = dict(model.config)
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)

@@ -120,7 +120,8 @@ def main(argv=None):
     taxonomy = load_taxonomy(args.taxonomy or None)
     taus = read_thresholds(args.thresholds, taxonomy)[0] if args.thresholds else None
     users = read_users(args.users, taxonomy=taxonomy)
-    done = rollout.open_output(args.out, predict_settings(args, taxonomy, taus), args.force_resume, PROFILES)
+    batches = [[u["user_id"] for u in b] for b in rollout.teacher_batches(users, args.batch_users)]
+    done = rollout.open_output(args.out, predict_settings(args, taxonomy, taus), args.force_resume, PROFILES, batches)
     if args.model == "sim":
         model = rollout.SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
@@ -131,7 +132,7 @@ def main(argv=None):
         return {"user_id": user["user_id"], "profile": deployed_profile(answer, taus, taxonomy), "format_ok": format_ok}
 
     t0 = time.perf_counter()
-    written, n_tokens = rollout.label_users(model, users, taxonomy, args.out, args.samples, seed=args.seed,
+    written, n_tokens, _ = rollout.label_users(model, users, taxonomy, args.out, args.samples, seed=args.seed,
                                             batch_users=args.batch_users, progress=args.progress, done=done,
                                             to_line=to_line, desc="predict")
     seconds = time.perf_counter() - t0

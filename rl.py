@@ -4,6 +4,7 @@ Stage 2 of Conf-Profile: confidence-guided GRPO on unlabelled users (docs/design
     python rl.py                                   # CPU demo: configs/rl_demo.json, from runs/demo/sft
     python rl.py --config configs/X.json [--key value ...] [--resume]
     torchrun --nproc_per_node=2 rl.py ...          # data-parallel: each rank its own users
+    torchrun --nproc_per_node=2 rl.py --parallel fsdp   # and the model sharded (FSDP2): docs/fsdp.md
 
 There are no labels. For each of B users the policy writes G profiles (one prompt, G rollouts). The
 confidence-weighted vote of those G profiles is the truth ("quasi label"), each rollout is rewarded
@@ -45,10 +46,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import (DEVICE, ConfigError, DataError, Progress, all_reduce_sum, append_jsonl,
+from common import (DEVICE, PARALLEL, ConfigError, DataError, Progress, all_reduce_sum, append_jsonl,
                     autocast_for, barrier, build_optimizer, chat_prompt_ids, check_fields, check_output_dir,
-                    cleanup_distributed, completion_text, iter_jsonl, load_tokenizer, load_training_state, lr_at,
-                    open_metrics, opt, run_record, save_config, save_training_state, setup_run, stop_ids_for)
+                    cleanup_distributed, clip_gradients, completion_text, full_parameters, full_state_dict,
+                    is_sharded, iter_jsonl, load_tokenizer, load_training_state, lr_at, open_metrics, opt, run_record,
+                    save_config, save_training_state, setup_run, shard_model, stop_ids_for)
 from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer, parse_answer_spans, read_users, render_prompt,
                          vote)
 from evaluate import evaluate, profile_from_parse
@@ -131,6 +133,9 @@ class RLConfig:
     dtype: str = opt("float32", "parameter dtype: bfloat16 keeps weights, grads and AdamW moments in bf16 (big models, "
                      "CUDA)", choices=CHOICES["dtype"])
     device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
+    parallel: str = opt("ddp", "under torchrun: ddp (each process a full copy, gradients all-reduced) or fsdp "
+                        "(FSDP2: parameters, gradients, AdamW moments and the KL reference sharded over the "
+                        "processes)", choices=PARALLEL)
     seed: int = opt(0, "data order and rollout randomness", min=0)
     # evaluation, logging, checkpoints
     dev_data: str = opt("", "labelled users for a periodic greedy evaluation (empty: none)")
@@ -635,20 +640,22 @@ def policy_update(model, ref_model, optimizer, batch, cfg, lr):
     pick = lambda trained: [(p, [r for r in rs if r["trained"] == trained]) for p, rs in batch]
     trained = micro_batches([(p, rs) for p, rs in pick(True) if rs], cfg.micro_batch_size)
     frozen = micro_batches([(p, rs) for p, rs in pick(False) if rs], cfg.micro_batch_size)
+    sharded = is_sharded(model)
+    if sharded:  # every sharded forward and backward is a collective: all ranks run as many
+        trained, frozen = pad_micro_batches(trained, device), pad_micro_batches(frozen, device)
     sums = dict.fromkeys(["loss", "entropy", "kl", "clip_low", "clip_high", "clip_region", "lp_diff", "lp_tokens",
                           "lp_diff_max", "forward_tokens"], 0.0)
     sums.update(zip(("seqs", "loss_tokens", "trained_seqs"), local))  # this rank's: the metrics sum over ranks
     with torch.no_grad():  # the rows with zero advantage: only their entropy and sampler gap are measured
         for mb in frozen:
-            _forward_micro(model, mb, cfg, sums)
+            _forward_micro(model, mb, cfg, None if mb is PADDING else sums)
     if n_trained == 0:
         return sums, 0.0, False
     model.train()
     old_logps, ref_logps, grad_norm = {}, {}, 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
     for it in range(cfg.num_iterations):
         for k, mb in enumerate(trained):
-            logp, mask, adv = _forward_micro(model, mb, cfg, sums if it == 0 else None)
+            logp, mask, adv = _forward_micro(model, mb, cfg, sums if it == 0 and mb is not PADDING else None)
             if it == 0:  # same parameters as the sampler: this is the ratio's "old" policy (ratio = 1 now)
                 old_logps[k] = logp.detach()
                 if cfg.beta > 0:
@@ -658,23 +665,39 @@ def policy_update(model, ref_model, optimizer, batch, cfg, lr):
             loss = grpo_loss(logp, old_logps[k], adv, mask, cfg.loss_type, cfg.epsilon, cfg.epsilon_high,
                              cfg.beta, ref_logps.get(k), cfg.max_new_tokens, normaliser)
             loss.backward()
+            if mb is PADDING:  # its loss is exactly 0: only the collectives were needed
+                continue
             ratio = torch.exp(logp.detach() - old_logps[k])
             for key, value in clip_fractions(ratio, adv, mask, cfg.epsilon, cfg.epsilon_high).items():
                 sums[key] += value * float(mask.sum())
             if cfg.beta > 0:
                 sums["kl"] += float((k3_kl(logp.detach(), ref_logps[k]) * mask).sum())
             sums["loss"] += loss.item()
+        params = [p for p in model.parameters() if p.requires_grad]  # sharded: the shards, now that backward is done
         for p in params:  # each rank's loss is its share of the global loss: SUM the gradients
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            all_reduce_sum(p.grad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+            if not sharded:  # FSDP has summed them in backward (common.shard_model)
+                all_reduce_sum(p.grad)
+        grad_norm = clip_gradients(params, cfg.grad_clip)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     return sums, grad_norm, True
+
+
+# A micro-batch that trains nothing: one token of a one-token prompt, outside the loss (mask 0). A rank
+# with fewer micro-batches than another runs these so that every rank meets every collective.
+PADDING = [([0], [{"tokens": [0], "sampler_logp": [0.0], "mask": [0], "adv": [0.0], "trained": True}])]
+
+
+def pad_micro_batches(batches, device):
+    """`batches` + PADDING up to the largest number of micro-batches on any rank."""
+    n = torch.tensor([len(batches)], device=device)
+    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+    return batches + [PADDING] * (int(n) - len(batches))
 
 
 def _forward_micro(model, mb, cfg, sums):
@@ -758,7 +781,8 @@ def grpo_step(model, ref_model, optimizer, prompts, score, cfg, generator, stop_
     """One GRPO step on this rank's prompts: rollouts -> scores (`score(groups) -> Scored`) ->
     advantages and the training batch -> policy update -> metrics (global over ranks)."""
     t0 = time.time()
-    groups = sample_groups(model, prompts, cfg, generator, stop_ids)
+    with full_parameters(model):  # sharded: gathered once, so the ranks decode on their own
+        groups = sample_groups(model, prompts, cfg, generator, stop_ids)
     t_rollout = time.time() - t0
     scored = score(groups)
     batch, _ = training_batch(groups, prompts, scored, cfg)
@@ -802,10 +826,12 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         log = open_metrics(metrics_path, start)  # a resumed run drops the lines of steps after its checkpoint
-    if dev_eval is not None and start == 0 and cfg.eval_every and main_process:
-        record = {"step": 0, **dev_eval(model)}
-        append_jsonl(log, record)
-        print(f"step 0 (the starting policy): {fmt_metrics(record)}", flush=True)
+    if start == 0 and cfg.eval_every and cfg.dev_data:  # every rank decides alike: a sharded model gathers
+        with full_parameters(model):
+            if main_process and dev_eval is not None:
+                record = {"step": 0, **dev_eval(model)}
+                append_jsonl(log, record)
+                print(f"step 0 (the starting policy): {fmt_metrics(record)}", flush=True)
     barrier()
     bar = Progress(cfg.max_steps, "grpo", "step", initial=start, disable=not main_process)
     step = start
@@ -821,16 +847,16 @@ def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None
         for every, measure in ((cfg.eval_every if cfg.dev_data else 0, dev_eval),
                                (cfg.probe_every if cfg.probe_size else 0, probe)):
             if every and (done % every == 0 or done == cfg.max_steps):
-                if main_process and measure is not None:
-                    record.update(measure(model))
+                with full_parameters(model):
+                    if main_process and measure is not None:
+                        record.update(measure(model))
                 barrier()
         if main_process:
             append_jsonl(log, record)
             bar.set_postfix_str(fmt_metrics(record))
             bar.update(1)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            if main_process:
-                save_training_state(state_dir, model, optimizer, done, {}, made_by)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:  # every rank: sharded, each its part
+            save_training_state(state_dir, model, optimizer, done, {}, made_by)
             barrier()
     else:
         step = cfg.max_steps
@@ -953,6 +979,10 @@ def run(cfg, rank, world_size, device, made_by=None):
         reference = greedy_answers(model, tokenizer, probe_prompts, taxonomy, stop_ids, probe_tokens)
         probe = lambda m: {"probe_agreement": label_agreement(
             greedy_answers(m, tokenizer, probe_prompts, taxonomy, stop_ids, probe_tokens), reference)}
+    if cfg.parallel == "fsdp" and world_size > 1:
+        shard_model(model, device)
+        if ref_model is not None:
+            shard_model(ref_model, device)
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, cfg.output_dir, name="rl_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
@@ -966,8 +996,9 @@ def run(cfg, rank, world_size, device, made_by=None):
         if main_process:
             print(f"stopped after step {done} of {cfg.max_steps} (stop_after_steps); resume with --resume", flush=True)
         return None
+    weights = full_state_dict(model, rank) if is_sharded(model) else None  # every rank: the shards are all-gathered
     if main_process:
-        save_model(model, cfg.output_dir, tokenizer_dir=cfg.model)
+        save_model(model, cfg.output_dir, tokenizer_dir=cfg.model, state=weights)
         shutil.rmtree(os.path.join(cfg.output_dir, "train_state"), ignore_errors=True)  # finished: 3x the model, dead weight
         print(f"saved the final checkpoint to {cfg.output_dir} ({time.time() - t0:.0f}s of RL); training curves: "
               f"{draw_training_curves(cfg.output_dir)}", flush=True)
@@ -983,6 +1014,7 @@ def main(argv=None):
         uses_stage1 = "stage1" in (cfg.difficulty, cfg.confidence_weighting)
         made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "stage1": cfg.stage1 if uses_stage1 else "",
                                              "taxonomy": cfg.taxonomy or DEFAULT_TAXONOMY})
+        made_by["layout"] = {"parallel": cfg.parallel, "world_size": world_size}
         check_output_dir(cfg, made_by, RESUME_MAY_CHANGE, rank)
         return run(cfg, rank, world_size, device, made_by)
     finally:

@@ -18,19 +18,26 @@ How `generate` works, in the order it happens:
    gets a cache of its own for the tokens it generates. Each prompt's last-token logits are repeated
    n times; every row then draws its own first token.
 4. Decode. One token per row per step; each row attends to its prompt and to its own tokens so far,
-   under one softmax (exactly as if the prompt had been copied into the row). Rows stop on any of
-   `stop_ids` (finish_reason "stop", the stop token is kept in the sample) or after
-   `max_new_tokens` ("length"). Finished rows ride along (outputs ignored) until a quarter of the
-   batch has finished; then the cache keeps only the running rows (COMPACT_AT; the prompts stay).
-   The loop ends as soon as every row has finished.
+   under one softmax (exactly as if the prompt had been copied into the row). A step (decode_step)
+   is the model forward, the draw and the bookkeeping, all on the device; the host reads it only every
+   `sync_every` steps (1 on CPU, 16 on GPU). Rows stop on any of `stop_ids` (finish_reason "stop",
+   the stop token is kept in the sample) or after `max_new_tokens` ("length"). Finished rows ride
+   along (outputs ignored) until, at a read, a quarter of the batch has finished; then the cache keeps
+   only the running rows (COMPACT_AT; the prompts stay). The loop ends at the first read that finds
+   every row finished.
 
 On CPU in float32 the whole call runs the model's Linear layers through oneDNN on weights packed
-once on entry (onednn_linears; docs/benchmarks.md); a torch.compile'd model decodes on a
-fixed-shape cache so each step can replay as a CUDA graph (model.PrefixSharedCache, static).
+once on entry (onednn_linears; docs/benchmarks.md). Given a torch.compile'd model, the decode
+step itself is compiled as ONE graph, forward and sampler together (with mode="reduce-overhead", one
+CUDA graph per step), on fixed shapes (model.PrefixSharedCache, static): every row decodes to the end,
+and the buffers and the compiled step are kept for the next batch of the same shape (StaticDecode).
+Prefill stays eager.
 
 Sampling: temperature T (T = 0 is greedy), then top-k, then top-p (nucleus), then one categorical
-draw by inverse CDF with one uniform number per row from the seeded `torch.Generator`, so runs are
-reproducible on a given device and batch plan.
+draw by inverse CDF with one uniform number per row per step, drawn from the seeded `torch.Generator`
+outside the step, so runs are reproducible on a given device, batch plan and sync_every, and the
+compiled step draws what eager decoding draws (it hands the rows that eager decoding would still run
+the same numbers).
 
 Logprobs: each sampled token's logprob is log softmax(logits / T) — the tempered distribution
 BEFORE top-k / top-p truncation (T = 0 is treated as T = 1). That is exactly what the GRPO trainer
@@ -47,27 +54,39 @@ CLIs:
         out line per user {"user_id", "samples": [{"text", "finish_reason"}]}; restartable: the
         settings are recorded in teacher.jsonl.meta.json, and a rerun with other settings is refused
         (naming the keys) unless --force-resume. An --out that is an input, or whose lines are not this
-        tool's output, is refused before anything in it changes.
+        tool's output, is refused before anything in it changes. Users go in batches of --batch-users
+        (in file order); a batch an interrupted run wrote in part is sampled again whole.
+    torchrun --nproc_per_node=K rollout.py --teacher ... (same options): rank r labels batches r, r + K,
+        ... into its own shard teacher.jsonl.rank{r}-of{K} (restartable on its own, like --out); when
+        every shard is complete, rank 0 merges them into teacher.jsonl, the same bytes as one process
+        writes. `--merge` merges complete shards later (e.g. copied from nodes without a shared disk).
     `--samples 1 --temperature 0` gives any checkpoint's greedy predictions for evaluate.py.
     Both: --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
     --device, --dtype, --progress false. `python rollout.py --help` lists every option. The last line printed gives tokens/s.
 """
 import contextlib
 import dataclasses
+import datetime
 import functools
+import glob
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
+import weakref
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import profilebench
-from common import (DEVICE, ConfigError, Progress, atomic_write_text, chat_prompt_ids, check_fields, completion_text,
-                    dumps_line, iter_jsonl, load_config, load_tokenizer, opt, run_cli, stop_ids_for, write_jsonl)
+from common import (DEVICE, ConfigError, Progress, atomic_write_text, atomic_writer, chat_prompt_ids, check_fields,
+                    cleanup_distributed, completion_text, dumps_line, file_sha256, is_distributed, iter_jsonl, load_config,
+                    load_tokenizer, opt, run_cli, stop_ids_for, write_jsonl)
 from confprofile import load_taxonomy, read_users, render_prompt
 from model import PrefixSharedCache, load_model
 
@@ -77,6 +96,11 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1 << 16, "cuda": 1 << 17}
 PREFILL_CHUNK_TOKENS = 8192  # prompt tokens per prefill forward (bounds activation memory)
 NUCLEUS_PROBE = 256  # top-p looks for its nucleus among this many most likely tokens before a full sort
 COMPACT_AT = 0.75  # drop finished rows from the decode batch once at most this share of it still runs
+# Decode steps between the host's reads of the device (rows still running: stop early, drop finished rows).
+# CPU: every step (eager decoding, where a read costs nothing). GPU: a read stalls the host until the GPU
+# has caught up, so it could not queue the next steps meanwhile.
+DEFAULT_SYNC_EVERY = {"cpu": 1, "cuda": 16}
+PREFIX_BUCKET = 128  # a compiled decode's prompt cache is rounded up to this many slots (one shape for nearby lengths)
 
 
 @dataclasses.dataclass
@@ -88,6 +112,7 @@ class SamplingParams:
     top_p: float = 1.0           # nucleus: the smallest set of most likely tokens with this mass (1 = all)
     stop_ids: tuple = ()         # a sample ends on any of these (the stop token is kept)
     max_batch_tokens: int = 0    # KV-cache slots per batch, rows x (prompt + max_new_tokens); 0 = the device's default
+    sync_every: int = 0          # decode steps between the host's checks for finished rows; 0 = the device's default
 
     def check(self):
         """Raise ValueError naming the first setting that is out of range (before any work is done)."""
@@ -97,6 +122,8 @@ class SamplingParams:
         if isinstance(self.max_batch_tokens, bool) or not isinstance(self.max_batch_tokens, int) or self.max_batch_tokens < 0:
             raise ValueError(f"max_batch_tokens: expected an integer >= 0 (0 = the device's default), "
                              f"got {self.max_batch_tokens!r}")
+        if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 0:
+            raise ValueError(f"sync_every: expected an integer >= 0 (0 = the device's default), got {self.sync_every!r}")
         return self
 
 
@@ -131,10 +158,13 @@ def top_k_filter(logits, k):
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def nucleus_mask(sorted_logits, p):
+def nucleus_mask(sorted_logits, p, log_z=None):
     """Top-p on logits sorted in descending order: True where a token falls outside the smallest set of
-    most likely tokens whose probability mass reaches p (the most likely token is always kept)."""
-    probs = torch.softmax(sorted_logits, dim=-1)
+    most likely tokens whose probability mass reaches p (the most likely token is always kept).
+
+    The mass is of softmax(sorted_logits), or, given log_z (the log-normaliser of the whole vocabulary,
+    [B]), of exp(logit - log_z): the candidates may then be only the head of the vocabulary."""
+    probs = torch.softmax(sorted_logits, dim=-1) if log_z is None else torch.exp(sorted_logits - log_z[:, None])
     mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
     return mass_before >= p
 
@@ -148,19 +178,30 @@ def top_p_filter(logits, p):
     return logits.masked_fill(drop, float("-inf"))
 
 
+def nucleus_probe(logits, p, probe=NUCLEUS_PROBE):
+    """The `probe` most likely logits per row (sorted, with their token ids), the vocabulary's
+    log-normaliser [B], and whether those tokens hold mass >= p in every row ([] bool): then every row's
+    top-p nucleus is among them."""
+    top, index = torch.topk(logits, probe, dim=-1)
+    log_z = torch.logsumexp(logits, dim=-1)
+    fits = (torch.exp(top - log_z[:, None]).sum(dim=-1) >= p).all()
+    return top, index, log_z, fits
+
+
 def nucleus_candidates(logits, p, probe=NUCLEUS_PROBE):
-    """Logits sorted in descending order (with their token ids) that contain every row's top-p nucleus.
+    """Logits sorted in descending order (with their token ids, and the log-normaliser to measure the
+    nucleus with, or None) that contain every row's top-p nucleus.
 
     A full sort of a 50k-150k vocabulary is slow on CPU; an LLM's nucleus is almost always inside its
     few hundred most likely tokens, so try those first (exact: used only if they hold mass >= p in
-    every row) and sort everything only otherwise.
+    every row) and sort everything only otherwise. The choice reads a value on the host: not for a
+    compiled step (sample_tokens(..., graph=True) computes both and picks on the device).
     """
     if probe < logits.size(-1):
-        top, index = torch.topk(logits, probe, dim=-1)
-        mass = torch.exp(top - torch.logsumexp(logits, dim=-1, keepdim=True)).sum(dim=-1)
-        if bool((mass >= p).all()):
-            return top, index
-    return torch.sort(logits, dim=-1, descending=True)
+        top, index, log_z, fits = nucleus_probe(logits, p, probe)
+        if bool(fits):
+            return top, index, log_z
+    return *torch.sort(logits, dim=-1, descending=True), None
 
 
 def _first_above(cdf, u):
@@ -170,7 +211,12 @@ def _first_above(cdf, u):
     return torch.minimum(index, torch.searchsorted(cdf, cdf[..., -1:].contiguous(), right=False))
 
 
-def sample_categorical(logits, generator=None):
+def uniforms(rows, generator, device):
+    """The one uniform number per row that a draw consumes, U(0, 1) [rows, 1] from `generator`."""
+    return torch.rand(rows, 1, generator=generator, device=device)
+
+
+def sample_categorical(logits, generator=None, u=None):
     """One draw per row from softmax(logits) by inverse CDF: the first index whose cumulative
     probability exceeds u ~ U(0, total). Tokens at -inf (probability 0) are never drawn.
 
@@ -178,7 +224,8 @@ def sample_categorical(logits, generator=None):
     are much slower); no host sync on GPU. The CDF is walked in two levels, because a cumsum over
     the whole vocabulary is one long sequential pass (as slow as the softmax itself): sum blocks of
     ~sqrt(V) probabilities, pick the block whose cumulative mass exceeds u, then the token by a cumsum
-    inside that block only. Same distribution; only the summation order differs.
+    inside that block only. Same distribution; only the summation order differs. `u` [B, 1] (from
+    `uniforms`) are the row's U(0, 1) numbers; without them they are drawn from `generator`.
 
     Returns (index [B], log_z [B]) with log_z = logsumexp(logits), free from the same softmax: its
     largest probability is exp(max - log_z) = 1 / sum exp(logits - max). (torch.logsumexp would run a
@@ -190,7 +237,7 @@ def sample_categorical(logits, generator=None):
     pad = -vocab % block
     blocks = (F.pad(probs, (0, pad)) if pad else probs).view(rows, -1, block)
     block_cdf = blocks.sum(dim=-1).cumsum_(dim=-1)                          # [B, V / block]
-    u = torch.rand(rows, 1, generator=generator, device=probs.device) * block_cdf[:, -1:]
+    u = (uniforms(rows, generator, probs.device) if u is None else u) * block_cdf[:, -1:]
     b = _first_above(block_cdf, u)                                          # [B, 1]
     inside = blocks[torch.arange(rows, device=probs.device), b.squeeze(1)].cumsum_(dim=-1)  # [B, block]
     j = _first_above(inside, u - (block_cdf.gather(1, b) - inside[:, -1:]))  # u minus the mass before block b
@@ -210,13 +257,25 @@ def check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_p: expected a number in (0, 1] (1 = all tokens), got {top_p!r}")
 
 
-def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def _draw_candidates(candidates, index, log_z, top_p, u):
+    """A draw among sorted candidate logits (token ids `index`) after the top-p cut (measured with
+    log_z, see nucleus_mask) -> token ids [B]."""
+    if top_p < 1.0:
+        candidates = candidates.masked_fill(nucleus_mask(candidates, top_p, log_z), float("-inf"))
+    choice, _ = sample_categorical(candidates, u=u)
+    return index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=None, graph=False):
     """One token per row: greedy when temperature == 0, else temperature -> top-k -> top-p -> categorical.
 
     Same distribution as top_p_filter(top_k_filter(logits / T, k), p) followed by a softmax draw
     (up to exact ties at the k-th logit), computed the cheap way: with top-k only the k best
-    candidates (sorted) are kept, top-p works on those (or on a full sort without top-k), and the
-    draw is sample_categorical from `generator` (reproducible).
+    candidates (sorted) are kept and top-p works on their distribution; top-p alone looks for its
+    nucleus among the most likely tokens first (nucleus_candidates); the draw is sample_categorical
+    with the rows' uniforms `u` [B, 1] (default: drawn from `generator`; greedy draws none).
+    graph=True: no value goes to the host (for a compiled step): top-p alone computes both the probe's
+    and the full sort's draw and picks on the device what nucleus_candidates would have picked.
     Returns (tokens [B], logprobs [B]); logprobs = token_logprobs (see there: before truncation), taken
     from the draw's own normaliser when nothing was truncated (one exp pass over the vocabulary, not two).
     """
@@ -225,17 +284,20 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         tokens = logits.argmax(dim=-1)
         return tokens, token_logprobs(logits, tokens, 0.0)
     scaled = logits / temperature if temperature != 1.0 else logits
-    candidates, index = scaled, None
-    if 0 < top_k < scaled.size(-1):
-        candidates, index = torch.topk(scaled, top_k, dim=-1)  # sorted, descending
+    if u is None:
+        u = uniforms(scaled.size(0), generator, scaled.device)
+    vocab = scaled.size(-1)
+    if 0 < top_k < vocab:  # top-p, if any, on the distribution of the k best
+        tokens = _draw_candidates(*torch.topk(scaled, top_k, dim=-1), None, top_p, u)  # sorted, descending
+    elif top_p < 1.0 and graph and NUCLEUS_PROBE < vocab:
+        top, index, log_z, fits = nucleus_probe(scaled, top_p)
+        tokens = torch.where(fits, _draw_candidates(top, index, log_z, top_p, u),
+                             _draw_candidates(*torch.sort(scaled, dim=-1, descending=True), None, top_p, u))
     elif top_p < 1.0:
-        candidates, index = nucleus_candidates(scaled, top_p)
-    if top_p < 1.0:
-        candidates = candidates.masked_fill(nucleus_mask(candidates, top_p), float("-inf"))
-    choice, log_z = sample_categorical(candidates, generator)
-    if index is None:  # drawn from the whole tempered distribution: its normaliser is the logprob's
+        tokens = _draw_candidates(*nucleus_candidates(scaled, top_p), top_p, u)
+    else:  # drawn from the whole tempered distribution: its normaliser is the logprob's
+        choice, log_z = sample_categorical(scaled, u=u)
         return choice, scaled.gather(-1, choice.unsqueeze(-1)).squeeze(-1) - log_z
-    tokens = index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return tokens, token_logprobs(scaled, tokens, 1.0)  # scaled is already logits / T
 
 
@@ -346,7 +408,8 @@ def generate(model, prompts, sampling, n=1, generator=None, seed=None, progress=
 
     See the module docstring for the algorithm. `generator` (a torch.Generator on the model's device)
     wins over `seed`; with neither, a fresh random seed is drawn. Results are reproducible for the same
-    seed, prompts, settings (max_batch_tokens too) and device.
+    seed, prompts, settings (max_batch_tokens and sync_every too) and device, and the same whether the
+    model is torch.compile'd or not (up to the last bits of the logits).
     """
     try:
         sampling.check()
@@ -365,7 +428,6 @@ def generate(model, prompts, sampling, n=1, generator=None, seed=None, progress=
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-    stop = torch.tensor(sorted(set(int(s) for s in sampling.stop_ids)) or [-1], device=device)
     results = [[None] * n for _ in prompts]
     budget = sampling.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cuda"])
     batches = plan_batches([len(p) for p in prompts], n, sampling.max_new_tokens, budget)
@@ -374,64 +436,215 @@ def generate(model, prompts, sampling, n=1, generator=None, seed=None, progress=
     with onednn_linears(model):  # CPU fp32: the weights packed once for all batches
         for batch in batches:
             samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch], sampling,
-                                      stop, generator, bar)
+                                      generator, bar)
             for (i, first, count), group in zip(batch, samples):
                 results[i][first:first + count] = group
     bar.close()
     return results
 
 
-def _generate_batch(model, prompts, counts, sampling, stop, generator, bar):
-    """One planned batch: prefill each prompt once, decode counts[i] rows on it. Returns [[Sample]]."""
+# -----------------------------------------------------------------------------
+# The decode step: the model, the sampler and the bookkeeping, all on the device
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """What the decode loop carries from step to step, all on the device; a step changes it in place.
+
+    Decode rows (the rows the model runs) are the output rows (the samples) until eager decoding drops
+    finished rows from its batch; `live` maps each decode row to its output row.
+    """
+    token: torch.Tensor         # [R] each decode row's last token, the next step's input
+    positions: torch.Tensor     # [R] the position of that token
+    running: torch.Tensor       # [R] bool: the row has not finished
+    live: torch.Tensor          # [R] the output row of each decode row
+    step: torch.Tensor          # [] the index in the completions of the token being written
+    out_tokens: torch.Tensor    # [rows, max_new] the completions
+    out_logprobs: torch.Tensor  # [rows, max_new] float32
+    n_tokens: torch.Tensor      # [rows] tokens kept per output row (max_new until the row stops)
+    stopped: torch.Tensor       # [rows] bool: the row ended on a stop id
+    written: torch.Tensor       # [] tokens written by running rows so far (the progress bar's count)
+    is_stop: torch.Tensor       # [vocab] bool: the stop ids
+
+    @classmethod
+    def allocate(cls, rows, max_new_tokens, vocab, device):
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return cls(token=zeros(rows), positions=zeros(rows), running=zeros(rows, dtype=torch.bool),
+                   live=torch.arange(rows, device=device), step=zeros(), out_tokens=zeros(rows, max_new_tokens),
+                   out_logprobs=zeros(rows, max_new_tokens, dtype=torch.float32), n_tokens=zeros(rows),
+                   stopped=zeros(rows, dtype=torch.bool), written=zeros(), is_stop=zeros(vocab, dtype=torch.bool))
+
+    def start(self, positions, stop_ids):
+        """A new batch: every row running from `positions` [rows], in place (a compiled step's tensors
+        keep their addresses). Stop ids outside the vocabulary can never be drawn and are left out."""
+        self.positions.copy_(positions)
+        self.running.fill_(True)
+        self.step.zero_()
+        self.n_tokens.fill_(self.out_tokens.shape[1])
+        self.stopped.fill_(False)
+        self.written.zero_()
+        vocab = self.is_stop.shape[0]
+        self.is_stop.fill_(False)
+        self.is_stop[[int(s) for s in stop_ids if 0 <= int(s) < vocab]] = True
+        return self
+
+    def select(self, keep):
+        """The state of decode rows `keep` only (finished rows dropped); the output tensors are shared."""
+        return dataclasses.replace(self, token=self.token[keep], positions=self.positions[keep],
+                                   running=self.running[keep], live=self.live[keep])
+
+
+def record_tokens(state, token, logprob):
+    """Write each decode row's new token and its logprob at state.step, and end the rows that drew a
+    stop id (the stop token is kept); no value goes to the host."""
+    at = (state.live, state.step.expand_as(state.live))  # index tensors: a 0-d tensor index would be read on the host
+    state.out_tokens.index_put_(at, token)
+    state.out_logprobs.index_put_(at, logprob)
+    hit = state.is_stop[token] & state.running
+    state.written += state.running.sum()
+    state.running &= ~hit
+    state.stopped[state.live] |= hit
+    state.n_tokens[state.live] = torch.where(hit, state.step + 1, state.n_tokens[state.live])
+    state.token.copy_(token)
+
+
+def decode_step(model, state, cache, u, temperature, top_k, top_p, graph=False):
+    """One decode step: the model on each row's last token, one token drawn per row with the rows'
+    uniforms u [R, 1], the bookkeeping (record_tokens). No host sync; with graph=True (the sampler's
+    branch-free form, see sample_tokens) it is what torch.compile captures as ONE graph."""
+    logits = model(state.token[:, None], state.positions[:, None], cache)[:, -1]
+    state.positions += 1
+    state.step += 1
+    token, logprob = sample_tokens(logits, temperature, top_k, top_p, u=u, graph=graph)
+    record_tokens(state, token, logprob)
+
+
+def graph_decode_step(sampling):
+    """decode_step(model, state, cache, u) with `sampling`'s settings as constants, in its branch-free form:
+    the function a compiled decode runs, captured whole by torch.compile."""
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
+
+    def step(model, state, cache, u):
+        decode_step(model, state, cache, u, temperature, top_k, top_p, graph=True)
+    return step
+
+
+def compile_decode_step(compiled_model, sampling):
+    """graph_decode_step compiled whole for one batch shape: fullgraph (a graph break is an error, not a
+    silent second graph), static shapes, a compile cache of its own (a StaticDecode's shapes never change,
+    and other shapes' graphs must not count towards its recompile limit; a torch without
+    isolate_recompiles, before 2.13, shares one cache: torch._dynamo.config.recompile_limit shapes per
+    process), CUDA graphs if `compiled_model` was compiled with them (mode="reduce-overhead")."""
+    config = getattr(compiled_model, "get_compiler_config", lambda: None)() or {}  # inductor's, with the mode applied
+    mode = "reduce-overhead" if config.get("triton.cudagraphs", False) else None
+    isolate = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+    return torch.compile(graph_decode_step(sampling), fullgraph=True, dynamic=False, mode=mode, **isolate)
+
+
+class StaticDecode:
+    """A torch.compile'd model's decode for one batch shape: fixed-shape tensors (the prompt cache,
+    PrefixSharedCache(static=True), the DecodeState, the uniforms) and the compiled step. generate() keeps
+    the last one per compiled model and reuses it for the next batch of the same shape (prompts prefilled
+    into the same prompt cache), so every tensor the step touches keeps its address and CUDA graphs replay
+    without being recorded again. The prompt cache is PREFIX_BUCKET-rounded, so prompts of nearby
+    lengths share a shape. It holds one batch's KV cache until a batch of another shape replaces it."""
+
+    def __init__(self, compiled_model, model, prompt_lengths, counts, sampling):
+        device = _model_device(model)
+        self.key = static_decode_key(prompt_lengths, counts, sampling)
+        rows = sum(counts)
+        self.prompt_cache = model.setup_cache(len(prompt_lengths), self.key[1])
+        self.cache = PrefixSharedCache(self.prompt_cache, prompt_lengths, counts, sampling.max_new_tokens, static=True)
+        self.state = DecodeState.allocate(rows, sampling.max_new_tokens, model.args.vocab_size, device)
+        self.u = torch.zeros(rows, 1, device=device)  # the uniforms of the rows still drawing (see _generate_batch)
+        for t in (*dataclasses.astuple(self.state), self.u):
+            torch._dynamo.mark_static_address(t)
+        self.step = compile_decode_step(compiled_model, sampling)
+
+
+def static_decode_key(prompt_lengths, counts, sampling):
+    """What fixes a compiled decode's shapes and graph: prompts, prompt-cache width, rows per prompt, settings."""
+    width = -(-max(prompt_lengths) // PREFIX_BUCKET) * PREFIX_BUCKET
+    return (len(prompt_lengths), width, tuple(counts), sampling.max_new_tokens, sampling.temperature,
+            sampling.top_k, sampling.top_p)
+
+
+_STATIC_DECODES = weakref.WeakKeyDictionary()  # compiled model -> its last StaticDecode
+
+
+def static_decode(compiled_model, model, prompt_lengths, counts, sampling):
+    """The compiled model's StaticDecode for this batch shape: the last one if it fits, else a new one."""
+    fixed = _STATIC_DECODES.pop(compiled_model, None)
+    if fixed is None or fixed.key != static_decode_key(prompt_lengths, counts, sampling):
+        del fixed  # the old buffers are freed before the new ones are allocated: two KV caches may not fit
+        fixed = StaticDecode(compiled_model, model, prompt_lengths, counts, sampling)
+    _STATIC_DECODES[compiled_model] = fixed
+    return fixed
+
+
+def _generate_batch(model, prompts, counts, sampling, generator, bar):
+    """One planned batch: prefill each prompt once, decode counts[i] rows on it. Returns [[Sample]].
+
+    Eager: decode_step as it is; finished rows are dropped from the decode batch (COMPACT_AT).
+    torch.compile'd model: the compiled decode_step on the fixed shapes of a StaticDecode, all rows to
+    the end. The host reads the device only every sync_every steps (rows still running: stop early,
+    drop finished rows), and both forms draw the same uniforms: the compiled one gives the rows that
+    eager decoding would still run the numbers eager decoding would give them.
+    """
     device = _model_device(model)
     max_new_tokens = sampling.max_new_tokens
     settings = (sampling.temperature, sampling.top_k, sampling.top_p)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    counts_t = torch.tensor(counts, device=device)
-    rows = int(counts_t.sum())
-
-    width = int(lengths.max())
+    sync_every = sampling.sync_every or DEFAULT_SYNC_EVERY.get(device.type, DEFAULT_SYNC_EVERY["cuda"])
+    lengths = [len(p) for p in prompts]
+    rows = sum(counts)
     eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model decodes; prefill (new shapes
-    prompt_cache = eager.setup_cache(len(prompts), width)  # every batch, an lm_head hook) runs eagerly
-    last_logits = prefill(eager, prompts, prompt_cache)
-    row_prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
-    compiled = eager is not model  # then decode with fixed shapes (see PrefixSharedCache, static)
-    cache = PrefixSharedCache(prompt_cache, lengths, counts, max_new_tokens, static=compiled)  # prompts: one copy each
-    del prompt_cache
+    compiled = eager is not model               # every batch) runs eagerly
+    if compiled:
+        fixed = static_decode(model, eager, lengths, counts, sampling)
+        last_logits = prefill(eager, prompts, fixed.prompt_cache)
+        cache, state = fixed.cache, fixed.state
+        cache.set_prompt_lengths(lengths)
+    else:
+        prompt_cache = eager.setup_cache(len(prompts), max(lengths))
+        last_logits = prefill(eager, prompts, prompt_cache)
+        cache = PrefixSharedCache(prompt_cache, lengths, counts, max_new_tokens)  # prompts: one copy each
+        del prompt_cache
+        state = DecodeState.allocate(rows, max_new_tokens, eager.args.vocab_size, device)
+    row_prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(counts, device=device))
+    state.start(torch.tensor(lengths, device=device).index_select(0, row_prompt), sampling.stop_ids)
 
-    positions = lengths.index_select(0, row_prompt)  # where each row's next token goes
-    out_tokens = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
-    out_logprobs = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
-    n_tokens = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
-    stopped = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that ended on a stop id
-    live = torch.arange(rows, device=device)  # decode row i (cache row i) produces output row live[i]
-    running = torch.ones(rows, dtype=torch.bool, device=device)  # decode rows not finished yet
-    n_running = rows
-
-    token, logprob = sample_tokens(last_logits.index_select(0, row_prompt), *settings, generator)
-    for step in range(max_new_tokens):
-        out_tokens[live, step] = token
-        out_logprobs[live, step] = logprob
-        hit = torch.isin(token, stop) & running
-        running &= ~hit
-        stopped[live] |= hit  # index tensors, not boolean masks: no host sync on GPU
-        n_tokens[live] = torch.where(hit, step + 1, n_tokens[live])
-        bar.update(n_running)  # every row still running wrote a token this step
-        n_running = int(running.sum())  # the one host sync per step: it lets the loop end early
-        if step == max_new_tokens - 1 or n_running == 0:
-            break
-        if n_running <= COMPACT_AT * len(live):  # drop finished rows instead of decoding them further
-            keep = running.nonzero().squeeze(1)
-            cache = cache.select_rows(keep)
-            live, token, positions, running = live[keep], token[keep], positions[keep], running[keep]
-        if compiled:  # CUDA graphs: the last step's outputs are consumed, their buffers may be reused
+    drawing = torch.arange(rows, device=device)  # the rows that draw a uniform each step (see the docstring)
+    u = uniforms(rows, generator, device) if sampling.temperature > 0 else None
+    record_tokens(state, *sample_tokens(last_logits.index_select(0, row_prompt), *settings, u=u))
+    shown = 0  # tokens counted on the progress bar
+    for i in range(1, max_new_tokens):  # the step that draws token i
+        if i % sync_every == 0:  # the host reads the device: rows still running, tokens written
+            n_running, written = torch.stack([state.running.sum(), state.written]).tolist()
+            bar.update(written - shown)
+            shown = written
+            if n_running == 0:
+                break
+            if n_running <= COMPACT_AT * len(drawing):  # drop finished rows instead of decoding them further
+                keep = state.running.nonzero().squeeze(1)
+                if compiled:  # fixed shapes: every row decodes on, only the running ones draw
+                    drawing = keep
+                else:
+                    cache, state = cache.select_rows(keep), state.select(keep)
+                    drawing = state.live
+        if sampling.temperature > 0:
+            u = uniforms(len(drawing), generator, device)
+        if compiled:
+            if u is not None:
+                fixed.u.index_copy_(0, drawing, u)
             torch.compiler.cudagraph_mark_step_begin()
-        logits = model(token[:, None], positions[:, None], cache)[:, -1]
-        positions += 1
-        token, logprob = sample_tokens(logits, *settings, generator)
+            fixed.step(eager, state, cache, fixed.u)
+        else:
+            decode_step(model, state, cache, u, *settings)
+    bar.update(int(state.written) - shown)
 
-    out_tokens, out_logprobs = out_tokens.cpu(), out_logprobs.cpu()
-    n_tokens, stopped = n_tokens.tolist(), stopped.tolist()
+    out_tokens, out_logprobs = state.out_tokens.cpu(), state.out_logprobs.cpu()
+    n_tokens, stopped = state.n_tokens.tolist(), state.stopped.tolist()
     bar.total -= rows * max_new_tokens - sum(n_tokens)
     samples, row = [], 0
     for count in counts:
@@ -507,32 +720,35 @@ def refuse_input_as_output(out, inputs):
 
 def check_own_output(path, fields, what, tool, payload=list):
     """Validate that every whole line of an existing `path` is a JSON object with `fields` whose second
-    is a `payload` (this tool's output), touching nothing. Returns ([(lineno, first field)], byte length of
-    the whole lines, the bytes after them). A file whose lines are anything else is an error naming
-    the line: --out pointing at the wrong file is refused before a byte of it changes."""
+    is a `payload` (this tool's output), touching nothing; one line at a time. Returns ([(lineno, first
+    field, byte offset of the line)], byte length of the whole lines, the bytes after them). A file
+    whose lines are anything else is an error naming the line: --out pointing at the wrong file is
+    refused before a byte of it changes."""
+    ids, keep, tail = [], 0, b""
     if not os.path.exists(path):
-        return [], 0, b""
+        return ids, keep, tail
     with open(path, "rb") as f:
-        data = f.read()
-    keep = data.rfind(b"\n") + 1
-    ids = []
-    for lineno, line in enumerate(data[:keep].split(b"\n")[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            record = None
-        if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], payload)):
-            raise ValueError(f"{path}:{lineno}: expected a {what} line {{{', '.join(map(repr, fields))}}}; "
-                             f"is --out pointing at the right file? Refusing to touch a file {tool} did not write")
-        ids.append((lineno, record[fields[0]]))
-    return ids, keep, data[keep:]
+        for lineno, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                tail = line  # the last line, half-written
+                break
+            start, keep = keep, keep + len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                record = None
+            if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], payload)):
+                raise ValueError(f"{path}:{lineno}: expected a {what} line {{{', '.join(map(repr, fields))}}}; "
+                                 f"is --out pointing at the right file? Refusing to touch a file {tool} did not write")
+            ids.append((lineno, record[fields[0]], start))
+    return ids, keep, tail
 
 
 def resume_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
-    """Check an existing output of `kind` before resuming it; touches nothing. Returns (user ids already
-    written, byte length of its whole lines, the half-written last line).
+    """Check an existing output of `kind` before resuming it; touches nothing. Returns ({user_id: byte
+    offset of its line}, byte length of its whole lines, the half-written last line).
 
     Refused, each with a one-line error: a whole line that is not {kind.fields} (not our file); a user
     written twice; a half-written last line that does not start like one of our lines;
@@ -541,11 +757,11 @@ def resume_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
     keys), unless `force`. A killed run leaves at most one partial line (lines are written whole, then
     flushed and fsynced); open_output cuts it once all of this passed."""
     ids, keep, tail = check_own_output(path, kind.fields, kind.what, kind.tool, kind.payload)
-    done = set()
-    for lineno, uid in ids:
-        if uid in done:
+    written = {}
+    for lineno, uid, offset in ids:
+        if uid in written:
             raise ValueError(f"{path}:{lineno}: user_id: {uid!r} written twice; expected one line per user")
-        done.add(uid)
+        written[uid] = offset
     if tail and not LINE_START.startswith(tail[:len(LINE_START)]):
         raise ValueError(f"{path}: the last line is neither whole nor the start of a {kind.what} line; "
                          "is --out pointing at the right file? Refusing to touch it")
@@ -559,7 +775,7 @@ def resume_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
         if changed:
             raise ValueError(f"{path}: written with other settings ({changed}); resuming would mix two kinds of "
                              "answers: rerun with the recorded settings, choose another --out, or pass --force-resume")
-    return done, keep, tail
+    return written, keep, tail
 
 
 def read_meta(path, kind=TEACHER_OUTPUT):
@@ -587,15 +803,45 @@ def settings_diff(recorded, settings):
                      if recorded.get(k) != settings.get(k))
 
 
-def open_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
-    """Validate `path` (resume_output), then make it ready to append to: cut a half-written last line
-    and record `settings` in <out>.meta.json (a forced resume over other settings keeps the earlier
-    ones under "earlier_settings"). Returns the user ids already written."""
-    done, keep, tail = resume_output(path, settings, force, kind)
-    if tail:
-        print(f"{path}: dropping a half-written last line ({len(tail)} bytes) from an interrupted run", file=sys.stderr)
+def unfinished_batches(written, batches):
+    """The batches (lists of user ids) of which some users but not all are written: what an interrupted
+    run was writing. They are sampled again whole: a checkpoint's samples depend on the whole batch,
+    so the rest of it drawn as a smaller batch would differ from an uninterrupted run's."""
+    return [b for b in batches if 0 < sum(uid in written for uid in b) < len(b)]
+
+
+def rewrite_without(path, keep, skip):
+    """Rewrite `path` (atomically) with its whole lines, the first `keep` bytes, except the lines that
+    start at the byte offsets in `skip`."""
+    with open(path, "rb") as src, atomic_writer(path) as dst:
+        start = 0
+        for line in src:
+            if start >= keep:
+                break
+            if start not in skip:
+                dst.write(line.decode("utf-8"))
+            start += len(line)
+
+
+def open_output(path, settings=None, force=False, kind=TEACHER_OUTPUT, batches=()):
+    """Validate `path` (resume_output), then make it ready to append to: drop the lines of any batch an
+    interrupted run wrote in part (unfinished_batches; `batches`: this process's batches as lists of
+    user ids), cut a half-written last line, and record `settings` in <out>.meta.json (a forced resume
+    over other settings keeps the earlier ones under "earlier_settings"). Returns the user ids written."""
+    written, keep, tail = resume_output(path, settings, force, kind)
+    unfinished = [uid for b in unfinished_batches(written, batches) for uid in b if uid in written]
+    drop = sorted(written.pop(uid) for uid in unfinished)
+    if drop:
+        print(f"{path}: dropping {len(drop)} whole line(s) of a batch an interrupted run wrote in part "
+              "(the batch is sampled again whole)", file=sys.stderr)
+    if drop and any(offset > drop[0] for offset in written.values()):  # not the last lines: other batches
+        rewrite_without(path, keep, set(drop))  # (--force-resume over another batch_users) came after them
+    elif tail or drop:
+        if tail:
+            print(f"{path}: dropping a half-written last line ({len(tail)} bytes) from an interrupted run",
+                  file=sys.stderr)
         with open(path, "r+b") as f:
-            f.truncate(keep)
+            f.truncate(drop[0] if drop else keep)
             f.flush()
             os.fsync(f.fileno())
     if settings is not None:
@@ -606,29 +852,28 @@ def open_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
         earlier = list(recorded.get("earlier_settings") or [])
         if recorded.get("settings") not in (None, settings):
             earlier.append(recorded["settings"])
-        meta = {"written_by": kind.tool, "settings": settings, "earlier_settings": earlier}
-        atomic_write_text(meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    return done
+        write_meta(path, settings, earlier, kind)
+    return set(written)
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def write_meta(path, settings, earlier=(), kind=TEACHER_OUTPUT, **extra):
+    """<out>.meta.json: what produced an output of `kind` (read back by read_meta on resume)."""
+    meta = {"written_by": kind.tool, "settings": settings, "earlier_settings": list(earlier), **extra}
+    atomic_write_text(meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
 def teacher_settings(args, taxonomy, model_key="teacher"):
     """What decides the answers in a teacher output: recorded in <out>.meta.json, compared on resume.
-    The checkpoint (or "sim") is args.<model_key>, recorded under that key."""
+    The checkpoint (or "sim") is args.<model_key>, recorded under that key. batch_users too: it cuts the
+    batches, whose users a checkpoint samples together and whose order decides which rank of a torchrun
+    run labels which users."""
     model = getattr(args, model_key)
     settings = {
         model_key: "sim" if model == "sim" else os.path.abspath(model),
         "samples": args.samples, "seed": args.seed,
         "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-        "template_kwargs": args.template_kwargs,
+        "template_kwargs": args.template_kwargs, "batch_users": args.batch_users,
         "taxonomy_sha256": hashlib.sha256(json.dumps(taxonomy, sort_keys=True).encode()).hexdigest(),
         "users_sha256": file_sha256(args.users),  # the file's bytes: another users file is another job
     }
@@ -685,31 +930,35 @@ def teacher_line(user, samples):
 
 
 def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True, done=None,
-                to_line=teacher_line, desc="teacher"):
+                shard=(0, 1), stop_after_batches=0, to_line=teacher_line, desc="teacher"):
     """Stage 1 teacher labelling: render, sample n answers, append one whole line per user,
     to_line(user, [(text, finish_reason, n_tokens)] * n) (predict.py writes profiles through it).
 
-    Restartable: users already in `out_path` are skipped (`done`: the ids open_output returned;
-    None: open it here as a teacher output, without recording settings). Each user has its own seed (from
-    `seed` and its user_id); a checkpoint's samples depend on the seeds of its whole batch (batches
-    are cut from the full user list, so a rerun reproduces an uninterrupted run except in the batch
-    that was being written when it was killed). The simulated teacher's depend on the user only.
-    Returns (users written, tokens generated).
+    The users are cut into batches of batch_users, in file order (teacher_batches); with shard = (rank,
+    K) this process labels batches rank, rank + K, ... So every run, one process or K, first or
+    resumed, samples the same batches. Each user has its own seed (from `seed` and its user_id); a
+    checkpoint's samples depend on the seeds of its whole batch, the simulated teacher's on the user only.
+    Restartable: batches already in `out_path` are skipped (`done`: the ids open_output returned;
+    None: open it here as a teacher output, without recording settings), and one that an interrupted
+    run wrote in part is sampled again whole. stop_after_batches > 0: stop after that many batches (to
+    test restarts). Returns (users written, tokens generated, whether all of this process's batches are done).
     """
+    rank, world = shard
+    batches = teacher_batches(users, batch_users)[rank::world]
     if done is None:
-        done = open_output(out_path)
-    batches = [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
-    todo = sum(1 for u in users if u["user_id"] not in done)
+        done = open_output(out_path, batches=[[u["user_id"] for u in b] for b in batches])
+    todo = [[u for u in b if u["user_id"] not in done] for b in batches]
+    todo = [b for b in todo if b]
     if done:
-        print(f"{out_path}: {len(done)} users already done, {todo} to go", file=sys.stderr)
-    bar = Progress(todo, desc, "user", disable=not progress)
+        print(f"{out_path}: {len(done)} users already done, {sum(map(len, todo))} to go", file=sys.stderr)
+    bar = Progress(sum(map(len, todo)), desc if world == 1 else f"{desc} {rank}/{world}", "user",
+                   disable=not progress)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as f:
-        for batch in batches:
-            batch = [u for u in batch if u["user_id"] not in done]
-            if not batch:
-                continue
+        for k, batch in enumerate(todo):
+            if stop_after_batches and k == stop_after_batches:
+                break
             seeds = [_derived_seed(seed, u["user_id"]) for u in batch]
             answers = teacher.answer([render_prompt(u, taxonomy) for u in batch], n, seeds)
             for user, samples in zip(batch, answers):
@@ -721,7 +970,111 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
             bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s")
             bar.update(len(batch))
     bar.close()
-    return written, n_tokens
+    return written, n_tokens, written == sum(map(len, todo))
+
+
+# -----------------------------------------------------------------------------
+# Labelling under torchrun: rank r of K labels batches r, r + K, ... into its own shard
+# <out>.rank{r}-of{K} (with its own .meta.json, resumable on its own); once every shard is complete,
+# rank 0 merges them into <out> in the one-process order (the same bytes as a one-process run).
+
+SHARD_NAME = re.compile(r"\.rank(\d+)-of(\d+)\Z")
+LABELLING_WAIT = datetime.timedelta(hours=24)  # how long a rank that has finished waits for the others
+
+
+def teacher_batches(users, batch_users):
+    """The labelling batches: runs of batch_users consecutive users of the users file, in order."""
+    return [users[i:i + batch_users] for i in range(0, len(users), batch_users)]
+
+
+def shard_path(out_path, rank, world):
+    """Rank `rank`'s shard of a K-process labelling run: <out>.rank{r}-of{K}."""
+    return f"{out_path}.rank{rank}-of{world}"
+
+
+def existing_shards(out_path):
+    """{K: [shard paths]} of the shards of `out_path` on disk (their .meta.json sidecars aside)."""
+    found = {}
+    for path in sorted(glob.glob(glob.escape(out_path) + ".rank*-of*")):
+        m = SHARD_NAME.search(path[len(out_path):])
+        if m:
+            found.setdefault(int(m.group(2)), []).append(path)
+    return found
+
+
+def merge_shards(out_path, users, batch_users, world, settings, force=False):
+    """Merge the K complete shards of `out_path` into it: batch g is read from shard g mod K, so the
+    lines come in the users file's order, exactly as a one-process run writes them; one line at a
+    time, written atomically. Each shard must record `settings` (unless `force`) and hold exactly its
+    batches' users, in order; the shards are removed once <out> is in place."""
+    paths = [shard_path(out_path, r, world) for r in range(world)]
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: missing; expected the {world} shards of a torchrun run with "
+                             f"--nproc_per_node x --nnodes = {world}")
+        recorded = read_meta(path)
+        changed = "no .meta.json" if recorded is None else settings_diff(recorded["settings"], settings)
+        if changed and not force:
+            raise ValueError(f"{path}: written with other settings ({changed}); merge with the settings the shards "
+                             "were labelled with, or pass --force-resume")
+    readers = [open(path, "rb") for path in paths]
+    try:
+        with atomic_writer(out_path) as out:
+            for g, batch in enumerate(teacher_batches(users, batch_users)):
+                for user in batch:
+                    line = _next_line(readers[g % world])
+                    uid = json.loads(line)["user_id"] if line.endswith(b"\n") else None
+                    if uid != user["user_id"]:
+                        raise ValueError(f"{paths[g % world]}: expected user {user['user_id']!r} (batch {g}) next, got "
+                                         f"{uid!r}: the shard is incomplete, or was written with other batches; run "
+                                         "the labelling command again to complete it")
+                    out.write(line.decode("utf-8"))
+            for path, f in zip(paths, readers):
+                if _next_line(f):
+                    raise ValueError(f"{path}: lines after its last batch; expected only the users of its batches")
+    finally:
+        for f in readers:
+            f.close()
+    write_meta(out_path, settings, merged_from=[os.path.basename(p) for p in paths])
+    for path in paths:
+        os.remove(path)
+        if os.path.exists(meta_path(path)):
+            os.remove(meta_path(path))
+    print(f"merged {world} shards -> {out_path}")
+
+
+def _next_line(f):
+    """The next non-blank line of a file open in binary mode (b"" at its end)."""
+    line = f.readline()
+    while line and not line.strip():
+        line = f.readline()
+    return line
+
+
+def start_ranks():
+    """(rank, K): (0, 1) in one process; under torchrun a gloo process group (a barrier at the end is all
+    labelling needs, on CPU, whatever device the teacher runs on) that waits LABELLING_WAIT for the
+    slowest rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    dist.init_process_group("gloo", timeout=LABELLING_WAIT)
+    return dist.get_rank(), world
+
+
+def all_ranks(flag):
+    """True when `flag` is true on every rank (a barrier too)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def is_complete(out_path, users, settings, force):
+    """Whether `out_path` is a finished teacher output of `settings` for all `users` (checked, untouched)."""
+    written, _, tail = resume_output(out_path, settings, force)
+    return not tail and all(u["user_id"] in written for u in users)
 
 
 # -----------------------------------------------------------------------------
@@ -749,6 +1102,10 @@ class RolloutConfig:
     dtype: str = opt("auto", "auto = bfloat16 on cuda, float32 on cpu", choices=("auto", "float32", "bfloat16"))
     progress: bool = opt(True, "a progress bar (on a terminal) or progress lines (in a log)")
     force_resume: bool = opt(False, "teacher mode: resume --out even though <out>.meta.json records other settings")
+    merge: bool = opt(False, "teacher mode: merge the complete shards <out>.rank{r}-of{K} of a torchrun run into --out "
+                             "(rank 0 does this itself when every shard is complete)")
+    stop_after_batches: int = opt(0, "teacher mode: stop after this many batches per process (0 = all; to test restarts)",
+                                  min=0)
 
     def __post_init__(self):
         check_fields(self, "rollout")
@@ -789,23 +1146,65 @@ def run_prompts(args):
 
 
 def run_teacher(args):
-    """Teacher mode: users -> rendered prompts -> n answers each -> one line per user (restartable)."""
+    """Teacher mode: users -> rendered prompts -> n answers each -> one line per user (restartable). Under
+    torchrun each rank labels its share of the batches into its own shard and rank 0 merges them."""
     refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
                                       "--teacher": None if args.teacher == "sim" else args.teacher})
     taxonomy = load_taxonomy(args.taxonomy)
     users = read_users(args.users, taxonomy=taxonomy)
-    done = open_output(args.out, teacher_settings(args, taxonomy), args.force_resume)  # before loading weights
+    settings = teacher_settings(args, taxonomy)
+    shards = existing_shards(args.out)
+    if args.merge:
+        if len(shards) != 1 or os.path.exists(args.out):
+            raise ValueError(f"{args.out}: --merge needs the shards of one torchrun run ({len(shards)} sets found: "
+                             f"{', '.join(f'K = {k}' for k in shards) or 'none'}) and no {args.out} yet")
+        merge_shards(args.out, users, args.batch_users, next(iter(shards)), settings, args.force_resume)
+        return
+    rank, world = start_ranks()
+    try:
+        _label_shard(args, users, taxonomy, settings, shards, rank, world)
+    finally:
+        cleanup_distributed()
+
+
+def _label_shard(args, users, taxonomy, settings, shards, rank, world):
+    """run_teacher's work in one process of `world`: checks, this process's batches, and the merge."""
+    other = [paths[0] for k, paths in shards.items() if k != world or world == 1]
+    if other:
+        raise ValueError(f"{other[0]}: a shard of a torchrun run with other --nproc_per_node x --nnodes than this "
+                         "one: resume it with as many processes, merge complete shards with --merge, or remove them")
+    if world > 1 and os.path.exists(args.out):  # a merged (or one-process) output: nothing left to shard
+        if not is_complete(args.out, users, settings, args.force_resume):
+            raise ValueError(f"{args.out}: an unfinished one-process output; resume it with one process (no "
+                             "torchrun), or choose another --out")
+        if rank == 0:
+            for path in shards.get(world, []):  # left behind by a merge that stopped before removing them
+                os.remove(path)
+                if os.path.exists(meta_path(path)):
+                    os.remove(meta_path(path))
+            print(f"{args.out}: complete, nothing to do")
+        return
+    out = args.out if world == 1 else shard_path(args.out, rank, world)
+    mine = [[u["user_id"] for u in b] for b in teacher_batches(users, args.batch_users)[rank::world]]
+    done = open_output(out, settings, args.force_resume, TEACHER_OUTPUT, mine)  # before loading weights
     if args.teacher == "sim":
         teacher = SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
+        if world > 1 and args.device == "cuda":  # one GPU per process of a node
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         teacher = CheckpointTeacher(args.teacher, args.sampling(()), args.template_kwargs, args.device, args.dtype)
     t0 = time.perf_counter()
-    written, n_tokens = label_users(teacher, users, taxonomy, args.out, args.samples, seed=args.seed,
-                                    batch_users=args.batch_users, progress=args.progress, done=done)
+    written, n_tokens, finished = label_users(teacher, users, taxonomy, out, args.samples, seed=args.seed,
+                                              batch_users=args.batch_users, progress=args.progress, done=done,
+                                              shard=(rank, world), stop_after_batches=args.stop_after_batches)
     seconds = time.perf_counter() - t0
     rate = f", {n_tokens} tokens, {n_tokens / seconds:.1f} tokens/s" if n_tokens else ""
-    print(f"{written} users labelled x {args.samples} samples -> {args.out} in {seconds:.1f} s "
+    print(f"{written} users labelled x {args.samples} samples -> {out} in {seconds:.1f} s "
           f"({written / max(seconds, 1e-9):.1f} users/s{rate})")
+    if world > 1 and all_ranks(finished) and rank == 0:
+        merge_shards(args.out, users, args.batch_users, world, settings, args.force_resume)
+    elif world > 1 and rank == 0:
+        print(f"not every shard of {args.out} is complete; run the same command again to resume them")
 
 
 def main(argv=None):

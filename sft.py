@@ -7,6 +7,7 @@ calibrated confidence and evidence per dimension].
     python sft.py --config configs/sft_qwen3_8b.json --lr 5e-6
     python sft.py --resume                               # continue from output_dir/train_state (same settings)
     torchrun --nproc_per_node=K sft.py --config ...      # data-parallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=K sft.py --parallel fsdp   # sharded data-parallel (FSDP2): docs/fsdp.md
 
 What it does, and why:
 * Loss = mean next-token NLL over the assistant answer tokens only, *including* the end-of-turn token,
@@ -28,6 +29,9 @@ What it does, and why:
   once the run is finished; a resume with other settings or data is refused, naming what differs).
 * `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
   BPE tokenizer trained on the corpus, a ChatML chat template, a tiny from-scratch Qwen3.
+* `parallel: fsdp` shards parameters, gradients and AdamW moments over the processes (FSDP2, per
+  decoder layer; common.shard_model), summing gradients like DDP; the resumable state is one file set
+  per rank, the final checkpoint the same merged HF directory (docs/fsdp.md).
 * `dtype: bfloat16` (big models on one GPU) keeps weights, grads and AdamW moments in bf16 and writes
   each update back with stochastic rounding (common.AdamWBF16); float32 is plain torch AdamW.
 """
@@ -44,10 +48,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (DEVICE, ConfigError, Progress, all_reduce_sum, append_jsonl, autocast_for, barrier, build_optimizer,
-                    check_fields, check_output_dir, cleanup_distributed, iter_jsonl, load_tokenizer,
-                    load_training_state, lr_at, neutralize_messages, open_metrics, opt, run_record, save_config,
-                    save_training_state, setup_run, stop_ids_for, unwrap)
+from common import (DEVICE, PARALLEL, ConfigError, Progress, all_reduce_sum, append_jsonl, autocast_for, barrier,
+                    build_optimizer, check_fields, check_output_dir, cleanup_distributed, clip_gradients,
+                    full_state_dict, iter_jsonl, load_tokenizer, load_training_state, lr_at, neutralize_messages,
+                    open_metrics, opt, run_record, save_config, save_training_state, setup_run, shard_model,
+                    stop_ids_for, unwrap)
 from model import ModelArgs, Transformer, init_weights, load_model, save_model
 from plots import draw_training_curves
 
@@ -104,6 +109,8 @@ class SFTConfig:
     dtype: str = opt("float32", "parameter dtype: bfloat16 keeps weights, grads and AdamW moments in bf16 (big models, "
                      "CUDA)", choices=("float32", "bfloat16"))
     device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
+    parallel: str = opt("ddp", "under torchrun: ddp (each process a full copy, gradients all-reduced) or fsdp "
+                        "(FSDP2: parameters, gradients and AdamW moments sharded over the processes)", choices=PARALLEL)
     gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, slower")
     eval_every: int = opt(50, "steps between held-out evals (0 = only at the end)", min=0)
     save_every: int = opt(100, "steps between resumable checkpoints (0 = never)", min=0)
@@ -358,17 +365,23 @@ def answer_nll_sum(model, input_ids, loss_mask):
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size):
-    """Mean answer-token NLL over held-out examples (each process takes every world_size-th micro-batch)."""
+def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size, sharded=False):
+    """Mean answer-token NLL over held-out examples (each process takes every world_size-th micro-batch).
+    sharded: every forward is a collective, so a process with one batch fewer than another runs the
+    first batch once more and drops the result."""
     model.eval()
     lengths = [len(ids) for ids, _ in examples]
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
     batches = [order[j:j + micro_size] for j in range(0, len(order), micro_size)]
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches[rank::world_size]:
+    mine = batches[rank::world_size]
+    rounds = math.ceil(len(batches) / world_size) if sharded else len(mine)
+    for k in range(rounds):
+        batch = mine[k] if k < len(mine) else batches[0]
         ids, lm = pad_batch([examples[i][0] for i in batch], [examples[i][1] for i in batch], pad_id, device)
         nll, n = answer_nll_sum(model, ids, lm)
-        total += torch.tensor([nll.item(), n], dtype=torch.float64, device=device)
+        if k < len(mine):
+            total += torch.tensor([nll.item(), n], dtype=torch.float64, device=device)
     all_reduce_sum(total)
     model.train()
     return (total[0] / total[1]).item()
@@ -434,6 +447,9 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
     model = load_model(cfg.model, dtype=dtype, device=device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
+    sharded = cfg.parallel == "fsdp" and world_size > 1
+    if sharded:
+        shard_model(model, device)  # before the optimizer: it holds the shards
     optimizer = build_optimizer(model, cfg)
     state_dir = os.path.join(cfg.output_dir, "train_state")
     start_step = 0
@@ -442,7 +458,7 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
         if main_process:
             print(f"resumed from {state_dir} at step {start_step} (epoch {extra.get('epoch')}, "
                   f"batch {extra.get('batch_in_epoch')})", flush=True)
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -471,15 +487,16 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
         mine = local_micro_batches(batch, lengths, n_micro, rank, world_size)
         for k, micro in enumerate(mine):
             ids, lm = pad_batch([examples[i][0] for i in micro], [examples[i][1] for i in micro], pad_id, device)
-            # DDP all-reduces gradients only on the last micro-batch of the step.
-            sync = world_size == 1 or k == len(mine) - 1
+            # DDP all-reduces gradients only on the last micro-batch of the step; FSDP reduce-scatters each one.
+            sync = world_size == 1 or sharded or k == len(mine) - 1
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 nll, _ = answer_nll_sum(model, ids, lm)
-                # DDP averages gradients over processes; * world_size turns that into the global token mean.
-                (nll * (world_size / n_targets)).backward()
+                # DDP averages gradients over processes; * world_size turns that into the global token mean
+                # (FSDP sums them: common.shard_model).
+                (nll * ((1 if sharded else world_size) / n_targets)).backward()
             step_loss += nll.item()
             step_tokens += sum(len(examples[i][0]) for i in micro)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -491,23 +508,22 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
         if done % cfg.log_every == 0 or done == total_steps:
             dt = time.time() - t_last
             record = {"step": done, "epoch": round(step / steps_per_epoch, 3), "loss": stats[0].item() / n_targets,
-                      "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens_seen, "seconds": dt,
+                      "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen, "seconds": dt,
                       "tokens_per_s": tokens_seen / max(dt, 1e-9)}
             tokens_seen, t_last = 0, time.time()
         t_pause = time.time()  # eval and checkpoint time do not count against training tokens/s
         if eval_examples and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
             record = record or {"step": done}
             record["eval_loss"] = evaluate_loss(unwrap(model), eval_examples, cfg.batch_size // n_micro, pad_id, device,
-                                                rank, world_size)
+                                                rank, world_size, sharded)
         if main_process and record:
             append_jsonl(metrics_file, record)
             bar.set_postfix_str(" ".join(f"{k}={v:.3g}" for k, v in record.items()
                                          if k in ("loss", "lr", "tokens_per_s", "eval_loss")))
         bar.update(1)
-        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            if main_process:
-                save_training_state(state_dir, model, optimizer, done,
-                                    {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch}, made_by)
+        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:  # every rank: sharded, each its part
+            save_training_state(state_dir, model, optimizer, done,
+                                {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch}, made_by)
             barrier()
         t_last += time.time() - t_pause
     else:
@@ -518,8 +534,9 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
     if step < total_steps:
         print(f"stopped after step {step} of {total_steps} (stop_after_steps); resume with --resume", flush=True)
         return None
+    weights = full_state_dict(model, rank) if sharded else None  # every rank: the shards are all-gathered
     if main_process:
-        save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model)
+        save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model, state=weights)
         shutil.rmtree(state_dir, ignore_errors=True)  # finished: the resumable state (3x the model) is dead weight
         print(f"saved the final checkpoint to {cfg.output_dir}; training curves: "
               f"{draw_training_curves(cfg.output_dir)}", flush=True)
@@ -532,6 +549,7 @@ def main(argv=None):
     try:
         check_config(cfg, world_size)
         made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "eval_data": cfg.eval_data})
+        made_by["layout"] = {"parallel": cfg.parallel, "world_size": world_size}
         check_output_dir(cfg, made_by, RESUME_MAY_CHANGE, rank)
         return train(cfg, rank, world_size, local_rank, device, made_by)
     finally:

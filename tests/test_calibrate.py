@@ -1,6 +1,9 @@
 """calibrate.py: the three calibrations with hand-computed levels, and the CLI end to end on a
 hand-made teacher.jsonl (tiny two-dimension taxonomy so every number can be checked by hand)."""
+import collections
 import json
+import os
+import random
 import re
 import subprocess
 import sys
@@ -9,9 +12,10 @@ import pytest
 
 import calibrate as cal
 import common
+import profilebench
 from common import DataError
 from calibrate import calibrate_none, calibrate_quantile, fit_isotonic
-from confprofile import parse_answer, read_users
+from confprofile import format_answer, load_taxonomy, parse_answer, read_users, render_prompt, vote
 
 # -----------------------------------------------------------------------------
 # quantile: level = 1 + floor(10 · (midrank − ½) / n)
@@ -183,14 +187,14 @@ def test_cli_errors(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"user_id": "u1", "samples": [{"text": "x"}]}\n{"user_id": "u1", "samples": []}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2: user_id: duplicate 'u1'"):
-        cal.read_samples(bad)
+        list(cal.read_samples(bad))
     bad.write_text('{"user_id": "u1", "samples": [{"finish_reason": "stop"}]}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:1: samples\[0\]: expected an object with a string \"text\""):
-        cal.read_samples(bad)
+        list(cal.read_samples(bad))
     tax = json.loads((world / "tax.json").read_text())
-    teacher = cal.read_samples(world / "teacher.jsonl")
     with pytest.raises(DataError, match="'u1': not in --users"):
-        cal.build_sft(teacher, {}, tax)
+        cal.build_sft(world / "teacher.jsonl", "", tax, tmp_path / "o" / "no.jsonl", audit=tmp_path / "o" / "a.jsonl")
+    assert os.listdir(tmp_path / "o") == []  # no output, no temp or spill file left
 
 
 def test_empty_input_fails_and_unanswered_users_are_reported(world, capsys):
@@ -251,3 +255,79 @@ def test_cli_bad_input_is_one_line(world):
         assert isinstance(e.value.code, str) and "\n" not in e.value.code
         assert e.value.code.startswith("calibrate.py: error: ") and re.search(message, e.value.code), e.value.code
     assert (world / "users.jsonl").read_bytes() == users
+
+
+# -----------------------------------------------------------------------------
+# Streaming (#16): two passes and a spill file give what voting and calibrating everything in memory gives
+
+
+def in_memory_reference(teacher, users, taxonomy):
+    """The SFT set, audit and summary computed the plain way, every record in memory (the docstrings'
+    definitions, written out): what calibrate.py must reproduce byte for byte while streaming."""
+    dims = list(taxonomy["dimensions"])
+    kept, audit, dropped, missing_by_dim = [], [], [], {d: 0 for d in dims}
+    for rec in teacher:
+        parses = [parse_answer(s["text"], taxonomy) for s in rec["samples"]]
+        votes = vote(parses, taxonomy)
+        entry = {"user_id": rec["user_id"], "answers": [
+            {"format_ok": p["format_ok"], "dims": {d: p["dims"][d] and [p["dims"][d]["label"], p["dims"][d]["confidence"]]
+                                                   for d in dims}} for p in parses]}
+        missing = [d for d in dims if votes[d] is None]
+        for d in missing:
+            missing_by_dim[d] += 1
+        if missing:
+            dropped.append(rec["user_id"])
+            entry.update(kept=False, reason=f"no valid answer for {', '.join(missing)}")
+        else:
+            entry["kept"] = True
+            kept.append((rec, votes, entry))
+        audit.append(entry)
+    levels = {d: calibrate_quantile([v[d]["pooled_confidence"] for _, v, _ in kept]) for d in dims}
+    sft = []
+    for i, (rec, votes, entry) in enumerate(kept):
+        prompt = ([m for m in rec["messages"] if m["role"] != "assistant"] if "messages" in rec
+                  else render_prompt(users[rec["user_id"]], taxonomy))
+        answer = format_answer({d: {"label": votes[d]["label"], "confidence": levels[d][i],
+                                    "evidence": votes[d]["evidence"]} for d in dims}, taxonomy)
+        sft.append({"user_id": rec["user_id"], "messages": prompt + [{"role": "assistant", "content": answer}],
+                    "calibrated": {d: levels[d][i] for d in dims}})
+        entry["vote"] = {d: {"label": votes[d]["label"], "scores": votes[d]["scores"], "n_valid": votes[d]["n_valid"],
+                             "pooled_confidence": round(votes[d]["pooled_confidence"], 6), "calibrated": levels[d][i]}
+                         for d in dims}
+    answered = {r["user_id"] for r in teacher}
+    summary = {"users_total": len(teacher), "users_kept": len(kept), "dropped_user_ids": dropped,
+               "missing_by_dimension": missing_by_dim, "users_not_answered": sorted(set(users) - answered),
+               "label_distribution": {d: dict(collections.Counter(v[d]["label"] for _, v, _ in kept)) for d in dims},
+               "confidence_histogram_after": {d: cal.histogram(levels[d]) for d in dims}}
+    return sft, audit, summary
+
+
+def test_streaming_gives_the_in_memory_result(tmp_path):
+    """A synthetic world labelled by the simulated teacher, with the teacher file in another order than
+    the users file (prompts are read back by byte offset), users left out (garbage answers), users
+    never answered, stored prompts and Chinese text: the SFT set and audit are, byte for byte, the
+    lines of the in-memory computation, and the summary has its figures."""
+    taxonomy = load_taxonomy()
+    train, _, _ = profilebench.make_world(160, 0, seed=3, lang="zh")
+    teacher = profilebench.SimTeacher(taxonomy, seed=3)
+    records = []
+    for i, user in enumerate(train[:150]):
+        texts = teacher.answer(render_prompt(user, taxonomy), 3)
+        rec = {"user_id": user["user_id"], "samples": [{"text": t, "finish_reason": "stop"} for t in texts]}
+        if i % 17 == 0:
+            rec["samples"] = [{"text": "garbage", "finish_reason": "length"}]
+        if i % 23 == 0:
+            rec["messages"] = [{"role": "system", "content": "stored"}, {"role": "user", "content": f"用户 {i}"}]
+        records.append(rec)
+    random.Random(0).shuffle(records)
+    (tmp_path / "users.jsonl").write_text("".join(common.dumps_line(u) for u in train), encoding="utf-8")
+    (tmp_path / "teacher.jsonl").write_text("".join(common.dumps_line(r) for r in records), encoding="utf-8")
+    summary = cal.main(["--samples", str(tmp_path / "teacher.jsonl"), "--users", str(tmp_path / "users.jsonl"),
+                        "--out", str(tmp_path / "sft.jsonl"), "--audit", str(tmp_path / "audit.jsonl")])
+    sft, audit, expected = in_memory_reference(records, {u["user_id"]: u for u in train}, taxonomy)
+    assert (tmp_path / "sft.jsonl").read_text(encoding="utf-8") == "".join(common.dumps_line(r) for r in sft)
+    assert (tmp_path / "audit.jsonl").read_text(encoding="utf-8") == "".join(common.dumps_line(r) for r in audit)
+    assert {k: summary[k] for k in expected} == expected
+    assert summary["users_kept"] == 141 and len(summary["users_not_answered"]) == 10  # 9 left out, 10 never answered
+    assert any("messages" in r for r in records[:20]) and sorted(os.listdir(tmp_path)) == [
+        "audit.jsonl", "sft.jsonl", "sft.jsonl.summary.json", "teacher.jsonl", "users.jsonl"]  # no spill left

@@ -1,7 +1,8 @@
 """The GPU path, where there is a CUDA GPU (skipped elsewhere, so CI on a CPU machine skips it): model.py
-against transformers on the GPU in fp32 and bf16, the sampler's logprobs, and the torch.compile'd
-decode (CUDA graphs) against the eager one. `bench/gpu_check.sh` runs this file with -s (the measured
-differences are printed) next to the benchmarks and a --quick demo on the GPU.
+against transformers on the GPU in fp32 and bf16, the sampler's logprobs, the torch.compile'd decode
+step (CUDA graphs, reused across calls) against the eager one, and a decode step without host syncs.
+`bench/gpu_check.sh` runs this file with -s (the measured differences are printed) next to the
+benchmarks.
 """
 import pytest
 from tiny_checkpoints import FAMILIES, VOCAB, make_checkpoint
@@ -10,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import rollout
-from model import load_model
+from model import PrefixSharedCache, load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = [[5, 17, 99], [7, 3, 11, 200, 64, 31, 9, 150, 42, 77, 18], [250], [33, 34, 35, 36, 37, 38]]
@@ -94,19 +95,64 @@ def test_sampler_logprobs_equal_teacher_forced_on_gpu(checkpoints):
     assert worst < 1e-4
 
 
-def test_compiled_decode_with_cuda_graphs_gives_the_same_samples(checkpoints):
-    """mode="reduce-overhead": each decode step is replayed as a CUDA graph over the static cache. Two
-    calls (the second re-records on its new cache tensors), rows stopping and the cache compacted."""
+OTHER = [[9, 8, 7, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [44], [60, 61, 62]]  # PROMPTS' shape
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
+def test_compiled_decode_with_cuda_graphs_gives_the_same_samples_and_replays(checkpoints, settings):
+    """mode="reduce-overhead": the decode step (model forward, sampler, bookkeeping: one graph) replays as
+    one CUDA graph per step on fixed-shape buffers. Same samples as eager decoding (rows stopping; eager
+    drops finished rows at the host's reads), and a second call of the same shape (other prompts) reuses
+    the buffers: nothing is compiled or recorded again."""
     model = load_model(checkpoints["qwen3"], device="cuda")
     compiled = torch.compile(model, mode="reduce-overhead")
+    events = []
+
+    def on_start(args):
+        events.append(args.callback_trigger.name)
+    torch._dynamo.callback.on_compile_start(on_start)
     counters.clear()
-    for seed in (5, 6):
-        sampling = rollout.SamplingParams(max_new_tokens=10, temperature=1.0, stop_ids=tuple(range(3, 256, 7)))
-        eager, comp = (rollout.generate(m, PROMPTS, sampling, n=3, seed=seed) for m in (model, compiled))
-        assert [[s.tokens for s in g] for g in comp] == [[s.tokens for s in g] for g in eager]
-        diff = max(abs(x - y) for g, h in zip(comp, eager) for a, b in zip(g, h)
-                   for x, y in zip(a.logprobs, b.logprobs))
-        print(f"\ncompiled (CUDA graphs) vs eager decode, seed {seed}: same tokens, max logprob diff {diff:.2e}")
-        assert diff < 1e-4
+    sampling = rollout.SamplingParams(max_new_tokens=10, stop_ids=tuple(range(3, 256, 7)), sync_every=3, **settings)
+    try:
+        for prompts, seed in [(PROMPTS, 5), (OTHER, 6)]:
+            eager, comp = (rollout.generate(m, prompts, sampling, n=3, seed=seed) for m in (model, compiled))
+            assert [[s.tokens for s in g] for g in comp] == [[s.tokens for s in g] for g in eager]
+            diff = max(abs(x - y) for g, h in zip(comp, eager) for a, b in zip(g, h)
+                       for x, y in zip(a.logprobs, b.logprobs))
+            print(f"\ncompiled (CUDA graphs) vs eager decode, {settings}, seed {seed}: same tokens, "
+                  f"max logprob diff {diff:.2e}; compile/record events so far {events}")
+            assert diff < 1e-4
+            if seed == 5:
+                first = list(events)
+        assert "CUDAGRAPH_RECORDING" in first and events == first  # the second call replayed only
+    finally:
+        torch._dynamo.callback.callback_handler.remove_start_callback(on_start)
     print(f"inductor counters: {dict(counters['inductor'])}")
     assert counters["inductor"]["cudagraph_skips"] == 0  # the decode step did run as a CUDA graph
+
+
+@torch.inference_mode()
+def test_decode_step_makes_no_host_sync(tmp_path):
+    """The decode step, run eagerly in its compiled form (graph=True), under CUDA's sync check: any
+    operation that waits for the GPU (an .item(), a bool mask index, a host copy) raises. A vocabulary
+    larger than rollout.NUCLEUS_PROBE, so that top-p alone takes its probe-or-sort path."""
+    model = load_model(make_checkpoint("qwen3", tmp_path / "v1000", seed=3, vocab_size=1000), device="cuda")
+    prompt_cache = model.setup_cache(len(PROMPTS), rollout.PREFIX_BUCKET)
+    last = rollout.prefill(model, PROMPTS, prompt_cache)
+    counts = [3, 2, 1, 2]
+    cache = PrefixSharedCache(prompt_cache, [len(p) for p in PROMPTS], counts, 10, static=True)
+    row_prompt = torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).cuda()
+    state = rollout.DecodeState.allocate(8, 10, model.args.vocab_size, "cuda")
+    state.start(torch.tensor([len(p) for p in PROMPTS], device="cuda")[row_prompt], [7, 100])
+    rollout.record_tokens(state, *rollout.sample_tokens(last[row_prompt], temperature=0.0))
+    u = torch.rand(8, 1, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 20, 0.9), (0.8, 0, 0.9), (0.0, 0, 1.0)]:
+            rollout.decode_step(model, state, cache, u, temperature, top_k, top_p, graph=True)
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the check does catch a host read
+            state.running.sum().item()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert state.step.item() == 4

@@ -1,5 +1,6 @@
 """evaluate.py: every metric against numbers computed by hand on a tiny two-dimension example."""
 import json
+import random
 import re
 
 import pytest
@@ -283,3 +284,45 @@ def test_answers_without_a_confidence_are_reported():
     assert m["mean_confidence"] == pytest.approx(4.5)       # 3 and 6: the labels-only answer is invisible here
     assert "answers without a confidence = 0.333" in evaluate.render_report(m)
     assert evaluate.evaluate(PREDS, USERS, TAXONOMY)["no_confidence_rate"] == 0.0
+
+
+def test_cli_streams_to_the_metrics_of_evaluate(tmp_path):
+    """#16: evaluate.py reads users and predictions line by line into per-(user, dimension) arrays; its
+    metrics equal evaluate() on the profiles in memory, whatever the order of the predictions file,
+    with partial gold labels, missing and unparseable predictions, and int, float and no confidences."""
+    rng = random.Random(1)
+    dims = TAXONOMY["dimensions"]
+    users = [{"user_id": f"u{i}", "labels": {d: rng.choice(spec["classes"]) for d, spec in dims.items() if rng.random() < 0.9}}
+             for i in range(300)]
+    profiles = {}
+    for u in users:
+        if rng.random() < 0.1:
+            continue  # missing
+        profiles[u["user_id"]] = None if rng.random() < 0.05 else {
+            d: None if rng.random() < 0.1 else P(rng.choice(spec["classes"]), rng.choice([None, rng.randint(0, 10),
+                                                                                          rng.uniform(0, 10)]))
+            for d, spec in dims.items()}
+    lines = [{"user_id": uid, "profile": p} for uid, p in profiles.items()]
+    rng.shuffle(lines)
+    (tmp_path / "tax.json").write_text(json.dumps(TAXONOMY))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(u) + "\n" for u in users))
+    (tmp_path / "preds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cli = evaluate.main(["--predictions", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "data.jsonl"),
+                         "--out", str(tmp_path / "eval"), "--taxonomy", str(tmp_path / "tax.json")])
+    in_memory = evaluate.evaluate(profiles, users, TAXONOMY)
+    assert json.dumps({k: v for k, v in cli.items() if k != "inputs"}) == json.dumps(in_memory)
+    assert in_memory["n_missing"] == 300 - len(profiles) > 0 and in_memory["n_unlabelled"] > 0
+    assert 0 < in_memory["no_confidence_rate"] < 1 and in_memory["auroc"] is not None
+    assert in_memory["format_failure_rate"] == pytest.approx(sum(p is None for p in profiles.values()) / len(profiles))
+
+
+def test_auroc_from_counts_equals_pairwise_definition():
+    """AUROC from per-score counts = P(correct scores above incorrect), ties 1/2, over all pairs."""
+    rng = random.Random(2)
+    scores = [rng.choice([1, 2, 2.5, 7, 10]) for _ in range(200)]
+    correct = [rng.random() < s / 12 for s in scores]
+    pos = [s for s, ok in zip(scores, correct) if ok]
+    neg = [s for s, ok in zip(scores, correct) if not ok]
+    pairwise = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert evaluate.auroc(scores, correct) == pytest.approx(pairwise, abs=1e-12)
+    assert evaluate.score_counts([7, 7.0, 2], [True, False, True]) == {7: [1, 1], 2: [1, 0]}

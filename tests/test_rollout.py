@@ -2,6 +2,7 @@
 
 Tiny random checkpoints come from tests/tiny_checkpoints.py (vocab 256, hidden 64, 2 layers).
 """
+import dataclasses
 import json
 import math
 import os
@@ -89,14 +90,17 @@ def test_sample_tokens_draws_from_the_filtered_tempered_distribution():
     freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
     assert torch.allclose(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), atol=0.01)
     assert torch.allclose(logprobs, torch.log(probs)[tokens], atol=1e-6)
-    # a 1000-token vocabulary with a peaked head (top-2 mass 0.907, top-3 0.996): the nucleus is
-    # found among the probed top tokens (p=0.9), or needs the full sort (p=0.95 probing 2, p=0.999)
+    # a 1000-token vocabulary with a peaked head (top-2 mass 0.9063, top-3 0.9960, top-256 0.9970): the
+    # nucleus is found among the probed top tokens (p=0.9), or needs the full sort (p=0.95 probing 2,
+    # p=0.999). p=0.907 needs the 3rd token: the probe's mass is measured against the whole vocabulary
+    # (within the top 256 alone the top 2 would hold 0.9063 / 0.9970 = 0.909 >= 0.907).
     peaked = torch.cat([torch.tensor([12.0, 11.0, 10.0]), torch.zeros(997)])
-    for p, probe in [(0.9, 256), (0.9, 2), (0.95, 2), (0.999, 256)]:
-        values, index = rollout.nucleus_candidates(peaked[None], p, probe)
-        kept = index[0][~rollout.nucleus_mask(values, p)[0]].tolist()
+    for p, probe in [(0.9, 256), (0.907, 256), (0.9, 2), (0.95, 2), (0.999, 256)]:
+        values, index, log_z = rollout.nucleus_candidates(peaked[None], p, probe)
+        kept = index[0][~rollout.nucleus_mask(values, p, log_z)[0]].tolist()
         expected = torch.isfinite(rollout.top_p_filter(peaked[None], p)[0]).nonzero().squeeze(1).tolist()
         assert sorted(kept) == expected
+        assert p == 0.999 or expected == ([0, 1] if p == 0.9 else [0, 1, 2])
     assert len(expected) > 256  # p = 0.999 needed the full sort
     greedy, _ = rollout.sample_tokens(logits[:3], temperature=0.0)
     assert greedy.tolist() == [3, 3, 3]
@@ -116,6 +120,27 @@ def test_two_level_draw_matches_the_distribution_and_never_draws_masked_tokens()
     assert torch.allclose(log_z, torch.logsumexp(logits, dim=-1).expand(200000), atol=1e-6)
     sampled, logprobs = rollout.sample_tokens(logits.expand(1000, 1000), 0.7, generator=g)
     assert torch.allclose(logprobs, rollout.token_logprobs(logits.expand(1000, 1000), sampled, 0.7), atol=1e-6)
+
+
+def test_branch_free_sampler_draws_what_the_eager_sampler_draws():
+    """sample_tokens(graph=True), the compiled step's form, reads nothing on the host and draws the same
+    tokens as the eager form from the same uniforms. Top-p alone: the probe of the 256 most likely tokens
+    holds every row's nucleus (the eager form uses it) or not (the eager form sorts everything)."""
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(6, 1000, generator=g) + torch.cat([torch.full((6, 3), 12.0), torch.zeros(6, 997)], dim=1)
+    flat_row = torch.cat([peaked[:5], torch.randn(1, 1000, generator=g) * 0.1])  # its nucleus is ~900 tokens
+    assert bool(rollout.nucleus_probe(peaked, 0.9)[3]) and not bool(rollout.nucleus_probe(flat_row, 0.9)[3])
+    for logits in (peaked, flat_row):
+        for temperature, top_k, top_p in [(0.8, 0, 0.9), (0.8, 0, 0.999), (1.0, 0, 1.0), (0.7, 20, 0.9), (0.0, 0, 1.0)]:
+            u = torch.rand(6, 1, generator=g)
+            eager = rollout.sample_tokens(logits, temperature, top_k, top_p, u=u)
+            graph = rollout.sample_tokens(logits, temperature, top_k, top_p, u=u, graph=True)
+            assert torch.equal(eager[0], graph[0]) and torch.equal(eager[1], graph[1])
+            # and the uniforms are the generator's: u drawn outside = the same draw inside
+            inside = rollout.sample_tokens(logits, temperature, top_k, top_p, generator=torch.Generator().manual_seed(1))
+            outside = rollout.sample_tokens(logits, temperature, top_k, top_p,
+                                            u=rollout.uniforms(6, torch.Generator().manual_seed(1), "cpu"))
+            assert torch.equal(inside[0], outside[0])
 
 
 def test_plan_batches_by_hand():
@@ -194,19 +219,123 @@ def test_prefix_shared_cache_gives_the_same_logits_as_copied_rows(qwen3, static)
             model(token[:, None], positions + 1, shared)
 
 
-def test_compiled_decode_gives_the_same_samples(qwen3):
-    """torch.compile'd model: generate() decodes it on the static cache (prefill stays eager). Same seed,
-    same tokens and logprobs as the eager model, with rows stopping and the cache compacted."""
+def decode_inputs(model, prompts, counts, max_new_tokens, stop_ids):
+    """What a compiled decode step gets: a static prefix-shared cache on the prefilled prompts, the
+    decode state after the first token, the rows' uniforms."""
+    prompt_cache = model.setup_cache(len(prompts), rollout.PREFIX_BUCKET)
+    last = rollout.prefill(model, prompts, prompt_cache)
+    cache = PrefixSharedCache(prompt_cache, [len(p) for p in prompts], counts, max_new_tokens, static=True)
+    row_prompt = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(counts))
+    state = rollout.DecodeState.allocate(sum(counts), max_new_tokens, model.args.vocab_size, "cpu")
+    state.start(torch.tensor([len(p) for p in prompts])[row_prompt], stop_ids)
+    rollout.record_tokens(state, *rollout.sample_tokens(last[row_prompt], temperature=0.0))
+    return state, cache, torch.rand(sum(counts), 1, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def vocab_1000(tmp_path_factory):
+    """A vocabulary larger than rollout.NUCLEUS_PROBE, so that top-p alone takes the probe's path."""
+    return load_model(make_checkpoint("qwen3", tmp_path_factory.mktemp("v1000"), seed=3, vocab_size=1000))
+
+
+@torch.inference_mode()
+def test_decode_step_is_one_graph_without_host_reads(vocab_1000):
+    """The compiled decode step (model forward, temperature, top-k, top-p, logprobs, stop ids, the
+    bookkeeping) is one graph: dynamo's explain finds no graph break. With capture_scalar_outputs off,
+    any .item(), bool(tensor) or int(tensor) inside it (a host sync on a GPU) would be a break, as the
+    eager form's top-p shows."""
+    model = vocab_1000
+    state, cache, u = decode_inputs(model, PROMPTS, [3, 2, 1, 2], 10, stop_ids=[7, 100])
+    with torch._dynamo.config.patch(capture_scalar_outputs=False):
+        for settings in [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9),
+                         dict(temperature=0.8, top_p=0.9), dict(temperature=0.0)]:
+            step = rollout.graph_decode_step(rollout.SamplingParams(**settings))
+            explained = torch._dynamo.explain(step)(model, state, cache, u)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), (settings, explained.break_reasons)
+        eager_form = torch._dynamo.explain(rollout.decode_step)(model, state, cache, u, 0.8, 0, 0.9, graph=False)
+        assert eager_form.graph_break_count > 0
+        assert "item()" in str(eager_form.break_reasons[0].reason)
+
+
+def test_compiled_decode_gives_the_same_samples_and_reuses_its_buffers(qwen3, monkeypatch):
+    """A torch.compile'd model: generate() decodes with the compiled decode step (one graph: forward and
+    sampler) on fixed shapes, every row to the end, and gives the eager model's samples for the same
+    seed: top-k, top-p, temperature, rows stopping; eager decoding drops finished rows (at the host's
+    reads, every 3 steps here) and the compiled one draws the same uniforms for the rows it would still
+    run. A second call of the same shape (other prompts, within the same PREFIX_BUCKET) reuses the
+    buffers and the compiled step: nothing is compiled again, no tensor the step reads moves."""
     _, model = qwen3
     compiled = torch.compile(model)
-    sampling = rollout.SamplingParams(max_new_tokens=10, temperature=1.0, stop_ids=tuple(range(3, 256, 7)))
-    eager, comp = (rollout.generate(m, PROMPTS, sampling, n=3, seed=5) for m in (model, compiled))
-    lengths = sorted(len(s.tokens) for group in comp for s in group)
-    assert lengths[0] < 5 and lengths[-1] >= 6  # the compacted cache (fewer rows) went through the compiled step
-    assert [[s.tokens for s in g] for g in comp] == [[s.tokens for s in g] for g in eager]
-    for g, h in zip(comp, eager):
-        for a, b in zip(g, h):
-            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+    compiles = []
+    torch._dynamo.callback.on_compile_start(compiles.append)
+    sampling = rollout.SamplingParams(max_new_tokens=10, temperature=0.7, top_k=20, top_p=0.9,
+                                      stop_ids=tuple(range(3, 256, 7)), sync_every=3)
+    other = [[9, 8, 7, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [44], [60, 61, 62]]
+    dropped = []  # rows kept each time finished rows are dropped
+    select_rows = PrefixSharedCache.select_rows
+    monkeypatch.setattr(PrefixSharedCache, "select_rows", lambda cache, keep: dropped.append(len(keep)) or
+                        select_rows(cache, keep))
+    try:
+        addresses = []
+        for prompts, seed in [(PROMPTS, 5), (other, 6)]:
+            eager = rollout.generate(model, prompts, sampling, n=3, seed=seed)
+            assert dropped and max(dropped) < 12  # eager decoding dropped finished rows
+            dropped.clear()
+            comp = rollout.generate(compiled, prompts, sampling, n=3, seed=seed)
+            assert not dropped  # the compiled one decoded all 12 to the end
+            assert [[s.tokens for s in g] for g in comp] == [[s.tokens for s in g] for g in eager]
+            for g, h in zip(comp, eager):
+                for a, b in zip(g, h):
+                    assert a.finish_reason == b.finish_reason
+                    assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+            fixed = rollout._STATIC_DECODES[compiled]
+            addresses.append((id(fixed), fixed.cache.k.data_ptr(), fixed.prompt_cache.k.data_ptr(),
+                              fixed.state.out_tokens.data_ptr(), fixed.u.data_ptr()))
+            if seed == 5:
+                n_compiles = len(compiles)
+        assert addresses[0] == addresses[1] and len(compiles) == n_compiles >= 1
+    finally:
+        torch._dynamo.callback.callback_handler.remove_start_callback(compiles.append)
+
+
+def load_bench():
+    """bench/rollout.py as a module (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "rollout.py")
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_prints_the_memory_bandwidth_of_a_decode_step(qwen3, llama3, capsys):
+    """bench/rollout.py, gpt-fast style: bytes a decode step reads (by hand for the tiny checkpoints),
+    GB/s = those bytes / (wall time / new tokens), % of peak = GB/s / --peak-gbps, printed beside tok/s."""
+    bench = load_bench()
+    # qwen3, untied: per layer q 64x96, k and v 64x48, o 96x64, q/k norms 24 each, MLP 3 x 64x128, two
+    # norms of 64 = 43,184; x 2 layers + final norm 64 + lm_head 256x64 (the embedding table: only the
+    # rows a step looks up) = 102,816 fp32 weights = 411,264 bytes. KV per token: 2 x 2 layers x 2 heads
+    # x 24 x 4 bytes = 768; prompts of 3 and 11 tokens once, 2 x 4 rows x 10 new / 2 on average = 54 tokens.
+    assert bench.decode_step_bytes(qwen3[1], [3, 11], 4, 10) == 411_264 + 54 * 768
+    # llama3, tied: per layer 36,992 (head_dim 16), x 2 + 64 + the table once (16,384) = 90,432 weights;
+    # KV 2 x 2 x 2 x 16 x 4 = 512 bytes per token
+    assert bench.decode_step_bytes(llama3[1], [5], 1, 8) == 90_432 * 4 + (5 + 4) * 512
+    assert bench.bandwidth(452_736, 0.5, 10, 0.1) == pytest.approx((0.00905472, 0.0905472))
+    assert bench.bandwidth(452_736, 0.5, 10, None)[1] is None
+    args = bench.main_parser().parse_args(["--shapes", "2x4", "--new-tokens", "6", "--prompt-len", "12",
+                                           "--peak-gbps", "0.5"])
+    args.shapes = [args.shapes]
+    with torch.inference_mode():
+        bench.run_case("tiny", qwen3[0], args, torch.device("cpu"), torch.float32, (0.5, "--peak-gbps"))
+    out = capsys.readouterr().out
+    step_gb = float(re.search(r"; ([\d.e+-]+) GB/step\)", out).group(1))
+    number = r"([\d.e+-]+)"
+    rows = re.findall(rf"(ours|transformers): +{number} tok/s, +{number} ms/step, +{number} GB/s \({number}% of peak\)", out)
+    assert [r[0] for r in rows] == ["ours", "transformers"], out
+    for _, tok_s, ms, gbs, share in rows:  # (as printed: to 3 decimals of a ms, 4 digits of GB/s)
+        assert float(tok_s) * float(ms) / 1e3 == pytest.approx(8, rel=0.01)  # 2 x 4 rows, one token each per step
+        assert float(gbs) == pytest.approx(step_gb / (float(ms) / 1e3), rel=0.01)
+        assert float(share) == pytest.approx(100 * float(gbs) / 0.5, rel=0.01)
 
 
 def test_onednn_linears_give_f_linear_logits_repack_every_call_and_restore(qwen3):
@@ -229,12 +358,14 @@ def test_onednn_linears_give_f_linear_logits_repack_every_call_and_restore(qwen3
         assert not any("forward" in m.__dict__ for m in bf16.modules())
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,stop_ids", [(1.0, 0, 1.0, ()), (0.7, 20, 0.9, range(3, 256, 7))])
-def test_sampler_logprobs_equal_teacher_forced(qwen3, temperature, top_k, top_p, stop_ids):
+@pytest.mark.parametrize("temperature,top_k,top_p,stop_ids,sync_every", [
+    (1.0, 0, 1.0, (), 0), (0.7, 20, 0.9, range(3, 256, 7), 0), (0.7, 20, 0.9, range(3, 256, 7), 4)])
+def test_sampler_logprobs_equal_teacher_forced(qwen3, temperature, top_k, top_p, stop_ids, sync_every):
     """Also with many stop ids: rows finish at different steps and the decode cache is compacted
-    (rollout.COMPACT_AT) several times; every later logprob still matches a full forward."""
+    (rollout.COMPACT_AT) several times, at every step or every 4th (sync_every); every later logprob
+    still matches a full forward."""
     _, model = qwen3
-    out = rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids), n=3, seed=0)
+    out = rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids, sync_every=sync_every), n=3, seed=0)
     lengths = sorted(len(s.tokens) for group in out for s in group)
     if stop_ids:
         assert lengths[0] < 5 and lengths[-1] >= 6  # some rows stopped early, others decoded on after compaction
@@ -254,14 +385,23 @@ def test_stop_ids_and_max_new_tokens_are_honoured(qwen3):
     assert stopped.tokens == free[:k + 1] and stopped.finish_reason == "stop"
     short = rollout.generate(model, [PROMPTS[1]], rollout.SamplingParams(max_new_tokens=2, temperature=0))[0][0]
     assert short.tokens == free[:2] and short.finish_reason == "length"
-    # sampled rows: a "stop" sample ends at its first stop id, a "length" one has none and is full length
+    # sampled rows: a "stop" sample ends at its first stop id, a "length" one has none and is full length,
+    # also when the host looks for finished rows only every 5 steps (rows run on past their stop)
     stops = {free[k], 7, 100}
-    for group in rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=8, stop_ids=stops), n=4, seed=3):
-        for s in group:
-            if s.finish_reason == "stop":
-                assert s.tokens[-1] in stops and not stops & set(s.tokens[:-1])
-            else:
-                assert len(s.tokens) == 8 and not stops & set(s.tokens)
+    for sync_every in (1, 5):
+        sampling = rollout.SamplingParams(max_new_tokens=8, stop_ids=stops, sync_every=sync_every)
+        for group in rollout.generate(model, PROMPTS, sampling, n=4, seed=3):
+            for s in group:
+                if s.finish_reason == "stop":
+                    assert s.tokens[-1] in stops and not stops & set(s.tokens[:-1])
+                else:
+                    assert len(s.tokens) == 8 and not stops & set(s.tokens)
+    # without stop ids no row is dropped, so how often the host looks changes nothing
+    sampling = rollout.SamplingParams(max_new_tokens=8, top_k=50)
+    assert rollout.generate(model, PROMPTS, sampling, n=3, seed=4) == \
+        rollout.generate(model, PROMPTS, dataclasses.replace(sampling, sync_every=3), n=3, seed=4)
+    with pytest.raises(ValueError, match="generate: sync_every: expected an integer >= 0"):
+        rollout.generate(model, PROMPTS, dataclasses.replace(sampling, sync_every=-1))
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -376,7 +516,7 @@ def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint,
     teacher_arg = chat_checkpoint if teacher == "checkpoint" else "sim"
     full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
     base = ["--teacher", teacher_arg, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
-            "--seed", "1", "--batch-users", "1", "--progress", "false"]
+            "--seed", "1", "--batch-users", "2", "--progress", "false"]
     rollout.main(base + ["--out", str(full)])
     lines = _labelled(full)
     assert [x["user_id"] for x in lines] == [u["user_id"] for u in USERS]
@@ -384,12 +524,13 @@ def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint,
         assert len(x["samples"]) == 2
         for s in x["samples"]:
             assert set(s) == {"text", "finish_reason"} and s["finish_reason"] in ("stop", "length")
-    # a run killed while writing user 3: two whole lines and half of the third
+    # a run killed while writing user 3 (the second of batch [u2, u3]): three whole lines and half of the fourth
     text = full.read_text(encoding="utf-8").splitlines(keepends=True)
-    cut.write_text(text[0] + text[1] + text[2][:17], encoding="utf-8")
+    cut.write_text(text[0] + text[1] + text[2] + text[3][:17], encoding="utf-8")
     shutil.copy(str(full) + ".meta.json", str(cut) + ".meta.json")  # written before the first line
     rollout.main(base + ["--out", str(cut)])
-    assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")  # batch_users=1: exactly reproduced
+    # u2's line is dropped and the batch [u2, u3] sampled again whole: exactly the uninterrupted run
+    assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
     rollout.main(base + ["--out", str(cut)])  # nothing left to do: nothing written
     assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
     # a complete line we did not write is an error naming it, not something to skip or overwrite
@@ -563,3 +704,110 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
         assert line.startswith("rollout.py: error: ") and re.search(message, line), line
     result = run_script("rollout.py", *cases[0][0])  # the real entry point: that line on stderr, exit status 1
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [cli_error(cases[0][0])]
+
+
+# -----------------------------------------------------------------------------
+# Labelling across processes (#16): batches r, r + K, ... per rank, one shard each, merged in file order
+
+USERS9 = [{"user_id": f"u{i}", "behavior": {"watched": ["cooking videos", "stock market news", "gym"][: 1 + i % 3]},
+           "demographic": {"age": str(20 + i)}} for i in range(9)]
+
+
+def torchrun(*argv):
+    """rollout.py under torchrun, 2 processes (gloo); --standalone: a free port of its own."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "rollout.py", *argv], cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_checkpoint_shards_equal_one_process_after_a_kill(chat_checkpoint, tmp_path, capsys):
+    """2 processes label a checkpoint teacher's batches into two shards; stopped part-way, one shard cut in
+    the middle of a batch (a whole line of it and half the next), then resumed: the merged file is the
+    one-process run's, byte for byte, so no user's samples depended on its rank or on the restart."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS9))
+    base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "2", "--max-new-tokens", "6",
+            "--temperature", "1.0", "--seed", "3", "--batch-users", "2", "--progress", "false"]
+    rollout.main(base + ["--out", str(tmp_path / "one.jsonl")])
+    one = (tmp_path / "one.jsonl").read_text(encoding="utf-8")
+    out = tmp_path / "two.jsonl"
+    # batches [u0 u1] [u2 u3] [u4 u5] [u6 u7] [u8]: rank 0 takes 0, 2, 4; rank 1 takes 1, 3
+    r = torchrun(*base, "--out", str(out), "--stop-after-batches", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not every shard" in r.stdout and not out.exists()
+    shard0, shard1 = tmp_path / "two.jsonl.rank0-of2", tmp_path / "two.jsonl.rank1-of2"
+    assert [x["user_id"] for x in _labelled(shard0)] == ["u0", "u1", "u4", "u5"]
+    lines = shard1.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert [json.loads(x)["user_id"] for x in lines] == ["u2", "u3", "u6", "u7"]
+    # whichever rank drew a batch, and in whatever process, its lines are the one-process run's
+    assert set(lines + shard0.read_text(encoding="utf-8").splitlines(keepends=True)) <= set(one.splitlines(keepends=True))
+    shard1.write_text("".join(lines[:3]) + lines[3][:30], encoding="utf-8")  # killed while writing u7
+    r = torchrun(*base, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropping 1 whole line(s) of a batch" in r.stderr and f"merged 2 shards -> {out}" in r.stdout
+    assert out.read_text(encoding="utf-8") == one
+    assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "one.jsonl.meta.json", "two.jsonl", "two.jsonl.meta.json",
+                                            "users.jsonl"]
+    assert json.loads((tmp_path / "two.jsonl.meta.json").read_text())["settings"] == \
+        json.loads((tmp_path / "one.jsonl.meta.json").read_text())["settings"]
+    # run again as rank 0 of 2 (in this process: this path returns before any collective): all done, and
+    # shards a merge left behind (it stopped before removing them) are removed with their .meta.json
+    shard0.write_text("x")
+    (tmp_path / "two.jsonl.rank0-of2.meta.json").write_text("{}")
+    args, _ = common.load_config(rollout.RolloutConfig, base + ["--out", str(out)])
+    taxonomy = load_taxonomy()
+    rollout._label_shard(args, USERS9, taxonomy, rollout.teacher_settings(args, taxonomy),
+                         rollout.existing_shards(str(out)), 0, 2)
+    assert "complete, nothing to do" in capsys.readouterr().out and out.read_text(encoding="utf-8") == one
+    assert not list(tmp_path.glob("*rank*"))
+
+
+def test_merge_of_shards_and_its_refusals(tmp_path):
+    """Shards labelled as ranks 0 and 1 of 2 (in this process), merged with --merge: the one-process file.
+    Refused: a one-process run while shards exist, a shard missing a user, --merge without shards."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    base = ["--teacher", "sim", "--users", str(users), "--samples", "2", "--batch-users", "2", "--progress", "false"]
+    rollout.main(base + ["--out", str(tmp_path / "one.jsonl")])
+    out = tmp_path / "two.jsonl"
+    args = rollout.RolloutConfig(teacher="sim", users=str(users), out=str(out), samples=2, batch_users=2)
+    taxonomy = load_taxonomy()
+    settings = rollout.teacher_settings(args, taxonomy)
+    for rank in (0, 1):  # batches [u0 u1] [u2 u3] [u4]: rank 0 takes 0 and 2, rank 1 takes 1
+        shard = rollout.shard_path(str(out), rank, 2)
+        done = rollout.open_output(shard, settings)
+        rollout.label_users(rollout.SimulatedTeacher(taxonomy, 0, 1.0), USERS, taxonomy, shard, 2, batch_users=2,
+                            progress=False, done=done, shard=(rank, 2))
+    with pytest.raises(ValueError, match=r"two\.jsonl\.rank0-of2: a shard of a torchrun run"):
+        rollout.main(base + ["--out", str(out)])
+    shard1 = tmp_path / "two.jsonl.rank1-of2"
+    lines = shard1.read_text().splitlines(keepends=True)
+    assert [json.loads(x)["user_id"] for x in lines] == ["u2", "u3"]
+    shard1.write_text(lines[0])
+    with pytest.raises(ValueError, match=r"rank1-of2: expected user 'u3' \(batch 1\) next, got None"):
+        rollout.main(base + ["--out", str(out), "--merge"])
+    assert not out.exists()
+    shard1.write_text("".join(lines))
+    rollout.main(base + ["--out", str(out), "--merge"])
+    assert out.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert not list(tmp_path.glob("*rank*"))
+    with pytest.raises(ValueError, match=r"--merge needs the shards of one torchrun run \(0 sets found: none\)"):
+        rollout.main(base + ["--out", str(out), "--merge"])
+
+
+def test_resume_redoes_a_partly_written_batch_anywhere_in_the_file(chat_checkpoint, tmp_path):
+    """A batch written in part that is followed by other batches' lines (a file whose lines came in
+    another order) is dropped by rewriting the file, and sampled again whole: the set of lines is the
+    uninterrupted run's."""
+    users = tmp_path / "users.jsonl"
+    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
+    base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
+            "--temperature", "1.0", "--batch-users", "2", "--progress", "false"]
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    rollout.main(base + ["--out", str(full)])
+    lines = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut.write_text(lines[0] + lines[2] + lines[3], encoding="utf-8")  # u0 of [u0 u1], then all of [u2 u3]
+    shutil.copy(str(full) + ".meta.json", str(cut) + ".meta.json")
+    rollout.main(base + ["--out", str(cut)])
+    assert [x["user_id"] for x in _labelled(cut)] == ["u2", "u3", "u0", "u1", "u4"]
+    assert sorted(cut.read_text(encoding="utf-8").splitlines()) == sorted(x.rstrip("\n") for x in lines)
