@@ -56,18 +56,24 @@ def atomic_write_text(path, text):
         f.write(text)
 
 
+def atomic_write_bytes(path, data):
+    """atomic_write_text for bytes (a PNG, say)."""
+    with atomic_writer(path, binary=True) as f:
+        f.write(data)
+
+
 @contextlib.contextmanager
-def atomic_writer(path):
-    """Write a file atomically as a stream: yields a text file (UTF-8) open on a temp file in the same
-    folder; on success fsync, rename over `path`, fsync the folder; on an error the temp file is
-    removed and `path` is left as it was. The file gets the mode a plain open() gives (0666 minus the
-    umask), not mkstemp's private 0600. Memory does not grow with what is written."""
+def atomic_writer(path, binary=False):
+    """Write a file atomically as a stream: yields a text file (UTF-8; bytes with binary=True) open on a
+    temp file in the same folder; on success fsync, rename over `path`, fsync the folder; on an error
+    the temp file is removed and `path` is left as it was. The file gets the mode a plain open() gives
+    (0666 minus the umask), not mkstemp's private 0600. Memory does not grow with what is written."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

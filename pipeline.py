@@ -2,12 +2,16 @@
 The whole Conf-Profile pipeline on the embedded default (synthetic world, simulated teacher, tiny
 student), every stage through its own script's command line.
 
-    python pipeline.py [--out runs/demo] [--seed S] [--quick] [--ablations]
+    python pipeline.py [--out runs/demo] [--seed S] [--quick] [--ablations] [--target-precision P]
 
 world (profilebench.py) -> teacher answers (rollout.py --teacher sim) -> vote + calibration
 (calibrate.py) -> SFT of a tiny from-scratch student (sft.py) -> confidence-guided GRPO (rl.py) ->
 greedy answers on the labelled test users (rollout.py) -> metrics (evaluate.py), and the results
-tables (results.md, results.json). Every stage runs through its script's own command line, printed
+tables (results.md, results.json) with their figures (f1_comparison.png, each evaluation's
+pr_curve.png and reliability.png, the SFT and RL training_curves.png). With --target-precision (0.9
+by default) the final student's per-dimension thresholds are chosen on a labelled dev world of its
+own (predict.py, evaluate.py --target-precision) and applied to the test users (evaluate.py
+--thresholds): thresholds/dev/thresholds.json and the recall they cost. Every stage runs through its script's own command line, printed
 first, so the run doubles as a tutorial. A stage whose output is complete is skipped (a
 `.done/<stage>` marker, written after it succeeded, records the command that made it: another
 command into the same --out is refused); SFT and RL resume their own state after a kill.
@@ -23,6 +27,7 @@ import time
 from common import ConfigError, atomic_write_text, check_fields, file_sha256, load_config, opt, save_config
 from confprofile import ROOT, dimensions, load_taxonomy
 from evaluate import mean_defined
+from plots import draw_training_curves, f1_comparison_figure, save_png
 
 DEMO_ROWS = [  # (key, row of the paper-shaped table)
     ("teacher_single", "teacher, one answer"),
@@ -64,13 +69,18 @@ class DemoConfig:
     procs: int = opt(2, "SFT / RL processes (torchrun, one thread each); 1 = plain python", min=1)
     student_model: str = opt("", "an HF checkpoint dir to train as the student instead of building the tiny "
                              "from-scratch one (with an sft_config whose init_student is false)")
+    target_precision: float = opt(0.9, "choose the final student's per-dimension thresholds for this precision on a "
+                                       "labelled dev world and apply them to the test users (0 = skip)", min=0, max=1)
+    n_dev: int = opt(1000, "labelled dev users (a world of its own, seed + 100) for choosing the thresholds", min=1)
 
     def __post_init__(self):
         check_fields(self, "demo config")
 
 
 # --quick: what changes (everything else is the default run)
-QUICK = {"n_train": 400, "n_test": 200}
+QUICK = {"n_train": 400, "n_test": 200, "n_dev": 200}
+F1_FIGURE_ROWS = ("teacher_single", "teacher_vote", "student_sft", "student_rl")  # the rows f1_comparison.png compares
+DEV_SEED_OFFSET = 100  # the dev world's seed: seed + 100, a world of its own
 QUICK_SFT = ["--max-steps", "60", "--eval-every", "30"]
 QUICK_RL = ["--max-steps", "3"]
 
@@ -206,6 +216,22 @@ def sweep_table(rows):
     return "\n".join(lines)
 
 
+def thresholds_table(doc, applied):
+    """Per dimension: τ chosen on dev (or unreachable: then the dev figures are the best τ's, and the
+    dimension abstains on test), its dev precision and lower bound, and on the test users the precision,
+    the recall and its cost (recall at τ = 0 minus recall at τ)."""
+    lines = ["| dimension | τ (dev) | dev precision | dev lower bound | test precision | test recall | "
+             "recall at τ = 0 | recall cost |", "|---" * 8 + "|"]
+    for dim, d in doc["dimensions"].items():
+        t = applied["dimensions"][dim]
+        best = f" (best τ {d['best_tau']})" if d.get("best_tau") is not None else ""
+        tau = str(d["tau"]) if d["claimed"] else "unreachable" + best
+        dev_p, dev_l = _pct(d["precision"]), _pct(d["precision_lower"])
+        lines.append(f"| {dim} | {tau} | {dev_p} | {dev_l} | {_pct(t['precision'])} | {_pct(t['recall'])} | "
+                     f"{_pct(t['recall_no_threshold'])} | {_pct(t['recall_cost'])} |")
+    return "\n".join(lines)
+
+
 def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=None):
     """Greedy answers of a checkpoint on the test users (rollout.py), then evaluate.py; returns metrics."""
     eval_dir = os.path.join(out, "eval", key)
@@ -276,10 +302,43 @@ def run_demo(cfg):
 
     named = [(name, rows[key]) for key, name in DEMO_ROWS]
     results = {"config": dataclasses.asdict(cfg), "rows": {key: rows[key] for key, _ in DEMO_ROWS}, "stages": log}
+    save_png(f1_comparison_figure([(name, rows[key]) for key, name in DEMO_ROWS if key in F1_FIGURE_ROWS],
+                                  dimensions(taxonomy)), os.path.join(out, "f1_comparison.png"))
+    for run_dir in (sft_dir, rl_dir):  # sft.py / rl.py draw them at the end; a run made before they did gets them here
+        draw_training_curves(run_dir)
     md = ["# Conf-Profile on the synthetic ProfileBench world", "",
           f"{cfg.n_test} test users, seed {cfg.seed}{' (--quick)' if cfg.quick else ''}. F1 / P / R in %, at τ = 0.", "",
-          results_table(named, taxonomy), "", "## Precision / recall over the confidence threshold τ", "",
-          sweep_table(named[2:]), ""]
+          results_table(named, taxonomy), "", "![F1 per dimension and average F1 of each row](f1_comparison.png)", "",
+          "## Precision / recall over the confidence threshold τ", "",
+          sweep_table(named[2:]), "", "After SFT + RL, per dimension:", "",
+          "![precision and recall against τ after SFT + RL](eval/student_rl/pr_curve.png)", "",
+          "![reliability after SFT + RL: accuracy per bin of stated confidence, with counts](eval/student_rl/reliability.png)", "",
+          "## Training curves", "", "![SFT: train and eval loss](sft/training_curves.png)", "",
+          "![RL: reward, agreement, NA rate, mean stated confidence](rl/training_curves.png)", ""]
+
+    if cfg.target_precision:
+        # Thresholds for deployment: chosen on a labelled dev world of its own, then applied to the test users.
+        tdir, dev_world = os.path.join(out, "thresholds"), os.path.join(out, "thresholds", "dev_world")
+        # Its test users are the dev users (its 10 train users go unused), as in the command of docs/results.md.
+        _stage("dev_world", ["profilebench.py", "--out", dev_world, "--n-train", 10, "--n-test", cfg.n_dev, "--seed",
+                             cfg.seed + DEV_SEED_OFFSET], out, log)
+        _stage("predict_dev", ["predict.py", "--model", rl_dir, "--users", f"{dev_world}/test.jsonl", "--max-new-tokens",
+                               cfg.eval_max_new_tokens, "--out", f"{tdir}/dev_profiles.jsonl"], out, log)
+        _stage("thresholds_dev", ["evaluate.py", "--predictions", f"{tdir}/dev_profiles.jsonl", "--data",
+                                  f"{dev_world}/test.jsonl", "--out", f"{tdir}/dev", "--target-precision",
+                                  cfg.target_precision], out, log)
+        _stage("thresholds_test", ["evaluate.py", "--predictions", f"{out}/eval/student_rl/predictions.jsonl", "--data",
+                                   f"{world}/test.jsonl", "--out", f"{tdir}/test", "--thresholds",
+                                   f"{tdir}/dev/thresholds.json"], out, log)
+        doc = _read_json(os.path.join(tdir, "dev", "thresholds.json"))
+        applied = _read_json(os.path.join(tdir, "test", "metrics.json"))["at_thresholds"]
+        results["thresholds"] = {"dev": doc, "test": applied}
+        md += [f"## Thresholds for a precision of {cfg.target_precision:.2f} (after SFT + RL)", "",
+               f"τ per dimension: the smallest whose precision's one-sided {doc['bound_level']:.0%} Wilson lower bound "
+               + ("(Bonferroni over the levels searched) " if doc.get("correction") == "bonferroni" else "") +
+               f"reaches {cfg.target_precision:.2f} on {cfg.n_dev} labelled dev users (a world of its own, seed "
+               f"{cfg.seed + DEV_SEED_OFFSET}); applied to the {cfg.n_test} test users. Unreachable: that dimension "
+               "abstains everywhere. In %.", "", thresholds_table(doc, applied), ""]
 
     if cfg.ablations:
         ablation_rows = [("full method", rows["student_rl"], "after SFT + RL")]

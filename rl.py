@@ -33,7 +33,9 @@ What Conf-Profile adds, each an option so it can be switched off:
 What we drop: value and reward models, entropy bonuses, vLLM / TRL machinery. Rollouts share each
 prompt's KV cache (rollout.generate); training shares it too (pack_groups): one row [prompt, c1..cG].
 A step is five phases: rollouts (sample_groups) -> scores (score_profiles) -> advantages
-(training_batch) -> policy update (policy_update) -> metrics (step_metrics).
+(training_batch) -> policy update (policy_update) -> metrics (step_metrics), one line per step in
+output_dir/metrics.jsonl, drawn at the end in output_dir/training_curves.png (reward, agreement, NA
+rate, mean stated confidence: plots.py).
 """
 import dataclasses
 import json
@@ -55,6 +57,7 @@ from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer, parse_an
                          vote)
 from evaluate import evaluate, profile_from_parse
 from model import LORA_TARGETS, AdaptersOff, add_lora, load_model, save_adapter, save_model
+from plots import draw_training_curves
 from rollout import SamplingParams, generate, token_logprobs
 
 # -----------------------------------------------------------------------------
@@ -1020,7 +1023,8 @@ def run(cfg, rank, world_size, device, made_by=None):
         if cfg.lora_rank and cfg.lora_save_adapter:
             save_adapter(model, os.path.join(cfg.output_dir, "adapter"), base_model=os.path.abspath(cfg.model))
         shutil.rmtree(os.path.join(cfg.output_dir, "train_state"), ignore_errors=True)  # finished: 3x the model, dead weight
-        print(f"saved the final checkpoint to {cfg.output_dir} ({time.time() - t0:.0f}s of RL)", flush=True)
+        print(f"saved the final checkpoint to {cfg.output_dir} ({time.time() - t0:.0f}s of RL); training curves: "
+              f"{draw_training_curves(cfg.output_dir)}", flush=True)
     barrier()
     return cfg.output_dir
 

@@ -690,11 +690,22 @@ def read_prompts(path):
     return records
 
 
-TEACHER_LINE_START = b'{"user_id": '  # how every line label_users writes begins (common.dumps_line)
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """A resumable one-line-per-user output of ours: what its lines hold and which tool writes them.
+    label_users writes it (common.dumps_line), so every line starts with LINE_START."""
+    fields: tuple     # the keys every line has: the user id, then the payload
+    payload: type     # the payload's JSON type (list or dict)
+    what: str         # "teacher output": how errors name a line
+    tool: str         # "rollout.py --teacher": recorded in <out>.meta.json, named in errors
+
+
+LINE_START = b'{"user_id": '  # how every line label_users writes begins
+TEACHER_OUTPUT = OutputKind(("user_id", "samples"), list, "teacher output", "rollout.py --teacher")
 
 
 def meta_path(out_path):
-    """The sidecar that records what produced a teacher output: <out>.meta.json."""
+    """The sidecar that records what produced a resumable output (settings): <out>.meta.json."""
     return out_path + ".meta.json"
 
 
@@ -707,9 +718,9 @@ def refuse_input_as_output(out, inputs):
             raise ValueError(f"{out}: --out is the input {flag} {path}; expected a new output file")
 
 
-def check_own_output(path, fields, what, tool):
+def check_own_output(path, fields, what, tool, payload=list):
     """Validate that every whole line of an existing `path` is a JSON object with `fields` whose second
-    is a list (this tool's output), touching nothing; one line at a time. Returns ([(lineno, first
+    is a `payload` (this tool's output), touching nothing; one line at a time. Returns ([(lineno, first
     field, byte offset of the line)], byte length of the whole lines, the bytes after them). A file
     whose lines are anything else is an error naming the line: --out pointing at the wrong file is
     refused before a byte of it changes."""
@@ -728,37 +739,37 @@ def check_own_output(path, fields, what, tool):
                 record = json.loads(line.decode("utf-8"))
             except (UnicodeDecodeError, ValueError, RecursionError):
                 record = None
-            if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], list)):
+            if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], payload)):
                 raise ValueError(f"{path}:{lineno}: expected a {what} line {{{', '.join(map(repr, fields))}}}; "
                                  f"is --out pointing at the right file? Refusing to touch a file {tool} did not write")
             ids.append((lineno, record[fields[0]], start))
     return ids, keep, tail
 
 
-def resume_output(path, settings=None, force=False):
-    """Check an existing teacher output before resuming it; touches nothing. Returns ({user_id: byte
+def resume_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
+    """Check an existing output of `kind` before resuming it; touches nothing. Returns ({user_id: byte
     offset of its line}, byte length of its whole lines, the half-written last line).
 
-    Refused, each with a one-line error: a whole line that is not {"user_id", "samples"} (not our
-    file); a user written twice; a half-written last line that does not start like one of our lines;
+    Refused, each with a one-line error: a whole line that is not {kind.fields} (not our file); a user
+    written twice; a half-written last line that does not start like one of our lines;
     with `settings`: a non-empty file without <out>.meta.json (not written by this tool, or by a
     version that did not record its settings) or whose recorded settings differ (the error names the
     keys), unless `force`. A killed run leaves at most one partial line (lines are written whole, then
-    flushed and fsynced); open_teacher_output cuts it once all of this passed."""
-    ids, keep, tail = check_own_output(path, ("user_id", "samples"), "teacher output", "rollout.py --teacher")
+    flushed and fsynced); open_output cuts it once all of this passed."""
+    ids, keep, tail = check_own_output(path, kind.fields, kind.what, kind.tool, kind.payload)
     written = {}
     for lineno, uid, offset in ids:
         if uid in written:
             raise ValueError(f"{path}:{lineno}: user_id: {uid!r} written twice; expected one line per user")
         written[uid] = offset
-    if tail and not TEACHER_LINE_START.startswith(tail[:len(TEACHER_LINE_START)]):
-        raise ValueError(f"{path}: the last line is neither whole nor the start of a teacher output line; "
+    if tail and not LINE_START.startswith(tail[:len(LINE_START)]):
+        raise ValueError(f"{path}: the last line is neither whole nor the start of a {kind.what} line; "
                          "is --out pointing at the right file? Refusing to touch it")
     if (keep or tail) and settings is not None and not force:
-        recorded = read_meta(path)
+        recorded = read_meta(path, kind)
         if recorded is None:
             raise ValueError(f"{path}: has no {os.path.basename(meta_path(path))} recording the settings it was "
-                             "written with; expected a rollout.py --teacher output to resume: choose another --out, "
+                             f"written with; expected a {kind.tool} output to resume: choose another --out, "
                              "or pass --force-resume to resume it anyway")
         changed = settings_diff(recorded["settings"], settings)
         if changed:
@@ -767,8 +778,8 @@ def resume_output(path, settings=None, force=False):
     return written, keep, tail
 
 
-def read_meta(path):
-    """The recorded <out>.meta.json of a teacher output, or None when there is none."""
+def read_meta(path, kind=TEACHER_OUTPUT):
+    """The recorded <out>.meta.json of an output of `kind`, or None when there is none."""
     meta = meta_path(path)
     if not os.path.exists(meta):
         return None
@@ -776,9 +787,9 @@ def read_meta(path):
         with open(meta, encoding="utf-8") as f:
             recorded = json.load(f)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{meta}: unreadable ({e}); expected the JSON rollout.py --teacher writes") from None
+        raise ValueError(f"{meta}: unreadable ({e}); expected the JSON {kind.tool} writes") from None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("settings"), dict):
-        raise ValueError(f"{meta}: settings: expected the JSON object rollout.py --teacher writes")
+        raise ValueError(f"{meta}: settings: expected the JSON object {kind.tool} writes")
     return recorded
 
 
@@ -812,12 +823,12 @@ def rewrite_without(path, keep, skip):
             start += len(line)
 
 
-def open_teacher_output(path, settings=None, force=False, batches=()):
+def open_output(path, settings=None, force=False, kind=TEACHER_OUTPUT, batches=()):
     """Validate `path` (resume_output), then make it ready to append to: drop the lines of any batch an
     interrupted run wrote in part (unfinished_batches; `batches`: this process's batches as lists of
     user ids), cut a half-written last line, and record `settings` in <out>.meta.json (a forced resume
     over other settings keeps the earlier ones under "earlier_settings"). Returns the user ids written."""
-    written, keep, tail = resume_output(path, settings, force)
+    written, keep, tail = resume_output(path, settings, force, kind)
     unfinished = [uid for b in unfinished_batches(written, batches) for uid in b if uid in written]
     drop = sorted(written.pop(uid) for uid in unfinished)
     if drop:
@@ -835,29 +846,30 @@ def open_teacher_output(path, settings=None, force=False, batches=()):
             os.fsync(f.fileno())
     if settings is not None:
         try:
-            recorded = (read_meta(path) if keep else None) or {}
+            recorded = (read_meta(path, kind) if keep else None) or {}
         except ValueError:  # unreadable, and --force-resume said to go on
             recorded = {}
         earlier = list(recorded.get("earlier_settings") or [])
         if recorded.get("settings") not in (None, settings):
             earlier.append(recorded["settings"])
-        write_meta(path, settings, earlier)
+        write_meta(path, settings, earlier, kind)
     return set(written)
 
 
-def write_meta(path, settings, earlier=(), **extra):
-    """<out>.meta.json: what produced a teacher output (read back by read_meta on resume)."""
-    meta = {"written_by": "rollout.py --teacher", "settings": settings, "earlier_settings": list(earlier), **extra}
+def write_meta(path, settings, earlier=(), kind=TEACHER_OUTPUT, **extra):
+    """<out>.meta.json: what produced an output of `kind` (read back by read_meta on resume)."""
+    meta = {"written_by": kind.tool, "settings": settings, "earlier_settings": list(earlier), **extra}
     atomic_write_text(meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
-def teacher_settings(args, taxonomy):
+def teacher_settings(args, taxonomy, model_key="teacher"):
     """What decides the answers in a teacher output: recorded in <out>.meta.json, compared on resume.
-    batch_users too: it cuts the batches, whose users a checkpoint samples together and whose order
-    decides which rank of a torchrun run labels which users."""
-    sim = args.teacher == "sim"
+    The checkpoint (or "sim") is args.<model_key>, recorded under that key. batch_users too: it cuts the
+    batches, whose users a checkpoint samples together and whose order decides which rank of a torchrun
+    run labels which users."""
+    model = getattr(args, model_key)
     settings = {
-        "teacher": "sim" if sim else os.path.abspath(args.teacher),
+        model_key: "sim" if model == "sim" else os.path.abspath(model),
         "samples": args.samples, "seed": args.seed,
         "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
@@ -879,14 +891,15 @@ def _derived_seed(*parts):
 
 
 class CheckpointTeacher:
-    """A real checkpoint: chat template -> generate (prefix-shared n samples) -> decoded texts."""
+    """A real checkpoint: chat template -> generate (prefix-shared n samples) -> decoded texts.
+    `sampling`: SamplingParams whose stop_ids become the checkpoint's end-of-turn tokens."""
 
-    def __init__(self, args):
-        self.tokenizer = load_tokenizer(args.teacher)  # first: a missing directory is named before weights load
-        self.model = load_model(args.teacher, dtype=getattr(torch, args.dtype), device=args.device)
-        self.sampling = args.sampling(stop_ids_for(self.tokenizer))
-        self.template_kwargs = args.template_kwargs
-        self.device = args.device
+    def __init__(self, path, sampling, template_kwargs, device, dtype):
+        self.tokenizer = load_tokenizer(path)  # first: a missing directory is named before weights load
+        self.model = load_model(path, dtype=getattr(torch, dtype), device=device)
+        self.sampling = dataclasses.replace(sampling, stop_ids=tuple(stop_ids_for(self.tokenizer)))
+        self.template_kwargs = template_kwargs
+        self.device = device
 
     def answer(self, message_lists, n, seeds):
         """[[(text, finish_reason, n_tokens)] * n] per chat. One generate() call for the whole batch,
@@ -911,28 +924,34 @@ class SimulatedTeacher:
         return [[(text, "stop", 0) for text in self.sim.answer(messages, n)] for messages in message_lists]
 
 
+def teacher_line(user, samples):
+    """A teacher output line: {"user_id", "samples": [{"text", "finish_reason"}]}."""
+    return {"user_id": user["user_id"], "samples": [{"text": text, "finish_reason": reason} for text, reason, _ in samples]}
+
+
 def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, progress=True, done=None,
-                shard=(0, 1), stop_after_batches=0):
-    """Stage 1 teacher labelling: render, sample n answers, append one whole line per user.
+                shard=(0, 1), stop_after_batches=0, to_line=teacher_line, desc="teacher"):
+    """Stage 1 teacher labelling: render, sample n answers, append one whole line per user,
+    to_line(user, [(text, finish_reason, n_tokens)] * n) (predict.py writes profiles through it).
 
     The users are cut into batches of batch_users, in file order (teacher_batches); with shard = (rank,
     K) this process labels batches rank, rank + K, ... So every run, one process or K, first or
     resumed, samples the same batches. Each user has its own seed (from `seed` and its user_id); a
     checkpoint's samples depend on the seeds of its whole batch, the simulated teacher's on the user only.
-    Restartable: batches already in `out_path` are skipped (`done`: the ids open_teacher_output
-    returned; None: open it here, without recording settings), and one that an interrupted run wrote
-    in part is sampled again whole. stop_after_batches > 0: stop after that many batches (to test
-    restarts). Returns (users written, tokens generated, whether all of this process's batches are done).
+    Restartable: batches already in `out_path` are skipped (`done`: the ids open_output returned;
+    None: open it here as a teacher output, without recording settings), and one that an interrupted
+    run wrote in part is sampled again whole. stop_after_batches > 0: stop after that many batches (to
+    test restarts). Returns (users written, tokens generated, whether all of this process's batches are done).
     """
     rank, world = shard
     batches = teacher_batches(users, batch_users)[rank::world]
     if done is None:
-        done = open_teacher_output(out_path, batches=[[u["user_id"] for u in b] for b in batches])
+        done = open_output(out_path, batches=[[u["user_id"] for u in b] for b in batches])
     todo = [[u for u in b if u["user_id"] not in done] for b in batches]
     todo = [b for b in todo if b]
     if done:
-        print(f"{out_path}: {len(done)} users already labelled, {sum(map(len, todo))} to go", file=sys.stderr)
-    bar = Progress(sum(map(len, todo)), "teacher" if world == 1 else f"teacher {rank}/{world}", "user",
+        print(f"{out_path}: {len(done)} users already done, {sum(map(len, todo))} to go", file=sys.stderr)
+    bar = Progress(sum(map(len, todo)), desc if world == 1 else f"{desc} {rank}/{world}", "user",
                    disable=not progress)
     written, n_tokens, t0 = 0, 0, time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -943,9 +962,7 @@ def label_users(teacher, users, taxonomy, out_path, n, seed=0, batch_users=32, p
             seeds = [_derived_seed(seed, u["user_id"]) for u in batch]
             answers = teacher.answer([render_prompt(u, taxonomy) for u in batch], n, seeds)
             for user, samples in zip(batch, answers):
-                f.write(dumps_line({"user_id": user["user_id"], "samples": [
-                    {"text": text, "finish_reason": reason}
-                    for text, reason, _ in samples]}))
+                f.write(dumps_line(to_line(user, samples)))
                 n_tokens += sum(k for _, _, k in samples)
             f.flush()  # whole lines reach the file once per batch (a kill leaves at most one partial
             os.fsync(f.fileno())  # line, cut off by resume_output); one fsync per batch, not per user
@@ -1169,13 +1186,13 @@ def _label_shard(args, users, taxonomy, settings, shards, rank, world):
         return
     out = args.out if world == 1 else shard_path(args.out, rank, world)
     mine = [[u["user_id"] for u in b] for b in teacher_batches(users, args.batch_users)[rank::world]]
-    done = open_teacher_output(out, settings, args.force_resume, mine)  # before loading weights
+    done = open_output(out, settings, args.force_resume, TEACHER_OUTPUT, mine)  # before loading weights
     if args.teacher == "sim":
         teacher = SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
         if world > 1 and args.device == "cuda":  # one GPU per process of a node
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        teacher = CheckpointTeacher(args)
+        teacher = CheckpointTeacher(args.teacher, args.sampling(()), args.template_kwargs, args.device, args.dtype)
     t0 = time.perf_counter()
     written, n_tokens, finished = label_users(teacher, users, taxonomy, out, args.samples, seed=args.seed,
                                               batch_users=args.batch_users, progress=args.progress, done=done,

@@ -23,7 +23,8 @@ What it does, and why:
   and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly.
 * The final checkpoint is `output_dir` itself, an HF directory (config.json, model.safetensors,
   tokenizer + chat template) that transformers, rollout.py and rl.py load as is. The resolved
-  training config goes to output_dir/sft_config.json, metrics to output_dir/metrics.jsonl, the
+  training config goes to output_dir/sft_config.json, metrics to output_dir/metrics.jsonl (drawn at
+  the end in output_dir/training_curves.png: train and eval loss), the
   resumable state to output_dir/train_state/ (common.save_training_state: safetensors + JSON, removed
   once the run is finished; a resume with other settings or data is refused, naming what differs).
 * `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
@@ -57,6 +58,7 @@ from common import (DEVICE, PARALLEL, ConfigError, Progress, all_reduce_sum, app
                     open_metrics, opt, run_record, save_config, save_training_state, setup_run, shard_model,
                     stop_ids_for, unwrap)
 from model import LORA_TARGETS, ModelArgs, Transformer, add_lora, init_weights, load_model, save_adapter, save_model
+from plots import draw_training_curves
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -562,7 +564,8 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
         if cfg.lora_rank and cfg.lora_save_adapter:
             save_adapter(unwrap(model), os.path.join(cfg.output_dir, "adapter"), base_model=os.path.abspath(cfg.model))
         shutil.rmtree(state_dir, ignore_errors=True)  # finished: the resumable state (3x the model) is dead weight
-        print(f"saved the final checkpoint to {cfg.output_dir}", flush=True)
+        print(f"saved the final checkpoint to {cfg.output_dir}; training curves: "
+              f"{draw_training_curves(cfg.output_dir)}", flush=True)
     barrier()
     return cfg.output_dir
 

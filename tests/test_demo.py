@@ -41,7 +41,7 @@ def test_quick_demo_writes_every_row(quick_run):
         assert f"| {name} |" in md
     # Each stage's equivalent command line is printed and recorded (the run doubles as a tutorial).
     shown = [line for line in stdout.splitlines() if line.startswith("$ ")]
-    for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py"):
+    for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py", "predict.py"):
         assert any(f" {script} " in line for line in shown), script
     assert any(line.startswith("$ torchrun --standalone --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
     # The RL log carries what shows a label-free run going wrong before F1 does (docs/design.md, "Reading a Stage-2 run").
@@ -50,6 +50,17 @@ def test_quick_demo_writes_every_row(quick_run):
                 "zero_var_frac", "optimizer_step"):
         assert key in last, key
     assert 0.0 <= last["probe_agreement"] <= 1.0 and 0.0 <= last["majority_ratio"] <= 1.0
+    # The figures: F1 of the rows next to results.md (embedded), each evaluation's, each run's training curves.
+    for png in ("f1_comparison.png", "sft/training_curves.png", "rl/training_curves.png", "eval/student_rl/pr_curve.png",
+                "eval/student_rl/reliability.png", "eval/teacher_vote/pr_curve.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG"), png
+        assert f"]({png})" in md or png.startswith("eval/teacher"), png
+    # Thresholds for a precision of 0.9: chosen on a dev world of its own, applied to the test users.
+    dims = set(rows["student_rl"]["per_dimension"])
+    dev, test = results["thresholds"]["dev"], results["thresholds"]["test"]
+    assert dev["target_precision"] == 0.9 and set(dev["dimensions"]) == set(test["dimensions"]) == dims
+    assert all(test["dimensions"][d]["tau"] == dev["dimensions"][d]["tau"] for d in dims)
+    assert dev["data"].endswith("thresholds/dev_world/test.jsonl") and "## Thresholds for a precision of 0.90" in md
     # Finished SFT / RL outputs are HF checkpoints.
     for d in ("sft", "rl", "student_init"):
         assert (out / d / "config.json").exists() and (out / d / "model.safetensors").exists()

@@ -654,6 +654,7 @@ def test_rl_main_leaves_no_train_state_after_the_final_checkpoint(tiny_checkpoin
     assert (out / "model.safetensors").exists() and (out / "rl_config.json").exists()
     assert not (out / "train_state").exists()
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG")  # drawn at the end of the run
 
 
 def test_rl_resume_with_other_settings_is_refused_naming_them(tiny_checkpoint, rl_world):

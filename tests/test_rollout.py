@@ -775,7 +775,7 @@ def test_merge_of_shards_and_its_refusals(tmp_path):
     settings = rollout.teacher_settings(args, taxonomy)
     for rank in (0, 1):  # batches [u0 u1] [u2 u3] [u4]: rank 0 takes 0 and 2, rank 1 takes 1
         shard = rollout.shard_path(str(out), rank, 2)
-        done = rollout.open_teacher_output(shard, settings)
+        done = rollout.open_output(shard, settings)
         rollout.label_users(rollout.SimulatedTeacher(taxonomy, 0, 1.0), USERS, taxonomy, shard, 2, batch_users=2,
                             progress=False, done=done, shard=(rank, 2))
     with pytest.raises(ValueError, match=r"two\.jsonl\.rank0-of2: a shard of a torchrun run"):

@@ -181,6 +181,7 @@ def test_loss_falls_and_checkpoint_matches_transformers(world):
     assert m[0]["loss"] > 5.0  # ~ln(vocab) at init
     assert m[-1]["loss"] < 0.5 * m[0]["loss"] and evals[-1] < evals[0] - 1.0
     assert os.path.exists(out / "sft_config.json") and json.load(open(out / "sft_config.json"))["max_steps"] == 24
+    assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG")  # drawn at the end of the run
 
     # The final checkpoint is an HF directory: transformers gives the same logits as our model.
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -12,10 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sampler, the world / evaluation / calibration, the domain core and the model, the shared base.
 LAYERS = [
     {"common"},
-    {"confprofile", "model"},
+    {"confprofile", "model", "plots"},
     {"profilebench", "evaluate", "calibrate"},
     {"rollout"},
-    {"sft", "rl"},
+    {"sft", "rl", "predict"},
     {"pipeline"},
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
@@ -86,13 +86,16 @@ def test_help_explains_every_option():
     import calibrate
     import evaluate
     import pipeline
+    import plots
+    import predict
     import profilebench
     import rl
     import rollout
     import sft
     for script, cls in (("rl.py", rl.RLConfig), ("sft.py", sft.SFTConfig), ("pipeline.py", pipeline.DemoConfig),
                         ("rollout.py", rollout.RolloutConfig), ("evaluate.py", evaluate.EvaluateConfig),
-                        ("calibrate.py", calibrate.CalibrateConfig), ("profilebench.py", profilebench.WorldArgs)):
+                        ("calibrate.py", calibrate.CalibrateConfig), ("profilebench.py", profilebench.WorldArgs),
+                        ("predict.py", predict.PredictConfig), ("plots.py", plots.PlotsConfig)):
         out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr
