@@ -2,7 +2,6 @@
 choice of τ against numbers computed by hand, ties in confidence, unreachable targets, the label-free
 rule, thresholds applied exactly, and predict.py's batching, resume and guards."""
 import json
-import os
 import shutil
 
 import pytest
