@@ -104,6 +104,19 @@ def fsync_file(path):
         os.close(fd)
 
 
+def replace_dir(tmp, path):
+    """Put the finished folder `tmp` in the place of `path`: the old one is renamed aside, `tmp` renamed
+    in, the parent fsynced, the old one removed. A crash at any moment leaves `path` old or new whole
+    (or `path`.old beside a missing `path`, which the readers of training states look for)."""
+    old = path + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def fsync_dir(folder):
     """Make renames and new files in `folder` durable (a crash right after a rename may otherwise lose it)."""
     try:
@@ -982,7 +995,7 @@ def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
     if is_distributed() and dist.get_rank() != 0:
         return
     path = os.path.abspath(path)
-    tmp, old = path + ".tmp", path + ".old"
+    tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     optimizer_meta, optimizer_tensors = _split_optimizer_state(optimizer.state_dict())
@@ -1001,12 +1014,7 @@ def save_training_state(path, model, optimizer, step, extra=None, made_by=None):
              "parameters": "trainable" if len(trainable) < len(params) else "all",
              "optimizer": optimizer_meta, "rng": rng_meta}
     atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
 
 
 def read_training_state(path):
@@ -1087,7 +1095,7 @@ def save_sharded_training_state(path, model, optimizer, step, extra=None, made_b
     writes state.json and renames path.tmp over path (the same atomic swap). Every rank must call it;
     `path` must be on a file system all ranks see."""
     path = os.path.abspath(path)
-    tmp, old = path + ".tmp", path + ".old"
+    tmp = path + ".tmp"
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1112,12 +1120,7 @@ def save_sharded_training_state(path, model, optimizer, step, extra=None, made_b
         state = {"format": TRAIN_STATE_FORMAT, "step": step, "extra": extra or {}, **(made_by or {}),
                  "layout": {"parallel": "fsdp", "world_size": world}, "tensors": index}
         atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
-        if os.path.exists(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     dist.barrier()
 
 
