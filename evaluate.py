@@ -432,8 +432,8 @@ def coverage_threshold(kept, n_users, coverage, taus=TAUS):
     """Label-free: one dimension's threshold from its confidences alone (precision unknown):
         τ* = min{τ ∈ 1..10 : kept_τ / n ≤ coverage},  kept_τ = #{non-NA answers with c ≥ τ}
     over n users, i.e. keep at most that share of the users, the most confident ones (whole levels:
-    ties stand or fall together). τ* = 10 when even τ = 10 keeps more. `kept`: {τ: kept_τ} (kept_counts,
-    or count_kept over a file). Returns {"tau", "target_coverage", "coverage": kept / n at τ*, "n_kept",
+    ties stand or fall together). τ* = 10 when even τ = 10 keeps more. `kept`: {τ: kept_τ} (count_kept
+    over a file). Returns {"tau", "target_coverage", "coverage": kept / n at τ*, "n_kept",
     "n_users", "precision": None}."""
     share = {t: kept[t] / n_users if n_users else 0.0 for t in taus}
     tau = next((t for t in taus if share[t] <= coverage), taus[-1])
@@ -441,20 +441,15 @@ def coverage_threshold(kept, n_users, coverage, taus=TAUS):
             "precision": None}
 
 
-def kept_counts(confidences, taus=TAUS):
-    """{τ: kept_τ}, kept_τ = #{c ≥ τ} over the confidences of one dimension's non-NA answers (None, an
-    answer without a confidence: kept at no τ ≥ 1), as abstains() keeps them."""
-    return {t: sum(1 for c in confidences if c is not None and c >= t) for t in taus}
-
-
 def count_kept(kept, profile, taus=TAUS):
-    """Add one profile's non-NA answers to kept {dim: {τ: kept_τ}} (a missing or invalid answer has
-    none): kept_counts one prediction at a time, so a file is counted without holding it."""
+    """Add one profile's answers to kept {dim: {τ: kept_τ}}: an answer counts at each τ where it does
+    not abstain (evaluate's abstains rule), so a file is counted one prediction at a time."""
     for dim, counts in kept.items():
         entry = (profile or {}).get(dim)
-        if entry is not None and entry["label"] not in (None, "NA") and entry["confidence"] is not None:
-            for t in taus:
-                counts[t] += entry["confidence"] >= t
+        if entry is None or abstains(entry["label"], entry["confidence"], 1):
+            continue  # kept at no τ >= 1; what is kept at 1 has a confidence c and is kept exactly while c >= τ
+        for t in taus:
+            counts[t] += entry["confidence"] >= t
 
 
 def thresholds_applied(curves, taus):

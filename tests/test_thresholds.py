@@ -127,17 +127,25 @@ def test_choose_threshold_bonferroni_by_default(curve, target, tau, lower, uncor
     assert evaluate.choose_threshold(curve, target, 0.95, "none")["tau"] == uncorrected_tau
 
 
+def kept_of(confidences):
+    """{τ: kept_τ} of one dimension whose non-NA answers state these confidences (count_kept, one at a time)."""
+    kept = {"a": dict.fromkeys(evaluate.TAUS, 0)}
+    for c in confidences:
+        evaluate.count_kept(kept, {"a": {"label": "x", "confidence": c}})
+    return kept["a"]
+
+
 def test_coverage_threshold_by_hand():
     """Label-free: the smallest τ keeping at most the share; 40 users, non-NA answers at 9 (10), 7 (10), 3 (10)."""
     confidences = [9] * 10 + [7] * 10 + [3] * 10
     expected = {0.8: (1, 0.75), 0.5: (4, 0.5), 0.3: (8, 0.25), 0.2: (10, 0.0)}
     for coverage, (tau, share) in expected.items():
-        r = evaluate.coverage_threshold(evaluate.kept_counts(confidences), 40, coverage)
+        r = evaluate.coverage_threshold(kept_of(confidences), 40, coverage)
         assert (r["tau"], r["coverage"], r["precision"]) == (tau, share, None)
     # every answer at 10: no level keeps half; the strictest level is the answer
-    assert evaluate.coverage_threshold(evaluate.kept_counts([10] * 10), 10, 0.5)["tau"] == 10
+    assert evaluate.coverage_threshold(kept_of([10] * 10), 10, 0.5)["tau"] == 10
     # an answer without a confidence is kept at no τ >= 1
-    assert evaluate.coverage_threshold(evaluate.kept_counts([None, 5]), 2, 0.5)["tau"] == 1
+    assert evaluate.coverage_threshold(kept_of([None, 5]), 2, 0.5)["tau"] == 1
     # counted one profile at a time (count_kept, as evaluate.py reads a file): the same counts; NA and
     # missing answers are not kept
     kept = {"a": dict.fromkeys(evaluate.TAUS, 0)}
@@ -145,8 +153,7 @@ def test_coverage_threshold_by_hand():
         evaluate.count_kept(kept, {"a": {"label": "x", "confidence": c}})
     evaluate.count_kept(kept, {"a": {"label": "NA", "confidence": 10}})
     evaluate.count_kept(kept, None)
-    assert kept["a"] == evaluate.kept_counts(confidences) == {1: 30, 2: 30, 3: 30, 4: 20, 5: 20, 6: 20, 7: 20,
-                                                              8: 10, 9: 10, 10: 0}
+    assert kept["a"] == {1: 30, 2: 30, 3: 30, 4: 20, 5: 20, 6: 20, 7: 20, 8: 10, 9: 10, 10: 0}
 
 
 def test_thresholds_applied_recall_cost(curve):
