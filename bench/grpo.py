@@ -25,6 +25,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import peak_memory_mb  # noqa: E402
+
 TRL_PINS = ["torch==2.13.0", "transformers==5.24.0", "trl==1.16.0", "datasets", "accelerate"]
 TARGET_ID_TEXT = "e"  # the toy reward counts this token
 
@@ -43,15 +46,6 @@ def build_model(out_dir):
 def prompt_texts(n_users, n_words):
     words = "the user watched cooking videos and searched for football tickets then posted about travel".split()
     return [" ".join(words[(u * 5 + k) % len(words)] for k in range(n_words)) for u in range(n_users)]
-
-
-def peak_memory_mb(device):
-    import resource
-
-    import torch
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # -----------------------------------------------------------------------------

@@ -32,33 +32,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import make_chats, peak_memory_mb  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, MAX_LEN, SEED = 1e-4, 2048, 0
-
-
-def peak_memory_mb(device):
-    import resource
-
-    import torch
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def make_chats(path, n_users):
-    sys.path.insert(0, ROOT)
-    from common import write_jsonl
-    from confprofile import load_taxonomy, render_prompt
-    from profilebench import SimTeacher, make_world
-    taxonomy = load_taxonomy()
-    users, _, _ = make_world(n_users, 1, seed=SEED, taxonomy=taxonomy)
-    teacher = SimTeacher(taxonomy, seed=SEED)
-    chats = []
-    for u in users:
-        prompt = render_prompt(u, taxonomy)
-        chats.append({"user_id": u["user_id"],
-                      "messages": prompt + [{"role": "assistant", "content": teacher.answer(prompt, 1)[0]}]})
-    write_jsonl(path, chats)
 
 
 # -----------------------------------------------------------------------------

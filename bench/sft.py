@@ -31,17 +31,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import make_chats, peak_memory_mb  # noqa: E402
+
 TRL_PINS = ["torch==2.13.0", "transformers==5.24.0", "trl==1.16.0", "datasets", "accelerate"]
 LR, WARMUP, BETAS, CLIP, SEED = 1e-3, 2, (0.9, 0.95), 1.0, 0
-
-
-def peak_memory_mb(device):
-    import resource
-
-    import torch
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def timed_throughput(step_ends, step_tokens, warmup):
@@ -52,22 +46,6 @@ def timed_throughput(step_ends, step_tokens, warmup):
 
 # -----------------------------------------------------------------------------
 # Setup (this environment): the chats and the model
-
-
-def make_chats(path, n_users):
-    sys.path.insert(0, ROOT)
-    from common import write_jsonl
-    from confprofile import load_taxonomy, render_prompt
-    from profilebench import SimTeacher, make_world
-    taxonomy = load_taxonomy()
-    users, _, _ = make_world(n_users, 1, seed=0, taxonomy=taxonomy)
-    teacher = SimTeacher(taxonomy, seed=0)
-    chats = []
-    for u in users:
-        prompt = render_prompt(u, taxonomy)
-        chats.append({"user_id": u["user_id"],
-                      "messages": prompt + [{"role": "assistant", "content": teacher.answer(prompt, 1)[0]}]})
-    write_jsonl(path, chats)
 
 
 def ensure_trl(venv):
