@@ -32,36 +32,33 @@ What Conf-Profile adds, each an option so it can be switched off:
 
 What we drop: value and reward models, entropy bonuses, vLLM / TRL machinery. Rollouts share each
 prompt's KV cache (rollout.generate); training shares it too (pack_groups): one row [prompt, c1..cG].
-A step is five phases: rollouts (sample_groups) -> scores (score_profiles) -> advantages
-(training_batch) -> policy update (policy_update) -> metrics (step_metrics), one line per step in
-output_dir/metrics.jsonl, drawn at the end in output_dir/training_curves.png (reward, agreement, NA
-rate, mean stated confidence: plots.py).
+
+The file reads top-down: the RL keys; grpo_step, one GRPO step as seven phases (rollouts -> parse ->
+quasi labels -> difficulty and filter -> rewards -> advantages and token maps -> policy update); the
+formulas of each phase, in that order; then, below the BOOKKEEPING line, what a run needs around them
+(the packed forward, metrics, the probe and dev evaluation, run, main). The loop, resume, saving and
+the processes are trainer.py's. Metrics: one line per step in output_dir/metrics.jsonl, drawn at the
+end in output_dir/training_curves.png (reward, agreement, NA rate, mean stated confidence: plots.py).
 """
-import dataclasses
 import json
 import math
 import os
-import shutil
-import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass, field
 
 import torch
 
-from common import (DEVICE, PARALLEL, ConfigError, DataError, Progress, all_reduce_sum, append_jsonl,
-                    autocast_for, barrier, build_optimizer, chat_prompt_ids, check_fields, check_output_dir,
-                    cleanup_distributed, clip_gradients, completion_text, full_parameters, full_state_dict,
-                    is_sharded, iter_jsonl, load_tokenizer, load_training_state, lr_at, open_metrics, opt, run_record,
-                    save_config, save_training_state, setup_run, shard_model, stop_ids_for)
+from common import (PARALLEL, ConfigError, DataError, all_reduce_sum, barrier, chat_prompt_ids, cleanup_distributed,
+                    completion_text, full_parameters, is_sharded, iter_jsonl, load_tokenizer, opt, run_cli,
+                    stop_ids_for)
 from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer, parse_answer_spans, read_users, render_prompt,
                          vote)
 from evaluate import evaluate, profile_from_parse
-from model import LORA_TARGETS, AdaptersOff, add_lora, load_model, save_adapter, save_model
-from plots import draw_training_curves
 from rollout import SamplingParams, generate, token_logprobs
-
-# -----------------------------------------------------------------------------
-# Config
+from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
+from trainer import (TrainingConfig, announce, autocast_for, build_policy, build_reference, default, finish,
+                     guard_output_dir, optimizer_step, pad_micro_batches, shard, start, train)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rl_demo.json")
 CHOICES = {
@@ -72,12 +69,12 @@ CHOICES = {
     "scale_rewards": ("group", "none"),
     "advantage": ("dimension", "sequence"),
     "loss_type": ("dapo", "grpo", "dr_grpo"),
-    "dtype": ("float32", "bfloat16"),
 }
 
 
 @dataclass
-class RLConfig:
+class RLKeys:
+    """The keys of Stage 2 (RLConfig, at the bookkeeping line, adds the optimiser and runtime ones)."""
     # model and data
     model: str = opt("runs/demo/sft", "HF checkpoint dir of the SFT student (also the KL reference)", nonempty=True)
     data: str = opt("runs/demo/world/train.jsonl", "unlabelled users (JSONL)", nonempty=True)
@@ -122,34 +119,9 @@ class RLConfig:
     beta: float = opt(0.0, "weight of the k3 KL to the starting checkpoint (0: no reference model is loaded)", min=0)
     num_iterations: int = opt(1, "optimizer steps on each batch of rollouts", min=1)
     micro_batch_size: int = opt(8, "rollouts per forward/backward (gradients accumulate over the batch)", min=1)
-    # optimisation
     max_steps: int = opt(20, "GRPO steps", min=1)
-    lr: float = opt(1e-5, "peak learning rate", min=0)
-    min_lr_ratio: float = opt(0.1, "the cosine decays to lr * min_lr_ratio at the last step", min=0, max=1)
-    warmup_steps: int = opt(0, "linear warmup steps", min=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", min=0)
-    adam_beta1: float = opt(0.9, "AdamW beta1", min=0, lt=1)
-    adam_beta2: float = opt(0.99, "AdamW beta2", min=0, lt=1)
-    grad_clip: float = opt(1.0, "max global gradient norm; 0 = off", min=0)
-    gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, slower")
-    dtype: str = opt("float32", "parameter dtype: bfloat16 keeps weights, grads and AdamW moments in bf16 (big models, "
-                     "CUDA); with LoRA the base is in this dtype and the adapters float32", choices=CHOICES["dtype"])
-    # LoRA
-    lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters on lora_targets, the base frozen (and, with beta > 0, "
-                         "the KL reference: no second copy of the weights); 0 = full fine-tuning", min=0)
-    lora_alpha: float = opt(16.0, "LoRA alpha: the adapters add (alpha / r) * B A x", gt=0)
-    lora_dropout: float = opt(0.0, "dropout on the adapters' input in training (> 0: the trainer's logprobs are no "
-                              "longer the sampler's)", min=0, lt=1)
-    lora_targets: list = opt(list(LORA_TARGETS), "the Linear layers of every block that get adapters",
-                             choices=LORA_TARGETS, nonempty=True)
-    lora_save_adapter: bool = opt(False, "also write the adapters alone to output_dir/adapter (PEFT's file format); "
-                                  "output_dir itself always holds the merged checkpoint")
-    device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
-    parallel: str = opt("ddp", "under torchrun: ddp (each process a full copy, gradients all-reduced) or fsdp "
-                        "(FSDP2: parameters, gradients, AdamW moments and the KL reference sharded over the "
-                        "processes)", choices=PARALLEL)
     seed: int = opt(0, "data order and rollout randomness", min=0)
-    # evaluation, logging, checkpoints
+    # evaluation
     dev_data: str = opt("", "labelled users for a periodic greedy evaluation (empty: none)")
     dev_size: int = opt(100, "dev users evaluated", min=1)
     eval_every: int = opt(0, "steps between dev evaluations (0 = none)", min=0)
@@ -158,18 +130,6 @@ class RLConfig:
     probe_size: int = opt(32, "training users whose greedy answers are compared with the SFT student's (0 = no probe)",
                           min=0)
     probe_every: int = opt(10, "steps between probes (and at the last step)", min=0)
-    save_every: int = opt(0, "steps between resumable checkpoints (0 = only the final model)", min=0)
-    resume: bool = opt(False, "continue from output_dir/train_state (made with the same settings)")
-    force_resume: bool = opt(False, "resume even though settings or data changed (they are named)")
-    stop_after_steps: int = opt(0, "leave after this many steps without saving, as if killed (the resume test)", min=0)
-
-    def __post_init__(self):
-        check_fields(self, "rl config")
-        if self.lora_rank and self.parallel == "fsdp":  # LoRA under fully_shard is not implemented (docs/fsdp.md)
-            raise ConfigError(f"rl config: lora_rank={self.lora_rank}, parallel=fsdp: expected parallel ddp with LoRA "
-                              "(LoRA with FSDP is not supported; docs/fsdp.md)")
-        if self.low > self.high:
-            raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected low <= high")
 
     @property
     def mask_confidence(self):
@@ -177,14 +137,110 @@ class RLConfig:
         return self.confidence_weighting != "live"
 
 
-# Keys that may change on --resume (common.check_output_dir): evaluation, saving, stopping and placement only.
-RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "dev_data", "dev_size",
-                     "eval_max_new_tokens", "probe_size", "probe_every", "device", "gradient_checkpointing", "output_dir")
-PATH_KEYS = ("model", "data", "stage1", "taxonomy", "output_dir", "dev_data")  # compared as absolute paths
+# -----------------------------------------------------------------------------
+# One GRPO step
+
+
+@dataclass
+class Task:
+    """What the Conf-Profile phases read besides the rollouts: the tokenizer (a rollout's text), the
+    taxonomy, the stop ids, the frozen Stage-1 confidences {user_id: {dim: c}} (None: not read)."""
+    tokenizer: object
+    taxonomy: dict
+    stop_ids: list
+    stage1: dict = None
+    template_kwargs: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)  # user_id -> prompt token ids, rendered once
+
+    def prompt(self, user):
+        if user["user_id"] not in self.prompts:
+            messages = render_prompt(user, self.taxonomy)
+            self.prompts[user["user_id"]] = chat_prompt_ids(self.tokenizer, messages, **self.template_kwargs)
+        return self.prompts[user["user_id"]]
+
+
+def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
+    """One GRPO step on this process's users, in seven phases; returns the step's metrics."""
+    t0 = time.time()
+    prompts = [task.prompt(u) for u in users]
+    groups = sample_groups(model, prompts, cfg, generator, task.stop_ids)                    # 1. rollouts
+    t_rollout = time.time() - t0
+    answers = [read_rollouts(samples, task) for samples in groups]                          # 2. parse
+    quasi = [quasi_labels([a.parsed for a in reads], task.taxonomy, cfg.quasi_label, cfg.na_weight)
+             for reads in answers]                                                          # 3. quasi labels
+    frozen = [task.stage1[u["user_id"]] if task.stage1 is not None else None for u in users]
+    levels, keep, counts = difficulty_filter(quasi, answers, frozen, cfg)                   # 4. difficulty, filter
+    dim_rewards, rewards = group_rewards(answers, quasi, frozen, cfg)                       # 5. rewards
+    maps = token_maps(answers, task.taxonomy, cfg)                                          # 6. advantages and
+    batch = training_batch(groups, prompts, rewards, keep, maps, cfg, dim_rewards)          #    token maps
+    t1 = time.time()
+    sums, grad_norm, stepped = policy_update(model, ref_model, optimizer, batch, cfg, lr)   # 7. policy update
+    stats = profile_stats(answers, quasi, levels, counts, task.taxonomy)
+    return step_metrics(groups, rewards, keep, stats, sums, grad_norm, stepped, lr, cfg, t_rollout, time.time() - t1,
+                        next(model.parameters()).device)
 
 
 # -----------------------------------------------------------------------------
-# Stage 2 formulas: pure functions (tests/test_rl.py checks each with hand-computed numbers)
+# 1. Rollouts
+
+
+def sample_groups(model, prompts, cfg, generator, stop_ids):
+    """G samples of each of this process's prompts from the current policy (with every parameter at
+    hand: each process decodes its own number of steps)."""
+    model.eval()
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids),
+                              cfg.max_batch_tokens)
+    with full_parameters(model):
+        return generate(model, prompts, sampling, n=cfg.num_generations, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# 2. Parse: one parse of one text per rollout gives the reward's answers and both token maps.
+# The maps come from confprofile.parse_answer_spans, the parser that reads the reward's inputs, so
+# every confidence the reward reads is a masked one, whatever the key's spelling.
+
+Read = namedtuple("Read", "parsed spans ends")  # parse_answer_spans' answer and spans; each token's end offset
+
+
+def read_rollouts(samples, task):
+    """Each rollout of one user read as the reward reads it (completion_char_ends), parsed once."""
+    out = []
+    for s in samples:
+        text, ends = completion_char_ends(task.tokenizer, s.tokens, set(task.stop_ids))
+        parsed, spans = parse_answer_spans(text, task.taxonomy)
+        out.append(Read(parsed, spans, ends))
+    return out
+
+
+def completion_char_ends(tokenizer, tokens, stop_ids):
+    """(text, ends): the completion's text as the reward reads it (common.completion_text: the final
+    stop token dropped, special tokens skipped) and, per token, the end offset of its characters in
+    that text (start = the previous token's end; a special token is zero-width, the stop token sits at
+    the end).
+
+    Fast path: decode the tokens one by one and keep the pieces if they join up to the text (the
+    usual case). Otherwise (a character split over tokens, e.g. Chinese in byte-level BPE) decode
+    growing prefixes, len(decode(ids[:i+1])), then take the running minimum from the right, so an
+    incomplete character's replacement glyphs never push later offsets past the text."""
+    ids = list(tokens)
+    if ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    if "".join(pieces) == text:
+        ends, n = [], 0
+        for p in pieces:
+            n += len(p)
+            ends.append(n)
+    else:
+        ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+        for i in range(len(ends) - 1, -1, -1):
+            ends[i] = min(ends[i], ends[i + 1] if i + 1 < len(ends) else len(text))
+    return text, ends + [len(text)] * (len(tokens) - len(ids))
+
+
+# -----------------------------------------------------------------------------
+# 3. Quasi labels
 
 
 def stated_answers(parsed):
@@ -209,6 +265,10 @@ def quasi_labels(parsed, taxonomy, weighting="confidence", na_weight=1.0):
     if not valid:
         return {d: None for d in taxonomy["dimensions"]}
     return vote(valid, taxonomy, weighting=weighting, na_weight=na_weight)
+
+
+# -----------------------------------------------------------------------------
+# 4. Difficulty and filter
 
 
 def difficulty(quasi, n_rollouts, stage1_confidence=None):
@@ -241,16 +301,17 @@ def difficulty_mask(values, low, high):
     return keep, counts
 
 
-def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="flat"):
-    """Stage 2 reward of one rollout: r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd  (= the mean of
-    dimension_rewards; see there for w, s and the `agreement` option).
+def difficulty_filter(quasi, answers, frozen, cfg):
+    """Phase 4 for B users: each user's difficulty (the Stage-1 confidence with difficulty=stage1), and
+    which users the filter keeps (everyone with difficulty=off). Returns (levels, keep, counts)."""
+    levels = [difficulty(q, len(reads), f if cfg.difficulty == "stage1" else None)
+              for q, reads, f in zip(quasi, answers, frozen)]
+    keep, counts = difficulty_mask([None if cfg.difficulty == "off" else v for v in levels], cfg.low, cfg.high)
+    return levels, keep, counts
 
-    fmt_j = -1 if the answer does not parse (and then no agreement terms), else 0. |D| is the
-    number of dimensions of the taxonomy (the keys of `quasi`).
-    """
-    if not parsed["format_ok"]:
-        return -1.0
-    return sum(dimension_rewards(parsed, quasi, weighting, stage1_confidence, agreement)) / len(quasi)
+
+# -----------------------------------------------------------------------------
+# 5. Rewards
 
 
 def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None, agreement="flat"):
@@ -293,12 +354,33 @@ def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None, agreemen
     return out
 
 
-def token_advantages(dim_advantages, seq_advantage, token_dims):
-    """Per-token advantages of one rollout: a token inside dimension d's answer gets A_jd (the
-    group-relative advantage of r_jd), a token outside every dimension's answer (braces between
-    answers, a <think> block, the end-of-turn token) the advantage of the whole reward.
-    dim_advantages [D], token_dims [T] ints (-1 = outside)."""
-    return [seq_advantage if d < 0 else dim_advantages[d] for d in token_dims]
+def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="flat"):
+    """Stage 2 reward of one rollout: r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd  (= the mean of
+    dimension_rewards; see there for w, s and the `agreement` option).
+
+    fmt_j = -1 if the answer does not parse (and then no agreement terms), else 0. |D| is the
+    number of dimensions of the taxonomy (the keys of `quasi`). The mean is taken in float64 by torch,
+    so a rollout's r_j is the same number whether it is computed alone or in a batch.
+    """
+    if not parsed["format_ok"]:
+        return -1.0
+    terms = dimension_rewards(parsed, quasi, weighting, stage1_confidence, agreement)
+    return torch.tensor(terms, dtype=torch.float64).mean().item()
+
+
+def group_rewards(answers, quasi, frozen, cfg):
+    """Phase 5 for B users of G rollouts: r_jd (dimension_rewards) [B, G, D] and r_j (rollout_reward)
+    [B, G], both float64."""
+    args = (cfg.confidence_weighting,)
+    per_dim = [[dimension_rewards(a.parsed, q, *args, f, cfg.agreement) for a in reads]
+               for reads, q, f in zip(answers, quasi, frozen)]
+    per_rollout = [[rollout_reward(a.parsed, q, *args, f, cfg.agreement) for a in reads]
+                   for reads, q, f in zip(answers, quasi, frozen)]
+    return torch.tensor(per_dim, dtype=torch.float64), torch.tensor(per_rollout, dtype=torch.float64)
+
+
+# -----------------------------------------------------------------------------
+# 6. Advantages and token maps
 
 
 FLAT_TOLERANCE = 1e-9  # rewards of one group this close together are equal (float sums of c/10 terms)
@@ -323,6 +405,87 @@ def group_advantages(rewards, scale_rewards="group", eps=1e-4):
     if scale_rewards != "none":
         centred = centred / (r.std(dim=1, keepdim=True) + eps)
     return centred.float()
+
+
+def token_advantages(dim_advantages, seq_advantage, token_dims):
+    """Per-token advantages of one rollout: a token inside dimension d's answer gets A_jd (the
+    group-relative advantage of r_jd), a token outside every dimension's answer (braces between
+    answers, a <think> block, the end-of-turn token) the advantage of the whole reward.
+    dim_advantages [D], token_dims [T] ints (-1 = outside)."""
+    return [seq_advantage if d < 0 else dim_advantages[d] for d in token_dims]
+
+
+def confidence_token_mask(ends, spans):
+    """Frozen confidence: True on each token that overlaps a stated confidence (the `8` of
+    `"confidence": 8`, all of `"8/10"`), the tokens `rollout_masked` cuts out of the loss. ends:
+    completion_char_ends; spans: parse_answer_spans' spans of the same text. A token holding a
+    digit together with other characters (' 8,') is masked whole: masking a little more than the
+    number is safe, missing part of it is not."""
+    conf = [s for d in spans.values() for s in d["confidence"]]
+    mask, start = [], 0
+    for end in ends:
+        mask.append(any(start < b and end > a for a, b in conf))
+        start = end
+    return mask
+
+
+def dimension_token_index(ends, spans, taxonomy):
+    """For each token, the index (taxonomy order) of the dimension whose answer it lies in, or -1.
+
+    A dimension's answer is the span the parser read for it: from its key's opening quote to the end
+    of its value (parse_answer_spans). A token belongs to dimension d iff all of its characters lie
+    inside d's answer (a zero-width token: strictly inside). Tokens that straddle two answers or an
+    answer's edge (Qwen's '}, "' or the closing '}}'), and tokens outside every answer (the opening
+    brace, a <think> block, the end-of-turn token) get -1: the advantage of the whole rollout."""
+    order = {d: i for i, d in enumerate(taxonomy["dimensions"])}
+    bounds = [(s["answer"], order[d]) for d, s in spans.items()]
+    out, start = [], 0
+    for end in ends:
+        inside = [k for (a, b), k in bounds if (a <= start and end <= b if end > start else a < start < b)]
+        out.append(inside[0] if inside else -1)
+        start = end
+    return out
+
+
+def token_maps(answers, taxonomy, cfg):
+    """Phase 6's token maps of B users' rollouts: the loss mask (0 on the tokens of a stated confidence
+    unless confidence_weighting=live) and, with advantage=dimension, each token's dimension (else None)."""
+    masks = [[[0 if c else 1 for c in confidence_token_mask(a.ends, a.spans)] if cfg.mask_confidence
+              else [1] * len(a.ends) for a in reads] for reads in answers]
+    dims = None
+    if cfg.advantage == "dimension":
+        dims = [[dimension_token_index(a.ends, a.spans, taxonomy) for a in reads] for reads in answers]
+    return masks, dims
+
+
+def training_batch(groups, prompts, rewards, keep, maps, cfg, dim_rewards=None):
+    """Phase 6: advantages -> the training batch: [(prompt, rows)] for every kept user, a row per rollout
+    with its tokens, sampler logprobs, loss mask and one advantage per token. rewards [B, G]; maps
+    (loss masks, token dimensions or None: token_maps); dim_rewards [B, G, D] for per-dimension credit.
+    A row is `trained` unless its advantages are all exactly 0 and beta = 0: then its loss and gradient
+    are exactly 0, so only a no-grad forward is run for it (its tokens still count in the loss
+    normaliser and the metrics)."""
+    masks, token_dims = maps
+    advantages = group_advantages(rewards, cfg.scale_rewards)                          # [B, G]
+    per_dimension = cfg.advantage == "dimension" and token_dims is not None
+    if per_dimension:
+        dim_advantages = group_advantages(dim_rewards, cfg.scale_rewards)              # [B, G, D]
+    batch = []
+    for i, samples in enumerate(groups):
+        if not keep[i]:
+            continue
+        rows = []
+        for j, s in enumerate(samples):
+            adv = (token_advantages(dim_advantages[i, j].tolist(), float(advantages[i, j]), token_dims[i][j])
+                   if per_dimension else [float(advantages[i, j])] * len(s.tokens))
+            rows.append({"tokens": s.tokens, "sampler_logp": s.logprobs, "mask": masks[i][j], "adv": adv,
+                         "trained": cfg.beta > 0 or any(a != 0.0 for a in adv)})
+        batch.append((prompts[i], rows))
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# 7. Policy update
 
 
 def clipped_surrogate(logp, old_logp, advantages, epsilon, epsilon_high):
@@ -372,158 +535,68 @@ def grpo_loss(logp, old_logp, advantages, mask, loss_type, epsilon, epsilon_high
     return loss_numerator(per_token, mask, loss_type) / normaliser
 
 
-def clip_fractions(ratio, advantages, mask, epsilon, epsilon_high):
-    """Fractions of loss tokens where the clip is active (TRL's clip_ratio/low, /high, /region):
-    low = rho < 1 - eps with A < 0, high = rho > 1 + eps_high with A > 0, region = either."""
-    mask = mask.bool()
-    a = (advantages if advantages.dim() == 2 else advantages[:, None]).expand_as(ratio)
-    low = (ratio < 1 - epsilon) & (a < 0) & mask
-    high = (ratio > 1 + epsilon_high) & (a > 0) & mask
-    n = mask.sum().clamp(min=1)
-    return {"clip_low": (low.sum() / n).item(), "clip_high": (high.sum() / n).item(),
-            "clip_region": ((low | high).sum() / n).item()}
+def policy_update(model, ref_model, optimizer, batch, cfg, lr):
+    """Phase 7: num_iterations optimizer steps on one training batch, in micro-batches. The loss of every
+    process is its share of the global batch loss (one normaliser for the whole batch; trainer.py sums
+    the gradients). When no row of any process is trained (the filter kept nothing, or every kept
+    advantage is 0 with beta = 0) the optimizer does not step: zero gradients would still move AdamW's
+    weights by its momentum. Returns (sums for the metrics, grad norm, stepped)."""
+    device = next(model.parameters()).device
+    rows = [r for _, rs in batch for r in rs]
+    local = [len(rows), sum(sum(r["mask"]) for r in rows), sum(r["trained"] for r in rows)]
+    n_seq, n_tok, n_trained = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()
+    normaliser = loss_normaliser(n_seq, n_tok, cfg.loss_type, cfg.max_new_tokens)
+    trained, frozen = (even_micro_batches(model, [(p, [r for r in rs if r["trained"] == t]) for p, rs in batch], cfg)
+                       for t in (True, False))
+    sums = new_sums(local)
+    with torch.no_grad():  # the rows with zero advantage: only their entropy and sampler gap are measured
+        for mb in frozen:
+            forward_micro(model, mb, cfg, None if mb is PADDING else sums)
+    if n_trained == 0:
+        return sums, 0.0, False
+    model.train()
+    cache, grad_norm = {}, 0.0
+    for it in range(cfg.num_iterations):
+        for k, mb in enumerate(trained):
+            surrogate_backward(model, ref_model, mb, (it, k), cache, cfg, normaliser, sums)
+        grad_norm = optimizer_step(model, optimizer, cfg, lr)
+    model.eval()
+    return sums, grad_norm, True
 
 
-def token_entropy(logits, temperature):
-    """Entropy of the sampling distribution per position: -sum_v p_v log p_v, p = softmax(logits / T)."""
-    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+def surrogate_backward(model, ref_model, mb, at, cache, cfg, normaliser, sums):
+    """Backward of grpo_loss on micro-batch k at iteration it (at = (it, k)). The first pass runs the
+    parameters that sampled: its logprobs are the ratio's "old" policy (ratio = 1 then), kept in
+    `cache` with the reference's logprobs (beta > 0) for the later passes."""
+    (it, k), device = at, next(model.parameters()).device
+    logp, mask, adv = forward_micro(model, mb, cfg, sums if it == 0 and mb is not PADDING else None)
+    if it == 0:
+        cache[k] = (logp.detach(), None)
+        if cfg.beta > 0:
+            with torch.no_grad(), autocast_for(device):
+                ref_logp, _ = completion_logprobs(ref_model, [(p, [r["tokens"] for r in rs]) for p, rs in mb],
+                                                  cfg.temperature)
+            cache[k] = (logp.detach(), ref_logp)
+    old_logp, ref_logp = cache[k]
+    loss = grpo_loss(logp, old_logp, adv, mask, cfg.loss_type, cfg.epsilon, cfg.epsilon_high, cfg.beta, ref_logp,
+                     cfg.max_new_tokens, normaliser)
+    loss.backward()
+    if mb is PADDING:  # its loss is exactly 0: only the collectives were needed
+        return
+    ratio = torch.exp(logp.detach() - old_logp)
+    for key, value in clip_fractions(ratio, adv, mask, cfg.epsilon, cfg.epsilon_high).items():
+        sums[key] += value * float(mask.sum())
+    if cfg.beta > 0:
+        sums["kl"] += float((k3_kl(logp.detach(), ref_logp) * mask).sum())
+    sums["loss"] += loss.item()
 
 
-# -----------------------------------------------------------------------------
-# Token maps: which completion tokens spell a stated confidence, which belong to which dimension.
-# Both come from confprofile.parse_answer_spans, the parser that reads the reward's inputs, so every
-# confidence the reward reads is a masked one, whatever the key's spelling.
+# =============================================================================
+# BOOKKEEPING: below this line, what a run needs around the algorithm (the packed forward, metrics,
+# the probe and dev evaluation, the run itself). Nothing below changes what a step computes.
+# =============================================================================
 
 
-def completion_char_ends(tokenizer, tokens, stop_ids):
-    """(text, ends): the completion's text as the reward reads it (common.completion_text: the final
-    stop token dropped, special tokens skipped) and, per token, the end offset of its characters in
-    that text (start = the previous token's end; a special token is zero-width, the stop token sits at
-    the end).
-
-    Fast path: decode the tokens one by one and keep the pieces if they join up to the text (the
-    usual case). Otherwise (a character split over tokens, e.g. Chinese in byte-level BPE) decode
-    growing prefixes, len(decode(ids[:i+1])), then take the running minimum from the right, so an
-    incomplete character's replacement glyphs never push later offsets past the text."""
-    ids = list(tokens)
-    if ids and ids[-1] in stop_ids:
-        ids = ids[:-1]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
-    if "".join(pieces) == text:
-        ends, n = [], 0
-        for p in pieces:
-            n += len(p)
-            ends.append(n)
-    else:
-        ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
-        for i in range(len(ends) - 1, -1, -1):
-            ends[i] = min(ends[i], ends[i + 1] if i + 1 < len(ends) else len(text))
-    return text, ends + [len(text)] * (len(tokens) - len(ids))
-
-
-def confidence_token_mask(ends, spans):
-    """Frozen confidence: True on each token that overlaps a stated confidence (the `8` of
-    `"confidence": 8`, all of `"8/10"`), the tokens `rollout_masked` cuts out of the loss. ends:
-    completion_char_ends; spans: parse_answer_spans' spans of the same text. A token holding a
-    digit together with other characters (' 8,') is masked whole: masking a little more than the
-    number is safe, missing part of it is not."""
-    conf = [s for d in spans.values() for s in d["confidence"]]
-    mask, start = [], 0
-    for end in ends:
-        mask.append(any(start < b and end > a for a, b in conf))
-        start = end
-    return mask
-
-
-def dimension_token_index(ends, spans, taxonomy):
-    """For each token, the index (taxonomy order) of the dimension whose answer it lies in, or -1.
-
-    A dimension's answer is the span the parser read for it: from its key's opening quote to the end
-    of its value (parse_answer_spans). A token belongs to dimension d iff all of its characters lie
-    inside d's answer (a zero-width token: strictly inside). Tokens that straddle two answers or an
-    answer's edge (Qwen's '}, "' or the closing '}}'), and tokens outside every answer (the opening
-    brace, a <think> block, the end-of-turn token) get -1: the advantage of the whole rollout."""
-    order = {d: i for i, d in enumerate(taxonomy["dimensions"])}
-    bounds = [(s["answer"], order[d]) for d, s in spans.items()]
-    out, start = [], 0
-    for end in ends:
-        inside = [k for (a, b), k in bounds if (a <= start and end <= b if end > start else a < start < b)]
-        out.append(inside[0] if inside else -1)
-        start = end
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Scoring one step's rollouts for Conf-Profile (parse -> quasi labels -> filter -> rewards -> token masks)
-
-
-@dataclass
-class Scored:
-    """What the trainer needs from a task: rewards [B, G], which users to train on, and per rollout
-    the 0/1 loss mask over its completion tokens. `stats` are sums/counts logged as metrics.
-    For per-dimension advantages also the rewards split by dimension [B, G, D] (their mean over D
-    is `rewards`) and per rollout each token's dimension (-1 = none)."""
-    rewards: torch.Tensor
-    keep: list
-    token_masks: list                 # [B][G] -> list[int], 1 = the token takes part in the loss
-    stats: dict = field(default_factory=dict)
-    dim_rewards: torch.Tensor = None  # [B, G, D]
-    token_dims: list = None           # [B][G] -> list[int]
-
-
-def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
-    """Conf-Profile scoring of B users' G rollouts each (groups[i][j] = rollout.Sample): parse ->
-    quasi labels -> difficulty -> rewards, and the two token maps, from one parse of one text."""
-    stop_ids = set(stop_ids_for(tokenizer))
-    dims = list(taxonomy["dimensions"])
-    keep_values, token_masks, dim_rewards, token_dims = [], [], [], []
-    stats = dict.fromkeys(["format_fail", "dim_slots", "conf_sum", "answered", "na", "no_confidence", "majority_sum",
-                           "majority_n", "difficulty_sum"], 0.0)
-    for samples, user in zip(groups, users):
-        token_ends, parsed, spans = [], [], []
-        for s in samples:
-            text, ends = completion_char_ends(tokenizer, s.tokens, stop_ids)
-            p, sp = parse_answer_spans(text, taxonomy)
-            token_ends.append(ends)
-            parsed.append(p)
-            spans.append(sp)
-        quasi = quasi_labels(parsed, taxonomy, cfg.quasi_label, cfg.na_weight)
-        frozen = stage1[user["user_id"]] if stage1 is not None else None
-        level = difficulty(quasi, len(samples), frozen if cfg.difficulty == "stage1" else None)
-        keep_values.append(None if cfg.difficulty == "off" else level)
-        dim_rewards.append([dimension_rewards(p, quasi, cfg.confidence_weighting, frozen, cfg.agreement)
-                            for p in parsed])
-        token_masks.append([[0 if c else 1 for c in confidence_token_mask(ends, sp)] if cfg.mask_confidence
-                            else [1] * len(ends) for ends, sp in zip(token_ends, spans)])
-        token_dims.append([dimension_token_index(ends, sp, taxonomy) for ends, sp in zip(token_ends, spans)])
-        for p in parsed:
-            stats["format_fail"] += not p["format_ok"]
-            stats["dim_slots"] += len(dims)
-            for d, answer in p["dims"].items():
-                if answer is None:
-                    continue
-                stats["no_confidence"] += answer["confidence"] is None
-                if answer["confidence"] is not None:
-                    stats["answered"] += 1
-                    stats["conf_sum"] += answer["confidence"]
-                    stats["na"] += answer["label"] == "NA"
-        for d in dims:  # majority ratio: the share of all G rollouts that gave the quasi label
-            if quasi[d] is not None:
-                agreeing = sum(1 for p in parsed if p["format_ok"] and (stated_answers(p)["dims"][d] or {}).get("label")
-                               == quasi[d]["label"])
-                stats["majority_sum"] += agreeing / len(samples)
-                stats["majority_n"] += 1
-        stats["difficulty_sum"] += level
-    keep, counts = difficulty_mask(keep_values, cfg.low, cfg.high)
-    stats.update(counts)
-    dim_rewards = torch.tensor(dim_rewards, dtype=torch.float64)  # [B, G, D]
-    rewards = dim_rewards.mean(dim=-1)  # r_j = (1/|D|) sum_d r_jd: rollout_reward, from the same terms
-    return Scored(rewards, keep, token_masks, stats, dim_rewards, token_dims if cfg.advantage == "dimension" else None)
-
-
-# -----------------------------------------------------------------------------
 # The trainer's side of the ratio: logprobs of the rollouts under the current policy, prompt shared
 
 
@@ -606,101 +679,12 @@ def padded(rows, width, dtype=torch.float32):
     return out
 
 
-# -----------------------------------------------------------------------------
-# One GRPO step, in phases: rollouts -> scores -> advantages -> policy update -> metrics
-
-
-def sample_groups(model, prompts, cfg, generator, stop_ids):
-    """Rollouts: G samples of each of this rank's prompts from the current policy."""
-    model.eval()
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids),
-                              cfg.max_batch_tokens)
-    return generate(model, prompts, sampling, n=cfg.num_generations, generator=generator)
-
-
-def training_batch(groups, prompts, scored, cfg):
-    """Advantages -> the training batch: [(prompt, rows)] for every kept user, a row per rollout with
-    its tokens, sampler logprobs, loss mask and one advantage per token. A row is `trained` unless its
-    advantages are all exactly 0 and beta = 0: then its loss and gradient are exactly 0, so only a
-    no-grad forward is run for it (its tokens still count in the loss normaliser and the metrics)."""
-    advantages = group_advantages(scored.rewards, cfg.scale_rewards)                   # [B, G]
-    per_dimension = cfg.advantage == "dimension" and scored.token_dims is not None
-    if per_dimension:
-        dim_advantages = group_advantages(scored.dim_rewards, cfg.scale_rewards)       # [B, G, D]
-    batch = []
-    for i, samples in enumerate(groups):
-        if not scored.keep[i]:
-            continue
-        rows = []
-        for j, s in enumerate(samples):
-            adv = (token_advantages(dim_advantages[i, j].tolist(), float(advantages[i, j]), scored.token_dims[i][j])
-                   if per_dimension else [float(advantages[i, j])] * len(s.tokens))
-            rows.append({"tokens": s.tokens, "sampler_logp": s.logprobs, "mask": scored.token_masks[i][j], "adv": adv,
-                         "trained": cfg.beta > 0 or any(a != 0.0 for a in adv)})
-        batch.append((prompts[i], rows))
-    return batch, advantages
-
-
-def policy_update(model, ref_model, optimizer, batch, cfg, lr):
-    """num_iterations optimizer steps on one training batch (micro-batches, gradients summed over
-    ranks). The loss of every rank is its share of the global batch loss (one normaliser for the whole
-    batch). When no row of any rank is trained (the filter kept nothing, or every kept advantage is 0
-    with beta = 0) the optimizer does not step: zero gradients would still move AdamW's weights by
-    its momentum. Returns (sums for the metrics, grad norm, stepped)."""
-    device = next(model.parameters()).device
-    rows = [r for _, rs in batch for r in rs]
-    local = [len(rows), sum(sum(r["mask"]) for r in rows), sum(r["trained"] for r in rows)]
-    n_seq, n_tok, n_trained = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()
-    normaliser = loss_normaliser(n_seq, n_tok, cfg.loss_type, cfg.max_new_tokens)
-    pick = lambda trained: [(p, [r for r in rs if r["trained"] == trained]) for p, rs in batch]
-    trained = micro_batches([(p, rs) for p, rs in pick(True) if rs], cfg.micro_batch_size)
-    frozen = micro_batches([(p, rs) for p, rs in pick(False) if rs], cfg.micro_batch_size)
-    sharded = is_sharded(model)
-    if sharded:  # every sharded forward and backward is a collective: all ranks run as many
-        trained, frozen = pad_micro_batches(trained, device), pad_micro_batches(frozen, device)
+def new_sums(local):
+    """The step's metric sums, with this process's (sequences, loss tokens, trained sequences)."""
     sums = dict.fromkeys(["loss", "entropy", "kl", "clip_low", "clip_high", "clip_region", "lp_diff", "lp_tokens",
                           "lp_diff_max", "forward_tokens"], 0.0)
     sums.update(zip(("seqs", "loss_tokens", "trained_seqs"), local))  # this rank's: the metrics sum over ranks
-    with torch.no_grad():  # the rows with zero advantage: only their entropy and sampler gap are measured
-        for mb in frozen:
-            _forward_micro(model, mb, cfg, None if mb is PADDING else sums)
-    if n_trained == 0:
-        return sums, 0.0, False
-    model.train()
-    old_logps, ref_logps, grad_norm = {}, {}, 0.0
-    for it in range(cfg.num_iterations):
-        for k, mb in enumerate(trained):
-            logp, mask, adv = _forward_micro(model, mb, cfg, sums if it == 0 and mb is not PADDING else None)
-            if it == 0:  # same parameters as the sampler: this is the ratio's "old" policy (ratio = 1 now)
-                old_logps[k] = logp.detach()
-                if cfg.beta > 0:
-                    with torch.no_grad(), autocast_for(device):
-                        ref_logps[k], _ = completion_logprobs(ref_model, [(p, [r["tokens"] for r in rs])
-                                                                          for p, rs in mb], cfg.temperature)
-            loss = grpo_loss(logp, old_logps[k], adv, mask, cfg.loss_type, cfg.epsilon, cfg.epsilon_high,
-                             cfg.beta, ref_logps.get(k), cfg.max_new_tokens, normaliser)
-            loss.backward()
-            if mb is PADDING:  # its loss is exactly 0: only the collectives were needed
-                continue
-            ratio = torch.exp(logp.detach() - old_logps[k])
-            for key, value in clip_fractions(ratio, adv, mask, cfg.epsilon, cfg.epsilon_high).items():
-                sums[key] += value * float(mask.sum())
-            if cfg.beta > 0:
-                sums["kl"] += float((k3_kl(logp.detach(), ref_logps[k]) * mask).sum())
-            sums["loss"] += loss.item()
-        params = [p for p in model.parameters() if p.requires_grad]  # sharded: the shards, now that backward is done
-        for p in params:  # each rank's loss is its share of the global loss: SUM the gradients
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if not sharded:  # FSDP has summed them in backward (common.shard_model)
-                all_reduce_sum(p.grad)
-        grad_norm = clip_gradients(params, cfg.grad_clip)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    return sums, grad_norm, True
+    return sums
 
 
 # A micro-batch that trains nothing: one token of a one-token prompt, outside the loss (mask 0). A rank
@@ -708,14 +692,15 @@ def policy_update(model, ref_model, optimizer, batch, cfg, lr):
 PADDING = [([0], [{"tokens": [0], "sampler_logp": [0.0], "mask": [0], "adv": [0.0], "trained": True}])]
 
 
-def pad_micro_batches(batches, device):
-    """`batches` + PADDING up to the largest number of micro-batches on any rank."""
-    n = torch.tensor([len(batches)], device=device)
-    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-    return batches + [PADDING] * (int(n) - len(batches))
+def even_micro_batches(model, groups, cfg):
+    """micro_batches of the groups that have rows; sharded, padded to the same count on every rank."""
+    batches = micro_batches([(p, rs) for p, rs in groups if rs], cfg.micro_batch_size)
+    if is_sharded(model):  # every sharded forward and backward is a collective: all ranks run as many
+        batches = pad_micro_batches(batches, PADDING, next(model.parameters()).device)
+    return batches
 
 
-def _forward_micro(model, mb, cfg, sums):
+def forward_micro(model, mb, cfg, sums):
     """Teacher-forced logprobs of one micro-batch [(prompt, rows)] -> (logp, loss mask, advantages),
     each [N, C]. With `sums`, also adds this forward's entropy, sampler-vs-trainer logprob gap and
     token counts to them (the first pass: the policy that sampled)."""
@@ -737,7 +722,29 @@ def _forward_micro(model, mb, cfg, sums):
     return logp, mask, adv
 
 
-def step_metrics(groups, scored, sums, grad_norm, stepped, lr, cfg, t_rollout, t_train, device):
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def clip_fractions(ratio, advantages, mask, epsilon, epsilon_high):
+    """Fractions of loss tokens where the clip is active (TRL's clip_ratio/low, /high, /region):
+    low = rho < 1 - eps with A < 0, high = rho > 1 + eps_high with A > 0, region = either."""
+    mask = mask.bool()
+    a = (advantages if advantages.dim() == 2 else advantages[:, None]).expand_as(ratio)
+    low = (ratio < 1 - epsilon) & (a < 0) & mask
+    high = (ratio > 1 + epsilon_high) & (a > 0) & mask
+    n = mask.sum().clamp(min=1)
+    return {"clip_low": (low.sum() / n).item(), "clip_high": (high.sum() / n).item(),
+            "clip_region": ((low | high).sum() / n).item()}
+
+
+def token_entropy(logits, temperature):
+    """Entropy of the sampling distribution per position: -sum_v p_v log p_v, p = softmax(logits / T)."""
+    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def step_metrics(groups, rewards, keep, stats, sums, grad_norm, stepped, lr, cfg, t_rollout, t_train, device):
     """One step's metrics, summed over ranks then normalised. Definitions (TRL's where TRL has one):
     reward_mean / reward_std over all rollouts; zero_var_frac: groups whose rewards are all equal
     (flat_groups); loss: the batch loss, mean over the num_iterations optimizer steps; entropy: mean
@@ -747,15 +754,15 @@ def step_metrics(groups, scored, sums, grad_norm, stepped, lr, cfg, t_rollout, t
     confidence of the answered dimensions), na_rate, no_confidence (dimensions answered without a
     confidence), majority_ratio (share of the G rollouts that gave the quasi label), difficulty,
     kept / too_easy / too_hard: the Conf-Profile scores of all rollouts of the step."""
-    flat_rewards = scored.rewards.flatten()
+    flat_rewards = rewards.flatten()
     lengths = [len(s.tokens) for g in groups for s in g]
-    flat = flat_groups(scored.rewards).flatten().tolist()
+    flat = flat_groups(rewards).flatten().tolist()
     local = {
         "rollouts_n": len(lengths), "users": len(groups), "reward_sum": float(flat_rewards.sum()),
         "reward_sq": float((flat_rewards ** 2).sum()), "zero_var_groups": sum(flat),
-        "zero_var_kept": sum(f for f, k in zip(flat, scored.keep) if k), "kept_users": sum(scored.keep),
+        "zero_var_kept": sum(f for f, k in zip(flat, keep) if k), "kept_users": sum(keep),
         "len_sum": sum(lengths), "truncated": sum(s.finish_reason == "length" for g in groups for s in g),
-        **{k: v for k, v in sums.items() if k != "lp_diff_max"}, **scored.stats,
+        **{k: v for k, v in sums.items() if k != "lp_diff_max"}, **stats,
     }
     keys = sorted(local)
     t = dict(zip(keys, all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64,
@@ -779,7 +786,7 @@ def step_metrics(groups, scored, sums, grad_norm, stepped, lr, cfg, t_rollout, t
         "train_tok_s": t["forward_tokens"] / max(t_train, 1e-9),
         "zero_var_kept_frac": t["zero_var_kept"] / max(t["kept_users"], 1),
     }
-    if "format_fail" in t:  # the Conf-Profile task's own statistics (score_profiles)
+    if "format_fail" in t:  # the Conf-Profile statistics (profile_stats)
         metrics.update({
             "too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]), "format_fail": t["format_fail"] / n,
             "confidence": t["conf_sum"] / max(t["answered"], 1), "na_rate": t["na"] / max(t["answered"], 1),
@@ -792,108 +799,72 @@ def step_metrics(groups, scored, sums, grad_norm, stepped, lr, cfg, t_rollout, t
     return metrics
 
 
-def grpo_step(model, ref_model, optimizer, prompts, score, cfg, generator, stop_ids, lr):
-    """One GRPO step on this rank's prompts: rollouts -> scores (`score(groups) -> Scored`) ->
-    advantages and the training batch -> policy update -> metrics (global over ranks)."""
-    t0 = time.time()
-    with full_parameters(model):  # sharded: gathered once, so the ranks decode on their own
-        groups = sample_groups(model, prompts, cfg, generator, stop_ids)
-    t_rollout = time.time() - t0
-    scored = score(groups)
-    batch, _ = training_batch(groups, prompts, scored, cfg)
-    t1 = time.time()
-    sums, grad_norm, stepped = policy_update(model, ref_model, optimizer, batch, cfg, lr)
-    return step_metrics(groups, scored, sums, grad_norm, stepped, lr, cfg, t_rollout, time.time() - t1,
-                        next(model.parameters()).device)
+def profile_stats(answers, quasi, levels, counts, taxonomy):
+    """The Conf-Profile statistics of one step's rollouts, as sums (step_metrics adds them over ranks):
+    format failures, stated confidences, NA answers, answers without a confidence, the majority ratio
+    (the share of all G rollouts that gave the quasi label), difficulty, kept / too easy / too hard."""
+    dims = list(taxonomy["dimensions"])
+    stats = dict.fromkeys(["format_fail", "dim_slots", "conf_sum", "answered", "na", "no_confidence", "majority_sum",
+                           "majority_n", "difficulty_sum"], 0.0)
+    for reads, q, level in zip(answers, quasi, levels):
+        parsed = [a.parsed for a in reads]
+        for p in parsed:
+            stats["format_fail"] += not p["format_ok"]
+            stats["dim_slots"] += len(dims)
+            for answer in p["dims"].values():
+                if answer is None:
+                    continue
+                stats["no_confidence"] += answer["confidence"] is None
+                if answer["confidence"] is not None:
+                    stats["answered"] += 1
+                    stats["conf_sum"] += answer["confidence"]
+                    stats["na"] += answer["label"] == "NA"
+        for d in dims:
+            if q[d] is not None:
+                agreeing = sum(1 for p in parsed if p["format_ok"]
+                               and (stated_answers(p)["dims"][d] or {}).get("label") == q[d]["label"])
+                stats["majority_sum"] += agreeing / len(parsed)
+                stats["majority_n"] += 1
+        stats["difficulty_sum"] += level
+    return {**stats, **counts}
+
+
+SHORT = {"reward_mean": "r", "reward_std": "r_sd", "zero_var_frac": "0var", "kept": "kept", "format_fail": "fmt_fail",
+         "confidence": "conf", "na_rate": "na", "majority_ratio": "maj", "probe_agreement": "probe",
+         "completion_len": "len", "entropy": "H", "kl": "kl", "clip_region": "clip", "grad_norm": "|g|",
+         "lp_diff_max": "lp_gap", "rollout_s": "t_roll", "train_s": "t_train", "dev_avg_f1": "dev_f1",
+         "dev_confidence": "dev_conf"}  # the progress bar's names
 
 
 # -----------------------------------------------------------------------------
-# The loop
+# The run: config, data, measures
 
 
-def step_seed(seed, step, rank):
-    """Rollout randomness is a pure function of (seed, step, rank): a resumed run samples what the
-    uninterrupted one would have, and each rank samples differently."""
-    return (seed * 1_000_003 + step * 9_973 + rank * 101) % (2 ** 63)
+@dataclass
+class RLConfig(TrainingConfig, RLKeys):
+    WHERE = "rl config"
+    lr: float = default("lr", 1e-5)
+    warmup_steps: int = default("warmup_steps", 0)
+    adam_beta2: float = default("adam_beta2", 0.99)
+    lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters on lora_targets, the base frozen (and, with beta > 0, "
+                         "the KL reference: no second copy of the weights); 0 = full fine-tuning", min=0)
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input in training (> 0: the trainer's logprobs are no "
+                              "longer the sampler's)", min=0, lt=1)
+    parallel: str = opt("ddp", "under torchrun: ddp (each process a full copy, gradients all-reduced) or fsdp "
+                        "(FSDP2: parameters, gradients, AdamW moments and the KL reference sharded over the "
+                        "processes)", choices=PARALLEL)
+    save_every: int = opt(0, "steps between resumable checkpoints (0 = only the final model)", min=0)
+    stop_after_steps: int = opt(0, "leave after this many steps without saving, as if killed (the resume test)", min=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.low > self.high:
+            raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected low <= high")
 
 
-def train(cfg, model, next_batch, stop_ids, rank=0, world_size=1, ref_model=None, dev_eval=None, probe=None,
-          made_by=None):
-    """GRPO steps from the saved state (with cfg.resume) to cfg.max_steps.
-
-    next_batch(step) -> (prompts: this rank's list of token-id prompts, score: groups -> Scored).
-    dev_eval(model) -> dict of dev metrics (rank 0 only; may be None); probe(model) -> {"probe_agreement"}
-    every probe_every steps (rank 0 only; may be None). Every step appends one line to
-    output_dir/metrics.jsonl; every save_every steps the model, optimizer, step and RNG states go to
-    output_dir/train_state atomically, with `made_by` (common.run_record: what produced the run). Returns
-    the number of steps done."""
-
-
-    device = next(model.parameters()).device
-    main_process = rank == 0
-    optimizer = build_optimizer(model, cfg)
-    state_dir = os.path.join(cfg.output_dir, "train_state")
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    start = 0
-    if cfg.resume:
-        start, _ = load_training_state(state_dir, model, optimizer)
-    log = None
-    if main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        log = open_metrics(metrics_path, start)  # a resumed run drops the lines of steps after its checkpoint
-    if start == 0 and cfg.eval_every and cfg.dev_data:  # every rank decides alike: a sharded model gathers
-        with full_parameters(model):
-            if main_process and dev_eval is not None:
-                record = {"step": 0, **dev_eval(model)}
-                append_jsonl(log, record)
-                print(f"step 0 (the starting policy): {fmt_metrics(record)}", flush=True)
-    barrier()
-    bar = Progress(cfg.max_steps, "grpo", "step", initial=start, disable=not main_process)
-    step = start
-    for step in range(start, cfg.max_steps):
-        if cfg.stop_after_steps and step - start >= cfg.stop_after_steps:
-            break  # as if killed: no save
-        prompts, score = next_batch(step)
-        generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank))
-        metrics = grpo_step(model, ref_model, optimizer, prompts, score, cfg, generator, stop_ids, lr_at(step, cfg))
-        done = step + 1
-        record = {"step": done, **metrics}
-        # every rank decides from the config alone (the measures exist on rank 0 only), so all meet at the barrier
-        for every, measure in ((cfg.eval_every if cfg.dev_data else 0, dev_eval),
-                               (cfg.probe_every if cfg.probe_size else 0, probe)):
-            if every and (done % every == 0 or done == cfg.max_steps):
-                with full_parameters(model):
-                    if main_process and measure is not None:
-                        record.update(measure(model))
-                barrier()
-        if main_process:
-            append_jsonl(log, record)
-            bar.set_postfix_str(fmt_metrics(record))
-            bar.update(1)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:  # every rank: sharded, each its part
-            save_training_state(state_dir, model, optimizer, done, {}, made_by)
-            barrier()
-    else:
-        step = cfg.max_steps
-    bar.close()
-    if log is not None:
-        log.close()
-    return step
-
-
-def fmt_metrics(record):
-    """The one-line summary of a step for the progress bar."""
-    short = {"reward_mean": "r", "reward_std": "r_sd", "zero_var_frac": "0var", "kept": "kept",
-             "format_fail": "fmt_fail", "confidence": "conf", "na_rate": "na", "majority_ratio": "maj",
-             "probe_agreement": "probe", "completion_len": "len",
-             "entropy": "H", "kl": "kl", "clip_region": "clip", "grad_norm": "|g|", "lp_diff_max": "lp_gap",
-             "rollout_s": "t_roll", "train_s": "t_train", "dev_avg_f1": "dev_f1", "dev_confidence": "dev_conf"}
-    return " ".join(f"{name}={record[k]:.3g}" if isinstance(record[k], float) else f"{name}={record[k]}"
-                    for k, name in short.items() if k in record)
-
-
-# -----------------------------------------------------------------------------
-# Conf-Profile data: unlabelled users, frozen Stage-1 confidence, a labelled dev slice
+# Keys that may change on --resume (checkpoint.check_output_dir): evaluation, saving, stopping and placement only.
+RESUME_MAY_CHANGE = TRAINER_MAY_CHANGE + ("dev_data", "dev_size", "eval_max_new_tokens", "probe_size", "probe_every")
+PATH_KEYS = ("model", "data", "stage1", "taxonomy", "output_dir", "dev_data")  # compared as absolute paths
 
 
 def read_stage1(path, taxonomy):
@@ -940,112 +911,97 @@ def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_to
             "dev_mean_confidence": metrics["mean_confidence"], "dev_format_fail": failures}
 
 
-def run(cfg, rank, world_size, device, made_by=None):
+def gathered(env, every, last, measure, at_start=False):
+    """A measure for trainer.train: every `every` steps and at the last one (and at step 0 with
+    at_start), rank 0 runs measure(model) with the full parameters while the others wait."""
+    def run_measure(model, done):
+        if not every or not (done % every == 0 or done == last) or (done == 0 and not at_start):
+            return {}
+        with full_parameters(model):
+            out = measure(model) if env.main else {}
+        barrier()
+        return out
+    return run_measure
 
-    main_process = rank == 0
-    torch.manual_seed(cfg.seed)
+
+def measures(cfg, env, task, users, model):
+    """The dev evaluation (greedy, labelled users; also of the starting policy) and the probe (greedy
+    answers of the first training users against the starting checkpoint's, taken here, before training)."""
+    eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    dev_eval = probe = None
+    if cfg.dev_data and env.main:
+        dev_users = read_users(cfg.dev_data, require_labels=True, taxonomy=task.taxonomy)[: cfg.dev_size]
+        dev_prompts = [task.prompt(u) for u in dev_users]
+        dev_eval = lambda m: greedy_eval(m, task.tokenizer, dev_users, dev_prompts, task.taxonomy,  # noqa: E731
+                                         task.stop_ids, eval_tokens)
+    if cfg.probe_size and env.main:
+        probe_prompts = [task.prompt(u) for u in users[: cfg.probe_size]]
+        reference = greedy_answers(model, task.tokenizer, probe_prompts, task.taxonomy, task.stop_ids, eval_tokens)
+        probe = lambda m: {"probe_agreement": label_agreement(greedy_answers(  # noqa: E731
+            m, task.tokenizer, probe_prompts, task.taxonomy, task.stop_ids, eval_tokens), reference)}
+    return [gathered(env, cfg.eval_every if cfg.dev_data else 0, cfg.max_steps, dev_eval, at_start=True),
+            gathered(env, cfg.probe_every if cfg.probe_size else 0, cfg.max_steps, probe)]
+
+
+def load_task(cfg, env):
+    """The taxonomy, tokenizer and users of a run, and the Stage-1 confidences when an option reads them
+    (users without one are left out: Stage 1 left out users no teacher answer parsed)."""
     taxonomy = load_taxonomy(cfg.taxonomy or None)
     tokenizer = load_tokenizer(cfg.model)
-    stop_ids = stop_ids_for(tokenizer)
     users = read_users(cfg.data, taxonomy=taxonomy)
     stage1 = None
     if "stage1" in (cfg.difficulty, cfg.confidence_weighting):
         stage1 = read_stage1(cfg.stage1, taxonomy)
         missing = len(users)
-        users = [u for u in users if u["user_id"] in stage1]  # Stage 1 left out users no teacher answer parsed
+        users = [u for u in users if u["user_id"] in stage1]
         missing -= len(users)
-        if main_process and missing:
+        if env.main and missing:
             print(f"{cfg.stage1}: {missing} users of {cfg.data} have no Stage-1 confidence; left out", flush=True)
     if len(users) < cfg.batch_size:
         raise ValueError(f"{cfg.data}: {len(users)} users; expected at least batch_size={cfg.batch_size}")
-    prompt_cache = {}
+    if env.main:
+        print(f"data: {len(users)} users, {cfg.batch_size} x {cfg.num_generations} rollouts per step", flush=True)
+    return Task(tokenizer, taxonomy, stop_ids_for(tokenizer), stage1, cfg.chat_template_kwargs), users
 
-    def prompt_ids(user):
-        if user["user_id"] not in prompt_cache:
-            prompt_cache[user["user_id"]] = chat_prompt_ids(tokenizer, render_prompt(user, taxonomy), **cfg.chat_template_kwargs)
-        return prompt_cache[user["user_id"]]
 
-    steps_per_epoch = len(users) // cfg.batch_size
+def users_of_step(users, step, cfg, env):
+    """This process's users of 0-based `step`: the data order is a pure function of (seed, epoch), so the
+    step number is the data position."""
+    epoch, k = divmod(step, len(users) // cfg.batch_size)
+    order = torch.randperm(len(users), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
+    return [users[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size][env.rank::env.world_size]]
 
-    def next_batch(step):
-        """The data order is a pure function of (seed, epoch): the step number is the data position."""
-        epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(users), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-        mine = [users[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size][rank::world_size]]
-        return [prompt_ids(u) for u in mine], lambda groups: score_profiles(groups, mine, taxonomy, tokenizer, cfg, stage1)
 
-    dev_eval = None
-    if cfg.dev_data and main_process:
-        dev_users = read_users(cfg.dev_data, require_labels=True, taxonomy=taxonomy)[: cfg.dev_size]
-        dev_prompts = [prompt_ids(u) for u in dev_users]
-        eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
-        dev_eval = lambda m: greedy_eval(m, tokenizer, dev_users, dev_prompts, taxonomy, stop_ids, eval_tokens)
+def run(cfg, env, made_by=None):
+    """Stage 2 on cfg.data from cfg.model; the final checkpoint goes to cfg.output_dir."""
+    torch.manual_seed(cfg.seed)
+    task, users = load_task(cfg, env)
+    model = build_policy(cfg, env.device)
+    ref_model = build_reference(cfg, model, env.device) if cfg.beta > 0 else None  # beta = 0: none loaded
+    watch = measures(cfg, env, task, users, model)
+    shard(cfg, env, model, ref_model)
+    announce(cfg, env, model, "rl_config.json", made_by)
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = load_model(cfg.model, dtype=dtype, device=device)
-    if cfg.lora_rank:  # the base frozen; the optimizer and the training state see the adapters only
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    ref_model = None
-    if cfg.beta > 0:  # the KL reference is the starting checkpoint, frozen; not loaded at all when beta = 0
-        # LoRA: the policy's own base with its adapters off IS the starting checkpoint: no second copy
-        ref_model = (AdaptersOff(model) if cfg.lora_rank
-                     else load_model(cfg.model, dtype=dtype, device=device).requires_grad_(False))
-    probe = None
-    if cfg.probe_size and main_process:  # the reference: the starting checkpoint's greedy answers
-        probe_prompts = [prompt_ids(u) for u in users[: cfg.probe_size]]
-        probe_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
-        reference = greedy_answers(model, tokenizer, probe_prompts, taxonomy, stop_ids, probe_tokens)
-        probe = lambda m: {"probe_agreement": label_agreement(
-            greedy_answers(m, tokenizer, probe_prompts, taxonomy, stop_ids, probe_tokens), reference)}
-    if cfg.parallel == "fsdp" and world_size > 1:
-        shard_model(model, device)
-        if ref_model is not None:
-            shard_model(ref_model, device)
-    if main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, cfg.output_dir, name="rl_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
-        print("config: " + json.dumps(dataclasses.asdict(cfg), ensure_ascii=False), flush=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        trained = f", {n_trained / 1e6:.2f}M trained" if n_trained < n_params else ""
-        print(f"model: {cfg.model} ({n_params / 1e6:.2f}M parameters{trained}, {cfg.dtype}) on {device}; {len(users)} users, "
-              f"{cfg.batch_size} x {cfg.num_generations} rollouts per step, {world_size} process(es)", flush=True)
+    def step(model, optimizer, index, lr, generator):
+        return grpo_step(model, ref_model, optimizer, users_of_step(users, index, cfg, env), task, cfg, generator, lr)
     t0 = time.time()
-    done = train(cfg, model, next_batch, stop_ids, rank, world_size, ref_model, dev_eval, probe, made_by)
-    if done < cfg.max_steps:
-        if main_process:
-            print(f"stopped after step {done} of {cfg.max_steps} (stop_after_steps); resume with --resume", flush=True)
-        return None
-    weights = full_state_dict(model, rank) if is_sharded(model) else None  # every rank: the shards are all-gathered
-    if main_process:
-        save_model(model, cfg.output_dir, tokenizer_dir=cfg.model, state=weights)  # LoRA: merged into the base weights
-        if cfg.lora_rank and cfg.lora_save_adapter:
-            save_adapter(model, os.path.join(cfg.output_dir, "adapter"), base_model=os.path.abspath(cfg.model))
-        shutil.rmtree(os.path.join(cfg.output_dir, "train_state"), ignore_errors=True)  # finished: 3x the model, dead weight
-        print(f"saved the final checkpoint to {cfg.output_dir} ({time.time() - t0:.0f}s of RL); training curves: "
-              f"{draw_training_curves(cfg.output_dir)}", flush=True)
-    barrier()
-    return cfg.output_dir
+    done = train(cfg, model, step, cfg.max_steps, watch, env, made_by, short=SHORT, name="grpo")
+    return finish(cfg, env, model, done, cfg.max_steps, t0)
 
 
 def main(argv=None):
-    cfg, rank, world_size, _, device = setup_run(RLConfig, argv, DEFAULT_CONFIG, "rl.py", __doc__.strip().split("\n\n")[0])
+    cfg, env = start(RLConfig, argv, DEFAULT_CONFIG, "rl.py", __doc__)
     try:
-        if cfg.batch_size % world_size:
-            raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes {world_size}")
+        if cfg.batch_size % env.world_size:
+            raise ConfigError(f"batch_size {cfg.batch_size}: expected a multiple of the number of processes "
+                              f"{env.world_size}")
         uses_stage1 = "stage1" in (cfg.difficulty, cfg.confidence_weighting)
-        made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "stage1": cfg.stage1 if uses_stage1 else "",
-                                             "taxonomy": cfg.taxonomy or DEFAULT_TAXONOMY})
-        made_by["layout"] = {"parallel": cfg.parallel, "world_size": world_size}
-        check_output_dir(cfg, made_by, RESUME_MAY_CHANGE, rank)
-        return run(cfg, rank, world_size, device, made_by)
+        inputs = {"data": cfg.data, "stage1": cfg.stage1 if uses_stage1 else "",
+                  "taxonomy": cfg.taxonomy or DEFAULT_TAXONOMY}
+        return run(cfg, env, guard_output_dir(cfg, env, PATH_KEYS, inputs, RESUME_MAY_CHANGE))
     finally:
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"rl.py: error: {e}")
+    run_cli(main, "rl.py")

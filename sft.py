@@ -30,35 +30,31 @@ What it does, and why:
 * `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
   BPE tokenizer trained on the corpus, a ChatML chat template, a tiny from-scratch Qwen3.
 * `parallel: fsdp` shards parameters, gradients and AdamW moments over the processes (FSDP2, per
-  decoder layer; common.shard_model), summing gradients like DDP; the resumable state is one file set
+  decoder layer; common.shard_model), summing gradients like one process; the resumable state is one file set
   per rank, the final checkpoint the same merged HF directory (docs/fsdp.md).
 * `dtype: bfloat16` (big models on one GPU) keeps weights, grads and AdamW moments in bf16 and writes
-  each update back with stochastic rounding (common.AdamWBF16); float32 is plain torch AdamW.
-* `lora_rank: r > 0` trains LoRA adapters instead (model.LoRALinear: y = W x + (alpha / r) B A x on
-  `lora_targets`), the base frozen: the optimizer and the resumable state hold the adapters only, and
+  each update back with stochastic rounding (trainer.AdamWBF16); float32 is plain torch AdamW.
+* `lora_rank: r > 0` trains LoRA adapters instead (model.LoRALinear: y = W x + b + (alpha / r) B A dropout(x)
+  on `lora_targets`, dropout = `lora_dropout` in training only), the base frozen: the optimizer and the resumable state hold the adapters only, and
   the final checkpoint has them merged into the base weights (`lora_save_adapter`: also alone); one
   process or `parallel: ddp` only (with `fsdp` the config is refused).
 """
-import contextlib
 import json
 import math
 import os
 import random
-import shutil
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from common import (DEVICE, PARALLEL, ConfigError, Progress, all_reduce_sum, append_jsonl, autocast_for, barrier,
-                    build_optimizer, check_fields, check_output_dir, cleanup_distributed, clip_gradients,
-                    full_state_dict, iter_jsonl, load_tokenizer, load_training_state, lr_at, neutralize_messages,
-                    open_metrics, opt, run_record, save_config, save_training_state, setup_run, shard_model,
-                    stop_ids_for, unwrap)
-from model import LORA_TARGETS, ModelArgs, Transformer, add_lora, init_weights, load_model, save_adapter, save_model
-from plots import draw_training_curves
+from common import (PARALLEL, ConfigError, all_reduce_sum, barrier, cleanup_distributed, is_sharded, iter_jsonl,
+                    load_tokenizer, neutralize_messages, opt, run_cli, stop_ids_for)
+from model import ModelArgs, Transformer, init_weights, save_model
+from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
+from trainer import (TrainingConfig, announce, autocast_for, build_policy, finish, guard_output_dir, optimizer_step,
+                     shard, start, train)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -72,8 +68,8 @@ CHATML_TEMPLATE = (
 
 
 @dataclass
-class SFTConfig:
-    # what to train on what
+class SFTKeys:
+    """What SFT trains on what: the keys of its own (TrainingConfig adds the optimiser and runtime ones)."""
     model: str = opt("runs/demo/student_init", "HF checkpoint dir of the student (built here first with --init-student)",
                      nonempty=True)
     data: str = opt("runs/demo/sft.jsonl", "SFT records from calibrate.py: {user_id, messages: [system, user, "
@@ -94,56 +90,32 @@ class SFTConfig:
     student_kv_heads: int = opt(2, "demo student: key/value heads (grouped-query attention)", min=1)
     student_head_dim: int = opt(64, "demo student: head dimension", min=1)
     student_intermediate: int = opt(768, "demo student: MLP intermediate size", min=1)
-    # optimisation
+    # batches
     max_steps: int = opt(0, "optimizer steps; > 0 overrides epochs", min=0)
     epochs: float = opt(1.0, "passes over the training records (when max_steps is 0)", min=0)
-    lr: float = opt(1e-3, "peak learning rate", min=0)
-    warmup_steps: int = opt(20, "linear warmup steps", min=0)
-    min_lr_ratio: float = opt(0.1, "the cosine decays to lr * min_lr_ratio at the last step", min=0, max=1)
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", min=0)
-    adam_beta1: float = opt(0.9, "AdamW beta1", min=0, lt=1)
-    adam_beta2: float = opt(0.95, "AdamW beta2", min=0, lt=1)
-    grad_clip: float = opt(1.0, "max global gradient norm; 0 = off", min=0)
     batch_size: int = opt(32, "chats per optimizer step, all processes together", min=1)
     grad_accum: int = opt(1, "micro-batches per process per step (gradient accumulation)", min=1)
     max_len: int = opt(1024, "longer records are left out (and counted)", min=2)
     length_group: int = opt(16, "sort by length within windows of this many batches (less padding)", min=1)
     seed: int = opt(0, "data order, held-out split and the demo student's init", min=0)
-    # LoRA
+
+
+@dataclass
+class SFTConfig(TrainingConfig, SFTKeys):
+    WHERE = "sft config"
     lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters on lora_targets, the base frozen; 0 = full "
                          "fine-tuning", min=0)
-    lora_alpha: float = opt(16.0, "LoRA alpha: the adapters add (alpha / r) * B A x", gt=0)
     lora_dropout: float = opt(0.0, "dropout on the adapters' input in training", min=0, lt=1)
-    lora_targets: list = opt(list(LORA_TARGETS), "the Linear layers of every block that get adapters",
-                             choices=LORA_TARGETS, nonempty=True)
-    lora_save_adapter: bool = opt(False, "also write the adapters alone to output_dir/adapter (PEFT's file format); "
-                                  "output_dir itself always holds the merged checkpoint")
-    # runtime
-    dtype: str = opt("float32", "parameter dtype: bfloat16 keeps weights, grads and AdamW moments in bf16 (big models, "
-                     "CUDA); with LoRA the base is in this dtype and the adapters float32", choices=("float32", "bfloat16"))
-    device: str = opt("auto", "auto = cuda if available, else cpu", **DEVICE)
     parallel: str = opt("ddp", "under torchrun: ddp (each process a full copy, gradients all-reduced) or fsdp "
                         "(FSDP2: parameters, gradients and AdamW moments sharded over the processes)", choices=PARALLEL)
-    gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, slower")
     eval_every: int = opt(50, "steps between held-out evals (0 = only at the end)", min=0)
     save_every: int = opt(100, "steps between resumable checkpoints (0 = never)", min=0)
     log_every: int = opt(1, "steps between metrics lines", min=1)
-    resume: bool = opt(False, "continue from output_dir/train_state (made with the same settings)")
-    force_resume: bool = opt(False, "resume even though settings or data changed (they are named)")
     stop_after_steps: int = opt(0, "leave after this many steps without saving, as if killed (time-sliced jobs, "
                                 "the resume test)", min=0)
 
-    def __post_init__(self):
-        check_fields(self, "sft config")
-        if self.lora_rank and self.parallel == "fsdp":  # LoRA under fully_shard is not implemented (docs/fsdp.md)
-            raise ConfigError(f"sft config: lora_rank={self.lora_rank}, parallel=fsdp: expected parallel ddp with LoRA "
-                              "(LoRA with FSDP is not supported; docs/fsdp.md)")
 
-
-# Keys that may change on --resume: they decide how a run is watched, saved, stopped or placed, not
-# what it computes (a new device is not bit-exact, but moving a run to another machine is legitimate).
-RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "log_every", "device",
-                     "gradient_checkpointing", "output_dir")
+RESUME_MAY_CHANGE = TRAINER_MAY_CHANGE + ("log_every",)
 PATH_KEYS = ("model", "data", "eval_data", "output_dir")  # compared as absolute paths
 
 
@@ -255,6 +227,7 @@ def assistant_mask(tokenizer, messages, **template_kwargs):
     <think></think> block -- is trained, exactly as the model must generate it after that prompt).
     Tokens after the end-of-turn token (the template's trailing newline) are never generated: no loss.
     Returns (input_ids, loss_mask), two lists of the same length.
+    Oracle: the fast path (encode_chats, which training runs) is tested against this.
     """
     prompt, full = render_chat(tokenizer, messages, **template_kwargs)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -356,7 +329,8 @@ def pad_batch(sequences, masks, pad_id, device):
 
 def masked_nll_sum(logits, input_ids, loss_mask):
     """Sum of -log p(x_t | x_<t) over targets t with loss_mask[t] = 1, and their count.
-    Logits at position t-1 predict token t; only the masked rows are pushed through the softmax."""
+    Logits at position t-1 predict token t; only the masked rows are pushed through the softmax.
+    Oracle: the fast path (answer_nll_sum, which training runs) is tested against this."""
     target_mask = loss_mask[:, 1:]
     picked = logits[:, :-1][target_mask]                     # [N, V]
     targets = input_ids[:, 1:][target_mask]                  # [N]
@@ -403,13 +377,6 @@ def evaluate_loss(model, examples, micro_size, pad_id, device, rank, world_size,
     return (total[0] / total[1]).item()
 
 
-def parameter_counts(model):
-    """"1.23M parameters" or, when some are frozen (LoRA), "1.23M parameters, 0.05M trained"."""
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"{total / 1e6:.2f}M parameters" + (f", {trained / 1e6:.2f}M trained" if trained < total else "")
-
-
 def prepare_student(cfg, rank):
     """init_student: build the demo student at cfg.model unless a checkpoint is already there.
     Only rank 0 looks and builds; every rank then meets at the barrier (a rank that looked itself could
@@ -433,13 +400,50 @@ def check_config(cfg, world_size):
         raise ConfigError("max_steps or epochs: expected one of them > 0")
 
 
-def train(cfg, rank, world_size, local_rank, device, made_by=None):
-    main_process = rank == 0
-    torch.manual_seed(cfg.seed)
-    prepare_student(cfg, rank)
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+# -----------------------------------------------------------------------------
+# The SFT step
 
+
+def sft_step(model, optimizer, micro_batches, n_targets, cfg, lr):
+    """One optimizer step on this process's micro-batches [(input_ids, loss_mask)] of a global batch.
+    Every token's loss is divided by n_targets, the answer-token count of the whole global batch, so the
+    gradients summed over micro-batches and processes (trainer.optimizer_step) are those of the global
+    token mean. Returns (this process's NLL sum, the gradient norm)."""
+    nll_sum = 0.0
+    for ids, lm in micro_batches:
+        nll, _ = answer_nll_sum(model, ids, lm)
+        (nll * (1 / n_targets)).backward()
+        nll_sum += nll.item()
+    return nll_sum, optimizer_step(model, optimizer, cfg, lr)
+
+
+# -----------------------------------------------------------------------------
+# The run: data, the step's batch and metrics, the held-out measure
+
+
+@dataclass
+class SFTData:
+    """The encoded chats of a run and its schedule: examples [(input_ids, loss_mask)], their lengths and
+    predicted answer tokens, the held-out examples."""
+    examples: list
+    eval_examples: list
+    pad_id: int
+    steps_per_epoch: int
+    total_steps: int
+    lengths: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+    epoch: dict = field(default_factory=dict)  # {epoch: its batches}, the current epoch only
+
+    def batch(self, step, cfg):
+        """The global batch of 0-based `step`: the data order is a pure function of (seed, epoch)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch not in self.epoch:
+            self.epoch = {epoch: epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_group)}
+        return self.epoch[epoch][k]
+
+
+def load_data(cfg, tokenizer, env):
+    """Read, split and encode the chats; the schedule (steps per epoch, total steps)."""
     records = read_chats(cfg.data)
     if cfg.eval_data:
         train_records, eval_records = records, read_chats(cfg.eval_data)
@@ -449,141 +453,82 @@ def train(cfg, rank, world_size, local_rank, device, made_by=None):
     examples, too_long = encode_chats(tokenizer, train_records, cfg.max_len, cfg.chat_template_kwargs, cfg.data)
     eval_examples, eval_too_long = encode_chats(tokenizer, eval_records, cfg.max_len, cfg.chat_template_kwargs,
                                                 cfg.eval_data or cfg.data)
-    lengths = [len(ids) for ids, _ in examples]
-    targets = [sum(mask[1:]) for _, mask in examples]  # answer tokens that are predicted (position 0 never is)
     if len(examples) < cfg.batch_size:
         raise ValueError(f"{cfg.data}: {len(examples)} records fit max_len {cfg.max_len} "
                          f"({too_long} longer left out); expected at least batch_size={cfg.batch_size}")
     steps_per_epoch = len(examples) // cfg.batch_size
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
-    n_micro = world_size * cfg.grad_accum
-    if main_process:
-        n_tok = sum(lengths)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = SFTData(examples, eval_examples, pad_id, steps_per_epoch, total, [len(ids) for ids, _ in examples],
+                   [sum(mask[1:]) for _, mask in examples])  # answer tokens that are predicted (never position 0)
+    if env.main:
+        n_tok, n_micro = sum(data.lengths), env.world_size * cfg.grad_accum
         print(f"data: {len(examples)} train / {len(eval_examples)} eval chats, {n_tok} tokens "
               f"({sum(sum(m) for _, m in examples)} answer tokens, mean length {n_tok / len(examples):.0f}); "
               f"left out as longer than max_len={cfg.max_len}: {too_long} train, {eval_too_long} eval; "
               f"tokenized in {time.time() - t0:.1f}s", flush=True)
-        print(f"schedule: {total_steps} steps x {cfg.batch_size} chats ({steps_per_epoch} steps/epoch), "
-              f"{world_size} process(es) x {cfg.grad_accum} micro-batch(es) of {cfg.batch_size // n_micro}", flush=True)
+        print(f"schedule: {total} steps x {cfg.batch_size} chats ({steps_per_epoch} steps/epoch), "
+              f"{env.world_size} process(es) x {cfg.grad_accum} micro-batch(es) of {cfg.batch_size // n_micro}",
+              flush=True)
+    return data
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = load_model(cfg.model, dtype=dtype, device=device)
-    if cfg.lora_rank:  # the base frozen; the optimizer and the training state see the adapters only
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
-    sharded = cfg.parallel == "fsdp" and world_size > 1
-    if sharded:
-        shard_model(model, device)  # before the optimizer: it holds the shards
-    optimizer = build_optimizer(model, cfg)
-    state_dir = os.path.join(cfg.output_dir, "train_state")
-    start_step = 0
-    if cfg.resume:
-        start_step, extra = load_training_state(state_dir, model, optimizer)
-        if main_process:
-            print(f"resumed from {state_dir} at step {start_step} (epoch {extra.get('epoch')}, "
-                  f"batch {extra.get('batch_in_epoch')})", flush=True)
-    if world_size > 1 and not sharded:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, cfg.output_dir, name="sft_config.json", extra={"_inputs": (made_by or {}).get("inputs", {})})
-        print(f"model: {cfg.model} ({parameter_counts(unwrap(model))}, {cfg.dtype}) on {device}", flush=True)
 
-    metrics_file = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start_step) if main_process else None
-    bar = Progress(total_steps, "sft", "step", initial=start_step, disable=not main_process)
-    epoch_cache = {}
-    tokens_seen, t_last = 0, time.time()
-    step = start_step
-    for step in range(start_step, total_steps):
-        if cfg.stop_after_steps and step - start_step >= cfg.stop_after_steps:
-            break  # as if killed: no save
-        epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache = {epoch: epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_group)}
-        batch = epoch_cache[epoch][batch_in_epoch]
-        n_targets = sum(targets[i] for i in batch)  # of the whole global batch: every process knows it
-        lr = lr_at(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+def train_step(model, optimizer, step, lr, data, cfg, env):
+    """sft_step on this process's share of step `step`'s global batch; the step's metrics (global)."""
+    t0 = time.time()
+    batch = data.batch(step, cfg)
+    mine = local_micro_batches(batch, data.lengths, env.world_size * cfg.grad_accum, env.rank, env.world_size)
+    micro_batches = [pad_batch([data.examples[i][0] for i in m], [data.examples[i][1] for i in m], data.pad_id,
+                               env.device) for m in mine]
+    n_targets = sum(data.targets[i] for i in batch)  # of the whole global batch: every process knows it
+    nll_sum, grad_norm = sft_step(model, optimizer, micro_batches, n_targets, cfg, lr)
+    tokens = sum(data.lengths[i] for m in mine for i in m)
+    stats = all_reduce_sum(torch.tensor([nll_sum, tokens], dtype=torch.float64, device=env.device))
+    seconds = time.time() - t0
+    return {"epoch": round(step / data.steps_per_epoch, 3), "loss": stats[0].item() / n_targets, "lr": lr,
+            "grad_norm": grad_norm, "tokens": int(stats[1]), "seconds": seconds,
+            "tokens_per_s": int(stats[1]) / max(seconds, 1e-9)}
 
-        step_loss, step_tokens = 0.0, 0
-        mine = local_micro_batches(batch, lengths, n_micro, rank, world_size)
-        for k, micro in enumerate(mine):
-            ids, lm = pad_batch([examples[i][0] for i in micro], [examples[i][1] for i in micro], pad_id, device)
-            # DDP all-reduces gradients only on the last micro-batch of the step; FSDP reduce-scatters each one.
-            sync = world_size == 1 or sharded or k == len(mine) - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                nll, _ = answer_nll_sum(model, ids, lm)
-                # DDP averages gradients over processes; * world_size turns that into the global token mean
-                # (FSDP sums them: common.shard_model).
-                (nll * ((1 if sharded else world_size) / n_targets)).backward()
-            step_loss += nll.item()
-            step_tokens += sum(len(examples[i][0]) for i in micro)
-        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
 
-        stats = torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=device)
-        all_reduce_sum(stats)
-        tokens_seen += int(stats[1])
-        record = None
-        if done % cfg.log_every == 0 or done == total_steps:
-            dt = time.time() - t_last
-            record = {"step": done, "epoch": round(step / steps_per_epoch, 3), "loss": stats[0].item() / n_targets,
-                      "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen, "seconds": dt,
-                      "tokens_per_s": tokens_seen / max(dt, 1e-9)}
-            tokens_seen, t_last = 0, time.time()
-        t_pause = time.time()  # eval and checkpoint time do not count against training tokens/s
-        if eval_examples and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
-            record = record or {"step": done}
-            record["eval_loss"] = evaluate_loss(unwrap(model), eval_examples, cfg.batch_size // n_micro, pad_id, device,
-                                                rank, world_size, sharded)
-        if main_process and record:
-            append_jsonl(metrics_file, record)
-            bar.set_postfix_str(" ".join(f"{k}={v:.3g}" for k, v in record.items()
-                                         if k in ("loss", "lr", "tokens_per_s", "eval_loss")))
-        bar.update(1)
-        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:  # every rank: sharded, each its part
-            save_training_state(state_dir, model, optimizer, done,
-                                {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch}, made_by)
-            barrier()
-        t_last += time.time() - t_pause
-    else:
-        step = total_steps
-    bar.close()
-    if main_process:
-        metrics_file.close()
-    if step < total_steps:
-        print(f"stopped after step {step} of {total_steps} (stop_after_steps); resume with --resume", flush=True)
-        return None
-    weights = full_state_dict(model, rank) if sharded else None  # every rank: the shards are all-gathered
-    if main_process:
-        save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model, state=weights)  # LoRA: merged into the base
-        if cfg.lora_rank and cfg.lora_save_adapter:
-            save_adapter(unwrap(model), os.path.join(cfg.output_dir, "adapter"), base_model=os.path.abspath(cfg.model))
-        shutil.rmtree(state_dir, ignore_errors=True)  # finished: the resumable state (3x the model) is dead weight
-        print(f"saved the final checkpoint to {cfg.output_dir}; training curves: "
-              f"{draw_training_curves(cfg.output_dir)}", flush=True)
-    barrier()
-    return cfg.output_dir
+def eval_measure(cfg, env, data):
+    """The held-out loss every eval_every steps and at the last one (a measure for trainer.train)."""
+    def measure(model, done):
+        due = done > 0 and ((cfg.eval_every and done % cfg.eval_every == 0) or done == data.total_steps)
+        if not (due and data.eval_examples):
+            return {}
+        micro_size = cfg.batch_size // (env.world_size * cfg.grad_accum)
+        return {"eval_loss": evaluate_loss(model, data.eval_examples, micro_size, data.pad_id, env.device, env.rank,
+                                           env.world_size, is_sharded(model))}
+    return measure
+
+
+SHORT = {"loss": "loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "eval_loss": "eval_loss"}  # the progress bar's
+
+
+def run(cfg, env, made_by=None):
+    """Build (or find) the student, train it on the chats, save the final checkpoint."""
+    torch.manual_seed(cfg.seed)
+    prepare_student(cfg, env.rank)
+    data = load_data(cfg, load_tokenizer(cfg.model), env)
+    model = build_policy(cfg, env.device).train()
+    shard(cfg, env, model)
+    announce(cfg, env, model, "sft_config.json", made_by)
+    step = lambda model, optimizer, index, lr, _: train_step(model, optimizer, index, lr, data, cfg, env)  # noqa: E731
+    done = train(cfg, model, step, data.total_steps, [eval_measure(cfg, env, data)], env, made_by, cfg.log_every,
+                 SHORT, "sft")
+    return finish(cfg, env, model, done, data.total_steps)
 
 
 def main(argv=None):
-    cfg, rank, world_size, local_rank, device = setup_run(SFTConfig, argv, DEFAULT_CONFIG, "sft.py", __doc__.strip().split("\n\n")[0])
+    cfg, env = start(SFTConfig, argv, DEFAULT_CONFIG, "sft.py", __doc__)
     try:
-        check_config(cfg, world_size)
-        made_by = run_record(cfg, PATH_KEYS, {"data": cfg.data, "eval_data": cfg.eval_data})
-        made_by["layout"] = {"parallel": cfg.parallel, "world_size": world_size}
-        check_output_dir(cfg, made_by, RESUME_MAY_CHANGE, rank)
-        return train(cfg, rank, world_size, local_rank, device, made_by)
+        check_config(cfg, env.world_size)
+        made_by = guard_output_dir(cfg, env, PATH_KEYS, {"data": cfg.data, "eval_data": cfg.eval_data},
+                                   RESUME_MAY_CHANGE)
+        return run(cfg, env, made_by)
     finally:
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"sft.py: error: {e}")
+    run_cli(main, "sft.py")

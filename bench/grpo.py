@@ -57,8 +57,9 @@ def run_ours(args):
     import torch
 
     import rl
-    from common import build_optimizer, load_tokenizer
+    from common import load_tokenizer
     from model import load_model
+    from trainer import build_optimizer
     torch.manual_seed(0)
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model_dir)
@@ -70,17 +71,26 @@ def run_ours(args):
                       loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, weight_decay=0.0)
     optimizer = build_optimizer(model, cfg)
 
-    def score(groups):
+    def step(generator):
+        """rl.grpo_step's GRPO phases (rollouts, advantages, policy update) with TRL's toy reward in place of
+        the Conf-Profile phases (a random model never writes a profile that parses)."""
+        t0 = time.perf_counter()
+        groups = rl.sample_groups(model, prompts, cfg, generator, [])
+        t_rollout = time.perf_counter() - t0
         rewards = torch.tensor([[sum(t == target for t in s.tokens) / len(s.tokens) for s in g] for g in groups])
-        return rl.Scored(rewards, [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups])
+        keep, masks = [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups]
+        batch = rl.training_batch(groups, prompts, rewards, keep, (masks, None), cfg)
+        t1 = time.perf_counter()
+        sums, grad_norm, stepped = rl.policy_update(model, None, optimizer, batch, cfg, cfg.lr)
+        return rl.step_metrics(groups, rewards, keep, {}, sums, grad_norm, stepped, cfg.lr, cfg, t_rollout,
+                               time.perf_counter() - t1, device)
 
     times = []
-    for step in range(args.steps + 1):
+    for index in range(args.steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(step)
-        m = rl.grpo_step(model, None, optimizer, prompts, score, cfg, step, generator, stop_ids=[], lr=cfg.lr)
+        m = step(torch.Generator(device=device).manual_seed(index))
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -154,6 +164,13 @@ def ensure_trl_venv(venv):
     return python
 
 
+def installed_trl(venv):
+    """The python of `venv` if TRL is installed there, else None (nothing is installed)."""
+    python = os.path.join(venv, "bin", "python")
+    check = [python, "-c", "import trl, datasets, accelerate"]
+    return python if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0 else None
+
+
 def worker(python, which, args, model_dir):
     cmd = [python, os.path.abspath(__file__), "--worker", which, "--model-dir", model_dir]
     for key in ("steps", "users", "generations", "new_tokens", "prompt_words", "device", "threads"):
@@ -178,8 +195,12 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="alternate ours/TRL this many times; each side's best run counts")
     p.add_argument("--trl-venv", default="/tmp/trl-venv", help="where TRL is installed (created on first use)")
     p.add_argument("--model-dir", default="", help="reuse a model dir (default: build the demo-size model)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one timed step, TRL only if it is installed "
+                   "already (CI: the benchmark still runs)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke:
+        args.steps, args.users, args.generations, args.new_tokens, args.prompt_words, args.repeats = 1, 2, 2, 4, 4, 1
     if args.worker:
         import torch
         if args.threads:
@@ -188,7 +209,7 @@ def main():
         print(json.dumps(result))
         return
 
-    trl_python = ensure_trl_venv(args.trl_venv)
+    trl_python = installed_trl(args.trl_venv) if args.smoke else ensure_trl_venv(args.trl_venv)
     model_dir = args.model_dir or os.path.join(tempfile.mkdtemp(), "model")
     if not args.model_dir:
         build_model(model_dir)
@@ -198,9 +219,11 @@ def main():
     runs = {"ours": [], "trl": []}
     for _ in range(args.repeats):  # alternate, so a load spike from other processes hits both sides
         runs["ours"].append(worker(sys.executable, "ours", args, model_dir))
-        runs["trl"].append(worker(trl_python, "trl", args, model_dir))
-    ours, trl = (min(runs[k], key=lambda r: mean(r["step_s"])) for k in ("ours", "trl"))
-    assert ours["prompt_tokens"] == trl["prompt_tokens"], (ours["prompt_tokens"], trl["prompt_tokens"])
+        if trl_python:
+            runs["trl"].append(worker(trl_python, "trl", args, model_dir))
+    ours = min(runs["ours"], key=lambda r: mean(r["step_s"]))
+    trl = min(runs["trl"], key=lambda r: mean(r["step_s"])) if trl_python else None
+    assert trl is None or ours["prompt_tokens"] == trl["prompt_tokens"], (ours["prompt_tokens"], trl["prompt_tokens"])
 
     rows = args.users * args.generations
     print(f"GRPO step, {args.device}: demo-size Qwen3 (4 layers, hidden 256, vocab 2048), B={args.users} prompts of "
@@ -208,10 +231,14 @@ def main():
           f"{args.new_tokens} new tokens each, fp32, {args.threads or 'default'} thread(s), best of {args.repeats} x "
           f"{args.steps} timed steps")
     print(f"{'':<28}{'s/step':>10}{'rollouts/s':>12}{'peak MB':>10}")
-    for name, r in (("ours (rl.py grpo_step)", ours), ("TRL GRPOTrainer 1.16.0", trl)):
+    for name, r in (("ours (rl.py GRPO phases)", ours), ("TRL GRPOTrainer 1.16.0", trl)):
+        if r is None:
+            print(f"{name:<28}skipped: TRL is not installed in {args.trl_venv} (--smoke never installs it)")
+            continue
         print(f"{name:<28}{mean(r['step_s']):>10.3f}{rows / mean(r['step_s']):>12.1f}{r['peak_mb']:>10.0f}")
-    print(f"speed-up: {mean(trl['step_s']) / mean(ours['step_s']):.2f}x  (ours: rollout {ours['rollout_s']:.3f}s + "
-          f"train {ours['train_s']:.3f}s in the last step)")
+    if trl is not None:
+        print(f"speed-up: {mean(trl['step_s']) / mean(ours['step_s']):.2f}x", end="  ")
+    print(f"(ours: rollout {ours['rollout_s']:.3f}s + train {ours['train_s']:.3f}s in the last step)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import common
 import rl
 import sft
+import test_rl
 from test_rl import read_metrics as rl_metrics, toy_config, toy_model
 from test_sft import read_metrics, run_args, weights, world  # noqa: F401  (world: the SFT fixture)
 
@@ -84,6 +85,7 @@ RL_SCRIPT = r'''
 import json, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import common, rl, test_fsdp as F, test_rl as T
+from safetensors.torch import save_file
 from common import setup_distributed, cleanup_distributed, shard_model, full_state_dict
 
 rank, world, _, device = setup_distributed()
@@ -94,14 +96,14 @@ for name, kw in json.loads(sys.argv[3]).items():
     resume = kw.pop("resume_from_kill", False)
     cfg = T.toy_config(f"{sys.argv[2]}/{name}", **kw)
     if resume:  # killed during step 3, after the step-2 checkpoint; then a fresh model resumes
-        rl.train(T.toy_config(f"{sys.argv[2]}/{name}", **kw, stop_after_steps=2), model, F.batch_of(rank, world),
+        T.train(T.toy_config(f"{sys.argv[2]}/{name}", **kw, stop_after_steps=2), model, F.batch_of(rank, world),
                  [], rank, world, ref)
         model = shard_model(T.toy_model(seed=123), device)
         cfg = T.toy_config(f"{sys.argv[2]}/{name}", **kw, resume=True)
-    rl.train(cfg, model, F.batch_of(rank, world), [], rank, world, ref)
+    T.train(cfg, model, F.batch_of(rank, world), [], rank, world, ref)
     state = full_state_dict(model, rank)
     if rank == 0:
-        common.save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"},
+        save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"},
                          f"{sys.argv[2]}/{name}/weights.safetensors")
 cleanup_distributed()
 '''
@@ -114,8 +116,9 @@ def rank_free_sample_groups(model, prompts, cfg, generator, stop_ids):
     seed = int(generator.initial_seed()) - 101 * rank  # rl.step_seed without its rank term
     sampling = rl.SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids))
     model.eval()
-    return [rl.generate(model, [p], sampling, n=cfg.num_generations,
-                        generator=torch.Generator().manual_seed(seed + 7 * sum(p) + len(p)))[0] for p in prompts]
+    with common.full_parameters(model):  # as rl.sample_groups: the sampler runs on the gathered weights
+        return [rl.generate(model, [p], sampling, n=cfg.num_generations,
+                            generator=torch.Generator().manual_seed(seed + 7 * sum(p) + len(p)))[0] for p in prompts]
 
 
 PROMPTS = [[1, 2], [4, 5, 6], [7], [8, 9, 10, 11]]  # the global batch; rank r takes PROMPTS[r::world]
@@ -131,7 +134,7 @@ def batch_of(rank, world):
         def score(groups):
             rewards = torch.tensor([[0.5] * len(g) if p == [7] else [sum(t == 3 for t in s.tokens) / len(s.tokens)
                                                                       for s in g] for p, g in zip(mine, groups)])
-            return rl.Scored(rewards, [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups])
+            return T.Scored(rewards, [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups])
         return mine, score
     return next_batch
 
@@ -155,7 +158,7 @@ def test_rl_fsdp_two_processes_match_one_and_resume_bit_exactly(tmp_path):
         ref = toy_model().requires_grad_(False) if kw.get("beta") else None
         original, rl.sample_groups = rl.sample_groups, rank_free_sample_groups
         try:
-            rl.train(toy_config(tmp_path / "one" / name, **kw), model, batch_of(0, 1), [], ref_model=ref)
+            test_rl.train(toy_config(tmp_path / "one" / name, **kw), model, batch_of(0, 1), [], ref_model=ref)
         finally:
             rl.sample_groups = original
         ma, mb = rl_metrics(tmp_path / "one" / name), rl_metrics(tmp_path / "two" / name)

@@ -15,6 +15,7 @@ from test_sft import TINY, synthetic_chats, write_jsonl
 from tiny_checkpoints import FAMILIES, VOCAB, hf_model, make_checkpoint
 
 import common
+import trainer
 import profilebench
 import rl
 import sft
@@ -116,7 +117,7 @@ def test_gradients_reach_only_the_adapters(checkpoints, family):
             assert p.requires_grad and p.grad is not None and p.grad.abs().max() > 0, name
         else:
             assert not p.requires_grad and p.grad is None, name
-    optimizer = common.build_optimizer(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1, adam_beta1=0.9,
+    optimizer = trainer.build_optimizer(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1, adam_beta1=0.9,
                                                                     adam_beta2=0.95))
     named = {id(p): n for n, p in model.named_parameters()}
     assert {named[id(p)] for g in optimizer.param_groups for p in g["params"]} == adapters
@@ -261,7 +262,7 @@ def test_rl_kl_reference_through_adapters_off_equals_a_loaded_copy(tmp_path):
         base = test_rl.toy_model().requires_grad_(False)
         ref = AdaptersOff(model) if name == "adapters_off" else base
         cfg = test_rl.toy_config(tmp_path / name, beta=0.1, max_steps=3, num_iterations=2)
-        rl.train(cfg, model, test_rl.toy_batch, stop_ids=[], ref_model=ref)
+        test_rl.train(cfg, model, test_rl.toy_batch, stop_ids=[], ref_model=ref)
         runs[name] = (model, test_rl.read_metrics(tmp_path / name))
         frozen = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
         assert frozen.keys() == base.state_dict().keys()
@@ -273,13 +274,13 @@ def test_rl_kl_reference_through_adapters_off_equals_a_loaded_copy(tmp_path):
 
 def test_rl_lora_resume_equals_uninterrupted(tmp_path):
     a = lora_toy()
-    rl.train(test_rl.toy_config(tmp_path / "a", max_steps=4, save_every=2, beta=0.05), a, test_rl.toy_batch,
+    test_rl.train(test_rl.toy_config(tmp_path / "a", max_steps=4, save_every=2, beta=0.05), a, test_rl.toy_batch,
              stop_ids=[], ref_model=AdaptersOff(a))
     b = lora_toy()
     cfg = test_rl.toy_config(tmp_path / "b", max_steps=4, save_every=2, beta=0.05, stop_after_steps=3)
-    assert rl.train(cfg, b, test_rl.toy_batch, stop_ids=[], ref_model=AdaptersOff(b)) == 3
+    assert test_rl.train(cfg, b, test_rl.toy_batch, stop_ids=[], ref_model=AdaptersOff(b)) == 3
     b = randomize_adapters(lora_toy(), seed=5)  # a fresh process: the base from `model`, adapters from the state
-    assert rl.train(test_rl.toy_config(tmp_path / "b", max_steps=4, save_every=2, beta=0.05, resume=True), b,
+    assert test_rl.train(test_rl.toy_config(tmp_path / "b", max_steps=4, save_every=2, beta=0.05, resume=True), b,
                     test_rl.toy_batch, stop_ids=[], ref_model=AdaptersOff(b)) == 4
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name

@@ -11,7 +11,8 @@ from tiny_checkpoints import FAMILIES, VOCAB, hf_greedy, hf_model, make_checkpoi
 import torch
 from safetensors.torch import load_file, save_file
 
-import common
+import checkpoint
+import trainer
 from model import KVCache, ModelArgs, Transformer, init_weights, load_model, rope_inv_freq, save_model
 
 EOS = 2
@@ -244,7 +245,7 @@ def test_checkpoints_are_fsynced_before_they_replace_the_old_ones(tmp_path, monk
     assert str(tmp_path / "out" / ".tmp-model.safetensors") in synced and str(tmp_path / "out") in synced
     synced.clear()
     cfg = types.SimpleNamespace(lr=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95)
-    common.save_training_state(tmp_path / "state", model, common.build_optimizer(model, cfg), 1)
+    checkpoint.save_training_state(tmp_path / "state", model, trainer.build_optimizer(model, cfg), 1)
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         assert any(p.startswith(str(tmp_path / "state.tmp")) and p.endswith(name) for p in synced), name
     assert str(tmp_path) in synced  # the folder that holds the renamed state

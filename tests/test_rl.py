@@ -7,11 +7,15 @@ import pytest
 import site
 import subprocess
 import sys
+import time
+import types
+from dataclasses import dataclass, field
 
 import torch
 
 import profilebench
 import rl
+import trainer
 from common import DataError, load_tokenizer, stop_ids_for
 from confprofile import format_answer, load_taxonomy, parse_answer, parse_answer_spans
 from model import ModelArgs, Transformer, init_weights, load_model
@@ -30,6 +34,52 @@ def answer(gender, gc, age, ac):
 
 
 BROKEN = {"format_ok": False, "dims": {"gender": None, "age": None}}
+
+
+def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
+    """rl.grpo_step's Conf-Profile phases 2-6 (parse, quasi labels, difficulty and filter, rewards, token
+    maps) on given rollouts, as the step runs them."""
+    task = rl.Task(tokenizer, taxonomy, stop_ids_for(tokenizer), stage1)
+    answers = [rl.read_rollouts(samples, task) for samples in groups]
+    quasi = [rl.quasi_labels([a.parsed for a in reads], taxonomy, cfg.quasi_label, cfg.na_weight) for reads in answers]
+    frozen = [stage1[u["user_id"]] if stage1 is not None else None for u in users]
+    levels, keep, counts = rl.difficulty_filter(quasi, answers, frozen, cfg)
+    dim_rewards, rewards = rl.group_rewards(answers, quasi, frozen, cfg)
+    token_masks, token_dims = rl.token_maps(answers, taxonomy, cfg)
+    return types.SimpleNamespace(rewards=rewards, keep=keep, token_masks=token_masks, dim_rewards=dim_rewards,
+                                 token_dims=token_dims, stats=rl.profile_stats(answers, quasi, levels, counts, taxonomy))
+
+
+@dataclass
+class Scored:
+    """A toy task's scores: rewards [B, G], which users to train on, each rollout's loss mask."""
+    rewards: torch.Tensor
+    keep: list
+    token_masks: list
+    stats: dict = field(default_factory=dict)
+
+
+def toy_grpo_step(model, ref_model, optimizer, prompts, score, cfg, generator, lr):
+    """rl.grpo_step's GRPO phases (1 rollouts, 6 advantages, 7 policy update) around a toy reward in place
+    of the Conf-Profile phases 2-5."""
+    t0 = time.time()
+    groups = rl.sample_groups(model, prompts, cfg, generator, [])
+    t_rollout = time.time() - t0
+    scored = score(groups)
+    batch = rl.training_batch(groups, prompts, scored.rewards, scored.keep, (scored.token_masks, None), cfg)
+    t1 = time.time()
+    sums, grad_norm, stepped = rl.policy_update(model, ref_model, optimizer, batch, cfg, lr)
+    return rl.step_metrics(groups, scored.rewards, scored.keep, scored.stats, sums, grad_norm, stepped, lr, cfg,
+                           t_rollout, time.time() - t1, next(model.parameters()).device)
+
+
+def train(cfg, model, next_batch, stop_ids=(), rank=0, world_size=1, ref_model=None):
+    """trainer.train over toy_grpo_step: next_batch(step) -> (this rank's prompts, score)."""
+    def step(model, optimizer, index, lr, generator):
+        prompts, score = next_batch(index)
+        return toy_grpo_step(model, ref_model, optimizer, prompts, score, cfg, generator, lr)
+    env = trainer.Env(rank, world_size, next(model.parameters()).device)
+    return trainer.train(cfg, model, step, cfg.max_steps, env=env)
 
 
 # -----------------------------------------------------------------------------
@@ -80,7 +130,7 @@ def test_difficulty_filter_sees_failed_rollouts_end_to_end(tiny_checkpoint):
     texts = [format_answer(good, tax)] + ["no answer here"] * 7
     samples = [Sample(tok.encode(t, add_special_tokens=False) + [eos], [0.0], "stop") for t in texts]
     cfg = rl.RLConfig(num_generations=8, low=3.0, high=7.0)
-    scored = rl.score_profiles([samples], [{"user_id": "u1"}], tax, tok, cfg)
+    scored = score_profiles([samples], [{"user_id": "u1"}], tax, tok, cfg)
     assert scored.keep == [False]
     assert (scored.stats["too_hard"], scored.stats["too_easy"]) == (1, 0)
     assert scored.stats["difficulty_sum"] == pytest.approx(1.0)
@@ -398,7 +448,7 @@ def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tin
         s.logprobs = [0.0] * len(s.tokens)
     user = {"user_id": "u1"}
     cfg = rl.RLConfig(confidence_weighting=weighting, num_generations=2)
-    scored = rl.score_profiles([samples], [user], tax, tok, cfg)
+    scored = score_profiles([samples], [user], tax, tok, cfg)
     assert scored.stats["format_fail"] == 0
     conf = [token_maps(tok, s.tokens, tax, [eos])[0] for s in samples]
     assert all(sum(c) >= 6 for c in conf)  # six stated confidences per answer
@@ -432,7 +482,7 @@ def test_score_profiles_masks_every_confidence_spelling(tiny_checkpoint, text):
     tok = load_tokenizer(tiny_checkpoint)
     eos = stop_ids_for(tok)[0]
     samples = [Sample(tok.encode(text, add_special_tokens=False) + [eos], [0.0], "stop")] * 2
-    scored = rl.score_profiles([samples], [{"user_id": "u1"}], TAX, tok, rl.RLConfig(num_generations=2))
+    scored = score_profiles([samples], [{"user_id": "u1"}], TAX, tok, rl.RLConfig(num_generations=2))
     frozen = "".join(tok.decode([t]) for t, m in zip(samples[0].tokens, scored.token_masks[0][0]) if m == 0)
     assert "".join(ch for ch in frozen if ch.isdigit()) == {SPELLINGS[0]: "9810", SPELLINGS[1]: "760"}[text]
 
@@ -441,7 +491,7 @@ def test_score_profiles_gives_braces_and_end_of_turn_the_rollout_advantage():
     tok = qwen3_tokenizer()
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     ids = tok.encode(format_answer(PROFILE, TAX), add_special_tokens=False) + [eos]
-    scored = rl.score_profiles([[Sample(ids, [0.0], "stop")] * 2], [{"user_id": "u1"}], TAX, tok,
+    scored = score_profiles([[Sample(ids, [0.0], "stop")] * 2], [{"user_id": "u1"}], TAX, tok,
                                rl.RLConfig(num_generations=2))
     dims = scored.token_dims[0][0]
     assert dims[-1] == -1                               # the end-of-turn token
@@ -462,7 +512,7 @@ def test_per_dimension_advantages_reach_only_the_dimension_that_differs(tiny_che
     profiles[1]["gender"] = {"label": "female", "confidence": 3, "evidence": "y"}
     samples = [Sample(tok.encode(format_answer(p, tax), add_special_tokens=False) + [eos], [], "stop") for p in profiles]
     cfg = rl.RLConfig(num_generations=2)
-    scored = rl.score_profiles([samples], [{"user_id": "u1"}], tax, tok, cfg)
+    scored = score_profiles([samples], [{"user_id": "u1"}], tax, tok, cfg)
     # quasi gender = male (S 7 > 3): rewards 1 and -0.3 on gender, equal elsewhere
     assert scored.dim_rewards[0, :, 0].tolist() == pytest.approx([1.0, -0.3])  # flat: agreeing earns 1
     assert scored.dim_rewards[0, 0, 1:].tolist() == scored.dim_rewards[0, 1, 1:].tolist()
@@ -527,7 +577,7 @@ def toy_batch(step):
 
     def score(groups):
         rewards = torch.tensor([[sum(t == TARGET for t in s.tokens) / len(s.tokens) for s in g] for g in groups])
-        return rl.Scored(rewards, [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups])
+        return Scored(rewards, [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups])
     return prompts, score
 
 
@@ -547,7 +597,7 @@ def test_twenty_grpo_steps_raise_a_learnable_reward(tmp_path):
     torch.manual_seed(0)
     model = toy_model()
     cfg = toy_config(tmp_path, num_iterations=2, micro_batch_size=10)  # 2 passes, 4 micro-batches of 32 rollouts
-    assert rl.train(cfg, model, toy_batch, stop_ids=[]) == 20
+    assert train(cfg, model, toy_batch, stop_ids=[]) == 20
     m = read_metrics(tmp_path)
     first = m[0]["reward_mean"]  # the untrained policy: TARGET is about 1 token in 16
     last = sum(r["reward_mean"] for r in m[-3:]) / 3
@@ -569,8 +619,8 @@ def test_no_optimizer_step_when_the_filter_keeps_nothing(tmp_path):
             return scored
         return prompts, keep_none_at_step_1
     one, two = toy_model(), toy_model()
-    rl.train(toy_config(tmp_path / "one", max_steps=1), one, batch, stop_ids=[])
-    rl.train(toy_config(tmp_path / "two", max_steps=2), two, batch, stop_ids=[])
+    train(toy_config(tmp_path / "one", max_steps=1), one, batch, stop_ids=[])
+    train(toy_config(tmp_path / "two", max_steps=2), two, batch, stop_ids=[])
     assert all(torch.equal(p, q) for p, q in zip(one.parameters(), two.parameters()))
     last = read_metrics(tmp_path / "two")[-1]
     assert last["optimizer_step"] == 0 and last["kept"] == 0 and last["loss_seqs"] == 0
@@ -584,11 +634,11 @@ def test_entropy_and_clip_metrics_cover_every_kept_rollout_whatever_beta(tmp_pat
 
         def score(groups):  # group 0 has equal rewards (zero advantage), group 1 not
             rewards = torch.tensor([[0.5] * len(groups[0]), [float(t == TARGET) for t in range(len(groups[1]))]])
-            return rl.Scored(rewards, [True, True], [[[1] * len(s.tokens) for s in g] for g in groups])
+            return Scored(rewards, [True, True], [[[1] * len(s.tokens) for s in g] for g in groups])
         return prompts, score
     out = {}
     for beta in (0.0, 0.05):
-        rl.train(toy_config(tmp_path / str(beta), beta=beta, max_steps=1), toy_model(), batch, stop_ids=[],
+        train(toy_config(tmp_path / str(beta), beta=beta, max_steps=1), toy_model(), batch, stop_ids=[],
                  ref_model=toy_model() if beta else None)
         out[beta] = read_metrics(tmp_path / str(beta))[0]
     assert out[0.0]["entropy"] == pytest.approx(out[0.05]["entropy"], rel=1e-6)
@@ -598,12 +648,12 @@ def test_entropy_and_clip_metrics_cover_every_kept_rollout_whatever_beta(tmp_pat
 
 def test_step_metrics_normalise_over_iterations_and_all_loss_tokens():
     groups = [[Sample([1, 2, 3], [0.0] * 3, "stop"), Sample([4], [0.0], "length")]]
-    scored = rl.Scored(torch.tensor([[1.0, 0.0]], dtype=torch.float64), [True], [[[1, 1, 0], [1]]])
+    scored = Scored(torch.tensor([[1.0, 0.0]], dtype=torch.float64), [True], [[[1, 1, 0], [1]]])
     sums = {"loss": 0.6, "entropy": 1.5, "kl": 0.0, "clip_low": 1.0, "clip_high": 2.0, "clip_region": 3.0,
             "lp_diff": 0.0, "lp_tokens": 4, "lp_diff_max": 0.0, "forward_tokens": 10, "seqs": 2, "loss_tokens": 3,
             "trained_seqs": 2}
     cfg = rl.RLConfig(num_generations=2, num_iterations=2)
-    m = rl.step_metrics(groups, scored, sums, 0.5, True, 1e-3, cfg, 1.0, 1.0, torch.device("cpu"))
+    m = rl.step_metrics(groups, scored.rewards, scored.keep, scored.stats, sums, 0.5, True, 1e-3, cfg, 1.0, 1.0, torch.device("cpu"))
     assert m["loss"] == pytest.approx(0.3)            # mean over the 2 optimizer steps
     assert m["entropy"] == pytest.approx(1.5 / 3)     # over the 3 loss tokens
     assert m["clip_region"] == pytest.approx(3.0 / (2 * 3)) and m["clip_low"] == pytest.approx(1 / 6)
@@ -613,13 +663,13 @@ def test_step_metrics_normalise_over_iterations_and_all_loss_tokens():
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = toy_config(tmp_path / "a", max_steps=4, save_every=2, num_iterations=2)
     a = toy_model()
-    rl.train(cfg, a, toy_batch, stop_ids=[])
+    train(cfg, a, toy_batch, stop_ids=[])
 
     b = toy_model()
     cfg_b = toy_config(tmp_path / "b", max_steps=4, save_every=2, num_iterations=2, stop_after_steps=3)
-    assert rl.train(cfg_b, b, toy_batch, stop_ids=[]) == 3  # "killed" during step 4, after the step-2 checkpoint
+    assert train(cfg_b, b, toy_batch, stop_ids=[]) == 3  # "killed" during step 4, after the step-2 checkpoint
     b = toy_model(seed=123)  # a fresh process: nothing survives but the checkpoint
-    assert rl.train(toy_config(tmp_path / "b", max_steps=4, save_every=2, num_iterations=2, resume=True),
+    assert train(toy_config(tmp_path / "b", max_steps=4, save_every=2, num_iterations=2, resume=True),
                     b, toy_batch, stop_ids=[]) == 4
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
@@ -711,7 +761,7 @@ cfg = T.toy_config(sys.argv[2], max_steps=3)
 def batch(step):  # the 4 prompts are the global batch: each rank takes its share
     prompts, score = T.toy_batch(step)
     return prompts[rank::world], score
-rl.train(cfg, model, batch, stop_ids=[], rank=rank, world_size=world)
+train(cfg, model, batch, stop_ids=[], rank=rank, world_size=world)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 copies = [torch.zeros_like(flat) for _ in range(world)]
 torch.distributed.all_gather(copies, flat)

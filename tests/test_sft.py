@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import common
+import trainer
 import sft
 from common import TOKEN_BREAKS, ConfigError, added_token_texts
 from confprofile import format_answer, load_taxonomy, render_prompt
@@ -147,7 +149,7 @@ def test_lr_schedule_hand_computed():
     cfg = types.SimpleNamespace(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, max_steps=7)
     # warmup 0.5, 1.0; then cosine over steps 2..6: progress 0, .25, .5, .75, 1
     expected = [0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + 2 ** -0.5), 0.55, 0.1 + 0.9 * 0.5 * (1 - 2 ** -0.5), 0.1]
-    assert [common.lr_at(s, cfg) for s in range(7)] == pytest.approx(expected, abs=1e-12)
+    assert [trainer.lr_at(s, cfg) for s in range(7)] == pytest.approx(expected, abs=1e-12)
 
 
 def test_batches_cover_epoch_and_split_evenly():
@@ -230,18 +232,18 @@ def test_training_state_round_trips_through_safetensors_and_json(tmp_path, dtype
         opt.zero_grad(set_to_none=True)
 
     a = init_weights(Transformer(args), seed=0).to(dtype)
-    opt_a = common.build_optimizer(a, cfg)
-    assert isinstance(opt_a, common.AdamWBF16 if dtype == torch.bfloat16 else torch.optim.AdamW)
+    opt_a = trainer.build_optimizer(a, cfg)
+    assert isinstance(opt_a, trainer.AdamWBF16 if dtype == torch.bfloat16 else torch.optim.AdamW)
     for _ in range(2):
         step(a, opt_a)
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    common.save_training_state(tmp_path / "state", a, opt_a, 2, {"epoch": 0})
+    checkpoint.save_training_state(tmp_path / "state", a, opt_a, 2, {"epoch": 0})
     assert sorted(os.listdir(tmp_path / "state")) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
                                                       "state.json"]
     draws = (random.random(), np.random.rand(), torch.rand(3))
     b = init_weights(Transformer(args), seed=1).to(dtype)
-    opt_b = common.build_optimizer(b, cfg)
-    assert common.load_training_state(tmp_path / "state", b, opt_b) == (2, {"epoch": 0})
+    opt_b = trainer.build_optimizer(b, cfg)
+    assert checkpoint.load_training_state(tmp_path / "state", b, opt_b) == (2, {"epoch": 0})
     assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
     assert b.lm_head.weight is b.model.embed_tokens.weight  # still tied
     torch.manual_seed(7)  # AdamWBF16 rounds stochastically: the same draws for both
@@ -366,7 +368,7 @@ def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
     torch.manual_seed(0)
     # 1 + 2^-9 lies a quarter of a bf16 step (2^-7) above 1: rounds up 1/4 of the time, mean exact.
     x = torch.full((200_000,), 1 + 2 ** -9)
-    r = common.stochastic_round_to_bf16(x)
+    r = trainer.stochastic_round_to_bf16(x)
     assert set(r.float().unique().tolist()) == {1.0, 1 + 2 ** -7}
     assert r.float().mean().item() == pytest.approx(1 + 2 ** -9, abs=2e-5)
     # 100 Adam steps of lr 1e-3 on weights = 1 (bf16 step 2^-7 = 0.0078): fp32 AdamW moves them by 0.1,
@@ -375,7 +377,7 @@ def test_stochastic_rounding_keeps_updates_below_bf16_resolution():
          (("fp32", torch.float32), ("nearest", torch.bfloat16), ("ours", torch.bfloat16))}
     opts = {"fp32": torch.optim.AdamW([w["fp32"]], lr=1e-3, weight_decay=0.0),
             "nearest": torch.optim.AdamW([w["nearest"]], lr=1e-3, weight_decay=0.0),
-            "ours": common.AdamWBF16([w["ours"]], lr=1e-3)}
+            "ours": trainer.AdamWBF16([w["ours"]], lr=1e-3)}
     for _ in range(100):
         for name, p in w.items():
             p.grad = torch.ones_like(p)

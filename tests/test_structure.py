@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sampler, the world / evaluation / calibration, the domain core and the model, the shared base.
 LAYERS = [
     {"common"},
-    {"confprofile", "model", "plots"},
-    {"profilebench", "evaluate", "calibrate"},
+    {"confprofile", "model", "plots", "checkpoint"},
+    {"profilebench", "evaluate", "calibrate", "trainer"},
     {"rollout"},
     {"sft", "rl", "predict"},
     {"pipeline"},
