@@ -20,7 +20,7 @@ simulated teacher (no weights).
 Output, one line per user: {"user_id", "profile": {dim: {"label": a class or "NA", "confidence",
 "evidence", "abstained": true when the label is NA, "model_label": the answer's own label (null: no
 valid answer)}}, "format_ok"}. evaluate.py reads it as it is. Resumable as teacher labelling is
-(rollout.py): what decides the profiles (checkpoint, users, taxonomy, thresholds, sampling) is recorded
+(label.py): what decides the profiles (checkpoint, users, taxonomy, thresholds, sampling) is recorded
 in <out>.meta.json and a rerun with other settings is refused naming the keys (unless --force-resume);
 an --out that is one of the inputs or not a predict.py output is refused before a byte of it changes.
 The last line printed gives users/s.
@@ -30,12 +30,13 @@ import time
 
 import torch
 
+import label
 import rollout
 from common import DEVICE, ConfigError, check_fields, load_config, opt, run_cli
 from confprofile import WEIGHTINGS, load_taxonomy, parse_answer, read_users, vote
 from evaluate import abstains, read_thresholds
 
-PROFILES = rollout.OutputKind(("user_id", "profile"), dict, "profiles", "predict.py")
+PROFILES = label.OutputKind(("user_id", "profile"), dict, "profiles", "predict.py")
 
 
 def answer_of(texts, taxonomy, weighting="confidence", na_weight=1.0):
@@ -58,11 +59,11 @@ def deployed_profile(answer, taus, taxonomy):
     out = {}
     for dim in taxonomy["dimensions"]:
         entry = answer.get(dim) or {}
-        label, confidence = entry.get("label"), entry.get("confidence")
+        model_label, confidence = entry.get("label"), entry.get("confidence")
         tau = 0 if taus is None else taus[dim]
-        abstained = tau is None or abstains(label, confidence, tau)
-        out[dim] = {"label": "NA" if abstained else label, "confidence": confidence, "evidence": entry.get("evidence"),
-                    "abstained": abstained, "model_label": label}
+        abstained = tau is None or abstains(model_label, confidence, tau)
+        out[dim] = {"label": "NA" if abstained else model_label, "confidence": confidence,
+                    "evidence": entry.get("evidence"), "abstained": abstained, "model_label": model_label}
     return out
 
 
@@ -102,9 +103,9 @@ class PredictConfig:
 
 
 def predict_settings(args, taxonomy, taus):
-    """What decides the profiles: rollout.teacher_settings (checkpoint, users, taxonomy, sampling) and
+    """What decides the profiles: label.teacher_settings (checkpoint, users, taxonomy, sampling) and
     the thresholds and vote settings; recorded in <out>.meta.json, compared on resume."""
-    settings = {**rollout.teacher_settings(args, taxonomy, model_key="model"), "thresholds": taus}
+    settings = {**label.teacher_settings(args, taxonomy, model_key="model"), "thresholds": taus}
     if args.samples > 1:  # the vote's settings matter only when there is a vote
         settings.update(weighting=args.weighting, na_weight=args.na_weight)
     return settings
@@ -114,25 +115,25 @@ def main(argv=None):
     args, rest = load_config(PredictConfig, argv, prog="predict.py", description=__doc__.strip().split("\n\n")[0])
     if rest:
         raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
-    rollout.refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
+    label.refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
                                               "--thresholds": args.thresholds,
                                               "--model": None if args.model == "sim" else args.model})
     taxonomy = load_taxonomy(args.taxonomy or None)
     taus = read_thresholds(args.thresholds, taxonomy)[0] if args.thresholds else None
     users = read_users(args.users, taxonomy=taxonomy)
-    batches = [[u["user_id"] for u in b] for b in rollout.teacher_batches(users, args.batch_users)]
-    done = rollout.open_output(args.out, predict_settings(args, taxonomy, taus), args.force_resume, PROFILES, batches)
+    batches = [[u["user_id"] for u in b] for b in label.teacher_batches(users, args.batch_users)]
+    done = label.open_output(args.out, predict_settings(args, taxonomy, taus), args.force_resume, PROFILES, batches)
     if args.model == "sim":
-        model = rollout.SimulatedTeacher(taxonomy, args.seed, args.temperature)
+        model = label.SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
-        model = rollout.CheckpointTeacher(args.model, args.sampling(), args.template_kwargs, args.device, args.dtype)
+        model = label.CheckpointTeacher(args.model, args.sampling(), args.template_kwargs, args.device, args.dtype)
 
     def to_line(user, samples):
         answer, format_ok = answer_of([text for text, _, _ in samples], taxonomy, args.weighting, args.na_weight)
         return {"user_id": user["user_id"], "profile": deployed_profile(answer, taus, taxonomy), "format_ok": format_ok}
 
     t0 = time.perf_counter()
-    written, n_tokens, _ = rollout.label_users(model, users, taxonomy, args.out, args.samples, seed=args.seed,
+    written, n_tokens, _ = label.label_users(model, users, taxonomy, args.out, args.samples, seed=args.seed,
                                             batch_users=args.batch_users, progress=args.progress, done=done,
                                             to_line=to_line, desc="predict")
     seconds = time.perf_counter() - t0
