@@ -14,6 +14,7 @@ from tiny_checkpoints import hf_greedy, hf_model, make_checkpoint
 import torch
 
 import common
+import label
 import rollout
 from common import TOKEN_BREAKS, added_token_texts
 from confprofile import load_taxonomy, render_prompt
@@ -414,9 +415,9 @@ def test_sampler_settings_are_checked_before_any_work(qwen3, setting, message, c
         rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=3, **setting), n=2, seed=0)
     (key, value), = setting.items()
     with pytest.raises(SystemExit) as e:  # the command line: one line naming the key, exit status 1
-        common.run_cli(rollout.main, "rollout.py", ["--teacher", "sim", "--users", "u.jsonl", "--out", "o.jsonl",
-                                                    f"--{key.replace('_', '-')}", str(value)])
-    assert e.value.code.startswith("rollout.py: error: rollout: " + key) and "expected" in e.value.code
+        common.run_cli(label.main, "label.py", ["--teacher", "sim", "--users", "u.jsonl", "--out", "o.jsonl",
+                                                f"--{key.replace('_', '-')}", str(value)])
+    assert e.value.code.startswith("label.py: error: label: " + key) and "expected" in e.value.code
 
 
 def test_same_seed_same_samples_different_seed_different(qwen3):
