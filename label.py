@@ -21,8 +21,10 @@ and a checkpoint's greedy answers for evaluate.py. The sampling itself is rollou
     Both: --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
     --device, --dtype, --progress false. `python label.py --help` lists every option. The last line printed gives tokens/s.
 """
+import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -36,9 +38,10 @@ import torch.distributed as dist
 
 import profilebench
 import rollout
-from common import (DEVICE, ConfigError, Progress, atomic_write_text, atomic_writer, chat_prompt_ids, check_fields,
-                    cleanup_distributed, completion_text, dumps_line, file_sha256, is_distributed, iter_jsonl, load_config,
-                    load_tokenizer, opt, run_cli, stop_ids_for, write_jsonl)
+from common import (DEVICE, ConfigError, DataError, Progress, atomic_write_text, atomic_writer, chat_prompt_ids,
+                    check_fields, checkpoint_fingerprint, cleanup_distributed, completion_text, dumps_line, file_sha256,
+                    hold_output, is_distributed, iter_jsonl, load_config, load_tokenizer, loads_strict, opt, run_cli,
+                    stop_ids_for, write_jsonl)
 from confprofile import load_taxonomy, read_users, render_prompt
 from model import load_model
 
@@ -88,6 +91,21 @@ LINE_START = b'{"user_id": '  # how every line label_users writes begins
 TEACHER_OUTPUT = OutputKind(("user_id", "samples"), list, "teacher output", "label.py --teacher")
 
 
+def check_teacher_line(record, where, known_ids):
+    """The content of a teacher output line, as calibrate.read_samples and evaluate.iter_predictions read
+    it: user_id one of `known_ids` (the users file's, or those of a shard's batches), samples a list of
+    {"text": a string, "finish_reason": "stop" or "length"}. A DataError "file:line: field: expected ..."."""
+    uid = record.get("user_id")
+    if not isinstance(uid, str) or uid not in known_ids:
+        raise DataError(f"{where}: user_id: {uid!r} is not one of the users this output labels; expected a user of "
+                        "--users (a shard: of its batches); is --out the output of another users file?")
+    for i, sample in enumerate(record["samples"]):
+        if not (isinstance(sample, dict) and isinstance(sample.get("text"), str)
+                and sample.get("finish_reason") in ("stop", "length")):
+            raise DataError(f"{where}: samples[{i}]: expected {{\"text\": a string, \"finish_reason\": \"stop\" or "
+                            f"\"length\"}}, got {json.dumps(sample, ensure_ascii=False)[:60]}")
+
+
 def meta_path(out_path):
     """The sidecar that records what produced a resumable output (settings): <out>.meta.json."""
     return out_path + ".meta.json"
@@ -102,12 +120,14 @@ def refuse_input_as_output(out, inputs):
             raise ValueError(f"{out}: --out is the input {flag} {path}; expected a new output file")
 
 
-def check_own_output(path, fields, what, tool, payload=list):
+def check_own_output(path, fields, what, tool, payload=list, check=None):
     """Validate that every whole line of an existing `path` is a JSON object with `fields` whose second
     is a `payload` (this tool's output), touching nothing; one line at a time. Returns ([(lineno, first
     field, byte offset of the line)], byte length of the whole lines, the bytes after them). A file
     whose lines are anything else is an error naming the line: --out pointing at the wrong file is
-    refused before a byte of it changes."""
+    refused before a byte of it changes. Lines are read strictly (a repeated key, NaN: DataError naming
+    the line), and `check(record, "file:line")`, when given, checks each line's content (check_teacher_line,
+    predict.py's check_profiles_line): what the readers downstream would refuse is refused here."""
     ids, keep, tail = [], 0, b""
     if not os.path.exists(path):
         return ids, keep, tail
@@ -120,27 +140,31 @@ def check_own_output(path, fields, what, tool, payload=list):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = loads_strict(line.decode("utf-8"))
+            except DataError as e:  # JSON, but not what our writer writes (a repeated key, NaN)
+                raise DataError(f"{path}:{lineno}: {e}") from None
             except (UnicodeDecodeError, ValueError, RecursionError):
                 record = None
             if not (isinstance(record, dict) and all(k in record for k in fields) and isinstance(record[fields[1]], payload)):
                 raise ValueError(f"{path}:{lineno}: expected a {what} line {{{', '.join(map(repr, fields))}}}; "
                                  f"is --out pointing at the right file? Refusing to touch a file {tool} did not write")
+            if check is not None:
+                check(record, f"{path}:{lineno}")
             ids.append((lineno, record[fields[0]], start))
     return ids, keep, tail
 
 
-def resume_output(path, settings=None, force=False, kind=TEACHER_OUTPUT):
+def resume_output(path, settings=None, force=False, kind=TEACHER_OUTPUT, check=None):
     """Check an existing output of `kind` before resuming it; touches nothing. Returns ({user_id: byte
     offset of its line}, byte length of its whole lines, the half-written last line).
 
-    Refused, each with a one-line error: a whole line that is not {kind.fields} (not our file); a user
-    written twice; a half-written last line that does not start like one of our lines;
+    Refused, each with a one-line error: a whole line that is not {kind.fields} (not our file), or whose
+    content `check` refuses (check_own_output); a user written twice; a half-written last line that does not start like one of our lines;
     with `settings`: a non-empty file without <out>.meta.json (not written by this tool, or by a
     version that did not record its settings) or whose recorded settings differ (the error names the
     keys), unless `force`. A killed run leaves at most one partial line (lines are written whole, then
     flushed and fsynced); open_output cuts it once all of this passed."""
-    ids, keep, tail = check_own_output(path, kind.fields, kind.what, kind.tool, kind.payload)
+    ids, keep, tail = check_own_output(path, kind.fields, kind.what, kind.tool, kind.payload, check)
     written = {}
     for lineno, uid, offset in ids:
         if uid in written:
@@ -177,14 +201,22 @@ def read_meta(path, kind=TEACHER_OUTPUT):
     return recorded
 
 
-def settings_diff(recorded, settings):
-    """"key recorded -> now" for every key whose value differs ("" when none does)."""
+def settings_diff(recorded, settings, prefix=""):
+    """"key recorded -> now" for every key whose value differs ("" when none does); where both values are
+    objects, their keys: "teacher_fingerprint.model.safetensors.sha256 "9f2c..." -> "41ab..."."""
     def short(v):
         text = json.dumps(v, ensure_ascii=False)
         return text if len(text) <= 40 else text[:37] + "..."
-    keys = sorted(set(recorded) | set(settings))
-    return ", ".join(f"{k} {short(recorded.get(k))} -> {short(settings.get(k))}" for k in keys
-                     if recorded.get(k) != settings.get(k))
+    changes = []
+    for k in sorted(set(recorded) | set(settings)):
+        was, now = recorded.get(k), settings.get(k)
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            changes.append(settings_diff(was, now, f"{prefix}{k}."))
+        else:
+            changes.append(f"{prefix}{k} {short(was)} -> {short(now)}")
+    return ", ".join(changes)
 
 
 def unfinished_batches(written, batches):
@@ -207,12 +239,13 @@ def rewrite_without(path, keep, skip):
             start += len(line)
 
 
-def open_output(path, settings=None, force=False, kind=TEACHER_OUTPUT, batches=()):
+def open_output(path, settings=None, force=False, kind=TEACHER_OUTPUT, batches=(), check=None):
     """Validate `path` (resume_output), then make it ready to append to: drop the lines of any batch an
     interrupted run wrote in part (unfinished_batches; `batches`: this process's batches as lists of
     user ids), cut a half-written last line, and record `settings` in <out>.meta.json (a forced resume
-    over other settings keeps the earlier ones under "earlier_settings"). Returns the user ids written."""
-    written, keep, tail = resume_output(path, settings, force, kind)
+    over other settings keeps the earlier ones under "earlier_settings"). `check`: each line's content
+    (check_own_output). Returns the user ids written."""
+    written, keep, tail = resume_output(path, settings, force, kind, check)
     unfinished = [uid for b in unfinished_batches(written, batches) for uid in b if uid in written]
     drop = sorted(written.pop(uid) for uid in unfinished)
     if drop:
@@ -246,14 +279,38 @@ def write_meta(path, settings, earlier=(), kind=TEACHER_OUTPUT, **extra):
     atomic_write_text(meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: the checkpoint has a tokenizer
+
+
+def require_tokenizer(path):
+    """A FileNotFoundError naming `path` when the checkpoint folder holds none of TOKENIZER_FILES (transformers
+    would otherwise build some tokenizer and fail later on without naming the folder)."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}) in this directory; expected "
+                                "the checkpoint's own tokenizer and chat template beside its weights")
+
+
+def model_fingerprint(model):
+    """The identity of the model behind an output: "sim" for the simulated teacher, else
+    common.checkpoint_fingerprint of the checkpoint (sizes and sha256 of its config, weights, tokenizer and
+    chat template files), so that a resume after the weights were retrained or replaced under the same
+    path is refused. Reads every byte of the checkpoint once (docs/design.md, "Untrusted input")."""
+    if model == "sim":
+        return "sim"
+    fingerprint = checkpoint_fingerprint(model)  # names a missing folder, config.json or *.safetensors
+    require_tokenizer(model)
+    return fingerprint
+
+
 def teacher_settings(args, taxonomy, model_key="teacher"):
     """What decides the answers in a teacher output: recorded in <out>.meta.json, compared on resume.
-    The checkpoint (or "sim") is args.<model_key>, recorded under that key. batch_users too: it cuts the
-    batches, whose users a checkpoint samples together and whose order decides which rank of a torchrun
-    run labels which users."""
+    The checkpoint (or "sim") is args.<model_key>, recorded under that key with its identity under
+    <model_key>_fingerprint (model_fingerprint). batch_users too: it cuts the batches, whose users a
+    checkpoint samples together and whose order decides which rank of a torchrun run labels which users."""
     model = getattr(args, model_key)
     settings = {
         model_key: "sim" if model == "sim" else os.path.abspath(model),
+        f"{model_key}_fingerprint": model_fingerprint(model),
         "samples": args.samples, "seed": args.seed,
         "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
@@ -274,12 +331,23 @@ def _derived_seed(*parts):
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+def checked_tokenizer(path):
+    """The checkpoint's tokenizer (common.load_tokenizer); a folder without a tokenizer file or without a chat
+    template is a one-line error naming it."""
+    require_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{path}: no chat template (chat_template.jinja, or chat_template in tokenizer_config.json); "
+                         "expected the checkpoint's own chat template")
+    return tokenizer
+
+
 class CheckpointTeacher:
     """A real checkpoint: chat template -> generate (prefix-shared n samples) -> decoded texts.
     `sampling`: SamplingParams whose stop_ids become the checkpoint's end-of-turn tokens."""
 
     def __init__(self, path, sampling, template_kwargs, device, dtype):
-        self.tokenizer = load_tokenizer(path)  # first: a missing directory is named before weights load
+        self.tokenizer = checked_tokenizer(path)  # first: a missing directory is named before weights load
         self.model = load_model(path, dtype=getattr(torch, dtype), device=device)
         self.sampling = dataclasses.replace(sampling, stop_ids=tuple(stop_ids_for(self.tokenizer)))
         self.template_kwargs = template_kwargs
@@ -390,7 +458,8 @@ def merge_shards(out_path, users, batch_users, world, settings, force=False):
     """Merge the K complete shards of `out_path` into it: batch g is read from shard g mod K, so the
     lines come in the users file's order, exactly as a one-process run writes them; one line at a
     time, written atomically. Each shard must record `settings` (unless `force`) and hold exactly its
-    batches' users, in order; the shards are removed once <out> is in place."""
+    batches' users, in order, each line a valid teacher line (check_teacher_line); the shards are removed
+    once <out> is in place, and kept whole when anything is refused."""
     paths = [shard_path(out_path, r, world) for r in range(world)]
     for path in paths:
         if not os.path.exists(path):
@@ -401,20 +470,24 @@ def merge_shards(out_path, users, batch_users, world, settings, force=False):
         if changed and not force:
             raise ValueError(f"{path}: written with other settings ({changed}); merge with the settings the shards "
                              "were labelled with, or pass --force-resume")
-    readers = [open(path, "rb") for path in paths]
+    known = {u["user_id"] for u in users}
+    readers, linenos = [open(path, "rb") for path in paths], [0] * world
     try:
         with atomic_writer(out_path) as out:
             for g, batch in enumerate(teacher_batches(users, batch_users)):
+                r = g % world
                 for user in batch:
-                    line = _next_line(readers[g % world])
-                    uid = json.loads(line)["user_id"] if line.endswith(b"\n") else None
+                    line, linenos[r] = _next_line(readers[r], linenos[r])
+                    record = _shard_record(line, f"{paths[r]}:{linenos[r]}") if line.endswith(b"\n") else None
+                    uid = record["user_id"] if record else None
                     if uid != user["user_id"]:
-                        raise ValueError(f"{paths[g % world]}: expected user {user['user_id']!r} (batch {g}) next, got "
+                        raise ValueError(f"{paths[r]}: expected user {user['user_id']!r} (batch {g}) next, got "
                                          f"{uid!r}: the shard is incomplete, or was written with other batches; run "
                                          "the labelling command again to complete it")
+                    check_teacher_line(record, f"{paths[r]}:{linenos[r]}", known)
                     out.write(line.decode("utf-8"))
             for path, f in zip(paths, readers):
-                if _next_line(f):
+                if _next_line(f)[0]:
                     raise ValueError(f"{path}: lines after its last batch; expected only the users of its batches")
     finally:
         for f in readers:
@@ -427,12 +500,27 @@ def merge_shards(out_path, users, batch_users, world, settings, force=False):
     print(f"merged {world} shards -> {out_path}")
 
 
-def _next_line(f):
-    """The next non-blank line of a file open in binary mode (b"" at its end)."""
-    line = f.readline()
+def _next_line(f, lineno=0):
+    """(the next non-blank line of a file open in binary mode (b"" at its end), its line number) after
+    line `lineno`."""
+    line, lineno = f.readline(), lineno + 1
     while line and not line.strip():
-        line = f.readline()
-    return line
+        line, lineno = f.readline(), lineno + 1
+    return line, lineno
+
+
+def _shard_record(line, where):
+    """A shard's whole line as a teacher output record {"user_id", "samples": [...]}, read strictly; anything
+    else is a DataError naming the line."""
+    try:
+        record = loads_strict(line.decode("utf-8"))
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        record = None
+    if not (isinstance(record, dict) and "user_id" in record and isinstance(record.get("samples"), list)):
+        raise DataError(f"{where}: expected a teacher output line {{'user_id', 'samples'}}; refusing to merge it")
+    return record
 
 
 def start_ranks():
@@ -457,7 +545,8 @@ def all_ranks(flag):
 
 def is_complete(out_path, users, settings, force):
     """Whether `out_path` is a finished teacher output of `settings` for all `users` (checked, untouched)."""
-    written, _, tail = resume_output(out_path, settings, force)
+    check = functools.partial(check_teacher_line, known_ids={u["user_id"] for u in users})
+    written, _, tail = resume_output(out_path, settings, force, check=check)
     return not tail and all(u["user_id"] in written for u in users)
 
 
@@ -514,8 +603,8 @@ def run_prompts(args):
     refuse_input_as_output(args.out, {"--prompts": args.prompts, "--model": args.model})
     records = read_prompts(args.prompts)
     check_own_output(args.out, ("id", "samples"), "sampler output", "label.py --model")  # replaced whole: only ours
+    tokenizer = checked_tokenizer(args.model)  # first: a missing directory is named before weights load
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    tokenizer = load_tokenizer(args.model)
     stop_ids = stop_ids_for(tokenizer)
     prompts = [chat_prompt_ids(tokenizer, r["messages"], **args.template_kwargs) for r in records]
     t0 = time.perf_counter()
@@ -542,13 +631,39 @@ def run_teacher(args):
         if len(shards) != 1 or os.path.exists(args.out):
             raise ValueError(f"{args.out}: --merge needs the shards of one torchrun run ({len(shards)} sets found: "
                              f"{', '.join(f'K = {k}' for k in shards) or 'none'}) and no {args.out} yet")
-        merge_shards(args.out, users, args.batch_users, next(iter(shards)), settings, args.force_resume)
+        world = next(iter(shards))
+        with contextlib.ExitStack() as held:  # the output and every shard: no run may be writing them
+            for path in [args.out] + [shard_path(args.out, r, world) for r in range(world)]:
+                held.enter_context(hold_output(path))
+            merge_shards(args.out, users, args.batch_users, world, settings, args.force_resume)
         return
     rank, world = start_ranks()
     try:
-        _label_shard(args, users, taxonomy, settings, shards, rank, world)
+        with contextlib.ExitStack() as held:
+            hold_outputs(held, args.out, rank, world)
+            _label_shard(args, users, taxonomy, settings, existing_shards(args.out), rank, world)
     finally:
         cleanup_distributed()
+
+
+def hold_outputs(held, out, rank, world):
+    """Hold (common.hold_output, into the ExitStack `held`) what this process writes, for the whole run:
+    one process: <out>; under torchrun rank 0 holds <out> (it merges into it) and every rank its own shard.
+    The ranks agree before any of them starts: a run refused on one rank (another run holds the output)
+    stops on all of them, each with one line."""
+    refused = None
+    try:
+        if rank == 0:
+            held.enter_context(hold_output(out))
+        if world > 1:
+            held.enter_context(hold_output(shard_path(out, rank, world)))
+    except ValueError as e:
+        refused = e
+    if world > 1 and not all_ranks(refused is None):
+        raise refused or ValueError(f"{out}: another process of this torchrun run could not hold its output (its "
+                                    "error names it); expected one run per output")
+    if refused:
+        raise refused
 
 
 def _label_shard(args, users, taxonomy, settings, shards, rank, world):
@@ -570,7 +685,8 @@ def _label_shard(args, users, taxonomy, settings, shards, rank, world):
         return
     out = args.out if world == 1 else shard_path(args.out, rank, world)
     mine = [[u["user_id"] for u in b] for b in teacher_batches(users, args.batch_users)[rank::world]]
-    done = open_output(out, settings, args.force_resume, TEACHER_OUTPUT, mine)  # before loading weights
+    check = functools.partial(check_teacher_line, known_ids={uid for b in mine for uid in b})
+    done = open_output(out, settings, args.force_resume, TEACHER_OUTPUT, mine, check)  # before loading weights
     if args.teacher == "sim":
         teacher = SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:

@@ -330,3 +330,268 @@ def test_resume_redoes_a_partly_written_batch_anywhere_in_the_file(chat_checkpoi
     label.main(base + ["--out", str(cut)])
     assert [x["user_id"] for x in _labelled(cut)] == ["u2", "u3", "u0", "u1", "u4"]
     assert sorted(cut.read_text(encoding="utf-8").splitlines()) == sorted(x.rstrip("\n") for x in lines)
+
+
+# -----------------------------------------------------------------------------
+# #23: what a resume, a merge or a second run on one output accepts must be what it claims to be
+# (label.py and predict.py, which writes through label.py's resumable output)
+
+
+def _users_file(tmp_path, users=USERS):
+    path = tmp_path / "users.jsonl"
+    path.write_text("".join(json.dumps(u) + "\n" for u in users))
+    return path
+
+
+def test_checkpoint_fingerprint_by_hand(tmp_path):
+    """common.checkpoint_fingerprint: size and sha256 of config, weights, tokenizer and chat template files,
+    nothing else; a missing folder, config.json or *.safetensors is an error naming the folder."""
+    import hashlib
+    files = {"config.json": b'{"model_type": "qwen3"}', "model-00001-of-00002.safetensors": b"w1" * 10,
+             "model-00002-of-00002.safetensors": b"w2", "model.safetensors.index.json": b"{}",
+             "tokenizer.json": b"tok", "chat_template.jinja": b"{{ messages }}", "generation_config.json": b"{}"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")  # a run's own files are not the checkpoint
+    (tmp_path / "train_state").mkdir()
+    expected = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    assert common.checkpoint_fingerprint(str(tmp_path)) == expected
+    (tmp_path / "metrics.jsonl").write_text("{}\n{}\n")
+    assert common.checkpoint_fingerprint(str(tmp_path)) == expected
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"w3")  # same size, other bytes
+    assert common.checkpoint_fingerprint(str(tmp_path))["model-00002-of-00002.safetensors"] == \
+        {"bytes": 2, "sha256": hashlib.sha256(b"w3").hexdigest()}
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}: no config.json in this directory")):
+        common.checkpoint_fingerprint(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"nowhere: model directory not found"):
+        common.checkpoint_fingerprint(str(tmp_path / "nowhere"))
+
+
+def _replace_weights(ckpt):
+    """Retrain in place: the same tensor names and shapes, other values, under the same path."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(ckpt, "model.safetensors")
+    state = load_file(path)
+    save_file({k: v + 0.01 for k, v in state.items()}, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("script", ["label", "predict"])
+def test_resume_on_other_weights_under_the_same_path_is_refused(script, tmp_path):
+    """#23 class 1: the recorded settings hold the checkpoint's fingerprint, not only its path: after the
+    weights were replaced under the same folder, a resume is refused naming the file that differs, and the
+    output is left as it was; the tokenizer and chat template count too."""
+    import predict
+    ckpt = make_chat_checkpoint(tmp_path / "ckpt")
+    users = _users_file(tmp_path)
+    out = tmp_path / "out.jsonl"
+    run = label.main if script == "label" else predict.main
+    flag = "--teacher" if script == "label" else "--model"
+    base = [flag, ckpt, "--users", str(users), "--max-new-tokens", "4", "--batch-users", "2", "--out", str(out),
+            "--progress", "false"]
+    if script == "label":
+        run(base + ["--stop-after-batches", "1"])
+    else:
+        run(base)
+        out.write_bytes(out.read_bytes()[:-30])  # killed while writing the last user
+    before = out.read_bytes()
+    recorded = json.loads((tmp_path / "out.jsonl.meta.json").read_text())["settings"][f"{flag[2:]}_fingerprint"]
+    assert set(recorded) == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                             "tokenizer_config.json", "chat_template.jinja"}
+    _replace_weights(ckpt)
+    with pytest.raises(ValueError, match=rf"out\.jsonl: written with other settings \({flag[2:]}_fingerprint\."
+                                         r"model\.safetensors\.sha256 "):
+        run(base)
+    assert out.read_bytes() == before
+    run(base + ["--force-resume"])  # on request: resumed, the earlier fingerprint kept on record
+    meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
+    assert meta["earlier_settings"][0][f"{flag[2:]}_fingerprint"] == recorded
+    with open(os.path.join(ckpt, "chat_template.jinja"), "a") as f:
+        f.write("\n")
+    with pytest.raises(ValueError, match=rf"\({flag[2:]}_fingerprint\.chat_template\.jinja\.bytes "):
+        run(base)
+
+
+def _holder(path):
+    """Another process holding `path` (common.hold_output) until it is killed; returns once it holds it:
+    the handshake is its line on the pipe, no sleep."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, common\nwith common.hold_output(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=root, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_run_on_a_held_output_is_refused_until_the_holder_dies(tmp_path):
+    """#23 class 3: two real processes. While one holds an output, label.py and predict.py on it exit 1
+    with one line naming it and the holder's pid, and write nothing; after a SIGKILL of the holder (its
+    lock file left behind) the next run proceeds, and leaves no lock file."""
+    users = _users_file(tmp_path)
+    out = tmp_path / "out.jsonl"
+    holder = _holder(out)
+    try:
+        for argv in (["label.py", "--teacher", "sim", "--samples", "2"], ["predict.py", "--model", "sim"]):
+            r = run_script(*argv, "--users", str(users), "--out", str(out), "--progress", "false")
+            assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+                f"{argv[0]}: error: {out}: in use by another run (pid {holder.pid}, holding out.jsonl.lock); expected "
+                "one process per output: wait for it to end, or choose another output"], r.stderr
+            assert not out.exists() and not (tmp_path / "out.jsonl.meta.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in it
+        holder.wait()
+    assert (tmp_path / "out.jsonl.lock").exists()
+    r = run_script("label.py", "--teacher", "sim", "--samples", "2", "--users", str(users), "--out", str(out),
+                   "--progress", "false")
+    assert r.returncode == 0, r.stderr
+    assert [x["user_id"] for x in _labelled(out)] == [u["user_id"] for u in USERS]
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.meta.json", "users.jsonl"]
+
+
+def test_the_output_is_held_for_the_whole_run(tmp_path, monkeypatch):
+    """#23 class 3: while label.py writes --out (one process) and while predict.py writes its profiles, another
+    process cannot take the output: asked from inside the teacher's answer() call, mid-run."""
+    import predict
+    users = _users_file(tmp_path)
+    seen = []
+    real_answer = label.SimulatedTeacher.answer
+
+    def answer(self, message_lists, n, seeds):
+        code = "import sys, common\nwith common.hold_output(sys.argv[1]):\n    pass\n"
+        r = subprocess.run([sys.executable, "-c", code, seen[-1]], capture_output=True, text=True, timeout=120,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        seen.append(r.returncode != 0 and "in use by another run" in r.stderr)
+        return real_answer(self, message_lists, n, seeds)
+
+    monkeypatch.setattr(label.SimulatedTeacher, "answer", answer)
+    for run, argv in ((label.main, ["--teacher", "sim", "--samples", "2"]), (predict.main, ["--model", "sim"])):
+        out = str(tmp_path / f"{run.__module__}.jsonl")
+        seen.append(out)
+        run(argv + ["--users", str(users), "--out", out, "--batch-users", "5", "--progress", "false"])
+        assert seen.pop() is True and seen.pop() == out
+        assert not os.path.exists(out + ".lock")
+
+
+def test_torchrun_on_a_held_output_stops_on_every_rank(tmp_path):
+    """#23 class 3 under torchrun: rank 0 cannot hold --out, the ranks agree, and both stop (no hang, no shard)."""
+    users = _users_file(tmp_path)
+    out = tmp_path / "out.jsonl"
+    holder = _holder(out)
+    try:
+        r = torchrun("--teacher", "sim", "--users", str(users), "--samples", "2", "--out", str(out), "--progress",
+                     "false")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode != 0 and f"{out}: in use by another run (pid {holder.pid}" in r.stderr
+    assert "another process of this torchrun run could not hold its output" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl.lock", "users.jsonl"]
+
+
+def test_resume_checks_the_content_of_each_line(tmp_path):
+    """#23 class 5: a finished teacher file holding a line that calibrate.py / evaluate.py would refuse
+    (a user not in --users, an answer that is not text, a repeated key) is refused naming file, line and
+    field, before a byte changes; the same for predict.py's profiles (a confidence of 1e9)."""
+    import predict
+    users = _users_file(tmp_path)
+    out = tmp_path / "teacher.jsonl"
+    base = ["--teacher", "sim", "--users", str(users), "--samples", "2", "--out", str(out), "--progress", "false"]
+    label.main(base)
+    good = out.read_text()
+    lines = good.splitlines(keepends=True)
+    stranger = json.dumps({"user_id": "stranger", "samples": [{"text": "{}", "finish_reason": "stop"}]}) + "\n"
+    bad = dict(json.loads(lines[1]), samples=[{"text": 5, "finish_reason": "stop"}])
+    for content, message in ((good + stranger, r"teacher\.jsonl:6: user_id: 'stranger' is not one of the users"),
+                             (lines[0] + json.dumps(bad) + "\n", r"teacher\.jsonl:2: samples\[0\]: expected"),
+                             (lines[0] + lines[1][:-2] + ', "user_id": "u1"}\n',
+                              r"teacher\.jsonl:2: user_id: duplicate key")):
+        out.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            label.main(base)
+        assert out.read_text() == content
+    # profiles: the line checks of evaluate.py's reader
+    profiles = tmp_path / "profiles.jsonl"
+    pbase = ["--model", "sim", "--users", str(users), "--out", str(profiles), "--progress", "false"]
+    predict.main(pbase)
+    lines = profiles.read_text().splitlines(keepends=True)
+    record = json.loads(lines[2])
+    record["profile"]["age"]["confidence"] = 1e9
+    for content, message in (("".join(lines[:2]) + json.dumps(record) + "\n",
+                              r"profiles\.jsonl:3: profile\.age\.confidence: expected a number 0\.\.10"),
+                             ("".join(lines) + lines[0].replace('"u0"', '"stranger"'),
+                              r"profiles\.jsonl:6: user_id: 'stranger' is not one of the users")):
+        profiles.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            predict.main(pbase)
+        assert profiles.read_text() == content
+
+
+def test_merge_refuses_an_invalid_shard_line_and_keeps_the_shards(tmp_path):
+    """#23 class 5: a shard line whose payload is invalid (a sample without text) is refused by --merge naming
+    the shard, line and field; no output is written and both shards stay as they were."""
+    users = _users_file(tmp_path)
+    out = tmp_path / "two.jsonl"
+    args = label.LabelConfig(teacher="sim", users=str(users), out=str(out), samples=2, batch_users=2)
+    taxonomy = load_taxonomy()
+    settings = label.teacher_settings(args, taxonomy)
+    for rank in (0, 1):
+        shard = label.shard_path(str(out), rank, 2)
+        done = label.open_output(shard, settings)
+        label.label_users(label.SimulatedTeacher(taxonomy, 0, 1.0), USERS, taxonomy, shard, 2, batch_users=2,
+                          progress=False, done=done, shard=(rank, 2))
+    shard1 = tmp_path / "two.jsonl.rank1-of2"
+    lines = shard1.read_text().splitlines(keepends=True)
+    broken = dict(json.loads(lines[1]), samples=[{"finish_reason": "stop"}])
+    shard1.write_text(lines[0] + json.dumps(broken) + "\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"two\.jsonl\.rank1-of2:2: samples\[0\]: expected"):
+        label.main(["--teacher", "sim", "--users", str(users), "--samples", "2", "--batch-users", "2", "--out",
+                    str(out), "--merge", "--progress", "false"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_predict_refuses_a_malformed_thresholds_file_in_one_line(tmp_path):
+    """#23: thresholds.json as predict.py's input: a repeated key (the last would win silently), NaN, or nesting
+    too deep is one line naming the file; nothing is written."""
+    import predict
+    users = _users_file(tmp_path)
+    taus = {d: {"tau": 5} for d in load_taxonomy()["dimensions"]}
+    th = tmp_path / "thresholds.json"
+    cases = [('{"dimensions": {"gender": {"tau": 9}, ' + json.dumps({"dimensions": taus})[16:],
+              r"thresholds\.json: gender: duplicate key in one object"),
+             (json.dumps({"dimensions": taus}).replace('"tau": 5}', '"tau": 5, "tau": 0}', 1),
+              r"thresholds\.json: tau: duplicate key"),
+             (json.dumps({"dimensions": taus, "note": float("nan")}), r"thresholds\.json: invalid JSON number NaN"),
+             ('{"dimensions": ' + "[" * 100000 + "]" * 100000 + "}", r"thresholds\.json: JSON nested too deeply")]
+    for text, message in cases:
+        th.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(predict.main, "predict.py", ["--model", "sim", "--users", str(users), "--thresholds", str(th),
+                                                        "--out", str(tmp_path / "p.jsonl"), "--progress", "false"])
+        assert "\n" not in e.value.code and re.search(message, e.value.code), e.value.code
+        assert not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.parametrize("script", ["label", "predict"])
+def test_a_checkpoint_without_tokenizer_or_chat_template_is_named(script, tmp_path):
+    """#23 class 7: a checkpoint folder that is missing, or has weights but no tokenizer, or a tokenizer but no
+    chat template: one line naming the folder, before any weights load."""
+    import predict
+    users = _users_file(tmp_path)
+    ckpt = make_chat_checkpoint(tmp_path / "ckpt")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(ckpt, name), bare / name)
+    os.remove(os.path.join(ckpt, "chat_template.jinja"))
+    flag = "--teacher" if script == "label" else "--model"
+    main = label.main if script == "label" else predict.main
+    for path, message in ((tmp_path / "missing", r"missing: model directory not found"),
+                          (bare, r"bare: no tokenizer \(tokenizer\.json, tokenizer\.model, vocab\.json\) in this "
+                                 "directory"),
+                          (ckpt, r"ckpt: no chat template")):
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(main, f"{script}.py", [flag, str(path), "--users", str(users), "--out",
+                                                  str(tmp_path / "o.jsonl"), "--progress", "false"])
+        assert "\n" not in e.value.code and re.search(message, e.value.code), e.value.code
