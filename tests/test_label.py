@@ -394,15 +394,15 @@ def test_resume_on_other_weights_under_the_same_path_is_refused(script, tmp_path
     else:
         run(base)
         out.write_bytes(out.read_bytes()[:-30])  # killed while writing the last user
-    before = out.read_bytes()
-    recorded = json.loads((tmp_path / "out.jsonl.meta.json").read_text())["settings"][f"{flag[2:]}_fingerprint"]
-    assert set(recorded) == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                             "tokenizer_config.json", "chat_template.jinja"}
+    before, meta = out.read_bytes(), (tmp_path / "out.jsonl.meta.json").read_text()
     _replace_weights(ckpt)
     with pytest.raises(ValueError, match=rf"out\.jsonl: written with other settings \({flag[2:]}_fingerprint\."
                                          r"model\.safetensors\.sha256 "):
         run(base)
     assert out.read_bytes() == before
+    recorded = json.loads(meta)["settings"][f"{flag[2:]}_fingerprint"]
+    assert set(recorded) == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                             "tokenizer_config.json", "chat_template.jinja"}
     run(base + ["--force-resume"])  # on request: resumed, the earlier fingerprint kept on record
     meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
     assert meta["earlier_settings"][0][f"{flag[2:]}_fingerprint"] == recorded
