@@ -306,7 +306,8 @@ def hold_output(path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            words = os.read(fd, 32).decode("ascii", "replace").split()
+            holder = words[0] if words and words[0].isdigit() else "unknown"  # the holder writes its pid there
             os.close(fd)
             raise ValueError(f"{path}: in use by another run (pid {holder}, holding {os.path.basename(lock)}); "
                              "expected one process per output: wait for it to end, or choose another output") from None
@@ -322,7 +323,8 @@ def hold_output(path):
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        os.unlink(lock)  # while still holding it: whoever locks the file at `lock` next holds the output
+        with contextlib.suppress(FileNotFoundError):  # (removed by hand meanwhile: nothing to remove)
+            os.unlink(lock)  # while still holding it: whoever locks the file at `lock` next holds the output
         os.close(fd)
 
 

@@ -626,15 +626,16 @@ def run_teacher(args):
     taxonomy = load_taxonomy(args.taxonomy)
     users = read_users(args.users, taxonomy=taxonomy)
     settings = teacher_settings(args, taxonomy)
-    shards = existing_shards(args.out)
     if args.merge:
-        if len(shards) != 1 or os.path.exists(args.out):
-            raise ValueError(f"{args.out}: --merge needs the shards of one torchrun run ({len(shards)} sets found: "
-                             f"{', '.join(f'K = {k}' for k in shards) or 'none'}) and no {args.out} yet")
-        world = next(iter(shards))
         with contextlib.ExitStack() as held:  # the output and every shard: no run may be writing them
-            for path in [args.out] + [shard_path(args.out, r, world) for r in range(world)]:
-                held.enter_context(hold_output(path))
+            held.enter_context(hold_output(args.out))
+            shards = existing_shards(args.out)
+            if len(shards) != 1 or os.path.exists(args.out):
+                raise ValueError(f"{args.out}: --merge needs the shards of one torchrun run ({len(shards)} sets found: "
+                                 f"{', '.join(f'K = {k}' for k in shards) or 'none'}) and no {args.out} yet")
+            world = next(iter(shards))
+            for r in range(world):
+                held.enter_context(hold_output(shard_path(args.out, r, world)))
             merge_shards(args.out, users, args.batch_users, world, settings, args.force_resume)
         return
     rank, world = start_ranks()
