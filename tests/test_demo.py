@@ -41,7 +41,7 @@ def test_quick_demo_writes_every_row(quick_run):
         assert f"| {name} |" in md
     # Each stage's equivalent command line is printed and recorded (the run doubles as a tutorial).
     shown = [line for line in stdout.splitlines() if line.startswith("$ ")]
-    for script in ("profilebench.py", "rollout.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py", "predict.py"):
+    for script in ("profilebench.py", "label.py", "calibrate.py", "sft.py", "rl.py", "evaluate.py", "predict.py"):
         assert any(f" {script} " in line for line in shown), script
     assert any(line.startswith("$ torchrun --standalone --nproc_per_node=2 sft.py") for line in shown)  # both cores, 1 thread each
     # The RL log carries what shows a label-free run going wrong before F1 does (docs/design.md, "Reading a Stage-2 run").

@@ -1,22 +1,20 @@
-"""rollout.py: the sampler against transformers and against itself, the sampling math by hand, the CLIs.
+"""rollout.py: the sampler against transformers and against itself, the sampling math by hand (the CLIs
+built on it: tests/test_label.py).
 
 Tiny random checkpoints come from tests/tiny_checkpoints.py (vocab 256, hidden 64, 2 layers).
 """
 import dataclasses
-import json
 import math
 import os
 import pytest
 import re
-import shutil
-import subprocess
-import sys
 import tokenizer_families
 from tiny_checkpoints import hf_greedy, hf_model, make_checkpoint
 
 import torch
 
 import common
+import label
 import rollout
 from common import TOKEN_BREAKS, added_token_texts
 from confprofile import load_taxonomy, render_prompt
@@ -417,9 +415,9 @@ def test_sampler_settings_are_checked_before_any_work(qwen3, setting, message, c
         rollout.generate(model, PROMPTS, rollout.SamplingParams(max_new_tokens=3, **setting), n=2, seed=0)
     (key, value), = setting.items()
     with pytest.raises(SystemExit) as e:  # the command line: one line naming the key, exit status 1
-        common.run_cli(rollout.main, "rollout.py", ["--teacher", "sim", "--users", "u.jsonl", "--out", "o.jsonl",
-                                                    f"--{key.replace('_', '-')}", str(value)])
-    assert e.value.code.startswith("rollout.py: error: rollout: " + key) and "expected" in e.value.code
+        common.run_cli(label.main, "label.py", ["--teacher", "sim", "--users", "u.jsonl", "--out", "o.jsonl",
+                                                f"--{key.replace('_', '-')}", str(value)])
+    assert e.value.code.startswith("label.py: error: label: " + key) and "expected" in e.value.code
 
 
 def test_same_seed_same_samples_different_seed_different(qwen3):
@@ -469,98 +467,6 @@ def test_tokenizer_helpers(chat_checkpoint):
     assert common.stop_ids_for(tok) == sorted(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
 
 
-def test_cli_round_trip(chat_checkpoint, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    records = [{"id": "a", "messages": [{"role": "user", "content": "the user watched"}]},
-               {"id": 7, "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "age"}]}]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
-    out = tmp_path / "out.jsonl"
-    argv = ["--model", chat_checkpoint, "--prompts", str(prompts), "--samples", "3", "--max-new-tokens", "6",
-            "--temperature", "0.8", "--seed", "5", "--out", str(out), "--progress", "false"]
-    rollout.main(argv)
-    lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["id"] for x in lines] == ["a", 7]
-    # the same samples as calling the library directly with the same seed
-    tok, model = common.load_tokenizer(chat_checkpoint), load_model(chat_checkpoint)
-    stop = common.stop_ids_for(tok)
-    direct = rollout.generate(model, [common.chat_prompt_ids(tok, r["messages"]) for r in records], rollout.SamplingParams(max_new_tokens=6, temperature=0.8, stop_ids=stop), n=3, seed=5)
-    for line, group in zip(lines, direct):
-        assert [s["text"] for s in line["samples"]] == [common.completion_text(tok, s, stop) for s in group]
-        assert [s["finish_reason"] for s in line["samples"]] == [s.finish_reason for s in group]
-    rollout.main(argv)  # a rerun with the same seed writes the same file
-    assert [json.loads(x) for x in out.read_text().splitlines()] == lines
-
-    prompts.write_text(json.dumps(records[0]) + "\n" + json.dumps({"id": "b", "messages": "hi"}) + "\n")
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: messages"):
-        rollout.main(argv)
-    prompts.write_text(json.dumps(records[0]) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: invalid JSON"):
-        rollout.main(argv)
-
-
-# -----------------------------------------------------------------------------
-# Teacher labelling: restartable, one whole line per user
-
-USERS = [{"user_id": f"u{i}", "behavior": {"watched": ["cooking videos", "stock market news"][: 1 + i % 2]},
-          "demographic": {"age": str(20 + i)}} for i in range(5)]
-
-
-def _labelled(path):
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
-
-
-@pytest.mark.parametrize("teacher", ["checkpoint", "sim"])
-def test_teacher_labelling_restarts_without_duplicates(teacher, chat_checkpoint, tmp_path):
-    users = tmp_path / "users.jsonl"
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
-    teacher_arg = chat_checkpoint if teacher == "checkpoint" else "sim"
-    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
-    base = ["--teacher", teacher_arg, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
-            "--seed", "1", "--batch-users", "2", "--progress", "false"]
-    rollout.main(base + ["--out", str(full)])
-    lines = _labelled(full)
-    assert [x["user_id"] for x in lines] == [u["user_id"] for u in USERS]
-    for x in lines:
-        assert len(x["samples"]) == 2
-        for s in x["samples"]:
-            assert set(s) == {"text", "finish_reason"} and s["finish_reason"] in ("stop", "length")
-    # a run killed while writing user 3 (the second of batch [u2, u3]): three whole lines and half of the fourth
-    text = full.read_text(encoding="utf-8").splitlines(keepends=True)
-    cut.write_text(text[0] + text[1] + text[2] + text[3][:17], encoding="utf-8")
-    shutil.copy(str(full) + ".meta.json", str(cut) + ".meta.json")  # written before the first line
-    rollout.main(base + ["--out", str(cut)])
-    # u2's line is dropped and the batch [u2, u3] sampled again whole: exactly the uninterrupted run
-    assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
-    rollout.main(base + ["--out", str(cut)])  # nothing left to do: nothing written
-    assert cut.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
-    # a complete line we did not write is an error naming it, not something to skip or overwrite
-    cut.write_text(text[0] + "not a teacher line\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"cut\.jsonl:2: expected a teacher output line"):
-        rollout.main(base + ["--out", str(cut)])
-
-
-def test_greedy_predictions_batch_many_users(chat_checkpoint, tmp_path, monkeypatch):
-    """--samples 1 --temperature 0 (predictions for evaluate.py): users go to generate() many at a time,
-    and batching does not change greedy answers."""
-    users = tmp_path / "users.jsonl"
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
-    calls = []
-    real_generate = rollout.generate
-
-    def counting_generate(model, prompts, sampling, **kw):
-        calls.append(len(prompts))
-        return real_generate(model, prompts, sampling, **kw)
-
-    monkeypatch.setattr(rollout, "generate", counting_generate)
-    base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "1", "--temperature", "0",
-            "--max-new-tokens", "6", "--progress", "false"]
-    rollout.main(base + ["--out", str(tmp_path / "a.jsonl")])
-    assert calls == [5]
-    rollout.main(base + ["--out", str(tmp_path / "b.jsonl"), "--batch-users", "2"])
-    assert calls == [5, 2, 2, 1]
-    assert _labelled(tmp_path / "a.jsonl") == _labelled(tmp_path / "b.jsonl")
-
-
 # -----------------------------------------------------------------------------
 # Untrusted users and files
 
@@ -593,221 +499,3 @@ def test_user_text_never_becomes_control_tokens(family):
     assert clean == clean_raw and stuffed_raw > clean  # the attack is real without the defence
     assert stuffed == clean
     assert tok.decode(ids).replace(TOKEN_BREAKS[0], "") == raw_text  # what the model reads is the same text
-
-
-def test_out_that_is_not_our_output_is_left_untouched(chat_checkpoint, tmp_path):
-    """#13 item 3: --out naming a file rollout.py did not write, or one of its inputs, is refused before a byte
-    of it changes (the old code cut "half-written last lines" first)."""
-    users = tmp_path / "users.jsonl"
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
-    notes = tmp_path / "notes.txt"
-    notes.write_bytes(b"meeting notes\nremember: the teacher file is elsewhere")  # 55 bytes, no final newline
-    base = ["--teacher", "sim", "--users", str(users), "--samples", "2", "--progress", "false"]
-    for content in (notes.read_bytes(), b"", b"todo\n", b'{"user_id": "u0", "samples": []}\nhalf a line'):
-        notes.write_bytes(content)
-        if content:
-            with pytest.raises(ValueError, match=r"notes\.txt"):
-                rollout.main(base + ["--out", str(notes)])
-            assert notes.read_bytes() == content
-    assert not (tmp_path / "notes.txt.meta.json").exists()
-    before = users.read_bytes()
-    with pytest.raises(ValueError, match=r"--out is the input --users"):
-        rollout.main(base + ["--out", str(users)])
-    assert users.read_bytes() == before
-    # generic mode replaces --out whole: only a file of its own, never its --prompts
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    notes.write_bytes(b"meeting notes\n")
-    for out in (notes, prompts):
-        before = out.read_bytes()
-        with pytest.raises(ValueError, match=r"(notes\.txt:1: expected a sampler output line|--out is the input --prompts)"):
-            rollout.main(["--model", chat_checkpoint, "--prompts", str(prompts), "--max-new-tokens", "2", "--out", str(out),
-                          "--progress", "false"])
-        assert out.read_bytes() == before
-
-
-def test_teacher_resume_with_other_settings_is_refused(tmp_path):
-    """#13 item 4: a teacher output records what produced it (<out>.meta.json); resuming it with other settings
-    is refused with one line naming the keys, unless --force-resume (which keeps the earlier settings on record)."""
-    users = tmp_path / "users.jsonl"
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
-    out = tmp_path / "teacher.jsonl"
-    base = ["--teacher", "sim", "--users", str(users), "--out", str(out), "--progress", "false"]
-    rollout.main(base + ["--samples", "2", "--seed", "1"])
-    meta = json.loads((tmp_path / "teacher.jsonl.meta.json").read_text())
-    assert meta["settings"]["teacher"] == "sim" and meta["settings"]["samples"] == 2 and meta["settings"]["seed"] == 1
-    assert {"temperature", "top_k", "top_p", "max_new_tokens", "template_kwargs", "taxonomy_sha256",
-            "users_sha256"} <= set(meta["settings"])
-    written = out.read_bytes()
-    out.write_bytes(written[:-40])  # killed while writing the last user
-    with pytest.raises(ValueError, match=r"teacher\.jsonl: written with other settings \(samples 2 -> 4, seed 1 -> 0\)"):
-        rollout.main(base + ["--samples", "4", "--seed", "0"])
-    assert out.read_bytes() == written[:-40]  # refused before anything was cut
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS[:4]))
-    with pytest.raises(ValueError, match=r"\(users_sha256 "):
-        rollout.main(base + ["--samples", "2", "--seed", "1"])
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
-    rollout.main(base + ["--samples", "2", "--seed", "1"])  # same settings: resumes, the same file as one run
-    assert out.read_bytes() == written
-    rollout.main(base + ["--samples", "3", "--seed", "1", "--force-resume"])
-    meta = json.loads((tmp_path / "teacher.jsonl.meta.json").read_text())
-    assert meta["settings"]["samples"] == 3 and meta["earlier_settings"][0]["samples"] == 2
-    # a teacher file from before settings were recorded: resumed only on request; still read by calibrate/evaluate
-    (tmp_path / "teacher.jsonl.meta.json").unlink()
-    with pytest.raises(ValueError, match=r"has no teacher\.jsonl\.meta\.json"):
-        rollout.main(base + ["--samples", "3", "--seed", "1"])
-
-
-def test_labelling_ignores_partial_labels(tmp_path):
-    """#13 item 9: labels covering some dimensions only are valid (questionnaires have gaps); labelling
-    does not use them."""
-    users = tmp_path / "users.jsonl"
-    users.write_text("".join(json.dumps({**u, "labels": {"gender": "female", "age": None}}) + "\n" for u in USERS))
-    out = tmp_path / "teacher.jsonl"
-    rollout.main(["--teacher", "sim", "--users", str(users), "--samples", "2", "--out", str(out), "--progress", "false"])
-    assert len(_labelled(out)) == len(USERS)
-
-
-def run_script(*argv):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=root)
-
-
-def cli_error(argv):
-    """The one line rollout.py exits with (sys.exit(message): printed to stderr, exit status 1)."""
-    with pytest.raises(SystemExit) as e:
-        common.run_cli(rollout.main, "rollout.py", argv)
-    assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
-    return e.value.code
-
-
-def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
-    """#13 item 12: bad input gets one line (file:line: field: what was expected) and a non-zero exit."""
-    users = tmp_path / "users.jsonl"
-    users.write_text('{"user_id": "a"}\n{"user_id": "b", "behavior": {"watched": [[[1]]]}}\n')
-    good = tmp_path / "good.jsonl"
-    good.write_text('{"user_id": "a"}\n')
-    deep = tmp_path / "deep.jsonl"
-    deep.write_text('{"user_id": "a", "behavior": ' + "[" * 100000 + "]" * 100000 + "}\n")
-    cases = [
-        (["--teacher", "sim", "--users", str(users), "--out", str(tmp_path / "t.jsonl")],
-         r"users\.jsonl:2: behavior\.watched\[0\]: expected a string"),
-        (["--teacher", str(tmp_path / "no-such-model"), "--users", str(good), "--out", str(tmp_path / "t2.jsonl")],
-         r"no-such-model: model directory not found"),
-        (["--teacher", "sim", "--users", str(good), "--out", str(good)], r"--out is the input --users"),
-        (["--teacher", "sim", "--users", str(deep), "--out", str(tmp_path / "t3.jsonl")], r"deep\.jsonl:1: JSON nested too deeply"),
-        (["--teacher", "sim", "--users", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "t4.jsonl")],
-         r"No such file or directory: .*missing\.jsonl"),
-    ]
-    for argv, message in cases:
-        line = cli_error(argv)
-        assert line.startswith("rollout.py: error: ") and re.search(message, line), line
-    result = run_script("rollout.py", *cases[0][0])  # the real entry point: that line on stderr, exit status 1
-    assert result.returncode == 1 and result.stderr.strip().splitlines() == [cli_error(cases[0][0])]
-
-
-# -----------------------------------------------------------------------------
-# Labelling across processes (#16): batches r, r + K, ... per rank, one shard each, merged in file order
-
-USERS9 = [{"user_id": f"u{i}", "behavior": {"watched": ["cooking videos", "stock market news", "gym"][: 1 + i % 3]},
-           "demographic": {"age": str(20 + i)}} for i in range(9)]
-
-
-def torchrun(*argv):
-    """rollout.py under torchrun, 2 processes (gloo); --standalone: a free port of its own."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "rollout.py", *argv], cwd=root, capture_output=True, text=True, timeout=300)
-
-
-def test_torchrun_checkpoint_shards_equal_one_process_after_a_kill(chat_checkpoint, tmp_path, capsys):
-    """2 processes label a checkpoint teacher's batches into two shards; stopped part-way, one shard cut in
-    the middle of a batch (a whole line of it and half the next), then resumed: the merged file is the
-    one-process run's, byte for byte, so no user's samples depended on its rank or on the restart."""
-    users = tmp_path / "users.jsonl"
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS9))
-    base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "2", "--max-new-tokens", "6",
-            "--temperature", "1.0", "--seed", "3", "--batch-users", "2", "--progress", "false"]
-    rollout.main(base + ["--out", str(tmp_path / "one.jsonl")])
-    one = (tmp_path / "one.jsonl").read_text(encoding="utf-8")
-    out = tmp_path / "two.jsonl"
-    # batches [u0 u1] [u2 u3] [u4 u5] [u6 u7] [u8]: rank 0 takes 0, 2, 4; rank 1 takes 1, 3
-    r = torchrun(*base, "--out", str(out), "--stop-after-batches", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "not every shard" in r.stdout and not out.exists()
-    shard0, shard1 = tmp_path / "two.jsonl.rank0-of2", tmp_path / "two.jsonl.rank1-of2"
-    assert [x["user_id"] for x in _labelled(shard0)] == ["u0", "u1", "u4", "u5"]
-    lines = shard1.read_text(encoding="utf-8").splitlines(keepends=True)
-    assert [json.loads(x)["user_id"] for x in lines] == ["u2", "u3", "u6", "u7"]
-    # whichever rank drew a batch, and in whatever process, its lines are the one-process run's
-    assert set(lines + shard0.read_text(encoding="utf-8").splitlines(keepends=True)) <= set(one.splitlines(keepends=True))
-    shard1.write_text("".join(lines[:3]) + lines[3][:30], encoding="utf-8")  # killed while writing u7
-    r = torchrun(*base, "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "dropping 1 whole line(s) of a batch" in r.stderr and f"merged 2 shards -> {out}" in r.stdout
-    assert out.read_text(encoding="utf-8") == one
-    assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "one.jsonl.meta.json", "two.jsonl", "two.jsonl.meta.json",
-                                            "users.jsonl"]
-    assert json.loads((tmp_path / "two.jsonl.meta.json").read_text())["settings"] == \
-        json.loads((tmp_path / "one.jsonl.meta.json").read_text())["settings"]
-    # run again as rank 0 of 2 (in this process: this path returns before any collective): all done, and
-    # shards a merge left behind (it stopped before removing them) are removed with their .meta.json
-    shard0.write_text("x")
-    (tmp_path / "two.jsonl.rank0-of2.meta.json").write_text("{}")
-    args, _ = common.load_config(rollout.RolloutConfig, base + ["--out", str(out)])
-    taxonomy = load_taxonomy()
-    rollout._label_shard(args, USERS9, taxonomy, rollout.teacher_settings(args, taxonomy),
-                         rollout.existing_shards(str(out)), 0, 2)
-    assert "complete, nothing to do" in capsys.readouterr().out and out.read_text(encoding="utf-8") == one
-    assert not list(tmp_path.glob("*rank*"))
-
-
-def test_merge_of_shards_and_its_refusals(tmp_path):
-    """Shards labelled as ranks 0 and 1 of 2 (in this process), merged with --merge: the one-process file.
-    Refused: a one-process run while shards exist, a shard missing a user, --merge without shards."""
-    users = tmp_path / "users.jsonl"
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
-    base = ["--teacher", "sim", "--users", str(users), "--samples", "2", "--batch-users", "2", "--progress", "false"]
-    rollout.main(base + ["--out", str(tmp_path / "one.jsonl")])
-    out = tmp_path / "two.jsonl"
-    args = rollout.RolloutConfig(teacher="sim", users=str(users), out=str(out), samples=2, batch_users=2)
-    taxonomy = load_taxonomy()
-    settings = rollout.teacher_settings(args, taxonomy)
-    for rank in (0, 1):  # batches [u0 u1] [u2 u3] [u4]: rank 0 takes 0 and 2, rank 1 takes 1
-        shard = rollout.shard_path(str(out), rank, 2)
-        done = rollout.open_output(shard, settings)
-        rollout.label_users(rollout.SimulatedTeacher(taxonomy, 0, 1.0), USERS, taxonomy, shard, 2, batch_users=2,
-                            progress=False, done=done, shard=(rank, 2))
-    with pytest.raises(ValueError, match=r"two\.jsonl\.rank0-of2: a shard of a torchrun run"):
-        rollout.main(base + ["--out", str(out)])
-    shard1 = tmp_path / "two.jsonl.rank1-of2"
-    lines = shard1.read_text().splitlines(keepends=True)
-    assert [json.loads(x)["user_id"] for x in lines] == ["u2", "u3"]
-    shard1.write_text(lines[0])
-    with pytest.raises(ValueError, match=r"rank1-of2: expected user 'u3' \(batch 1\) next, got None"):
-        rollout.main(base + ["--out", str(out), "--merge"])
-    assert not out.exists()
-    shard1.write_text("".join(lines))
-    rollout.main(base + ["--out", str(out), "--merge"])
-    assert out.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
-    assert not list(tmp_path.glob("*rank*"))
-    with pytest.raises(ValueError, match=r"--merge needs the shards of one torchrun run \(0 sets found: none\)"):
-        rollout.main(base + ["--out", str(out), "--merge"])
-
-
-def test_resume_redoes_a_partly_written_batch_anywhere_in_the_file(chat_checkpoint, tmp_path):
-    """A batch written in part that is followed by other batches' lines (a file whose lines came in
-    another order) is dropped by rewriting the file, and sampled again whole: the set of lines is the
-    uninterrupted run's."""
-    users = tmp_path / "users.jsonl"
-    users.write_text("".join(json.dumps(u) + "\n" for u in USERS))
-    base = ["--teacher", chat_checkpoint, "--users", str(users), "--samples", "2", "--max-new-tokens", "5",
-            "--temperature", "1.0", "--batch-users", "2", "--progress", "false"]
-    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
-    rollout.main(base + ["--out", str(full)])
-    lines = full.read_text(encoding="utf-8").splitlines(keepends=True)
-    cut.write_text(lines[0] + lines[2] + lines[3], encoding="utf-8")  # u0 of [u0 u1], then all of [u2 u3]
-    shutil.copy(str(full) + ".meta.json", str(cut) + ".meta.json")
-    rollout.main(base + ["--out", str(cut)])
-    assert [x["user_id"] for x in _labelled(cut)] == ["u2", "u3", "u0", "u1", "u4"]
-    assert sorted(cut.read_text(encoding="utf-8").splitlines()) == sorted(x.rstrip("\n") for x in lines)

@@ -1,5 +1,5 @@
 """Checkpoints round-trip: what sft.py (full and LoRA) and rl.py (LoRA, beta > 0) save is an HF directory
-that transformers loads, and transformers' greedy generate() gives the same answers as rollout.py (our
+that transformers loads, and transformers' greedy generate() gives the same answers as label.py (our
 sampler, from the command line) on it. Tiny random checkpoints of each family with a chat tokenizer, and
 SmolLM2-135M-Instruct's real weights after LoRA SFT."""
 import importlib.util
@@ -15,7 +15,7 @@ from tiny_checkpoints import make_checkpoint
 
 import profilebench
 import rl
-import rollout
+import label
 import sft
 from common import chat_prompt_ids, load_tokenizer, stop_ids_for
 
@@ -27,7 +27,7 @@ MAX_NEW = 16
 
 def hf_greedy_texts(path, messages_list):
     """transformers' greedy answers to each chat: generate() until one of our stop ids, decoded as
-    rollout.py writes a completion (the final stop token cut, special tokens dropped)."""
+    label.py writes a completion (the final stop token cut, special tokens dropped)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path)
@@ -46,7 +46,7 @@ def hf_greedy_texts(path, messages_list):
 
 
 def our_greedy_texts(path, prompts_file, out):
-    rollout.main(["--model", str(path), "--prompts", str(prompts_file), "--out", str(out), "--temperature", "0",
+    label.main(["--model", str(path), "--prompts", str(prompts_file), "--out", str(out), "--temperature", "0",
                   "--max-new-tokens", str(MAX_NEW), "--progress", "false"])
     return [json.loads(line)["samples"][0]["text"] for line in open(out, encoding="utf-8")]
 

@@ -10,12 +10,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each script may import only scripts of a lower layer: the pipeline on top, the stage scripts, the
-# sampler, the world / evaluation / calibration, the domain core and the model, the shared base.
+# labelling job (predict.py writes through it), the sampler, the world / evaluation / calibration, the
+# domain core and the model, the shared base.
 LAYERS = [
     {"common"},
     {"confprofile", "model", "plots", "checkpoint"},
     {"profilebench", "evaluate", "calibrate", "trainer"},
     {"rollout"},
+    {"label"},
     {"sft", "rl", "predict"},
     {"pipeline"},
 ]
@@ -91,10 +93,10 @@ def test_help_explains_every_option():
     import predict
     import profilebench
     import rl
-    import rollout
+    import label
     import sft
     for script, cls in (("rl.py", rl.RLConfig), ("sft.py", sft.SFTConfig), ("pipeline.py", pipeline.DemoConfig),
-                        ("rollout.py", rollout.RolloutConfig), ("evaluate.py", evaluate.EvaluateConfig),
+                        ("label.py", label.LabelConfig), ("evaluate.py", evaluate.EvaluateConfig),
                         ("calibrate.py", calibrate.CalibrateConfig), ("profilebench.py", profilebench.WorldArgs),
                         ("predict.py", predict.PredictConfig), ("plots.py", plots.PlotsConfig)):
         out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,

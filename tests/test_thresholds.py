@@ -10,6 +10,7 @@ import common
 import evaluate
 import predict
 import profilebench
+import label
 import rollout
 from confprofile import load_taxonomy
 
@@ -367,7 +368,7 @@ def test_predict_resumes_and_refuses_other_settings_and_foreign_files(users_file
 
 def test_predict_batches_users_shares_prompts_and_matches_greedy_rollout(users_file, tmp_path, monkeypatch, capsys):
     """A checkpoint: users go to rollout.generate --batch-users at a time with n samples per prompt (the
-    prompt prefilled once for its samples); greedy profiles are the parse of rollout.py's greedy texts."""
+    prompt prefilled once for its samples); greedy profiles are the parse of label.py's greedy texts."""
     from test_rollout import make_chat_checkpoint
     ckpt = make_chat_checkpoint(tmp_path / "ckpt")
     users = tmp_path / "five.jsonl"
@@ -384,7 +385,7 @@ def test_predict_batches_users_shares_prompts_and_matches_greedy_rollout(users_f
     assert calls == [(2, 1), (2, 1), (1, 1)] and "users/s" in capsys.readouterr().out
     predict.main(base + ["--out", str(tmp_path / "v.jsonl"), "--samples", "3", "--temperature", "1"])
     assert calls[-1] == (5, 3)
-    rollout.main(["--teacher", ckpt, "--users", str(users), "--samples", "1", "--temperature", "0", "--max-new-tokens",
+    label.main(["--teacher", ckpt, "--users", str(users), "--samples", "1", "--temperature", "0", "--max-new-tokens",
                   "6", "--out", str(tmp_path / "r.jsonl"), "--progress", "false"])
     taxonomy = load_taxonomy()
     for p, r in zip(read_lines(tmp_path / "p.jsonl"), read_lines(tmp_path / "r.jsonl")):
