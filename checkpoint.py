@@ -7,6 +7,7 @@ its input files' sha256) and the resume guards built on it; the metrics log. Not
 or GRPO: trainer.py calls it.
 """
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.tensor import DTensor
 
-from common import (ConfigError, atomic_write_text, file_sha256, fsync_file, is_distributed, is_sharded, local_shard,
+from common import (ConfigError, atomic_write_text, checkpoint_fingerprint, file_sha256, fsync_file, is_distributed, is_sharded, local_shard,
                     replace_dir, reshard, unwrap)
 
 # -----------------------------------------------------------------------------
@@ -227,6 +228,9 @@ def save_sharded_training_state(path, model, optimizer, step, extra=None, made_b
     dist.barrier()
 
 
+SHARD_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "json")  # rank<r>.<each>
+
+
 def load_sharded_training_state(path, model, optimizer):
     """Restore this rank's shards written by save_sharded_training_state (same world size); returns
     (step, extra). Every rank must call it."""
@@ -237,6 +241,11 @@ def load_sharded_training_state(path, model, optimizer):
         raise ValueError(f"{path}: written with parallel={layout.get('parallel')}, world_size="
                          f"{layout.get('world_size')}; this run is parallel=fsdp, world_size={world}: a sharded "
                          "state loads only into the layout that wrote it")
+    missing = [f"rank{r}.{kind}" for r in range(world) for kind in SHARD_FILES if not os.path.isfile(
+        os.path.join(path, f"rank{r}.{kind}"))]
+    if missing:  # every rank sees the same folder, so every rank stops here: none waits in a collective
+        raise ValueError(f"{path}: {', '.join(missing[:4])} missing; expected every rank's files of the sharded "
+                         f"state ({', '.join(SHARD_FILES)} for ranks 0..{world - 1})")
     reshard(model)
     params = dict(unwrap(model).named_parameters())
     shards = load_file(os.path.join(path, f"rank{rank}.model.safetensors"))
@@ -270,16 +279,20 @@ def load_sharded_training_state(path, model, optimizer):
 # mixed into this run's metrics).
 
 
-def run_record(cfg, path_keys, inputs):
+def run_record(cfg, path_keys, inputs, checkpoints=None):
     """{"config": the resolved config (path keys made absolute, so one file named two ways is one file),
-    "inputs": {name: {"path", "bytes", "sha256"}} of each existing input file in `inputs` {name: path}}."""
+    "inputs": {name: {"path", "bytes", "sha256"}} of each existing input file in `inputs` {name: path},
+    "checkpoints": {name: common.checkpoint_fingerprint(dir)} of each checkpoint dir in `checkpoints`
+    (the weights a run starts from: a folder retrained in place is another checkpoint under one path)}."""
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))
     for key in path_keys:
         if config.get(key):
             config[key] = os.path.abspath(config[key])
     files = {name: os.path.abspath(path) for name, path in inputs.items() if path and os.path.isfile(path)}
     return {"config": config, "inputs": {name: {"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
-                                         for name, path in files.items()}}
+                                         for name, path in files.items()},
+            "checkpoints": {name: {"path": os.path.abspath(path), "files": checkpoint_fingerprint(path)}
+                            for name, path in (checkpoints or {}).items()}}
 
 
 def record_changes(saved, record, may_change):
@@ -295,6 +308,13 @@ def record_changes(saved, record, may_change):
         if was is None or (was.get("bytes"), was.get("sha256")) != (now["bytes"], now["sha256"]):
             before = "no file" if was is None else f"{was.get('bytes')} bytes, sha256 {str(was.get('sha256'))[:12]}"
             diffs.append(f"{name} file {now['path']} changed ({before} -> {now['bytes']} bytes, sha256 {now['sha256'][:12]})")
+    old_checkpoints = saved.get("checkpoints") or {}
+    for name, now in sorted(record.get("checkpoints", {}).items()):
+        was = (old_checkpoints.get(name) or {}).get("files")
+        if was != now["files"]:
+            changed = "no fingerprint recorded" if not isinstance(was, dict) else ", ".join(
+                f for f in sorted(set(was) | set(now["files"])) if was.get(f) != now["files"].get(f))
+            diffs.append(f"{name} checkpoint {now['path']} is not the one the run started from ({changed})")
     return diffs
 
 
@@ -304,10 +324,16 @@ def check_output_dir(cfg, record, may_change, rank=0):
     which); without --resume, output_dir must not hold another run's resumable state. A sharded state
     (record["layout"]: parallel fsdp) needs the same parallel mode and world size, even with --force-resume."""
     state_dir = os.path.join(cfg.output_dir, "train_state")
+    if os.path.abspath(cfg.output_dir) == os.path.abspath(cfg.model):
+        raise ConfigError(f"output_dir {cfg.output_dir}: is the model this run starts from; expected another folder "
+                          "(the final checkpoint would overwrite the weights the run is reading)")
     if not cfg.resume:
         if os.path.exists(state_dir) or os.path.exists(state_dir + ".old"):
             raise ConfigError(f"{state_dir}: holds the resumable state of an unfinished run; add --resume to continue "
                               "it, or delete it (or choose another output_dir) to start afresh")
+        if finished_run_files(cfg.output_dir) and not cfg.overwrite:
+            raise ConfigError(f"{cfg.output_dir}: holds a finished run (its checkpoint, config and metrics); add "
+                              "--overwrite to replace it, or choose another output_dir")
         return
     path, saved = read_training_state(state_dir)
     old_layout, layout = saved.get("layout") or {"parallel": "ddp"}, record.get("layout")
@@ -324,12 +350,46 @@ def check_output_dir(cfg, record, may_change, rank=0):
         print(f"--force-resume: {path} goes on with changed settings: {'; '.join(diffs)}", flush=True)
 
 
+FINISHED_RUN = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.json", "merges.txt", "chat_template.jinja", "adapter", "metrics.jsonl", "sft_config.json",
+                "rl_config.json", "training_curves.png")  # what a finished sft.py / rl.py run leaves in output_dir
+
+
+def finished_run_files(output_dir):
+    """The files of a finished run in output_dir (its final checkpoint, adapters, metrics, config, curves),
+    or [] when there is no final checkpoint (config.json and a *.safetensors beside it)."""
+    if not os.path.isfile(os.path.join(output_dir, "config.json")) or not glob.glob(
+            os.path.join(glob.escape(output_dir), "*.safetensors")):
+        return []
+    return sorted(p for pattern in FINISHED_RUN for p in glob.glob(os.path.join(glob.escape(output_dir), pattern)))
+
+
+def clear_finished_run(output_dir):
+    """--overwrite: remove a finished run's files before a new run starts in its folder, so the folder never
+    describes one run while holding another's weights (or adapters). Other files are left alone."""
+    for path in finished_run_files(output_dir):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def open_metrics(path, start_step):
     """metrics.jsonl for appending: a fresh run starts it empty; a resumed one keeps the lines of the
     steps it resumes after (a killed run may have logged steps past its last checkpoint)."""
     kept = []
     if start_step and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                step = json.loads(line)["step"] if line.strip() else None
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines) and not line.endswith("\n"):  # a write cut short (a full disk, a kill)
+                    print(f"{path}: line {number} was cut short; dropped (the resumed run logs that step again)",
+                          flush=True)
+                    break
+                raise ValueError(f"{path}: line {number}: expected one JSON object with a \"step\" per line (what "
+                                 "the trainers log); repair or delete the file to resume") from None
+            if isinstance(step, int) and step <= start_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(kept))
     return open(path, "a", encoding="utf-8")

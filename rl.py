@@ -58,7 +58,7 @@ from evaluate import evaluate, profile_from_parse
 from rollout import SamplingParams, generate, token_logprobs
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
 from trainer import (TrainingConfig, announce, autocast_for, build_policy, build_reference, default, finish,
-                     guard_output_dir, optimizer_step, pad_micro_batches, shard, start, train)
+                     guard_output_dir, hold_output_dir, optimizer_step, pad_micro_batches, shard, start, train)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rl_demo.json")
 CHOICES = {
@@ -998,7 +998,8 @@ def main(argv=None):
         uses_stage1 = "stage1" in (cfg.difficulty, cfg.confidence_weighting)
         inputs = {"data": cfg.data, "stage1": cfg.stage1 if uses_stage1 else "",
                   "taxonomy": cfg.taxonomy or DEFAULT_TAXONOMY}
-        return run(cfg, env, guard_output_dir(cfg, env, PATH_KEYS, inputs, RESUME_MAY_CHANGE))
+        with hold_output_dir(cfg, env):
+            return run(cfg, env, guard_output_dir(cfg, env, PATH_KEYS, inputs, RESUME_MAY_CHANGE))
     finally:
         cleanup_distributed()
 

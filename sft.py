@@ -53,7 +53,7 @@ from common import (PARALLEL, ConfigError, all_reduce_sum, barrier, cleanup_dist
                     load_tokenizer, neutralize_messages, opt, run_cli, stop_ids_for)
 from model import ModelArgs, Transformer, init_weights, save_model
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
-from trainer import (TrainingConfig, announce, autocast_for, build_policy, finish, guard_output_dir, optimizer_step,
+from trainer import (TrainingConfig, announce, autocast_for, build_policy, finish, guard_output_dir, hold_output_dir, optimizer_step,
                      shard, start, train)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
@@ -508,7 +508,6 @@ SHORT = {"loss": "loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "eval_loss"
 def run(cfg, env, made_by=None):
     """Build (or find) the student, train it on the chats, save the final checkpoint."""
     torch.manual_seed(cfg.seed)
-    prepare_student(cfg, env.rank)
     data = load_data(cfg, load_tokenizer(cfg.model), env)
     model = build_policy(cfg, env.device).train()
     shard(cfg, env, model)
@@ -523,9 +522,11 @@ def main(argv=None):
     cfg, env = start(SFTConfig, argv, DEFAULT_CONFIG, "sft.py", __doc__)
     try:
         check_config(cfg, env.world_size)
-        made_by = guard_output_dir(cfg, env, PATH_KEYS, {"data": cfg.data, "eval_data": cfg.eval_data},
-                                   RESUME_MAY_CHANGE)
-        return run(cfg, env, made_by)
+        with hold_output_dir(cfg, env):
+            prepare_student(cfg, env.rank)  # the demo student: built before its fingerprint is taken
+            made_by = guard_output_dir(cfg, env, PATH_KEYS, {"data": cfg.data, "eval_data": cfg.eval_data},
+                                       RESUME_MAY_CHANGE)
+            return run(cfg, env, made_by)
     finally:
         cleanup_distributed()
 

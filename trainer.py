@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from checkpoint import check_output_dir, load_training_state, open_metrics, run_record, save_training_state
+from checkpoint import (check_output_dir, clear_finished_run, load_training_state, open_metrics, run_record,
+                        save_training_state)
 from common import (DEVICE, PARALLEL, ConfigError, Progress, all_reduce_sum, append_jsonl, barrier, check_fields,
-                    full_state_dict, is_sharded, load_config, local_shard, save_config,
+                    full_state_dict, hold_output, is_sharded, load_config, local_shard, save_config,
                     opt, setup_distributed, shard_model, unwrap)
 from model import LORA_TARGETS, AdaptersOff, add_lora, load_model, save_adapter, save_model
 from plots import draw_training_curves
@@ -66,6 +67,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, slower")
     resume: bool = opt(False, "continue from output_dir/train_state (made with the same settings)")
     force_resume: bool = opt(False, "resume even though settings or data changed (they are named)")
+    overwrite: bool = opt(False, "replace the finished run in output_dir (its checkpoint, adapters, metrics and config "
+                          "are removed first); without it such a folder is refused")
 
     WHERE = "config"  # how errors name the config ("sft config", "rl config")
 
@@ -84,7 +87,7 @@ def default(key, value):
 
 # Keys that may change on --resume in every trainer: they decide how a run is watched, saved, stopped
 # or placed, not what it computes (a new device is not bit-exact, but moving a run is legitimate).
-RESUME_MAY_CHANGE = ("resume", "force_resume", "stop_after_steps", "save_every", "eval_every", "device",
+RESUME_MAY_CHANGE = ("resume", "force_resume", "overwrite", "stop_after_steps", "save_every", "eval_every", "device",
                      "gradient_checkpointing", "output_dir")
 
 # -----------------------------------------------------------------------------
@@ -115,14 +118,48 @@ def start(config_class, argv, default_config, prog, doc):
     return cfg, Env(rank, world_size, device)
 
 
+@contextlib.contextmanager
+def hold_output_dir(cfg, env):
+    """Hold output_dir for this run alone, from its checks to its final save: rank 0 takes the OS lock
+    (common.hold_output: a second run on the same folder is refused in one line; the kernel frees the
+    lock when the run ends or is killed), and every rank learns whether it could, so a refused torchrun
+    job stops on every rank instead of leaving the others waiting in a collective."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if env.main:
+            try:
+                stack.enter_context(hold_output(os.path.abspath(cfg.output_dir).rstrip(os.sep)))
+            except ValueError as e:
+                error = e
+        if not agree(error is None, env) and error is None:
+            raise ConfigError(f"{cfg.output_dir}: in use by another run (rank 0 could not hold it)")
+        if error is not None:
+            raise error
+        yield
+
+
+def agree(ok, env):
+    """True when `ok` is true on every rank (every rank must call it)."""
+    if env.world_size == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=env.device)
+    all_reduce_sum(flag)
+    return flag.item() == 0
+
+
 def guard_output_dir(cfg, env, path_keys, inputs, may_change):
-    """What produced this run (checkpoint.run_record: the resolved config, the input files' sha256 and the
-    process layout), checked against output_dir before anything is written there: a --resume with other
-    settings or inputs is refused, and so is a fresh run into a folder holding another run's state.
-    The one place that decides whether a run may use output_dir. Returns the record."""
-    made_by = run_record(cfg, path_keys, inputs)
+    """What produced this run (checkpoint.run_record: the resolved config, the input files' sha256, the
+    fingerprint of the checkpoint it starts from -- also RL's reference -- and the process layout),
+    checked against output_dir before anything is written there: a --resume with other settings, inputs
+    or weights is refused, and so is a fresh run into a folder holding another run's state, or a finished
+    run unless --overwrite (which removes that run's files first). The one place that decides whether a
+    run may use output_dir; call it inside hold_output_dir. Returns the record."""
+    made_by = run_record(cfg, path_keys, inputs, {"model": cfg.model})
     made_by["layout"] = {"parallel": cfg.parallel, "world_size": env.world_size}
     check_output_dir(cfg, made_by, may_change, env.rank)
+    if cfg.overwrite and not cfg.resume and env.main:
+        clear_finished_run(cfg.output_dir)
+    barrier()
     return made_by
 
 
@@ -330,7 +367,14 @@ def train(cfg, model, step, total_steps, measures=(), env=Env(), made_by=None, l
     short {metric: name} picks what the progress bar shows."""
     optimizer = build_optimizer(model, cfg)
     state_dir = os.path.join(cfg.output_dir, "train_state")
-    start = load_training_state(state_dir, model, optimizer)[0] if cfg.resume else 0
+    start, error = 0, None
+    if cfg.resume:
+        try:
+            start = load_training_state(state_dir, model, optimizer)[0]
+        except (ValueError, OSError) as e:  # a damaged file may be one rank's: every rank stops, none waits
+            error = e
+    if not agree(error is None, env):
+        raise error or ConfigError(f"{state_dir}: another rank could not load its part of the training state")
     log = None
     if env.main:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -396,8 +440,11 @@ def finish(cfg, env, model, done, total_steps, t0=None):
     weights = full_state_dict(model, env.rank) if is_sharded(model) else None  # every rank: shards all-gathered
     if env.main:
         save_model(unwrap(model), cfg.output_dir, tokenizer_dir=cfg.model, state=weights)
+        adapter = os.path.join(cfg.output_dir, "adapter")
         if cfg.lora_rank and cfg.lora_save_adapter:
-            save_adapter(unwrap(model), os.path.join(cfg.output_dir, "adapter"), base_model=os.path.abspath(cfg.model))
+            save_adapter(unwrap(model), adapter, base_model=os.path.abspath(cfg.model))
+        else:  # adapters of an earlier run in this folder would not belong to this checkpoint
+            shutil.rmtree(adapter, ignore_errors=True)
         shutil.rmtree(os.path.join(cfg.output_dir, "train_state"), ignore_errors=True)
         took = f" after {time.time() - t0:.0f}s of training" if t0 else ""
         print(f"saved the final checkpoint to {cfg.output_dir}{took}; training curves: "
