@@ -328,20 +328,8 @@ def train(cfg, model, step, total_steps, measures=(), env=Env(), made_by=None, l
     at the last one, and whenever a measure reports. Every cfg.save_every steps the model, optimizer,
     step and RNG states go to output_dir/train_state atomically, with `made_by` (what produced the run).
     short {metric: name} picks what the progress bar shows."""
-    optimizer = build_optimizer(model, cfg)
-    state_dir = os.path.join(cfg.output_dir, "train_state")
-    start = load_training_state(state_dir, model, optimizer)[0] if cfg.resume else 0
-    log = None
-    if env.main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        log = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)  # drops steps after the checkpoint
-        if start:
-            print(f"resumed from {state_dir} at step {start}", flush=True)
-    if start == 0:
-        record = {"step": 0, **measure_all(measures, model, 0)}
-        if env.main and len(record) > 1:
-            append_jsonl(log, record)
-            print(f"step 0 (the starting model): {fmt_metrics(record, short)}", flush=True)
+    optimizer, state_dir = build_optimizer(model, cfg), os.path.join(cfg.output_dir, "train_state")
+    start, log = begin(cfg, model, optimizer, state_dir, measures, env, short)
     bar = Progress(total_steps, name, "step", initial=start, disable=not env.main)
     device = next(model.parameters()).device
     done = start
@@ -364,6 +352,25 @@ def train(cfg, model, step, total_steps, measures=(), env=Env(), made_by=None, l
     if log is not None:
         log.close()
     return done
+
+
+def begin(cfg, model, optimizer, state_dir, measures, env, short):
+    """The first step: the saved one with cfg.resume (model and optimizer loaded from state_dir), else 0,
+    and then the starting model's measures are logged. Returns (start, the metrics log: rank 0's, cut back
+    to the start; None elsewhere)."""
+    start = load_training_state(state_dir, model, optimizer)[0] if cfg.resume else 0
+    log = None
+    if env.main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        log = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)  # drops steps after the checkpoint
+        if start:
+            print(f"resumed from {state_dir} at step {start}", flush=True)
+    if start == 0:
+        record = {"step": 0, **measure_all(measures, model, 0)}
+        if env.main and len(record) > 1:
+            append_jsonl(log, record)
+            print(f"step 0 (the starting model): {fmt_metrics(record, short)}", flush=True)
+    return start, log
 
 
 def measure_all(measures, model, done):
