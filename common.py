@@ -456,7 +456,8 @@ def config_help(cls, prog, description="", default_config=None):
     lines.append("options (a flag overrides the --config file, which overrides the default):")
     rows = [("--config FILE.json", "JSON object of option values (the keys below, with underscores)"
              + (f" [{os.path.relpath(default_config)}]" if default_config else ""))]
-    for f in dataclasses.fields(cls):
+    order = getattr(cls, "HELP_ORDER", ())  # keys declared over several classes, in the order --help lists them
+    for f in sorted(dataclasses.fields(cls), key=lambda f: order.index(f.name) if f.name in order else len(order)):
         kind = _field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         meta = dict(f.metadata)

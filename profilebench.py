@@ -24,6 +24,9 @@ When gold is NA (`gold_labels`):
 * occupation is NA for adults outside the class list (homemakers, the unemployed: rate `no_occupation`);
 * industry is NA for school pupils (under 18), for the retired and for users with NA occupation.
 
+`build_demo_student` writes the demo's student (sft.py --init-student): a byte-level BPE tokenizer
+trained on the corpus, a ChatML chat template and a tiny from-scratch Qwen3.
+
 CLI: python profilebench.py --out DIR --n-train 4000 --n-test 1000 --seed 0 [--lang zh]
 writes DIR/train.jsonl (no labels), DIR/train_labels.jsonl (for analysis only), DIR/test.jsonl
 (with labels) and DIR/world_config.json. Same arguments, same bytes.
@@ -38,6 +41,7 @@ import random
 import confprofile
 
 from common import ConfigError, atomic_write_text, check_fields, load_config, opt, run_cli, write_jsonl
+from model import ModelArgs, Transformer, init_weights, save_model
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary: per-class cue topics as (English, Chinese). Every topic is unique.
@@ -658,6 +662,86 @@ def malform(text, profile, rng):
     elif kind == "unknown_label":
         raw[dim]["label"] = {"occupation": "doctor", "industry": "IT", "age": "young"}.get(dim, "unknown")
     return json.dumps(raw, ensure_ascii=False)
+
+
+# -----------------------------------------------------------------------------
+# The demo student (sft.py --init-student): BPE tokenizer trained on the corpus + ChatML template + tiny
+# from-scratch Qwen3
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+# ChatML, as Qwen writes it: every turn is <|im_start|>role\n...<|im_end|>\n; generation starts "assistant\n".
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def corpus_texts(paths):
+    """Texts to train the tokenizer on: every message content of chat JSONL files, else the raw line."""
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("messages"), list):
+                    texts.extend(m["content"] for m in record["messages"])
+                else:
+                    texts.append(line.rstrip("\n"))
+    return texts
+
+
+def demo_tokenizer(texts, vocab_size):
+    """The demo student's tokenizer: byte-level BPE trained on `texts`, with the ChatML chat template."""
+    # here: only the demo student needs these, and transformers takes seconds to import
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not texts:
+        raise ValueError("build_demo_student: no corpus texts to train the tokenizer on")
+    tok = Tokenizer(models.BPE())
+    # Pieces may span words (no whitespace split, like SentencePiece's split_by_whitespace=false), so the
+    # corpus' frequent phrases -- instruction lines, JSON keys, whole keyphrases ("fishing gear tips") --
+    # become single tokens: sequences are much shorter than with GPT-2 word splitting, which is what
+    # lets a from-scratch student train on a CPU in minutes. Pieces never cross a line end (so the
+    # generation prompt "...assistant\n" stays a token prefix of the full chat), start at a quote (JSON
+    # values are their own pieces) and keep numbers apart (a confidence is one token of its own).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("\n"), behavior="merged_with_previous"),
+        pre_tokenizers.Split(Regex('"'), behavior="merged_with_next"),
+        pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes: any UTF-8 (Chinese too) round-trips
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                        additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                        model_max_length=32768, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_demo_student(texts, out_dir, vocab_size=4096, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64,
+                       intermediate=768, seed=0):
+    """Write an HF checkpoint dir: byte-level BPE tokenizer, ChatML chat template, from-scratch Qwen3."""
+    tokenizer = demo_tokenizer(texts, vocab_size)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
+    args = ModelArgs(model_type="qwen3", vocab_size=len(tokenizer), dim=hidden, n_layers=layers, n_heads=heads,
+                     n_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate, qk_norm=True,
+                     tie_embeddings=True, max_position_embeddings=32768, rope_theta=1e6)
+    config = args.to_hf_config()
+    config.update(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    model = Transformer(args, config)
+    init_weights(model, std=0.02, seed=seed)
+    save_model(model, out_dir)
+    return out_dir
 
 
 # -----------------------------------------------------------------------------

@@ -3,42 +3,32 @@ Stage 2 of Conf-Profile: confidence-guided GRPO on unlabelled users (docs/design
 
     python rl.py                                   # CPU demo: configs/rl_demo.json, from runs/demo/sft
     python rl.py --config configs/X.json [--key value ...] [--resume]
-    torchrun --nproc_per_node=2 rl.py ...          # data-parallel: each rank its own users
+    torchrun --nproc_per_node=2 rl.py ...          # data-parallel: each process its own users
     torchrun --nproc_per_node=2 rl.py --parallel fsdp   # and the model sharded (FSDP2): docs/fsdp.md
 
 There are no labels. For each of B users the policy writes G profiles (one prompt, G rollouts). The
 confidence-weighted vote of those G profiles is the truth ("quasi label"), each rollout is rewarded
 for agreeing with it, and the policy is pushed towards the rollouts that agreed, GRPO-style.
 
-What we keep from GRPO (TRL's GRPOTrainer option names): G samples per prompt and group-relative
-advantages, no value network (`scale_rewards`); the clipped surrogate with clip-higher (`epsilon`,
-`epsilon_high`) and `num_iterations` passes over one batch; the three token-loss normalisations
-(`loss_type`: dapo, grpo, dr_grpo); k3 KL to a frozen reference (`beta`, default 0: no reference).
-With LoRA (`lora_rank` > 0) only the adapters train, and the reference is the policy itself with its
-adapters switched off (model.AdaptersOff): the starting checkpoint, without a second copy of it.
-
-What Conf-Profile adds, each an option so it can be switched off:
-  * quasi labels (`quasi_label`, `na_weight`): the Stage-1 vote over the G rollouts; NA's votes may
-    be discounted (NA is "too little evidence", not evidence for a class).
+Kept from GRPO (TRL's GRPOTrainer option names): G samples per prompt, group-relative advantages and
+no value network (`scale_rewards`); the clipped surrogate with clip-higher (`epsilon`, `epsilon_high`),
+`num_iterations` passes over a batch; the token-loss normalisations (`loss_type`); k3 KL to the
+starting checkpoint (`beta`, default 0: no reference). Added by Conf-Profile, each an option:
+  * quasi labels (`quasi_label`, `na_weight`): the Stage-1 vote over the G rollouts;
   * difficulty filter (`difficulty`, `low`, `high`): train on users whose rollouts agree moderately;
-    rollouts without a valid answer count against agreement.
   * reward r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd: agreeing with the quasi label earns, disagreeing
-    costs its stated confidence (`agreement`), an unparseable answer costs -1, and a dimension
-    answered without a confidence is a failure of that dimension, never a cheaper answer.
-  * frozen confidence (`confidence_weighting`): the tokens that state a confidence, exactly as the
-    parser reads them, are cut out of the loss, so RL cannot inflate the number it is weighted by.
-  * credit per dimension (`advantage`): each dimension's reward has its own group-relative advantage,
-    given to the tokens of that dimension's answer.
+    costs its stated confidence (`agreement`), an unparseable answer or a missing confidence costs -1;
+  * frozen confidence (`confidence_weighting`): the tokens that state a confidence are cut out of the
+    loss, so RL cannot inflate the number it is weighted by;
+  * credit per dimension (`advantage`): each dimension's own advantage on its answer's tokens.
+Dropped: value and reward models, entropy bonuses, vLLM / TRL machinery. Rollouts share each prompt's
+KV cache (rollout.generate), and so does training (pack_groups: one row [prompt, c1..cG]).
 
-What we drop: value and reward models, entropy bonuses, vLLM / TRL machinery. Rollouts share each
-prompt's KV cache (rollout.generate); training shares it too (pack_groups): one row [prompt, c1..cG].
-
-The file reads top-down: the RL keys; grpo_step, one GRPO step as seven phases (rollouts -> parse ->
-quasi labels -> difficulty and filter -> rewards -> advantages and token maps -> policy update); the
-formulas of each phase, in that order; then, below the BOOKKEEPING line, what a run needs around them
-(the packed forward, metrics, the probe and dev evaluation, run, main). The loop, resume, saving and
-the processes are trainer.py's. Metrics: one line per step in output_dir/metrics.jsonl, drawn at the
-end in output_dir/training_curves.png (reward, agreement, NA rate, mean stated confidence: plots.py).
+Reads top-down: the RL keys; grpo_step, one step as seven phases (rollouts -> parse -> quasi labels ->
+difficulty and filter -> rewards -> advantages and token maps -> policy update); the formulas of each
+phase in that order; below the BOOKKEEPING line the packed forward, metrics, probe and dev evaluation,
+run and main. The loop, saving and the processes are trainer.py's. Metrics: output_dir/metrics.jsonl,
+drawn at the end in output_dir/training_curves.png (plots.py).
 """
 import json
 import math
@@ -75,7 +65,6 @@ CHOICES = {
 @dataclass
 class RLKeys:
     """The keys of Stage 2 (RLConfig, at the bookkeeping line, adds the optimiser and runtime ones)."""
-    # model and data
     model: str = opt("runs/demo/sft", "HF checkpoint dir of the SFT student (also the KL reference)", nonempty=True)
     data: str = opt("runs/demo/world/train.jsonl", "unlabelled users (JSONL)", nonempty=True)
     stage1: str = opt("runs/demo/sft.jsonl", "calibrate.py's SFT set: the frozen Stage-1 confidences that "
@@ -84,7 +73,6 @@ class RLKeys:
     output_dir: str = opt("runs/demo/rl", "the final HF checkpoint, rl_config.json, metrics.jsonl, train_state/",
                           nonempty=True)
     chat_template_kwargs: dict = opt({}, 'passed to the chat template, e.g. {"enable_thinking": false} for Qwen3')
-    # rollouts
     batch_size: int = opt(4, "B: users per step, all processes together", min=1)
     num_generations: int = opt(8, "G: rollouts per user (advantages are relative within these)", min=2)
     max_new_tokens: int = opt(256, "longest rollout (TRL: max_completion_length)", min=1)
@@ -92,7 +80,6 @@ class RLKeys:
     top_k: int = opt(0, "sample from the k most likely tokens (0 = all)", min=0)
     top_p: float = opt(1.0, "nucleus mass to sample from (1 = all)", gt=0, max=1)
     max_batch_tokens: int = opt(0, "KV-cache slots per generate() batch (0 = the device's default)", min=0)
-    # Conf-Profile
     quasi_label: str = opt("confidence", "quasi label: the vote of the G rollouts weighted by stated confidence, or "
                            "a plain majority", choices=CHOICES["quasi_label"])
     na_weight: float = opt(1.0, "weight of the NA votes in the quasi-label vote (1 = as in Stage 1; below 1 a label "
@@ -107,7 +94,6 @@ class RLKeys:
                                     choices=CHOICES["confidence_weighting"])
     agreement: str = opt("flat", "an agreeing answer earns +1 (flat) or +w (weighted); a disagreeing one costs w",
                          choices=CHOICES["agreement"])
-    # GRPO
     scale_rewards: str = opt("group", "divide advantages by the group's reward std (group) or not (none)",
                              choices=CHOICES["scale_rewards"])
     advantage: str = opt("dimension", "one advantage per dimension, given to its answer's tokens, or one per "
@@ -121,7 +107,6 @@ class RLKeys:
     micro_batch_size: int = opt(8, "rollouts per forward/backward (gradients accumulate over the batch)", min=1)
     max_steps: int = opt(20, "GRPO steps", min=1)
     seed: int = opt(0, "data order and rollout randomness", min=0)
-    # evaluation
     dev_data: str = opt("", "labelled users for a periodic greedy evaluation (empty: none)")
     dev_size: int = opt(100, "dev users evaluated", min=1)
     eval_every: int = opt(0, "steps between dev evaluations (0 = none)", min=0)
@@ -506,7 +491,7 @@ def k3_kl(logp, ref_logp):
 
 def loss_normaliser(n_sequences, n_loss_tokens, loss_type, max_new_tokens):
     """Denominator of the batch loss for `loss_type`, counted over the WHOLE batch (all micro-batches,
-    all ranks): dapo = loss tokens; grpo = sequences (each sequence's token mean is taken first, see
+    all processes): dapo = loss tokens; grpo = sequences (each sequence's token mean is taken first, see
     loss_numerator); dr_grpo = sequences * max_new_tokens (a constant: no length bias at all)."""
     return float({"dapo": n_loss_tokens, "grpo": n_sequences, "dr_grpo": n_sequences * max_new_tokens}[loss_type])
 
@@ -764,12 +749,7 @@ def step_metrics(groups, rewards, keep, stats, sums, grad_norm, stepped, lr, cfg
         "len_sum": sum(lengths), "truncated": sum(s.finish_reason == "length" for g in groups for s in g),
         **{k: v for k, v in sums.items() if k != "lp_diff_max"}, **stats,
     }
-    keys = sorted(local)
-    t = dict(zip(keys, all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64,
-                                                          device=device)).tolist()))
-    peak = torch.tensor([sums["lp_diff_max"]], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    t, peak = global_sums(local, sums["lp_diff_max"], device)
     n, per_tok, per_it_tok = max(t["rollouts_n"], 1), max(t["loss_tokens"], 1), max(t["loss_tokens"], 1) * cfg.num_iterations
     mean_r = t["reward_sum"] / n
     metrics = {
@@ -779,7 +759,7 @@ def step_metrics(groups, rewards, keep, stats, sums, grad_norm, stepped, lr, cfg
         "loss": t["loss"] / cfg.num_iterations if stepped else 0.0, "entropy": t["entropy"] / per_tok,
         "clip_low": t["clip_low"] / per_it_tok, "clip_high": t["clip_high"] / per_it_tok,
         "clip_region": t["clip_region"] / per_it_tok,
-        "lp_diff_mean": t["lp_diff"] / max(t["lp_tokens"], 1), "lp_diff_max": float(peak),
+        "lp_diff_mean": t["lp_diff"] / max(t["lp_tokens"], 1), "lp_diff_max": peak,
         "grad_norm": grad_norm, "lr": lr, "loss_seqs": t["seqs"], "trained_seqs": t["trained_seqs"],
         "optimizer_step": int(stepped), "kept": int(t["kept_users"]),
         "rollout_s": t_rollout, "train_s": t_train, "rollout_tok_s": t["len_sum"] / max(t_rollout, 1e-9),
@@ -787,16 +767,30 @@ def step_metrics(groups, rewards, keep, stats, sums, grad_norm, stepped, lr, cfg
         "zero_var_kept_frac": t["zero_var_kept"] / max(t["kept_users"], 1),
     }
     if "format_fail" in t:  # the Conf-Profile statistics (profile_stats)
-        metrics.update({
-            "too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]), "format_fail": t["format_fail"] / n,
-            "confidence": t["conf_sum"] / max(t["answered"], 1), "na_rate": t["na"] / max(t["answered"], 1),
-            "no_confidence": t["no_confidence"] / max(t["dim_slots"], 1),
-            "majority_ratio": t["majority_sum"] / max(t["majority_n"], 1),
-            "difficulty": t["difficulty_sum"] / max(t["users"], 1),
-        })
+        metrics.update(profile_metrics(t, n))
     if cfg.beta > 0:
         metrics["kl"] = t["kl"] / per_it_tok
     return metrics
+
+
+def global_sums(local, peak, device):
+    """The metric sums {name: number} summed over processes (in float64), and the largest of `peak`."""
+    keys = sorted(local)
+    t = dict(zip(keys, all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64,
+                                                   device=device)).tolist()))
+    peak = torch.tensor([peak], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return t, float(peak)
+
+
+def profile_metrics(t, n):
+    """The Conf-Profile statistics (profile_stats' sums over all processes) as rates and means over n rollouts."""
+    return {"too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]), "format_fail": t["format_fail"] / n,
+            "confidence": t["conf_sum"] / max(t["answered"], 1), "na_rate": t["na"] / max(t["answered"], 1),
+            "no_confidence": t["no_confidence"] / max(t["dim_slots"], 1),
+            "majority_ratio": t["majority_sum"] / max(t["majority_n"], 1),
+            "difficulty": t["difficulty_sum"] / max(t["users"], 1)}
 
 
 def profile_stats(answers, quasi, levels, counts, taxonomy):
@@ -843,6 +837,13 @@ SHORT = {"reward_mean": "r", "reward_std": "r_sd", "zero_var_frac": "0var", "kep
 @dataclass
 class RLConfig(TrainingConfig, RLKeys):
     WHERE = "rl config"
+    HELP_ORDER = tuple("""model data stage1 taxonomy output_dir chat_template_kwargs batch_size num_generations
+        max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight difficulty low high
+        confidence_weighting agreement scale_rewards advantage loss_type epsilon epsilon_high beta num_iterations
+        micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay adam_beta1 adam_beta2 grad_clip
+        gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter device parallel
+        seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every save_every resume force_resume
+        stop_after_steps""".split())
     lr: float = default("lr", 1e-5)
     warmup_steps: int = default("warmup_steps", 0)
     adam_beta2: float = default("adam_beta2", 0.99)

@@ -21,23 +21,13 @@ What it does, and why:
   same update (up to float summation order).
 * The data order is a pure function of (seed, epoch), so the data position is just the step number,
   and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly.
-* The final checkpoint is `output_dir` itself, an HF directory (config.json, model.safetensors,
-  tokenizer + chat template) that transformers, rollout.py and rl.py load as is. The resolved
-  training config goes to output_dir/sft_config.json, metrics to output_dir/metrics.jsonl (drawn at
-  the end in output_dir/training_curves.png: train and eval loss), the
-  resumable state to output_dir/train_state/ (common.save_training_state: safetensors + JSON, removed
-  once the run is finished; a resume with other settings or data is refused, naming what differs).
-* `init_student: true` first builds the demo student at `model` (`build_demo_student`): a byte-level
-  BPE tokenizer trained on the corpus, a ChatML chat template, a tiny from-scratch Qwen3.
-* `parallel: fsdp` shards parameters, gradients and AdamW moments over the processes (FSDP2, per
-  decoder layer; common.shard_model), summing gradients like one process; the resumable state is one file set
-  per rank, the final checkpoint the same merged HF directory (docs/fsdp.md).
-* `dtype: bfloat16` (big models on one GPU) keeps weights, grads and AdamW moments in bf16 and writes
-  each update back with stochastic rounding (trainer.AdamWBF16); float32 is plain torch AdamW.
-* `lora_rank: r > 0` trains LoRA adapters instead (model.LoRALinear: y = W x + b + (alpha / r) B A dropout(x)
-  on `lora_targets`, dropout = `lora_dropout` in training only), the base frozen: the optimizer and the resumable state hold the adapters only, and
-  the final checkpoint has them merged into the base weights (`lora_save_adapter`: also alone); one
-  process or `parallel: ddp` only (with `fsdp` the config is refused).
+* The final checkpoint is `output_dir` itself, an HF directory that transformers, rollout.py and rl.py
+  load as is; beside it sft_config.json (the resolved config), metrics.jsonl (drawn at the end in
+  training_curves.png: train and eval loss) and, until the run finishes, train_state/.
+* `init_student: true` first builds the demo student at `model` (profilebench.build_demo_student).
+* The rest is the training harness's (trainer.py): resume and its guards, processes and FSDP2
+  (`parallel`, docs/fsdp.md), bf16 with stochastic rounding (`dtype`), LoRA (`lora_rank`: only the
+  adapters train, merged into the final checkpoint; docs/design.md, "LoRA").
 """
 import json
 import math
@@ -51,20 +41,12 @@ import torch.nn.functional as F
 
 from common import (PARALLEL, ConfigError, all_reduce_sum, barrier, cleanup_distributed, is_sharded, iter_jsonl,
                     load_tokenizer, neutralize_messages, opt, run_cli, stop_ids_for)
-from model import ModelArgs, Transformer, init_weights, save_model
+from profilebench import build_demo_student, corpus_texts
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
 from trainer import (TrainingConfig, announce, autocast_for, build_policy, finish, guard_output_dir, hold_output_dir, optimizer_step,
                      shard, start, train)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-# ChatML, as Qwen writes it: every turn is <|im_start|>role\n...<|im_end|>\n; generation starts "assistant\n".
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 @dataclass
@@ -103,6 +85,12 @@ class SFTKeys:
 @dataclass
 class SFTConfig(TrainingConfig, SFTKeys):
     WHERE = "sft config"
+    HELP_ORDER = tuple("""model data eval_data eval_fraction output_dir chat_template_kwargs init_student student_corpus
+        student_vocab_size student_hidden student_layers student_heads student_kv_heads student_head_dim
+        student_intermediate max_steps epochs lr warmup_steps min_lr_ratio weight_decay adam_beta1 adam_beta2 grad_clip
+        batch_size grad_accum max_len length_group seed lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter
+        dtype device parallel gradient_checkpointing eval_every save_every log_every resume force_resume
+        stop_after_steps""".split())
     lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters on lora_targets, the base frozen; 0 = full "
                          "fine-tuning", min=0)
     lora_dropout: float = opt(0.0, "dropout on the adapters' input in training", min=0, lt=1)
@@ -117,71 +105,6 @@ class SFTConfig(TrainingConfig, SFTKeys):
 
 RESUME_MAY_CHANGE = TRAINER_MAY_CHANGE + ("log_every",)
 PATH_KEYS = ("model", "data", "eval_data", "output_dir")  # compared as absolute paths
-
-
-# -----------------------------------------------------------------------------
-# The demo student: BPE tokenizer trained on the corpus + ChatML template + tiny from-scratch Qwen3
-
-
-def corpus_texts(paths):
-    """Texts to train the tokenizer on: every message content of chat JSONL files, else the raw line."""
-    texts = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if isinstance(record, dict) and isinstance(record.get("messages"), list):
-                    texts.extend(m["content"] for m in record["messages"])
-                else:
-                    texts.append(line.rstrip("\n"))
-    return texts
-
-
-def build_demo_student(texts, out_dir, vocab_size=4096, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64,
-                       intermediate=768, seed=0):
-    """Write an HF checkpoint dir: byte-level BPE tokenizer, ChatML chat template, from-scratch Qwen3."""
-    # here: only the demo student needs these, and transformers takes seconds to import
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if not texts:
-        raise ValueError("build_demo_student: no corpus texts to train the tokenizer on")
-    tok = Tokenizer(models.BPE())
-    # Pieces may span words (no whitespace split, like SentencePiece's split_by_whitespace=false), so the
-    # corpus' frequent phrases -- instruction lines, JSON keys, whole keyphrases ("fishing gear tips") --
-    # become single tokens: sequences are much shorter than with GPT-2 word splitting, which is what
-    # lets a from-scratch student train on a CPU in minutes. Pieces never cross a line end (so the
-    # generation prompt "...assistant\n" stays a token prefix of the full chat), start at a quote (JSON
-    # values are their own pieces) and keep numbers apart (a confidence is one token of its own).
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n"), behavior="merged_with_previous"),
-        pre_tokenizers.Split(Regex('"'), behavior="merged_with_next"),
-        pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes: any UTF-8 (Chinese too) round-trips
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                        additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
-                                        model_max_length=32768, clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = CHATML_TEMPLATE
-    os.makedirs(out_dir, exist_ok=True)
-    tokenizer.save_pretrained(out_dir)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
-
-    args = ModelArgs(model_type="qwen3", vocab_size=len(tokenizer), dim=hidden, n_layers=layers, n_heads=heads,
-                     n_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate, qk_norm=True,
-                     tie_embeddings=True, max_position_embeddings=32768, rope_theta=1e6)
-    config = args.to_hf_config()
-    config.update(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
-    model = Transformer(args, config)
-    init_weights(model, std=0.02, seed=seed)
-    save_model(model, out_dir)
-    return out_dir
 
 
 # -----------------------------------------------------------------------------
@@ -473,8 +396,10 @@ def load_data(cfg, tokenizer, env):
     return data
 
 
-def train_step(model, optimizer, step, lr, data, cfg, env):
-    """sft_step on this process's share of step `step`'s global batch; the step's metrics (global)."""
+def train_step(model, optimizer, step, lr, data, cfg, env, meter):
+    """sft_step on this process's share of step `step`'s global batch; the metrics (global) on the steps
+    that log. tokens and tokens_per_s are those of the logging interval: its tokens over its training
+    time (`meter` adds them up between metrics lines; evaluation and saves do not count)."""
     t0 = time.time()
     batch = data.batch(step, cfg)
     mine = local_micro_batches(batch, data.lengths, env.world_size * cfg.grad_accum, env.rank, env.world_size)
@@ -484,10 +409,14 @@ def train_step(model, optimizer, step, lr, data, cfg, env):
     nll_sum, grad_norm = sft_step(model, optimizer, micro_batches, n_targets, cfg, lr)
     tokens = sum(data.lengths[i] for m in mine for i in m)
     stats = all_reduce_sum(torch.tensor([nll_sum, tokens], dtype=torch.float64, device=env.device))
-    seconds = time.time() - t0
+    meter["tokens"] += int(stats[1])
+    meter["seconds"] += time.time() - t0
+    if (step + 1) % cfg.log_every and step + 1 < data.total_steps:
+        return None
+    tokens, seconds = meter["tokens"], meter["seconds"]
+    meter.update(tokens=0, seconds=0.0)
     return {"epoch": round(step / data.steps_per_epoch, 3), "loss": stats[0].item() / n_targets, "lr": lr,
-            "grad_norm": grad_norm, "tokens": int(stats[1]), "seconds": seconds,
-            "tokens_per_s": int(stats[1]) / max(seconds, 1e-9)}
+            "grad_norm": grad_norm, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
 def eval_measure(cfg, env, data):
@@ -512,7 +441,8 @@ def run(cfg, env, made_by=None):
     model = build_policy(cfg, env.device).train()
     shard(cfg, env, model)
     announce(cfg, env, model, "sft_config.json", made_by)
-    step = lambda model, optimizer, index, lr, _: train_step(model, optimizer, index, lr, data, cfg, env)  # noqa: E731
+    meter = {"tokens": 0, "seconds": 0.0}
+    step = lambda model, optimizer, index, lr, _: train_step(model, optimizer, index, lr, data, cfg, env, meter)  # noqa: E731
     done = train(cfg, model, step, data.total_steps, [eval_measure(cfg, env, data)], env, made_by, cfg.log_every,
                  SHORT, "sft")
     return finish(cfg, env, model, done, data.total_steps)

@@ -410,6 +410,32 @@ def train(cfg, model, step, total_steps, measures=(), env=Env(), made_by=None, l
     return done
 
 
+def begin(cfg, model, optimizer, state_dir, measures, env, short):
+    """The first step: the saved one with cfg.resume (model and optimizer loaded from state_dir), else 0,
+    and then the starting model's measures are logged. Returns (start, the metrics log: rank 0's, cut back
+    to the start; None elsewhere)."""
+    start, error = 0, None
+    if cfg.resume:
+        try:
+            start = load_training_state(state_dir, model, optimizer)[0]
+        except (ValueError, OSError) as e:  # a damaged file may be one rank's: every rank stops, none waits
+            error = e
+    if not agree(error is None, env):
+        raise error or ConfigError(f"{state_dir}: another rank could not load its part of the training state")
+    log = None
+    if env.main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        log = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)  # drops steps after the checkpoint
+        if start:
+            print(f"resumed from {state_dir} at step {start}", flush=True)
+    if start == 0:
+        record = {"step": 0, **measure_all(measures, model, 0)}
+        if env.main and len(record) > 1:
+            append_jsonl(log, record)
+            print(f"step 0 (the starting model): {fmt_metrics(record, short)}", flush=True)
+    return start, log
+
+
 def measure_all(measures, model, done):
     out = {}
     for measure in measures:

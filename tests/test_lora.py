@@ -291,8 +291,8 @@ def test_rl_lora_resume_equals_uninterrupted(tmp_path):
 def test_rl_main_with_lora_and_beta_loads_the_weights_once(world, tmp_path, monkeypatch):
     profilebench.main(["--out", str(tmp_path / "world"), "--n-train", "4", "--n-test", "1", "--seed", "3"])
     loads = []
-    real = rl.load_model
-    monkeypatch.setattr(rl, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = trainer.load_model  # trainer.build_policy and trainer.build_reference load for rl.py
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
     out = tmp_path / "rl"
     argv = [f"--model={world.student}", f"--data={tmp_path / 'world' / 'train.jsonl'}", f"--output-dir={out}",
             "--batch-size=2", "--num-generations=2", "--max-new-tokens=6", "--max-steps=2", "--difficulty=off",

@@ -761,16 +761,24 @@ cfg = T.toy_config(sys.argv[2], max_steps=3)
 def batch(step):  # the 4 prompts are the global batch: each rank takes its share
     prompts, score = T.toy_batch(step)
     return prompts[rank::world], score
-train(cfg, model, batch, stop_ids=[], rank=rank, world_size=world)
+T.train(cfg, model, batch, stop_ids=[], rank=rank, world_size=world)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 copies = [torch.zeros_like(flat) for _ in range(world)]
 torch.distributed.all_gather(copies, flat)
+# killed during step 3, after the step-2 checkpoint; a fresh model resumes from it
+T.train(T.toy_config(sys.argv[2] + "_killed", max_steps=3, save_every=2, stop_after_steps=2), T.toy_model(), batch,
+        stop_ids=[], rank=rank, world_size=world)
+resumed = T.toy_model(seed=123)
+T.train(T.toy_config(sys.argv[2] + "_killed", max_steps=3, save_every=2, resume=True), resumed, batch, stop_ids=[],
+        rank=rank, world_size=world)
+same_resumed = torch.equal(flat, torch.cat([p.detach().flatten() for p in resumed.parameters()]))
 
 def say(record):  # one write per line: torchrun runs python -u, and the ranks share the pipe
     sys.stdout.write(json.dumps(record) + "\n")
 
 if rank == 0:
-    say({"same": all(torch.equal(copies[0], c) for c in copies), "moved": (flat != T.toy_model_flat()).any().item()})
+    say({"same": all(torch.equal(copies[0], c) for c in copies), "moved": (flat != T.toy_model_flat()).any().item(),
+         "resumed_bitwise": same_resumed})
 cleanup_distributed()
 say({"rank": rank, "threads_left": native_threads() - before})
 '''
@@ -781,7 +789,7 @@ def toy_model_flat():
 
 
 def test_two_process_torchrun_sums_gradients_over_ranks(tmp_path):
-    """Also (#13 item 0): cleanup_distributed leaves no gloo thread behind. A worker thread alive when
+    """And a killed 2-process run resumes bit-exactly. Also (#13 item 0): cleanup_distributed leaves no gloo thread behind. A worker thread alive when
     the interpreter finalises can abort the process at exit (sft.cleanup_distributed says why)."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
@@ -791,7 +799,9 @@ def test_two_process_torchrun_sums_gradients_over_ranks(tmp_path):
                           str(script), root, str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert {"same": True, "moved": True} in lines  # every rank applied the same (summed) update
+    # every rank applied the same (summed) update; a 2-process run killed after its step-2 checkpoint resumes
+    # to the uninterrupted run's weights, bit for bit
+    assert {"same": True, "moved": True, "resumed_bitwise": True} in lines
     assert sorted((r["rank"], r["threads_left"]) for r in lines if "rank" in r) == [(0, 0), (1, 0)]
     m = read_metrics(tmp_path / "out")
     assert [r["loss_seqs"] for r in m] == [32.0, 32.0, 32.0]  # the normaliser counts both ranks' rollouts

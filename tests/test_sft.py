@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import common
+import profilebench
 import trainer
 import sft
 from common import TOKEN_BREAKS, ConfigError, added_token_texts
@@ -135,7 +136,7 @@ def test_mask_rejects_template_without_prefix_property(world):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(world.student)
     # The generation prompt says "bot" but rendered answers say "assistant": no way to find the answer.
-    tok.chat_template = sft.CHATML_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>bot\\n'")
+    tok.chat_template = profilebench.CHATML_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>bot\\n'")
     with pytest.raises(ValueError, match="does not start with the prompt"):
         sft.assistant_mask(tok, synthetic_chats(1)[0]["messages"])
     with pytest.raises(ValueError, match="last message must be the assistant"):
@@ -331,6 +332,68 @@ def test_torchrun_two_processes_same_update_as_one(world):
     ma, mb = read_metrics(one), read_metrics(two)
     assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], abs=1e-5)
     assert ma[-1]["eval_loss"] == pytest.approx(mb[-1]["eval_loss"], abs=1e-5)
+    # two processes killed after their step-1 checkpoint resume to the uninterrupted run's weights, bit for bit
+    killed = world.dir / "two_killed"
+    for extra in (["--save-every=1", "--stop-after-steps=1"], ["--save-every=1", "--resume"]):
+        r = subprocess.run(cmd[:cmd.index("sft.py") + 1] + run_args(world, killed, **args) + extra, cwd=ROOT,
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (killed / "train_state").exists() == (extra[-1] != "--resume")
+    c = weights(killed)
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def one_sft_step(grad_accum, rank=0, world_size=1):
+    """One sft_step of a tiny model on a fixed global batch of 8 chats (answers of different lengths), cut
+    into world_size * grad_accum micro-batches; SGD at lr 1 without clipping, so every weight moves by
+    exactly minus its gradient summed over micro-batches and processes. Returns {name: w_before - w_after}."""
+    args = ModelArgs(model_type="qwen3", vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                     intermediate_size=32, qk_norm=True, tie_embeddings=True)
+    model = init_weights(Transformer(args), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(1, 64, (5 + 2 * n,), generator=g).tolist(), [0] * 3 + [1] * (2 + 2 * n)) for n in range(8)]
+    mine = sft.local_micro_batches(list(range(8)), [len(ids) for ids, _ in examples], world_size * grad_accum, rank,
+                                   world_size)
+    micro = [sft.pad_batch([examples[i][0] for i in m], [examples[i][1] for i in m], 0, torch.device("cpu"))
+             for m in mine]
+    n_targets = sum(sum(mask[1:]) for _, mask in examples)  # the global batch's
+    sft.sft_step(model, torch.optim.SGD(model.parameters(), lr=1.0), micro, n_targets, types.SimpleNamespace(grad_clip=0),
+                 1.0)
+    return {k: before[k] - v for k, v in model.state_dict().items()}
+
+
+STEP_SCRIPT = r'''
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import test_sft as T
+from common import setup_distributed, cleanup_distributed
+from safetensors.torch import save_file
+rank, world, _, _ = setup_distributed()
+delta = T.one_sft_step(grad_accum=1, rank=rank, world_size=world)
+if rank == 0:
+    save_file({k: v.contiguous() for k, v in delta.items()}, sys.argv[2])
+cleanup_distributed()
+'''
+
+
+def test_one_sft_step_is_the_same_on_one_process_with_grad_accum_and_on_two(tmp_path):
+    """The data-parallel rule (trainer.py): every token's loss is divided by the global batch's answer-token
+    count and the gradients are summed over micro-batches and processes, so one step on 1 process, with 4
+    micro-batches of accumulation, and on 2 processes (torchrun, gloo) moves the weights the same, up to
+    float summation order."""
+    one, accum = one_sft_step(grad_accum=1), one_sft_step(grad_accum=4)
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        ROOT, str(tmp_path / "two.safetensors")], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = load_file(tmp_path / "two.safetensors")
+    assert min(v.abs().max().item() for v in one.values()) > 1e-4  # every tensor moved, far beyond the tolerance
+    assert one.keys() == accum.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(accum[k], one[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
 
 
 def test_config_errors_list_valid_keys(world):

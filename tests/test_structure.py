@@ -111,6 +111,17 @@ def test_help_explains_every_option():
             assert len(line.split(None, 2)) == 3, f"{script}: {flag}: {line!r}"
 
 
+def test_help_order_names_every_key_of_the_trainers_once():
+    """sft.py and rl.py declare their keys in two classes (their own and trainer.TrainingConfig); HELP_ORDER
+    keeps their --help lines in the order a reader meets the keys, so it names every key exactly once."""
+    import dataclasses
+
+    import rl
+    import sft
+    for cls in (sft.SFTConfig, rl.RLConfig):
+        assert sorted(cls.HELP_ORDER) == sorted(f.name for f in dataclasses.fields(cls)), cls.__name__
+
+
 def test_audit_map_names_functions_that_exist():
     """Every `file.py:name` the design doc cites (the audit map formula -> function) is a function, class
     or module-level name of that file: renaming or moving one without the doc fails here."""
