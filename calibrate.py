@@ -36,7 +36,7 @@ import sys
 import tempfile
 
 from common import (ConfigError, DataError, atomic_write_text, atomic_writer, check_fields, dumps_line, iter_jsonl,
-                    load_config, opt, read_jsonl_at, run_cli)
+                    load_config, opt, read_jsonl_at, run_cli, unwritable_as_data_error)
 from confprofile import (TIE_TOLERANCE, dimensions, format_answer, iter_users, load_taxonomy, parse_answer, read_users,
                          render_prompt, vote)
 
@@ -357,8 +357,10 @@ def build_sft(samples, users, taxonomy, out, audit="", method="quantile", weight
     file the prompts are rendered from ("" when every teacher record stores its prompt); `dev_labels`:
     the labelled dev set file of isotonic calibration. Returns the summary (not written)."""
     folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=folder) as spill:  # beside the output: room for it
+    with unwritable_as_data_error(out):
+        os.makedirs(folder, exist_ok=True)
+        spill = tempfile.TemporaryFile("w+", encoding="utf-8", dir=folder)  # beside the output: room for it
+    with spill:
         votes = vote_samples(samples, taxonomy, spill, weighting, single_answer, audit=bool(audit))
         users_index, users_stamp = index_users(users, taxonomy) if users else ({}, None)
         dev = read_dev_labels(dev_labels, taxonomy) if dev_labels else None
