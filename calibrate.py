@@ -36,9 +36,9 @@ import sys
 import tempfile
 
 from common import (ConfigError, DataError, atomic_write_text, atomic_writer, check_fields, dumps_line, iter_jsonl,
-                    load_config, opt, read_jsonl_at, run_cli)
-from confprofile import (dimensions, format_answer, iter_users, load_taxonomy, parse_answer, read_users, render_prompt,
-                         vote)
+                    load_config, opt, read_jsonl_at, run_cli, unwritable_as_data_error)
+from confprofile import (TIE_TOLERANCE, dimensions, format_answer, iter_users, load_taxonomy, parse_answer, read_users,
+                         render_prompt, vote)
 
 LEVELS = 10
 METHODS = ("quantile", "none", "isotonic")
@@ -51,6 +51,11 @@ def calibrate_quantile(values, levels=LEVELS):
     """Quantile calibration: level = 1 + floor(levels · (m − ½) / n), m = the 1-based mid-rank of the
     value among all n values (ascending; tied values share their mid-rank, hence their level).
 
+    Tied means equal up to float rounding: a value within TIE_TOLERANCE (relative, as in the vote) of
+    the smallest value of its group joins it, so r = 4/5 computed as 0.8 for one user and as
+    0.7999999999999999 for another is one tie. (Distinct pooled confidences of N answers differ by far
+    more: r = S_ŷ² / (Σ_k S_k · n) is a ratio of small integers.)
+
     (m − ½)/n is the Hazen percentile, always in (0, 1), so levels are 1..levels and equally
     frequent for distinct values (n = 20: ranks 1–2 -> 1, 3–4 -> 2, ...). Constant input and n = 1
     give the middle level 1 + levels/2 (6 of 10): no information, no extreme."""
@@ -60,7 +65,8 @@ def calibrate_quantile(values, levels=LEVELS):
     start = 0
     while start < n:
         end = start  # [start, end] is one tie group in sorted order
-        while end + 1 < n and values[order[end + 1]] == values[order[start]]:
+        first = values[order[start]]
+        while end + 1 < n and values[order[end + 1]] - first <= TIE_TOLERANCE * max(1.0, abs(first)):
             end += 1
         midrank = (start + end) / 2 + 1
         level = min(levels, 1 + math.floor(levels * (midrank - 0.5) / n))
@@ -161,9 +167,38 @@ def read_dev_labels(path, taxonomy):
     return {u["user_id"]: u["labels"] for u in read_users(path, require_labels=True, taxonomy=taxonomy)}
 
 
+def file_stamp(stat):
+    """What says a file is the one read before: (size, modification time in ns) of an os.stat result."""
+    return stat.st_size, stat.st_mtime_ns
+
+
 def index_users(path, taxonomy):
-    """{user_id: byte offset of its line} of a users file, every record validated (read_users' checks)."""
-    return {u["user_id"]: offset for offset, u in iter_users(path, taxonomy=taxonomy)}
+    """({user_id: byte offset of its line}, the file's stamp before it was read) of a users file, every
+    record validated (read_users' checks). Pass 2 reads lines back at these offsets: read_user_at checks
+    that they still hold what was indexed."""
+    stamp = file_stamp(os.stat(path))
+    return {u["user_id"]: offset for offset, u in iter_users(path, taxonomy=taxonomy)}, stamp
+
+
+def read_user_at(f, path, uid, offset, stamp):
+    """The user record `uid` read back from the users file `path` (open as `f`) at the byte offset pass 1
+    indexed. The file must be the one indexed: the same size and modification time as before pass 1, and
+    the line there must be a record of `uid`; else a DataError naming the file (a file rewritten between
+    the passes would give every SFT record another user's prompt)."""
+    changed = f"{path}: changed while calibrate.py was reading it (%s); expected the users file to stay as it " \
+              "was from the first pass to the last: run again on a file that is not being written"
+    now = file_stamp(os.fstat(f.fileno()))
+    if now != stamp:
+        raise DataError(changed % f"size {stamp[0]} -> {now[0]} bytes, modification time {stamp[1]} -> {now[1]} ns")
+    try:
+        record = read_jsonl_at(f, offset)
+    except ValueError:  # invalid UTF-8 or JSON: the offset no longer starts a line
+        record = None
+    if not isinstance(record, dict) or record.get("user_id") != uid:
+        found = record.get("user_id") if isinstance(record, dict) else None
+        raise DataError(changed % f"byte {offset} holds {'user_id ' + repr(found) if found else 'no user record'}, "
+                                  f"not user_id {uid!r} as when it was indexed")
+    return record
 
 
 def all_dims_valid(parse, dims):
@@ -322,10 +357,12 @@ def build_sft(samples, users, taxonomy, out, audit="", method="quantile", weight
     file the prompts are rendered from ("" when every teacher record stores its prompt); `dev_labels`:
     the labelled dev set file of isotonic calibration. Returns the summary (not written)."""
     folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=folder) as spill:  # beside the output: room for it
+    with unwritable_as_data_error(out):
+        os.makedirs(folder, exist_ok=True)
+        spill = tempfile.TemporaryFile("w+", encoding="utf-8", dir=folder)  # beside the output: room for it
+    with spill:
         votes = vote_samples(samples, taxonomy, spill, weighting, single_answer, audit=bool(audit))
-        users_index = index_users(users, taxonomy) if users else {}
+        users_index, users_stamp = index_users(users, taxonomy) if users else ({}, None)
         dev = read_dev_labels(dev_labels, taxonomy) if dev_labels else None
         calibrated = calibrate_levels(votes, taxonomy, method, dev, levels)
         spill.seek(0)
@@ -335,7 +372,7 @@ def build_sft(samples, users, taxonomy, out, audit="", method="quantile", weight
                 if uid not in users_index:
                     raise DataError(f"user_id {uid!r}: not in --users and no stored \"messages\"; expected the users "
                                     "file the teacher labelled")
-                return render_prompt(read_jsonl_at(users_file, users_index[uid]), taxonomy)
+                return render_prompt(read_user_at(users_file, users, uid, users_index[uid], users_stamp), taxonomy)
 
             for record, entry in output_records(spill, calibrated, prompt_of, taxonomy, target):
                 if record is not None:

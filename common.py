@@ -10,6 +10,7 @@ machinery lives in trainer.py (the harness) and checkpoint.py (the resumable tra
 """
 import contextlib
 import dataclasses
+import errno
 import gc
 import glob
 import hashlib
@@ -24,6 +25,11 @@ import sys
 import textwrap
 import time
 import weakref
+
+try:
+    import fcntl  # POSIX: the lock that tells a live writer's temp file from a killed one's
+except ImportError:  # Windows
+    fcntl = None
 
 import torch
 import torch._dynamo  # noqa: F401  before any process group exists: see cleanup_distributed
@@ -65,17 +71,25 @@ def atomic_writer(path, binary=False):
     """Write a file atomically as a stream: yields a text file (UTF-8; bytes with binary=True) open on a
     temp file in the same folder; on success fsync, rename over `path`, fsync the folder; on an error
     the temp file is removed and `path` is left as it was. The file gets the mode a plain open() gives
-    (0666 minus the umask), not mkstemp's private 0600. Memory does not grow with what is written."""
+    (0666 minus the umask), not mkstemp's private 0600. Memory does not grow with what is written.
+
+    A killed process cannot remove its temp file, so each write first removes the temp files of earlier
+    writes of the same `path` that no live process holds (remove_stale_temps): what a kill leaves
+    behind lasts until the next write of that file, not forever."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = _create_temp(folder, os.path.basename(path))
+    name = os.path.basename(path)
+    with unwritable_as_data_error(path):
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temps(folder, name)
+        fd, tmp = _create_temp(folder, name)
     try:
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            with unwritable_as_data_error(path):
+                f.flush()
+                os.fsync(f.fileno())
+                os.replace(tmp, path)  # while the temp is still open, hence locked (remove_stale_temps)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -83,14 +97,85 @@ def atomic_writer(path, binary=False):
     fsync_dir(folder)
 
 
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def unwritable_as_data_error(path):
+    """Inside the block, an OSError that says the output `path` cannot be written (permission denied, a
+    read-only file system, a full disk or quota) becomes one DataError naming `path` and the reason, which
+    every script's error exit prints as one line; any other error passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise
+        where = "" if e.filename in (None, path) else f" ({e.filename})"
+        raise DataError(f"{path}: cannot write it: {e.strerror}{where}; expected a writable folder with room "
+                        "for it") from None
+
+
+TEMP_PREFIX = ".tmp-"  # + 12 hex digits + "-" + the target's name: atomic_writer's temp files
+
+
 def _create_temp(folder, name):
-    """(fd, path) of a new file `.tmp-<random>-<name>` in `folder`, created with mode 0666 & ~umask."""
+    """(fd, path) of a new file `.tmp-<12 hex digits>-<name>` in `folder`, created with mode 0666 & ~umask
+    and held under an exclusive lock (flock) for as long as it is open: the mark of a live writer. A
+    cleaner that removed the name between the creation and the lock is seen (the name no longer leads
+    to this file) and the temp made again."""
     while True:
-        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(6)}-{name}")
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
+        if fcntl is None:
+            return fd, tmp
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner looks at it
+        if _same_file(tmp, fd):
+            return fd, tmp
+        os.close(fd)
+
+
+def _same_file(path, fd):
+    """Whether the name `path` still leads to the open file `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def remove_stale_temps(folder, name):
+    """Remove the temp files of atomic writes of `name` in `folder` whose writer is gone: those that
+    can be locked (a live writer holds the lock of its temp until its rename; the OS releases it when a
+    process dies, killed or not). Returns the paths removed. Temps of other files are left alone, and
+    so is everything where flock is not available."""
+    if fcntl is None:
+        return []
+    pattern = re.compile(re.escape(TEMP_PREFIX) + "[0-9a-f]{12}-" + re.escape(name) + r"\Z")
+    removed = []
+    try:
+        entries = [e.name for e in os.scandir(folder) if pattern.match(e.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        tmp = os.path.join(folder, entry)
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:  # gone already, or not ours to read
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(tmp, fd):
+                os.unlink(tmp)
+                removed.append(tmp)
+        except OSError:  # locked: a live writer's
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def fsync_file(path):
@@ -188,6 +273,29 @@ def iter_jsonl(path, expected="one JSON object per line", strict=False, offsets=
                     raise DataError(f"{where}: {field}: lone UTF-16 surrogate in a string (half of a pair, as some "
                                     "JavaScript exports write); expected valid Unicode text")
             yield (lineno, where, record, start) if offsets else (lineno, where, record)
+
+
+def read_json(path, expected="a JSON object", strict=False):
+    """A whole JSON file (a config, a checkpoint's config.json, an index): invalid UTF-8 or JSON, nesting
+    deeper than Python's recursion limit, or an integer of more than 4,300 digits is a DataError naming
+    the file (line and column where json names them) and what was `expected`, never a traceback.
+    strict: a repeated key, NaN, Infinity or a number that overflows to infinity is an error too."""
+    hooks = dict(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
+                 parse_float=_finite_float) if strict else {}
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8-sig"), **hooks)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; expected UTF-8 text with {expected}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno}: invalid JSON at column {e.colno}: {e.msg}; expected {expected}") from None
+    except DataError as e:  # from the strict hooks
+        raise DataError(f"{path}: {e}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply; expected {expected}") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"{path}: invalid JSON value: {e}; expected {expected}") from None
 
 
 def read_jsonl_at(f, offset):
@@ -527,12 +635,11 @@ def load_config(cls, argv=None, default_config=None, prog=None, description=""):
     values = {}
     if config_path:
         try:
-            with open(config_path, encoding="utf-8") as f:
-                values = json.load(f)
+            values = read_json(config_path, "a JSON object of config keys")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {config_path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{config_path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        except DataError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(values, dict):
             raise ConfigError(f"{config_path}: expected a JSON object of config keys")
         values = {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys are notes

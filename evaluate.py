@@ -843,6 +843,11 @@ def main(argv=None):
     atomic_write_text(os.path.join(args.out, "report.md"), render_report(metrics, f"Evaluation of {args.predictions}",
                                                                          figures))
     atomic_write_text(os.path.join(args.out, "pr_curve.csv"), render_pr_curve(metrics))
+    stale = os.path.join(args.out, "thresholds.json")  # an earlier run's choice, made on other predictions: it must
+    if "thresholds" not in metrics and os.path.exists(stale) and not (  # not pass for this run's (unless it is the
+            args.thresholds and os.path.samefile(args.thresholds, stale)):  # --thresholds applied here)
+        os.unlink(stale)
+        print(f"removed {stale}: an earlier run's thresholds, not chosen on these predictions (this run sets no target)")
     sweep = " ".join(f"{r['tau']}:{_fmt(r['precision'], 2)}" for r in metrics["threshold_sweep"])
     print(f"avg_f1 {metrics['avg_f1']:.4f} | ece {_fmt(metrics['ece'])} | auroc {_fmt(metrics['auroc'])} | "
           f"format failures {metrics['format_failure_rate']:.3f} | missing {metrics['n_missing']} | "

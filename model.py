@@ -11,6 +11,7 @@ checked against transformers in tests/test_model.py.
 """
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -20,16 +21,41 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from common import atomic_write_text, fsync_dir, fsync_file
+from common import atomic_write_text, fsync_dir, fsync_file, read_json, unwritable_as_data_error
 
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                    "generation_config.json")
+
+
+_REQUIRED = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
+          list: "a JSON list"}
+
+
+def config_value(cfg, key, kind, default=_REQUIRED, positive=False, where=""):
+    """cfg[key] checked to be of `kind` (int, float: any finite number, bool, str, dict, list) and, with
+    `positive`, > 0; a missing key or a JSON null is `default` (a missing required key is an error). The
+    error names config.json and the key (`where` prefixes it: "rope_parameters.")."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"config.json: {where}{key}: missing; expected {_KINDS[kind]}")
+        return default
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and positive and not value > 0:
+        raise ValueError(f"config.json: {where}{key}: expected {_KINDS[kind]} > 0, got {value!r}")
+    if not ok:
+        raise ValueError(f"config.json: {where}{key}: expected {_KINDS[kind]}, got {json.dumps(value)[:40]}")
+    return value
 
 
 @dataclass
@@ -54,50 +80,76 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """Read an HF config.json dict; anything we would silently get wrong is an error naming the field."""
+        """Read an HF config.json dict; anything we would silently get wrong is an error naming the field:
+        a key we need that is missing, a value of the wrong type (`"tie_word_embeddings": "false"` is
+        not false), a size that is not a positive integer, a feature we do not implement."""
+        if not isinstance(cfg, dict):
+            raise ValueError("config.json: expected a JSON object of model settings")
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED:
             raise ValueError(f"config.json: model_type {model_type!r} is not supported; expected one of {sorted(SUPPORTED)}")
-        for arch in cfg.get("architectures") or []:
+        architectures = config_value(cfg, "architectures", list, [])
+        for arch in architectures:
             if arch != SUPPORTED[model_type]:
                 raise ValueError(f"config.json: architectures {arch!r} is not supported; expected {SUPPORTED[model_type]!r}")
-        if cfg.get("hidden_act", "silu") != "silu":
+        if config_value(cfg, "hidden_act", str, "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported; expected 'silu'")
-        if cfg.get("use_sliding_window"):
+        if config_value(cfg, "use_sliding_window", bool, False):
             raise ValueError("config.json: use_sliding_window=true is not supported; expected false")
         # transformers 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        if partial not in (None, 1.0):
+        key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        rope = dict(config_value(cfg, key, dict, {}))
+        rope_type = config_value(rope, "rope_type", str, None, where=f"{key}.") or \
+            config_value(rope, "type", str, "default", where=f"{key}.")
+        partial = config_value(rope, "partial_rotary_factor", float, None, where=f"{key}.")
+        partial = config_value(cfg, "partial_rotary_factor", float, 1.0) if partial is None else partial
+        if partial != 1.0:
             raise ValueError(f"config.json: partial_rotary_factor {partial} is not supported; expected 1.0")
         if rope_type not in ("default", "llama3", "linear"):
             raise ValueError(f"config.json: rope type {rope_type!r} is not supported; expected default, llama3 or linear")
+        max_positions = config_value(cfg, "max_position_embeddings", int, 4096, positive=True)
         scaling = {}
         if rope_type != "default":
             scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
             scaling["rope_type"] = rope_type
-            scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-        n_heads = cfg["num_attention_heads"]
-        attention_bias = bool(cfg.get("attention_bias", False))
+            scaling.setdefault("original_max_position_embeddings", max_positions)
+            needed = ("factor",) + (("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                                    if rope_type == "llama3" else ())
+            for k in needed:
+                config_value(scaling, k, float, positive=True, where=f"{key}.")
+            if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+                raise ValueError(f"config.json: {key}.high_freq_factor: expected more than low_freq_factor "
+                                 f"{scaling['low_freq_factor']}, got {scaling['high_freq_factor']}")
+        hidden = config_value(cfg, "hidden_size", int, positive=True)
+        n_heads = config_value(cfg, "num_attention_heads", int, positive=True)
+        n_kv_heads = config_value(cfg, "num_key_value_heads", int, None, positive=True) or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"config.json: num_key_value_heads: expected a divisor of num_attention_heads {n_heads}, "
+                             f"got {n_kv_heads}")
+        head_dim = config_value(cfg, "head_dim", int, None, positive=True) or hidden // n_heads
+        if head_dim % 2 or not head_dim:
+            derived = "" if cfg.get("head_dim") else f" (hidden_size {hidden} // num_attention_heads {n_heads})"
+            raise ValueError(f"config.json: head_dim: expected an even number (RoPE rotates pairs), got {head_dim}{derived}")
+        attention_bias = config_value(cfg, "attention_bias", bool, False)
+        theta = config_value(rope, "rope_theta", float, None, positive=True, where=f"{key}.")
         return cls(
             model_type=model_type,
-            vocab_size=cfg["vocab_size"],
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
+            vocab_size=config_value(cfg, "vocab_size", int, positive=True),
+            dim=hidden,
+            n_layers=config_value(cfg, "num_hidden_layers", int, positive=True),
             n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            intermediate_size=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            intermediate_size=config_value(cfg, "intermediate_size", int, positive=True),
+            norm_eps=config_value(cfg, "rms_norm_eps", float, 1e-6, positive=True),
+            rope_theta=theta if theta is not None else config_value(cfg, "rope_theta", float, 10000.0, positive=True),
             rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            max_position_embeddings=max_positions,
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=model_type != "qwen2" and attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=config_value(cfg, "mlp_bias", bool, False),
             qk_norm=model_type == "qwen3",
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_embeddings=config_value(cfg, "tie_word_embeddings", bool, False),
         )
 
     def to_hf_config(self) -> dict:
@@ -613,11 +665,11 @@ def save_adapter(model: Transformer, out_dir, base_model=""):
              for name, m in model.named_modules() if isinstance(m, LoRALinear) for part in ("lora_A", "lora_B")}
     if not state:
         raise ValueError("save_adapter: the model has no LoRA adapters (add_lora)")
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".tmp-adapter_model.safetensors")
-    save_file(state, tmp, metadata={"format": "pt"})
-    fsync_file(tmp)
-    os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
+    with unwritable_as_data_error(os.path.join(out_dir, "adapter_model.safetensors")):
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, ".tmp-adapter_model.safetensors")
+        _save_safetensors(state, tmp)
+        os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **model.lora, "bias": "none", "fan_in_fan_out": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
               "use_dora": False, "base_model_name_or_path": base_model}
@@ -643,17 +695,20 @@ def init_weights(model: Transformer, std=0.02, seed=0):
     return model
 
 
-def _read_safetensors(path, device, dtype):
-    """All tensors of an HF checkpoint dir (model.safetensors or the shards of model.safetensors.index.json),
-    cast to `dtype` shard by shard so at most one shard exists in both dtypes."""
+def checkpoint_files(path):
+    """The safetensors files of an HF checkpoint dir: model.safetensors, or the shards its
+    model.safetensors.index.json names (shard_files)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            files = shard_files(json.load(f), index)
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        return shard_files(read_json(index, "a safetensors index {\"weight_map\": {tensor: shard file}}"), index)
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _read_safetensors(path, files, device, dtype):
+    """All tensors of the checkpoint files `files` of `path`, cast to `dtype` shard by shard so at most
+    one shard exists in both dtypes."""
     state = {}
     for name in files:
         state.update({k: v.to(dtype) for k, v in load_file(os.path.join(path, name), device=str(device)).items()})
@@ -674,46 +729,175 @@ def shard_files(index, where="model.safetensors.index.json"):
     return sorted(set(weight_map.values()))
 
 
+# bytes per element of each safetensors dtype
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on a header
+
+
+def safetensors_shapes(path):
+    """{tensor name: shape} from the header of a safetensors file, read without loading a tensor: 8 bytes
+    (little-endian header length n), n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then
+    the data. The header must be whole, each tensor's bytes must be its shape times its dtype's size, and
+    the file must hold every byte the header promises: a truncated or damaged file is one ValueError
+    naming it, before anything is allocated for it."""
+    damaged = f"{path}: truncated or damaged safetensors file (%s); expected a complete file: copy or save it again"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or n > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(damaged % f"{size} bytes, {'no header' if n is None else f'a header of {n} bytes'}")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(damaged % "its header is not a JSON object")
+    shapes, data_end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        info = info if isinstance(info, dict) else {}
+        shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
+        ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                        for x in xs)
+        if not (ints(shape) and ints(offsets) and len(offsets) == 2 and dtype in DTYPE_BYTES
+                and offsets[1] - offsets[0] == math.prod(shape) * DTYPE_BYTES[dtype]):
+            raise ValueError(damaged % f"tensor {name}: dtype {dtype!r}, shape {shape!r} and data_offsets {offsets!r} "
+                                       "do not agree")
+        shapes[name], data_end = tuple(shape), max(data_end, offsets[1])
+    if 8 + n + data_end > size:
+        raise ValueError(damaged % f"its header promises {data_end} bytes of tensor data, it holds {size - 8 - n}")
+    return shapes
+
+
+def checkpoint_shapes(path, files):
+    """{tensor name: shape} over the checkpoint files `files` of `path`, from their headers alone."""
+    shapes = {}
+    for name in files:
+        for tensor, shape in safetensors_shapes(os.path.join(path, name)).items():
+            if tensor in shapes:
+                raise ValueError(f"{path}: tensor {tensor} is in two shards; expected each tensor once")
+            shapes[tensor] = shape
+    return shapes
+
+
+def expected_shapes(args: ModelArgs) -> dict:
+    """{HF tensor name: shape} of the model ModelArgs describes, computed without building it (a tied
+    lm_head is left out: it is the embedding). Equal to Transformer(args).state_dict()'s shapes."""
+    d, hd, inter = args.dim, args.head_dim, args.intermediate_size
+    q, kv = args.n_heads * hd, args.n_kv_heads * hd
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, d), "model.norm.weight": (d,)}
+    if not args.tie_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, d)
+    for i in range(args.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+                       p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
+                       p + "mlp.down_proj.weight": (d, inter)})
+        if args.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if args.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (d,)
+        if args.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if args.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
+                           p + "mlp.down_proj.bias": (d,)})
+    return shapes
+
+
+def check_checkpoint_shapes(path, args: ModelArgs, shapes):
+    """Compare what config.json describes with the tensors the safetensors headers hold (`shapes`), before
+    anything is built: the layer count first (num_hidden_layers 10⁹ beside two layers of weights must not
+    start a loop of 10⁹ blocks), then every tensor's name and shape (head_dim 10¹² must not build a RoPE
+    table of 10¹² entries). Each size of the model is then backed by bytes of the checkpoint."""
+    layers = {name.split(".")[2] for name in shapes if name.startswith("model.layers.") and name.count(".") > 2}
+    if args.n_layers > len(layers):
+        raise ValueError(f"{path}/config.json: num_hidden_layers {args.n_layers}, but the safetensors hold "
+                         f"{len(layers)} layer(s); expected the checkpoint's own config.json")
+    expected = expected_shapes(args)
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise KeyError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                       f" expected by model_type {args.model_type!r}")
+    ignored = lambda k: k.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and k == "lm_head.weight")
+    unexpected = sorted(k for k in shapes if k not in expected and not ignored(k))
+    if unexpected:
+        raise KeyError(f"{path}: checkpoint has tensor(s) this model does not use: {unexpected[:5]}")
+    for k, shape in expected.items():
+        if shapes[k] != shape:
+            raise ValueError(f"{path}: tensor {k} has shape {shapes[k]}, config.json implies {shape}")
+    if args.tie_embeddings and "lm_head.weight" in shapes and shapes["lm_head.weight"] != expected["model.embed_tokens.weight"]:
+        raise ValueError(f"{path}: tensor lm_head.weight has shape {shapes['lm_head.weight']}, config.json implies "
+                         f"{expected['model.embed_tokens.weight']} (tied to the embedding)")
+
+
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
-    """Build the model on the meta device (no random init) and assign the checkpoint's tensors."""
+    """Read config.json and the safetensors headers, check that they agree (check_checkpoint_shapes:
+    nothing is allocated for what the checkpoint cannot back), build the model on the meta device (no
+    random init) and assign the checkpoint's tensors."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: {'no config.json in this' if os.path.isdir(path) else 'model'} directory; "
                                 "expected a local Hugging Face checkpoint directory (config.json, *.safetensors)")
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(os.path.join(path, "config.json"), "a JSON object of model settings")
     try:
         args = ModelArgs.from_hf_config(config)
     except ValueError as e:
         raise ValueError(f"{path}/{e}") from None
+    files = checkpoint_files(path)
+    check_checkpoint_shapes(path, args, checkpoint_shapes(path, files))
     with torch.device("meta"):
         model = Transformer(args, config)
     expected = set(model.state_dict())
     if args.tie_embeddings:
         expected.discard("lm_head.weight")
-    state = _read_safetensors(path, device, dtype)
-    missing = sorted(expected - set(state))
-    if missing:
-        raise KeyError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                       f" expected by model_type {args.model_type!r}")
-    ignored = lambda k: k.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and k == "lm_head.weight")
-    unexpected = sorted(k for k in state if k not in expected and not ignored(k))
-    if unexpected:
-        raise KeyError(f"{path}: checkpoint has tensor(s) this model does not use: {unexpected[:5]}")
-    state = {k: v for k, v in state.items() if k in expected}
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    for k, v in state.items():
-        if v.shape != shapes[k]:
-            raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json implies {tuple(shapes[k])}")
+    state = {k: v for k, v in _read_safetensors(path, files, device, dtype).items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced the shared parameter; share it again
     return model.eval()
+
+
+def check_tokenizer_fits(tokenizer, model_or_args, where):
+    """The tokenizer's ids must all be rows of the model's embedding: len(tokenizer) (added tokens
+    included) and its highest added id below vocab_size. A larger tokenizer gives an index error at the
+    first prefill on a CPU and a device-side assert on a GPU; this says so first, in one line naming
+    `where` (the checkpoint or tokenizer folder). A smaller one is normal (embeddings padded to a
+    multiple of 64 or 128)."""
+    args = getattr(model_or_args, "args", model_or_args)
+    added = [i for i in tokenizer.get_added_vocab().values()] if hasattr(tokenizer, "get_added_vocab") else []
+    n_ids = max([len(tokenizer)] + [i + 1 for i in added])
+    if n_ids > args.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {n_ids} token ids but the model's embedding has "
+                         f"{args.vocab_size} rows (vocab_size of config.json); expected a tokenizer no larger than "
+                         "the embedding (the checkpoint's own tokenizer files)")
+    return n_ids
+
+
+def _save_safetensors(state, tmp):
+    """save_file + fsync. The file is created here first, so that a folder we cannot write is an OSError
+    (unwritable_as_data_error names it) rather than safetensors' own error; an I/O error of safetensors
+    itself (a full disk) is reported as one too."""
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+    except SafetensorError as e:
+        if "I/O error" not in str(e):
+            raise
+        raise OSError(errno.EIO if "os error 28" not in str(e) else errno.ENOSPC, str(e), tmp) from None
+    fsync_file(tmp)
 
 
 def save_model(model: Transformer, out_dir, tokenizer_dir=None, state=None):
     """config.json + model.safetensors with HF names (transformers loads it as is), + tokenizer files.
     LoRA adapters are merged into their base weights (merged_state_dict). `state`: the weights to write
     instead of the model's own (a sharded model's, gathered)."""
-    os.makedirs(out_dir, exist_ok=True)
+    with unwritable_as_data_error(os.path.join(out_dir, "model.safetensors")):
+        os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in (merged_state_dict(model) if state is None else state).items()}
     if model.args.tie_embeddings:
         del state["lm_head.weight"]  # safetensors refuses shared tensors; HF re-ties from the config
@@ -722,9 +906,9 @@ def save_model(model: Transformer, out_dir, tokenizer_dir=None, state=None):
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     tmp = os.path.join(out_dir, ".tmp-model.safetensors")
-    save_file(state, tmp, metadata={"format": "pt"})
-    fsync_file(tmp)  # on the disk before the rename: a crash never leaves a truncated model.safetensors
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    with unwritable_as_data_error(os.path.join(out_dir, "model.safetensors")):
+        _save_safetensors(state, tmp)  # on the disk before the rename: never a truncated model.safetensors
+        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     index = os.path.join(out_dir, "model.safetensors.index.json")
     if os.path.exists(index):  # a stale index would make loaders read old shards
         os.unlink(index)

@@ -14,7 +14,8 @@ own (predict.py, evaluate.py --target-precision) and applied to the test users (
 --thresholds): thresholds/dev/thresholds.json and the recall they cost. Every stage runs through its script's own command line, printed
 first, so the run doubles as a tutorial. A stage whose output is complete is skipped (a
 `.done/<stage>` marker, written after it succeeded, records the command that made it: another
-command into the same --out is refused); SFT and RL resume their own state after a kill.
+command into the same --out is refused; and the size and sha256 of the files it wrote and read: if
+one changed since, the stage runs again, saying which); SFT and RL resume their own state after a kill.
 """
 import dataclasses
 import json
@@ -24,7 +25,8 @@ import subprocess
 import sys
 import time
 
-from common import ConfigError, atomic_write_text, check_fields, file_sha256, load_config, opt, save_config
+from common import (TEMP_PREFIX, ConfigError, atomic_write_text, check_fields, file_sha256, load_config, opt, read_json,
+                    save_config)
 from confprofile import ROOT, dimensions, load_taxonomy
 from evaluate import mean_defined
 from plots import draw_training_curves, f1_comparison_figure, save_png
@@ -92,7 +94,11 @@ def _stage(name, argv, out, log, done=True):
     says how it ran) and the sha256 of each --config file it read. A finished stage is skipped only if
     both are the same now; otherwise this raises ConfigError naming what differs, since skipping would
     report the old run's numbers under the new settings, and rerunning one stage would mix two runs in
-    one folder (a fresh --out is the way to run with other settings)."""
+    one folder (a fresh --out is the way to run with other settings). The marker also records the
+    fingerprints of the files the stage wrote and read (_stage_files, _fingerprints): when one of them
+    changed since (a teacher file cut to half its users, a checkpoint replaced, an earlier stage redone
+    with another result), the stage is not skipped but runs again (the teacher file resumes), after one
+    line saying which file changed."""
     marker = os.path.join(out, ".done", name)
     torchrun = argv[0] == "torchrun"  # argv = ["torchrun", "--standalone", "--nproc_per_node=K", script, ...] or [script, ...]
     shown = ("" if torchrun else "python ") + " ".join(_quote(a) for a in argv)
@@ -107,11 +113,15 @@ def _stage(name, argv, out, log, done=True):
             raise ConfigError(f"stage {name}: {out} holds its output from another command ({'; '.join(changes)}); "
                               f"use a fresh --out to run with these settings (or delete {marker} and the stage's "
                               "output to redo it)")
-        print(f"[skip] {name}: finished earlier ({marker})", flush=True)
-        seconds = recorded.get("seconds")  # what the stage took when it ran
-        log.append({"stage": name, "command": shown, "seconds": seconds if isinstance(seconds, (int, float)) else None,
-                    "skipped": True})
-        return
+        damage = _file_changes(recorded, argv, out)
+        if not damage:
+            print(f"[skip] {name}: finished earlier ({marker})", flush=True)
+            seconds = recorded.get("seconds")  # what the stage took when it ran
+            log.append({"stage": name, "command": shown, "seconds": seconds if isinstance(seconds, (int, float)) else None,
+                        "skipped": True})
+            return
+        print(f"[redo] {name}: {damage} since it finished; running it again", flush=True)
+        os.unlink(marker)
     print(f"\n=== {name}\n$ {shown}", flush=True)
     t0 = time.time()
     argv = [str(a) for a in argv]
@@ -126,8 +136,62 @@ def _stage(name, argv, out, log, done=True):
     print(f"[done] {name} in {seconds:.0f}s", flush=True)
     log.append({"stage": name, "command": shown, "seconds": round(seconds, 1)})
     if done:
-        atomic_write_text(marker, json.dumps({"command": shown, **made_by, "seconds": round(seconds, 1)},
+        outputs, inputs = _stage_files(argv, out)
+        atomic_write_text(marker, json.dumps({"command": shown, **made_by, "seconds": round(seconds, 1),
+                                              "outputs": _fingerprints(outputs), "inputs": _fingerprints(inputs)},
                                              ensure_ascii=False) + "\n")
+
+
+OUTPUT_FLAGS = ("--out", "--output-dir", "--audit")  # what a stage's script writes: the file or folder after them
+
+
+def _stage_files(argv, out):
+    """(outputs, inputs) of a stage's command line: the paths after its OUTPUT_FLAGS, and the other
+    arguments that name an existing file or folder inside the run folder `out` (what earlier stages wrote:
+    the world, the teacher answers, the SFT set, checkpoints), less those inside an output."""
+    args = [str(a) for a in argv]
+    outputs = [v for flag, v in zip(args, args[1:]) if flag in OUTPUT_FLAGS]
+    inside = lambda path, folder: os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
+    inputs = [a for a in args[1:] if not a.startswith("--") and a not in outputs and os.path.exists(a)
+              and inside(a, out) and not any(a == o or inside(a, o) for o in outputs)]
+    return outputs, inputs
+
+
+def _fingerprints(paths):
+    """{file: {"size", "sha256"}} of the files that make up `paths`: a file, with the files beside it named
+    after it (sft.jsonl.summary.json, teacher_test.jsonl.meta.json); a folder, every file under it. Left
+    out: the figures (*.png; the pipeline redraws the training curves into finished run folders) and
+    the temp files of atomic writes."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+        elif os.path.isfile(path):
+            folder, base = os.path.split(path)
+            files += [path] + [os.path.join(folder, f) for f in os.listdir(folder or ".") if f.startswith(base + ".")]
+    return {f: {"size": os.path.getsize(f), "sha256": file_sha256(f)} for f in sorted(set(files))
+            if not f.endswith(".png") and not os.path.basename(f).startswith(TEMP_PREFIX)}
+
+
+def _file_changes(recorded, argv, out):
+    """Why a finished stage's files are not the ones its marker recorded ("" when they are): an output
+    changed, cut, or gone since the stage wrote it, or an input that an earlier stage has written again
+    since this one read it. A marker that records no files cannot vouch for them."""
+    if not isinstance(recorded.get("outputs"), dict) or not isinstance(recorded.get("inputs"), dict):
+        return "its marker records no fingerprints of its files (an older marker)"
+    outputs, inputs = _stage_files(argv, out)
+    changes = []
+    for kind, paths in (("output", outputs), ("input", inputs)):
+        was, now = recorded[kind + "s"], _fingerprints(paths)
+        for f, fp in was.items():
+            if f not in now:
+                changes.append(f"its {kind} {f} is gone")
+            elif now[f] != fp:
+                size = f"{fp.get('size')} -> {now[f]['size']} bytes" if fp.get("size") != now[f]["size"] else "same size"
+                changes.append(f"its {kind} {f} changed ({size}, sha256 {str(fp.get('sha256'))[:12]} -> "
+                               f"{now[f]['sha256'][:12]})")
+        changes += [f"its {kind} {f} is new" for f in now if f not in was and kind == "input"]
+    return "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
 
 
 def _stage_record(argv):
@@ -178,8 +242,7 @@ def _quote(arg):
 
 
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def _pct(x, digits=1):

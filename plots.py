@@ -143,9 +143,13 @@ def training_curves_figure(records, title=""):
     fig = Figure(figsize=(9, 5.2) if is_rl else (5.6, 3.4), dpi=DPI, layout="constrained")
     axes = fig.subplots(2, 2).flatten() if is_rl else [fig.subplots()]
     for ax, (name, keys) in zip(axes, panels):
+        notes = []
         for key, label in keys:
-            points = [(r["step"], r[key]) for r in records
-                      if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+            points = series(records, key)
+            bad = [step for step, v in points if not math.isfinite(v)]
+            if bad:
+                notes.append(non_finite_note(label, bad, len(points)))
+            points = [(step, v) for step, v in points if math.isfinite(v)]  # NaN would blank the moving average too
             if not points:
                 continue
             steps, values = zip(*points)
@@ -159,13 +163,41 @@ def training_curves_figure(records, title=""):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-        else:
+        elif not notes:
             ax.text(0.5, 0.5, "not in this log", ha="center", va="center", transform=ax.transAxes, color="grey")
+        if notes:  # a diverged run: say so where the line is missing, not an empty panel
+            ax.text(0.5, 0.5 if not ax.lines else 0.9, "\n".join(notes), ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes, color="tab:red", wrap=True)
     if not is_rl and axes[0].lines:
         axes[0].set_yscale("log")
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def series(records, key):
+    """[(step, value)] of the records that log `key` as a number (NaN and infinities included)."""
+    return [(r["step"], float(r[key])) for r in records
+            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+
+
+def non_finite_note(label, bad_steps, n):
+    """The note for a series that is NaN or infinite at `bad_steps` of its n steps (a diverged run)."""
+    where = "every step" if len(bad_steps) == n else f"{len(bad_steps)} of {n} steps, first at step {bad_steps[0]}"
+    return f"{label}: NaN or infinite at {where}"
+
+
+def non_finite_notes(records):
+    """A note per plotted series with a NaN or infinite value (what draw_training_curves prints)."""
+    is_rl = any("reward_mean" in r for r in records)
+    keys = [k for _, ks in (RL_PANELS if is_rl else [("loss", SFT_LINES)]) for k in ks]
+    notes = []
+    for key, label in keys:
+        points = series(records, key)
+        bad = [step for step, v in points if not math.isfinite(v)]
+        if bad:
+            notes.append(non_finite_note(label, bad, len(points)))
+    return notes
 
 
 def read_metrics(path):
@@ -185,6 +217,8 @@ def draw_training_curves(run_dir, out=""):
     if not records:
         raise DataError(f"{path}: empty; expected the metrics of at least one step")
     fig = training_curves_figure(records, title=os.path.basename(os.path.normpath(run_dir)))
+    for note in non_finite_notes(records):
+        print(f"{path}: {note} (the run diverged there; the figure shows the finite values only)", flush=True)
     return save_png(fig, out or os.path.join(run_dir, TRAINING_CURVES))
 
 

@@ -35,6 +35,17 @@ def test_quantile_ties_share_a_level():
     assert calibrate_quantile([0, 10, 0, 10, 0, 10, 0, 10]) == [3, 8] * 4
 
 
+def test_quantile_ties_are_ties_up_to_float_rounding():
+    # r = (S/T)·mean(c) in floats: 4/5·(4/4) = 0.8 and 6/9·(6/5) = 0.7999999999999999 are both 4/5, one tie:
+    # sorted 0.8, 0.8, 5, 6, 7, 8 (n = 6): midranks 1.5, 1.5, 3, 4, 5, 6
+    # -> 1 + floor(10·1/6) = 2, then 1 + floor(10·2.5/6) = 5, 6, 8, 10
+    assert 4 / 5 * (4 / 4) != 6 / 9 * (6 / 5)
+    assert calibrate_quantile([4 / 5 * (4 / 4), 6 / 9 * (6 / 5), 5, 6, 7, 8]) == [2, 2, 5, 6, 8, 10]
+    # 0.3·10 = 3.0000000000000004 ties with 3 whichever comes first; 3.001 is a value of its own:
+    # sorted 1, 3, 3, 3.001 (n = 4): midranks 1, 2.5, 2.5, 4 -> 1 + floor(10·0.5/4) = 2, 1 + floor(10·2/4) = 6, 9
+    assert calibrate_quantile([3.0, 0.3 * 10, 3.001, 1.0]) == calibrate_quantile([0.3 * 10, 3.0, 3.001, 1.0]) == [6, 6, 9, 2]
+
+
 def test_quantile_constant_input_and_tiny_n():
     assert calibrate_quantile([4.2] * 7) == [6] * 7  # midrank 4: 1 + floor(10·3.5/7) = 6
     assert calibrate_quantile([7.0]) == [6]  # n = 1: 1 + floor(10·0.5) = 6
@@ -331,3 +342,41 @@ def test_streaming_gives_the_in_memory_result(tmp_path):
     assert summary["users_kept"] == 141 and len(summary["users_not_answered"]) == 10  # 9 left out, 10 never answered
     assert any("messages" in r for r in records[:20]) and sorted(os.listdir(tmp_path)) == [
         "audit.jsonl", "sft.jsonl", "sft.jsonl.summary.json", "teacher.jsonl", "users.jsonl"]  # no spill left
+
+
+@pytest.mark.parametrize("keep_stamp", [False, True])
+def test_users_file_rewritten_between_the_passes_is_refused(world, monkeypatch, capsys, keep_stamp):
+    """Pass 2 reads prompts back from --users at the byte offsets pass 1 indexed. The same users in
+    another order, written between the passes, would give each SFT record another user's prompt: it is
+    one error naming the file, whether the file's size and time stamp show the change (caught before any
+    read) or not (keep_stamp: same size, time stamp put back; caught by the user_id read back)."""
+    users = world / "users.jsonl"
+    lines = users.read_text(encoding="utf-8").splitlines(keepends=True)
+    before = os.stat(users)
+    calibrate_levels = cal.calibrate_levels
+
+    def rewrite_then_calibrate(*args, **kwargs):  # runs after pass 1 and the users index
+        users.write_text("".join(lines[::-1]) + ("" if keep_stamp else "\n"), encoding="utf-8")
+        if keep_stamp:
+            os.utime(users, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return calibrate_levels(*args, **kwargs)
+
+    monkeypatch.setattr(cal, "calibrate_levels", rewrite_then_calibrate)
+    with pytest.raises(SystemExit) as e:
+        run(world)
+    message = str(e.value.code)
+    assert message.startswith(f"calibrate.py: error: {users}: changed while calibrate.py was reading it") and "\n" not in message
+    assert ("not user_id 'u1' as when it was indexed" in message) == keep_stamp  # u1: the first kept user
+    assert (f"size {before.st_size} -> {before.st_size + 1} bytes" in message) != keep_stamp
+    assert not (world / "sft.jsonl").exists() and not (world / "audit.jsonl").exists()  # nothing written
+    assert sorted(os.listdir(world)) == ["tax.json", "teacher.jsonl", "users.jsonl"]  # no temp or spill file left
+
+
+def test_users_file_unchanged_between_the_passes_reads_back_each_user(world):
+    """The check costs nothing when the file stays: every kept user gets its own prompt."""
+    sft, _ = run(world)
+    tax = load_taxonomy(str(world / "tax.json"))
+    users = {u["user_id"]: u for u in read_users(str(world / "users.jsonl"), taxonomy=tax)}
+    assert [r["user_id"] for r in sft] == ["u1", "u2", "u3"]
+    for r in sft:
+        assert r["messages"][:-1] == render_prompt(users[r["user_id"]], tax)
