@@ -11,7 +11,12 @@ A non-NA prediction on a gold-NA user is a false positive (non-abstained, never 
 gold NA is neither. Headline: avg_f1 = mean F1_d over the dimensions at τ = 0. The sweep τ = 1..10
 gives, per τ, the mean over dimensions of P (over the dimensions where P is defined), R and F1.
 Calibration: ECE over 10 bins of c/10 on the non-abstained predictions at τ = 0, correctness
-= (label == gold); AUROC of the same confidences for the same correctness.
+= (label == gold), MCE (its worst bin) beside it; AUROC of the same confidences for the same correctness.
+Confidence as a probability of being right (p = c/10, the same predictions): the Brier score with
+Murphy's decomposition (one bin per confidence level: exact), and risk–coverage (AURC, E-AURC, risk at 50 %
+and 80 % coverage; each confidence level one block, ties in random order). All of these, pooled and per
+dimension, are functions of one count table (cell_codes, count_table); the bootstrap over users reweights
+that table by how often each user was drawn (bootstrap_headline), so intervals need no second read.
 
 Thresholds for deployment (docs/design.md, "Thresholds"): per dimension the smallest τ in 1..10 whose
 precision's one-sided Wilson lower bound L (wilson_lower_bound, 95 % by default, Bonferroni-corrected
@@ -22,12 +27,16 @@ Without labels: per dimension the smallest τ that keeps at most a target share 
 CLI: python evaluate.py --predictions preds.jsonl --data test.jsonl --out DIR [--vote] [--weighting confidence|majority]
      [--na-weight W] [--target-precision 0.9 [--dimension-targets '{"gender": 0.95}'] [--bound-level 0.95] [--bound-correction bonferroni|none]]
      [--thresholds thresholds.json]
+     [--bootstrap 1000] [--seed 0]
      python evaluate.py --predictions preds.jsonl --out DIR --target-coverage 0.3      (no labels)
+     python evaluate.py compare A.jsonl B.jsonl [C.jsonl ...] --data test.jsonl --out DIR [--names '["a", "b"]']
+         [--vote] [--bootstrap 1000] [--seed 0]       (paired differences from A -> DIR/comparison.json, .md)
 A predictions line is {"user_id", "profile": {dim: {"label", "confidence"}}} (predict.py's profiles
 too) or {"user_id", "text"} (parsed with confprofile.parse_answer) or {"user_id", "samples": [{"text",
 ...}, ...]} (the first sample, or with --vote the Stage-1 vote of all samples: label ŷ, confidence =
-pooled confidence). Writes DIR/metrics.json, DIR/report.md (embedding DIR/pr_curve.png and
-DIR/reliability.png), DIR/pr_curve.csv; with a target, DIR/thresholds.json; with --thresholds, the
+pooled confidence). Writes DIR/metrics.json (with "intervals": 95 % percentile-bootstrap intervals over
+users, unless --bootstrap 0), DIR/report.md (embedding DIR/pr_curve.png, DIR/reliability.png and
+DIR/risk_coverage.png), DIR/pr_curve.csv; with a target, DIR/thresholds.json; with --thresholds, the
 precision, recall and recall cost at those τ in metrics.json ("at_thresholds") and report.md. The
 files are read line by line into a table of a few bytes per (user, dimension) (Table), so memory does
 not grow with the answers.

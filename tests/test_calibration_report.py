@@ -354,3 +354,20 @@ def test_compare_gives_paired_differences_and_refuses_other_users(files, capsys)
     with pytest.raises(SystemExit) as e:
         common.run_cli(evaluate.main, "evaluate.py", ["compare", a, "--out", str(tmp / "x"), *common_args])
     assert "expected two or more predictions files, got 1" in e.value.code
+
+
+def test_pipeline_tables_carry_the_intervals_and_the_paired_delta(files):
+    import pipeline  # the results tables of the demo (pipeline.py's results part only)
+    tmp, users, profiles, other = files
+    common_args = ["--data", str(tmp / "data.jsonl"), "--taxonomy", str(tmp / "tax.json"), "--bootstrap", "50"]
+    m = evaluate.main(["--predictions", str(tmp / "a" / "predictions.jsonl"), "--out", str(tmp / "ev"), *common_args])
+    f1 = m["intervals"]["pooled"]["f1"]
+    table = pipeline.results_table([("row", m)], TAXONOMY)
+    assert f"**{100 * m['avg_f1']:.2f}** [{100 * f1['low']:.2f}, {100 * f1['high']:.2f}]" in table
+    cal = pipeline.calibration_table([("row", m)])
+    assert f"| row | {m['calibration']['n']} | {m['brier']:.3f} [" in cal
+    doc = evaluate.main(["compare", str(tmp / "a" / "predictions.jsonl"), str(tmp / "b" / "predictions.jsonl"),
+                         "--out", str(tmp / "cmp"), *common_args])
+    d = doc["differences"][0]["pooled"]["f1"]
+    paired = pipeline.paired_table(doc, {"a": "SFT", "b": "SFT + RL"})
+    assert f"| SFT + RL − SFT | {100 * d['delta']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] |" in paired
