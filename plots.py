@@ -37,6 +37,7 @@ RL_PANELS = [
     ("mean stated confidence", [("confidence", "rollouts"), ("dev_confidence", "greedy, dev users")]),
 ]
 SFT_LINES = [("loss", "train loss"), ("eval_loss", "eval loss")]
+MARKED_LEVELS = 20  # risk_coverage_figure marks each confidence level's block end up to this many levels
 
 
 def _value(x):
@@ -105,13 +106,15 @@ def risk_coverage_figure(lines, blocks=None, oracle=None, title=""):
     """Risk (error rate of what is kept) against coverage (share of the predictions kept, the most confident
     first): one line per group, {name: ([coverage], [risk])} from evaluate.risk_coverage_line; blocks
     {name: evaluate.risk_coverage_blocks rows} marks each confidence level's end on the lines (labelled
-    with its level for the first group); oracle ([coverage], [risk]): the ordering that keeps every right
+    with its level for the first group; not when a group has more than MARKED_LEVELS levels); oracle ([coverage], [risk]): the ordering that keeps every right
     prediction first, dashed. The area under a line is its AURC."""
     fig = Figure(figsize=(5.6, 3.8), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     for i, (name, (xs, ys)) in enumerate(lines.items()):
         line = ax.plot(xs, ys, linewidth=2.0 if i == 0 else 1.0, label=name)[0]
         ends = (blocks or {}).get(name) or []
+        if len(ends) > MARKED_LEVELS:  # a vote's pooled confidence: hundreds of levels, the line alone says it
+            ends = []
         if ends:
             ax.plot([b["coverage"] for b in ends], [b["risk"] for b in ends], linestyle="none", marker=".",
                     color=line.get_color())
