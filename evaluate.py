@@ -1272,7 +1272,9 @@ def compare_main(argv):
     (paired_differences) -> DIR/comparison.json, DIR/comparison.md. One table per file at a time in memory;
     what the bootstrap keeps of each is its cell codes (cell_codes)."""
     args, files = load_config(CompareConfig, argv, prog="evaluate.py compare",
-                              description="Paired comparison of prediction files on the same users.")
+                              description="Paired comparison of prediction files on the same users:\n  python evaluate.py "
+                              "compare A.jsonl B.jsonl [C.jsonl ...] --data test.jsonl --out DIR\neach file after the "
+                              "first against the first (Δ = file − A), with 95 % paired-bootstrap intervals over users.")
     if len(files) < 2:
         raise ConfigError(f"compare: expected two or more predictions files, got {len(files)}")
     names = args.names or default_names(files)
