@@ -255,17 +255,68 @@ def _mean_pr(metrics, taxonomy):
     return mean_defined(per[d]["precision"] for d in dims), mean_defined(per[d]["recall"] for d in dims)
 
 
+def _interval(m, key, scale=1.0, digits=3):
+    """' [low, high]' of metrics["intervals"]["pooled"][key] (evaluate.py's bootstrap), '' without one."""
+    r = (m.get("intervals") or {}).get("pooled", {}).get(key)
+    if not r or r["low"] is None:
+        return ""
+    return f" [{scale * r['low']:.{digits}f}, {scale * r['high']:.{digits}f}]"
+
+
+def _num(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def results_table(rows, taxonomy):
-    """Markdown, the paper's shape: F1 per dimension, average F1, P / R at tau=0, ECE, mean confidence."""
+    """Markdown, the paper's shape: F1 per dimension, average F1, P / R at tau=0, ECE, mean confidence;
+    avg F1 and ECE with their 95 % bootstrap interval over the test users."""
     dims = dimensions(taxonomy)
-    lines = ["| row | " + " | ".join(dims) + " | **avg F1** | P | R | ECE | mean conf |",
+    lines = ["| row | " + " | ".join(dims) + " | **avg F1** [95% CI] | P | R | ECE [95% CI] | mean conf |",
              "|---" * (len(dims) + 6) + "|"]
     for name, m in rows:
         p, r = _mean_pr(m, taxonomy)
         cells = [_pct(m["per_dimension"][d]["f1"]) for d in dims]
         conf, ece = m.get("mean_confidence"), m.get("ece")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_pct(m['avg_f1'], 2)}** | {_pct(p)} | {_pct(r)} | "
-                     f"{'-' if ece is None else f'{ece:.3f}'} | {'-' if conf is None else f'{conf:.2f}'} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_pct(m['avg_f1'], 2)}**{_interval(m, 'f1', 100, 2)} | "
+                     f"{_pct(p)} | {_pct(r)} | {_num(ece)}{_interval(m, 'ece')} | {_num(conf, 2)} |")
+    return "\n".join(lines)
+
+
+def calibration_table(rows):
+    """Markdown: confidence as a probability of being right (p = c/10, non-abstained at τ = 0, all dimensions):
+    Brier and its decomposition, ECE beside the worst bin (MCE), AUROC, AURC, E-AURC, risk at 50 % / 80 %
+    coverage; Brier, AUROC and AURC with their 95 % bootstrap interval over the test users."""
+    lines = ["| row | n | Brier [95% CI] | REL | RES | UNC | MCE | AUROC [95% CI] | AURC [95% CI] | E-AURC | "
+             "risk@50% | risk@80% |", "|---" * 12 + "|"]
+    for name, m in rows:
+        c = m.get("calibration") or {}
+        murphy, risk = c.get("murphy") or {}, c.get("risk_at_coverage") or {}
+        lines.append(f"| {name} | {c.get('n', '-')} | {_num(c.get('brier'))}{_interval(m, 'brier')} | "
+                     f"{_num(murphy.get('reliability'))} | {_num(murphy.get('resolution'))} | "
+                     f"{_num(murphy.get('uncertainty'))} | {_num(c.get('mce'))} | {_num(c.get('auroc'))}"
+                     f"{_interval(m, 'auroc')} | {_num(c.get('aurc'))}{_interval(m, 'aurc')} | {_num(c.get('e_aurc'))} | "
+                     f"{_num(risk.get('50%'))} | {_num(risk.get('80%'))} |")
+    return "\n".join(lines)
+
+
+def _delta(d, key, scale=1.0, digits=3):
+    """'Δ [low, high]' of a paired difference (evaluate.py compare)."""
+    r = d["pooled"][key]
+    if r["delta"] is None:
+        return "-"
+    low = "-" if r["low"] is None else f"{scale * r['low']:+.{digits}f}"
+    high = "-" if r["high"] is None else f"{scale * r['high']:+.{digits}f}"
+    return f"{scale * r['delta']:+.{digits}f} [{low}, {high}]"
+
+
+def paired_table(doc, names):
+    """Markdown: each paired difference of evaluate.py compare (file − the reference), avg F1 in points,
+    with its 95 % paired-bootstrap interval over the same test users."""
+    lines = ["| compared | Δ avg F1 (points) | Δ ECE | Δ Brier | Δ AUROC | Δ AURC |", "|---|---|---|---|---|---|"]
+    for d in doc["differences"]:
+        lines.append(f"| {names.get(d['name'], d['name'])} − {names.get(d['reference'], d['reference'])} | "
+                     f"{_delta(d, 'f1', 100, 2)} | {_delta(d, 'ece')} | {_delta(d, 'brier')} | {_delta(d, 'auroc')} | "
+                     f"{_delta(d, 'aurc')} |")
     return "\n".join(lines)
 
 
@@ -363,8 +414,15 @@ def run_demo(cfg):
     _stage("rl", [*launch, "rl.py", *rl_common, "--output-dir", rl_dir, *_resume(rl_dir)], out, log)
     rows["student_rl"] = _predict_and_evaluate("student_rl", rl_dir, cfg, world, out, log)
 
+    # Is RL above SFT? The paired bootstrap over the same test users (evaluate.py compare).
+    compare_dir = os.path.join(out, "eval", "compare_rl_sft")
+    _stage("compare_rl_sft", ["evaluate.py", "compare", f"{out}/eval/student_sft/predictions.jsonl",
+                              f"{out}/eval/student_rl/predictions.jsonl", "--data", f"{world}/test.jsonl",
+                              "--out", compare_dir], out, log)
+    rl_vs_sft = _read_json(os.path.join(compare_dir, "comparison.json"))
     named = [(name, rows[key]) for key, name in DEMO_ROWS]
-    results = {"config": dataclasses.asdict(cfg), "rows": {key: rows[key] for key, _ in DEMO_ROWS}, "stages": log}
+    results = {"config": dataclasses.asdict(cfg), "rows": {key: rows[key] for key, _ in DEMO_ROWS}, "stages": log,
+               "comparisons": {"rl_vs_sft": rl_vs_sft}}
     save_png(f1_comparison_figure([(name, rows[key]) for key, name in DEMO_ROWS if key in F1_FIGURE_ROWS],
                                   dimensions(taxonomy)), os.path.join(out, "f1_comparison.png"))
     for run_dir in (sft_dir, rl_dir):  # sft.py / rl.py draw them at the end; a run made before they did gets them here
@@ -372,6 +430,12 @@ def run_demo(cfg):
     md = ["# Conf-Profile on the synthetic ProfileBench world", "",
           f"{cfg.n_test} test users, seed {cfg.seed}{' (--quick)' if cfg.quick else ''}. F1 / P / R in %, at τ = 0.", "",
           results_table(named, taxonomy), "", "![F1 per dimension and average F1 of each row](f1_comparison.png)", "",
+          "## Confidence as a probability of being right (p = c/10; all dimensions)", "",
+          "95 % intervals: percentile bootstrap over the test users (evaluate.py, 1000 replicates, seed 0).", "",
+          calibration_table(named), "",
+          "![risk against coverage after SFT + RL](eval/student_rl/risk_coverage.png)", "",
+          "## SFT + RL against SFT (paired bootstrap over the same test users)", "",
+          paired_table(rl_vs_sft, {"student_sft": "after SFT", "student_rl": "after SFT + RL"}), "",
           "## Precision / recall over the confidence threshold τ", "",
           sweep_table(named[2:]), "", "After SFT + RL, per dimension:", "",
           "![precision and recall against τ after SFT + RL](eval/student_rl/pr_curve.png)", "",
@@ -418,13 +482,23 @@ def run_demo(cfg):
                    out, log)
             ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
         results["ablations"] = {desc: m for desc, m, _ in ablation_rows}
+        # Δ vs full: paired bootstrap of each variant against the full method on the same test users
+        keys = [key for key, _, _ in SFT_ABLATIONS + RL_ABLATIONS]
+        ablation_dir = os.path.join(out, "eval", "compare_ablations")
+        _stage("compare_ablations", ["evaluate.py", "compare", f"{out}/eval/student_rl/predictions.jsonl",
+                                     *[f"{out}/eval/{key}/predictions.jsonl" for key in keys], "--data",
+                                     f"{world}/test.jsonl", "--out", ablation_dir], out, log)
+        paired = _read_json(os.path.join(ablation_dir, "comparison.json"))
+        results["ablation_differences"] = paired
+        deltas = dict(zip(keys, paired["differences"]))
         md += ["## Ablations (each one switch of the normal scripts)", "",
-               "| variant | compared at | avg F1 | Δ vs full | mean stated conf |", "|---|---|---|---|---|"]
-        full = rows["student_rl"]["avg_f1"]
-        for desc, m, stage in ablation_rows:
+               "Δ vs full: avg F1 of the variant minus the full method's, in points, with its 95 % paired-bootstrap "
+               "interval over the same test users (evaluate.py compare).", "",
+               "| variant | compared at | avg F1 | Δ vs full [95% CI] | mean stated conf |", "|---|---|---|---|---|"]
+        for (desc, m, stage), key in zip(ablation_rows, [None] + keys):
             conf = m.get("mean_confidence")
-            md.append(f"| {desc} | {stage} | {100 * m['avg_f1']:.2f} | {100 * (m['avg_f1'] - full):+.2f} | "
-                      f"{'-' if conf is None else f'{conf:.2f}'} |")
+            delta = _delta(deltas[key], "f1", 100, 2) if key else "+0.00"
+            md.append(f"| {desc} | {stage} | {100 * m['avg_f1']:.2f} | {delta} | {'-' if conf is None else f'{conf:.2f}'} |")
         md.append("")
 
     minutes = (time.time() - t_start) / 60

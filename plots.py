@@ -6,7 +6,8 @@ metrics.jsonl records) and returns a matplotlib Figure, so a test can count its 
 save_png writes one atomically. Who draws what:
 
 * evaluate.py, next to report.md: precision and recall against τ, one line per dimension
-  (precision_recall_figure), and the reliability diagram (reliability_figure);
+  (precision_recall_figure), the reliability diagram (reliability_figure) and the risk–coverage
+  curve (risk_coverage_figure);
 * pipeline.py, next to results.md: avg and per-dimension F1 of its rows (f1_comparison_figure);
 * sft.py and rl.py at the end of a run, or this command for any run folder: the training curves
   (training_curves_figure), SFT's loss and eval loss, RL's reward, agreement, NA rate and mean
@@ -36,6 +37,7 @@ RL_PANELS = [
     ("mean stated confidence", [("confidence", "rollouts"), ("dev_confidence", "greedy, dev users")]),
 ]
 SFT_LINES = [("loss", "train loss"), ("eval_loss", "eval loss")]
+MARKED_LEVELS = 20  # risk_coverage_figure marks each confidence level's block end up to this many levels
 
 
 def _value(x):
@@ -99,6 +101,38 @@ def reliability_figure(rows, title=""):
         ax.set_title(title, fontsize=10)
     return fig
 
+
+def risk_coverage_figure(lines, blocks=None, oracle=None, title=""):
+    """Risk (error rate of what is kept) against coverage (share of the predictions kept, the most confident
+    first): one line per group, {name: ([coverage], [risk])} from evaluate.risk_coverage_line; blocks
+    {name: evaluate.risk_coverage_blocks rows} marks each confidence level's end on the lines (labelled
+    with its level for the first group; not when a group has more than MARKED_LEVELS levels); oracle ([coverage], [risk]): the ordering that keeps every right
+    prediction first, dashed. The area under a line is its AURC."""
+    fig = Figure(figsize=(5.6, 3.8), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    for i, (name, (xs, ys)) in enumerate(lines.items()):
+        line = ax.plot(xs, ys, linewidth=2.0 if i == 0 else 1.0, label=name)[0]
+        ends = (blocks or {}).get(name) or []
+        if len(ends) > MARKED_LEVELS:  # a vote's pooled confidence: hundreds of levels, the line alone says it
+            ends = []
+        if ends:
+            ax.plot([b["coverage"] for b in ends], [b["risk"] for b in ends], linestyle="none", marker=".",
+                    color=line.get_color())
+        if i == 0:
+            for b in ends:
+                ax.annotate(f"{b['confidence']:g}", (b["coverage"], b["risk"]), fontsize=6, xytext=(0, 3),
+                            textcoords="offset points", ha="center")
+    if oracle:
+        ax.plot(*oracle, color="grey", linestyle="--", linewidth=1, label="oracle ordering")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("coverage (share of the predictions kept, most confident first)")
+    ax.set_ylabel("risk (error rate of those kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
 
 def f1_comparison_figure(rows, dims, title=""):
     """Grouped bars of F1 (%): one group per dimension and one for the average, one bar per row.

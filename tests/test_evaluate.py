@@ -310,7 +310,12 @@ def test_cli_streams_to_the_metrics_of_evaluate(tmp_path):
     cli = evaluate.main(["--predictions", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "data.jsonl"),
                          "--out", str(tmp_path / "eval"), "--taxonomy", str(tmp_path / "tax.json")])
     in_memory = evaluate.evaluate(profiles, users, TAXONOMY)
-    assert json.dumps({k: v for k, v in cli.items() if k != "inputs"}) == json.dumps(in_memory)
+    assert json.dumps({k: v for k, v in cli.items() if k not in ("inputs", "intervals")}) == json.dumps(in_memory)
+    # the intervals' estimates are the metrics themselves (the same count table)
+    pooled = cli["intervals"]["pooled"]
+    for key, metric in (("f1", "avg_f1"), ("ece", "ece"), ("brier", "brier"), ("auroc", "auroc"), ("aurc", "aurc")):
+        assert pooled[key]["estimate"] == pytest.approx(in_memory[metric], abs=1e-12), key
+        assert pooled[key]["low"] <= pooled[key]["estimate"] <= pooled[key]["high"], key
     assert in_memory["n_missing"] == 300 - len(profiles) > 0 and in_memory["n_unlabelled"] > 0
     assert 0 < in_memory["no_confidence_rate"] < 1 and in_memory["auroc"] is not None
     assert in_memory["format_failure_rate"] == pytest.approx(sum(p is None for p in profiles.values()) / len(profiles))
