@@ -489,7 +489,30 @@ def _confidence_spans(body, value, value_start):
     if not isinstance(value, dict):
         return []
     pairs, _, _ = _scan_object(body, value_start)
-    return [(a, b) for k, _, _, a, b in pairs if normalize_name(k) == "confidence"]
+    return [(a, b) for k, _, _, a, b in pairs if is_confidence_key(k)]
+
+
+def is_confidence_key(key):
+    """Whether the parser reads an object key as the stated confidence ("confidence", "Confidence", ...)."""
+    return normalize_name(key) == "confidence"
+
+
+# A JSON string key, then the whitespace and colon _scan_object skips before a value, at the end of the text.
+_KEY_BEFORE_VALUE = re.compile(r'"((?:[^"\\\n]|\\.){1,64})"[ \t\n\r]*:[ \t\n\r]*\Z')
+
+
+def ends_before_confidence(text):
+    """Whether `text` ends where the value of a stated confidence begins: a key the parser reads as the
+    confidence (is_confidence_key), a colon, JSON whitespace. What the sampler's greedy decoding reads
+    as the start of a number to decode as a value (rollout.ConfidenceValues); only the end of the text
+    is looked at."""
+    m = _KEY_BEFORE_VALUE.search(text[-96:])
+    if not m:
+        return False
+    try:
+        return is_confidence_key(json.loads(f'"{m.group(1)}"'))
+    except ValueError:
+        return False
 
 
 def format_answer(profile, taxonomy, labels_only=False):

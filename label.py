@@ -318,6 +318,8 @@ def teacher_settings(args, taxonomy, model_key="teacher"):
         "taxonomy_sha256": hashlib.sha256(json.dumps(taxonomy, sort_keys=True).encode()).hexdigest(),
         "users_sha256": file_sha256(args.users),  # the file's bytes: another users file is another job
     }
+    if args.temperature == 0 and model != "sim":  # how a checkpoint's greedy answers write their confidence
+        settings["confidence"] = args.confidence
     return json.loads(json.dumps(settings))  # as it reads back from the file (tuples -> lists)
 
 
@@ -358,7 +360,7 @@ class CheckpointTeacher:
         seeded from all its users' seeds (samples depend on the batch, as batched sampling does)."""
         prompts = [chat_prompt_ids(self.tokenizer, m, **self.template_kwargs) for m in message_lists]
         generator = torch.Generator(device=self.device).manual_seed(_derived_seed(*seeds))
-        out = rollout.generate(self.model, prompts, self.sampling, n=n, generator=generator)
+        out = rollout.generate(self.model, prompts, self.sampling, n=n, generator=generator, tokenizer=self.tokenizer)
         stop_ids = self.sampling.stop_ids
         return [[(completion_text(self.tokenizer, s, stop_ids), s.finish_reason, len(s.tokens)) for s in group]
                 for group in out]
@@ -565,6 +567,8 @@ class LabelConfig:
     samples: int = opt(1, "samples per prompt / user", min=1)
     max_new_tokens: int = opt(512, "new tokens per sample at most", min=1)
     temperature: float = opt(1.0, "0 = greedy", min=0)
+    confidence: str = opt("value", "greedy: a stated confidence is its most probable value 1..10, the value nearest "
+                                   "its expectation, or read token by token", choices=rollout.CONFIDENCE_DECODING)
     top_k: int = opt(0, "sample from the k most likely tokens (0 = all)", min=0)
     top_p: float = opt(1.0, "nucleus mass to sample from (1 = all)", gt=0, max=1)
     seed: int = opt(0, "makes the samples reproducible", min=0)
@@ -595,7 +599,7 @@ class LabelConfig:
 
     def sampling(self, stop_ids):
         return rollout.SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p, tuple(stop_ids),
-                              self.max_batch_tokens)
+                              self.max_batch_tokens, confidence=self.confidence)
 
 
 def run_prompts(args):
@@ -608,7 +612,8 @@ def run_prompts(args):
     stop_ids = stop_ids_for(tokenizer)
     prompts = [chat_prompt_ids(tokenizer, r["messages"], **args.template_kwargs) for r in records]
     t0 = time.perf_counter()
-    out = rollout.generate(model, prompts, args.sampling(stop_ids), n=args.samples, seed=args.seed, progress=args.progress)
+    out = rollout.generate(model, prompts, args.sampling(stop_ids), n=args.samples, seed=args.seed, progress=args.progress,
+                           tokenizer=tokenizer)
     seconds = time.perf_counter() - t0
     write_jsonl(args.out, [{"id": r["id"], "samples": [{"text": completion_text(tokenizer, s, stop_ids),
                                                         "finish_reason": s.finish_reason} for s in group]}

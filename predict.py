@@ -99,6 +99,8 @@ class PredictConfig:
     taxonomy: str = opt("", "taxonomy JSON (empty: taxonomy.json of the repository)")
     samples: int = opt(1, "answers per user; more than 1: their Stage-1 vote", min=1)
     temperature: float = opt(0.0, "0 = greedy", min=0)
+    confidence: str = opt("value", "greedy: a stated confidence is its most probable value 1..10, the value nearest "
+                                   "its expectation, or read token by token", choices=rollout.CONFIDENCE_DECODING)
     top_k: int = opt(0, "sample from the k most likely tokens (0 = all)", min=0)
     top_p: float = opt(1.0, "nucleus mass to sample from (1 = all)", gt=0, max=1)
     max_new_tokens: int = opt(320, "new tokens per answer at most", min=1)
@@ -122,7 +124,7 @@ class PredictConfig:
 
     def sampling(self):
         return rollout.SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p, (),
-                                      self.max_batch_tokens)
+                                      self.max_batch_tokens, confidence=self.confidence)
 
 
 def predict_settings(args, taxonomy, taus):

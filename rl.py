@@ -886,7 +886,8 @@ def read_stage1(path, taxonomy):
 
 def greedy_answers(model, tokenizer, prompts, taxonomy, stop_ids, max_new_tokens):
     """The policy's greedy answers to `prompts`, parsed."""
-    groups = generate(model, prompts, SamplingParams(max_new_tokens, temperature=0.0, stop_ids=tuple(stop_ids)))
+    groups = generate(model, prompts, SamplingParams(max_new_tokens, temperature=0.0, stop_ids=tuple(stop_ids)),
+                      tokenizer=tokenizer)
     return [parse_answer(completion_text(tokenizer, g[0], set(stop_ids)), taxonomy) for g in groups]
 
 

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Progress
+from confprofile import ends_before_confidence
 from model import PrefixSharedCache
 
 # KV-cache slots per batch (rows x (prompt + new tokens)). CPU: 64k (SmolLM2-135M: 3 GB fp32; more rows
@@ -74,6 +75,10 @@ COMPACT_AT = 0.75  # drop finished rows from the decode batch once at most this 
 # has caught up, so it could not queue the next steps meanwhile.
 DEFAULT_SYNC_EVERY = {"cpu": 1, "cuda": 16}
 PREFIX_BUCKET = 128  # a compiled decode's prompt cache is rounded up to this many slots (one shape for nearby lengths)
+# How greedy decoding reads a stated confidence: "value" = the most probable value 1..10 (read_value),
+# "expected" = the value nearest its expectation, "token" = token by token like any other text.
+CONFIDENCE_DECODING = ("value", "expected", "token")
+CONFIDENCE_TAIL_TOKENS = 24  # the completion's last tokens decoded to see whether a confidence value starts next
 
 
 @dataclasses.dataclass
@@ -86,6 +91,8 @@ class SamplingParams:
     stop_ids: tuple = ()         # a sample ends on any of these (the stop token is kept)
     max_batch_tokens: int = 0    # KV-cache slots per batch, rows x (prompt + max_new_tokens); 0 = the device's default
     sync_every: int = 0          # decode steps between the host's checks for finished rows; 0 = the device's default
+    confidence: str = "value"    # greedy: a stated confidence is decoded as a value 1..10 ("value", given the
+                                 # tokenizer: generate(..., tokenizer=)) or token by token ("token"); see read_value
 
     def check(self):
         """Raise ValueError naming the first setting that is out of range (before any work is done)."""
@@ -97,6 +104,8 @@ class SamplingParams:
                              f"got {self.max_batch_tokens!r}")
         if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 0:
             raise ValueError(f"sync_every: expected an integer >= 0 (0 = the device's default), got {self.sync_every!r}")
+        if self.confidence not in CONFIDENCE_DECODING:
+            raise ValueError(f"confidence: expected one of {', '.join(CONFIDENCE_DECODING)}, got {self.confidence!r}")
         return self
 
 
@@ -275,6 +284,194 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u
 
 
 # -----------------------------------------------------------------------------
+# A stated confidence read as a value (greedy decoding only)
+#
+# Where a tokenizer writes numbers digit by digit (SmolLM2, Qwen3, Llama-3 up to three digits), the token
+# "1" begins both 1 and 10 and carries the probability of both: a student whose confidences are spread
+# over 1..10 gives "1" about twice any other digit, and token-by-token greedy decoding then writes 1 or
+# 10 on every answer. Greedy decoding therefore decides a stated confidence as a VALUE: where the text
+# ends with a key the parser reads as the confidence and its colon (confprofile.ends_before_confidence)
+# and the most likely token begins a value 1..10, it writes the tokens of the most probable value
+# (value_probabilities, read_value), then a token that ends the number. Sampling is not touched.
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfidenceValues:
+    """What greedy decoding needs from a tokenizer to read a stated confidence as a value (confidence_values)."""
+    values: tuple         # values[v - 1]: the token ids that write v, for v = 1..10
+    continues: tuple      # ids of the tokens that continue a number (their text starts with a digit 0-9)
+    may_precede: frozenset  # ids whose text ends with ":" or is whitespace: a value may start after them
+    decode: object        # token ids -> text (the tokenizer's decode)
+
+
+_CONFIDENCE_VALUES = weakref.WeakKeyDictionary()  # tokenizer -> its ConfidenceValues (derived once)
+
+
+def confidence_values(tokenizer):
+    """A tokenizer's ConfidenceValues, derived once per tokenizer: each value's own token ids
+    (tokenizer.encode("7")), and which tokens continue a number or may precede one. None when some value
+    1..10 does not decode back from its tokens (greedy decoding then reads it token by token)."""
+    try:
+        return _CONFIDENCE_VALUES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    values = tuple(tuple(tokenizer.encode(str(v), add_special_tokens=False)) for v in range(1, 11))
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    digits = "0123456789"
+    found = None
+    if all(t and tokenizer.decode(list(t)) == str(v) and texts[t[0]][:1] in digits
+           for v, t in enumerate(values, 1) if max(t, default=len(texts)) < len(texts)):
+        found = ConfidenceValues(
+            values, tuple(i for i, t in enumerate(texts) if t[:1] and t[0] in digits),
+            frozenset(i for i, t in enumerate(texts) if t and (not t.strip(" \t\n\r") or t.rstrip(" \t\n\r")[-1] == ":")),
+            tokenizer.decode)
+    try:
+        _CONFIDENCE_VALUES[tokenizer] = found
+    except TypeError:  # not weak-referenceable: derived again next time
+        pass
+    return found
+
+
+def value_prefixes(values):
+    """The token prefixes whose next-token distribution the value probabilities need: every proper
+    prefix (of one token or more) of a value's tokens, shortest first. Digit by digit: (("1",)) only;
+    where "10" is one token: none."""
+    return sorted({t[:j] for t in values for j in range(1, len(t))}, key=lambda u: (len(u), u))
+
+
+def value_probabilities(first, after, values, continues):
+    """The probability of each stated value 1..10 where the number starts:
+
+        P(v) = P(t_1) · Π_{j=2..k} P(t_j | t_1..t_{j-1}) · [P(end | t_1..t_k) if t_1..t_k begins another value]
+        P(end | u) = 1 - Σ_{t continues a number} P(t | u)
+
+    over the tokens t_1..t_k that write v. Digit by digit: P(10) = P("1") · P("0" | "1"),
+    P(1) = P("1") · P(end | "1"); a one-token value is the probability of its token.
+    first: probabilities [V] at the start (a list or tensor); after: {prefix: probabilities [V] after it}
+    for the prefixes of value_prefixes(values) that were looked at; continues: token ids that continue a
+    number. Returns [P(1), ..., P(10)], None for a value whose prefix was not looked at."""
+    out, prefixes = [], set(value_prefixes(values))
+    for t in values:
+        if any(t[:j] not in after for j in range(1, len(t) + (t in prefixes))):
+            out.append(None)  # a prefix it needs was not looked at
+            continue
+        p = float(first[t[0]])
+        for j in range(1, len(t)):
+            p *= float(after[t[:j]][t[j]])
+        if t in after:  # t begins another value: the number must end here
+            p *= 1.0 - sum(float(after[t][c]) for c in continues)
+        out.append(p)
+    return out
+
+
+def read_value(probabilities, how="value"):
+    """The value greedy decoding writes, from value_probabilities' [P(1), ..., P(10)] (None: not looked at):
+    "value", the most probable (ties to the lower); "expected", the value nearest Σ v·P(v) / Σ P(v),
+    rounded half up as confprofile.parse_confidence rounds."""
+    known = [(p, v) for v, p in enumerate(probabilities, 1) if p is not None]
+    if how == "expected":
+        total = sum(p for p, _ in known)
+        return min(10, max(1, int(math.floor(sum(p * v for p, v in known) / total + 0.5)))) if total > 0 else max(known)[1]
+    best = max(p for p, _ in known)
+    return min(v for p, v in known if p == best)
+
+
+class ValueReader:
+    """One batch's greedy decoding of stated confidences as values (see the section's comment), on the
+    host, row by row; choose() runs in each decode step between the argmax and record_tokens. Per output
+    row: its tokens so far, whether the text now ends where a confidence starts (armed), the value's
+    remaining tokens to write (forced), and whether the next token must end the number (close)."""
+
+    def __init__(self, cv, how, rows, vocab, device):
+        self.cv, self.how = cv, how
+        self.prefixes = value_prefixes(cv.values)
+        self.leaves = [v for v, t in enumerate(cv.values) if len(t) == 1 and t not in self.prefixes]
+        self.first = {t[0] for t in cv.values}
+        self.continues = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.continues[[i for i in cv.continues if i < vocab]] = True
+        self.history = [[] for _ in range(rows)]
+        self.armed, self.close = [False] * rows, [False] * rows
+        self.forced = [[] for _ in range(rows)]
+
+    def choose(self, model, state, cache, logits, token, logprob):
+        """The tokens [R] (and logprobs) to record this step: the argmax, except in a confidence."""
+        live, running, chosen = state.live.tolist(), state.running.tolist(), token.tolist()
+        change, deciding = {}, []
+        for r, row in enumerate(live):
+            if not running[r]:
+                continue
+            if self.forced[row]:
+                change[r] = self.forced[row].pop(0)
+                self.close[row] = not self.forced[row]
+            elif self.close[row]:  # the value's tokens are written: the number ends here
+                self.close[row] = False
+                if self.continues[chosen[r]]:
+                    change[r] = int(logits[r].masked_fill(self.continues, float("-inf")).argmax())
+            elif self.armed[row] and chosen[r] in self.first:
+                deciding.append(r)
+        for r, value in zip(deciding, self._decide(model, state, cache, logits, deciding)):
+            tokens = self.cv.values[value - 1]
+            change[r], self.forced[live[r]], self.close[live[r]] = tokens[0], list(tokens[1:]), len(tokens) == 1
+        if change:
+            at = torch.tensor(list(change), device=token.device)
+            new = torch.tensor(list(change.values()), device=token.device)
+            token, logprob = token.index_put((at,), new), logprob.index_put((at,), token_logprobs(logits[at], new))
+            chosen = token.tolist()
+        for r, row in enumerate(live):
+            if running[r]:
+                self.history[row].append(chosen[r])
+                self.armed[row] = (chosen[r] in self.cv.may_precede and
+                                   ends_before_confidence(self.cv.decode(self.history[row][-CONFIDENCE_TAIL_TOKENS:])))
+        return token, logprob
+
+    def _decide(self, model, state, cache, logits, rows):
+        """The value each decode row of `rows` writes. A prefix ("1" digit by digit) is looked at (the
+        model run one token ahead on a copy of those rows' cache) only where it could matter: with
+        "value", where its probability exceeds every one-token value's; with "expected", always."""
+        if not rows:
+            return []
+        first = torch.softmax(logits[rows].double(), dim=-1).cpu()
+        after = [{} for _ in rows]
+        mass = [{(): 1.0} for _ in rows]
+        best_leaf = [max((float(first[i, self.cv.values[v][0]]) for v in self.leaves), default=0.0)
+                     for i in range(len(rows))]
+        for u in self.prefixes:
+            look = []
+            for i in range(len(rows)):
+                if u[:-1] not in mass[i]:
+                    continue
+                m = mass[i][u[:-1]] * float((first[i] if len(u) == 1 else after[i][u[:-1]])[u[-1]])
+                room = int(state.step) + len(u) < state.out_tokens.shape[1]  # the look-ahead stays in the cache
+                if room and (self.how == "expected" or m > best_leaf[i]):
+                    mass[i][u] = m
+                    look.append(i)
+            if look:
+                for i, dist in zip(look, self._look_ahead(model, state, cache, [rows[i] for i in look], u)):
+                    after[i][u] = dist
+        return [read_value(value_probabilities(first[i], after[i], self.cv.values, self.cv.continues), self.how)
+                for i in range(len(rows))]
+
+    @staticmethod
+    def _look_ahead(model, state, cache, rows, prefix):
+        """Next-token probabilities [n, V] of decode rows `rows` after writing `prefix` where the value
+        starts, from a copy of their cache (the batch's own cache and state are not touched)."""
+        keep = torch.tensor(rows, device=state.positions.device)
+        small, positions = cache.select_rows(keep), state.positions[keep]
+        for j, t in enumerate(prefix):
+            ids = torch.full((len(rows), 1), t, dtype=torch.long, device=keep.device)
+            logits = model(ids, (positions + j)[:, None], small)[:, -1]
+        return torch.softmax(logits.double(), dim=-1).cpu()
+
+
+def value_reader(sampling, cv, rows, vocab, device):
+    """The batch's ValueReader when greedy decoding reads confidences as values, else None (sampling,
+    confidence "token", or no ConfidenceValues)."""
+    if sampling.temperature > 0 or sampling.confidence == "token" or cv is None:
+        return None
+    return ValueReader(cv, sampling.confidence, rows, vocab, device)
+
+
+# -----------------------------------------------------------------------------
 # Batch planning
 
 
@@ -375,9 +572,12 @@ def prefill(model, prompts, cache, chunk_tokens=PREFILL_CHUNK_TOKENS):
 
 
 @torch.inference_mode()
-def generate(model, prompts, sampling, n=1, generator=None, seed=None, progress=False):
+def generate(model, prompts, sampling, n=1, generator=None, seed=None, progress=False, tokenizer=None):
     """Sample n completions for each token-id prompt as `sampling` (SamplingParams) says; returns
     [prompt_index][sample_index] -> Sample.
+
+    `tokenizer` (the prompts' own): greedy decoding (temperature 0) reads each stated confidence as a
+    value (sampling.confidence; ConfidenceValues); without it, token by token. Sampling never uses it.
 
     See the module docstring for the algorithm. `generator` (a torch.Generator on the model's device)
     wins over `seed`; with neither, a fresh random seed is drawn. Results are reproducible for the same
@@ -396,7 +596,7 @@ def generate(model, prompts, sampling, n=1, generator=None, seed=None, progress=
     if sampling.temperature <= 0 and n > 1:  # greedy samples of one prompt are identical: decode one row each
         return [[dataclasses.replace(s, tokens=list(s.tokens), logprobs=list(s.logprobs))
                  for _ in range(n) for s in group]
-                for group in generate(model, prompts, sampling, 1, generator, seed, progress)]
+                for group in generate(model, prompts, sampling, 1, generator, seed, progress, tokenizer)]
     device = _model_device(model)
     if generator is None:
         generator = torch.Generator(device=device)
@@ -404,12 +604,13 @@ def generate(model, prompts, sampling, n=1, generator=None, seed=None, progress=
     results = [[None] * n for _ in prompts]
     budget = sampling.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cuda"])
     batches = plan_batches([len(p) for p in prompts], n, sampling.max_new_tokens, budget)
+    cv = confidence_values(tokenizer) if tokenizer is not None and sampling.temperature <= 0 else None
     # counts generated tokens; the total (every row to max_new_tokens) shrinks as rows stop
     bar = Progress(len(prompts) * n * sampling.max_new_tokens, "generate", "tok", disable=not progress)
     with onednn_linears(model):  # CPU fp32: the weights packed once for all batches
         for batch in batches:
             samples = _generate_batch(model, [prompts[i] for i, _, _ in batch], [c for _, _, c in batch], sampling,
-                                      generator, bar)
+                                      generator, bar, cv)
             for (i, first, count), group in zip(batch, samples):
                 results[i][first:first + count] = group
     bar.close()
@@ -482,14 +683,17 @@ def record_tokens(state, token, logprob):
     state.token.copy_(token)
 
 
-def decode_step(model, state, cache, u, temperature, top_k, top_p, graph=False):
+def decode_step(model, state, cache, u, temperature, top_k, top_p, graph=False, reader=None):
     """One decode step: the model on each row's last token, one token drawn per row with the rows'
     uniforms u [R, 1], the bookkeeping (record_tokens). No host sync; with graph=True (the sampler's
-    branch-free form, see sample_tokens) it is what torch.compile captures as ONE graph."""
+    branch-free form, see sample_tokens) it is what torch.compile captures as ONE graph. A ValueReader
+    (greedy only) reads the step's tokens on the host and may replace them inside a stated confidence."""
     logits = model(state.token[:, None], state.positions[:, None], cache)[:, -1]
     state.positions += 1
     state.step += 1
     token, logprob = sample_tokens(logits, temperature, top_k, top_p, u=u, graph=graph)
+    if reader is not None:
+        token, logprob = reader.choose(model, state, cache, logits, token, logprob)
     record_tokens(state, token, logprob)
 
 
@@ -556,14 +760,15 @@ def static_decode(compiled_model, model, prompt_lengths, counts, sampling):
     return fixed
 
 
-def _generate_batch(model, prompts, counts, sampling, generator, bar):
+def _generate_batch(model, prompts, counts, sampling, generator, bar, cv=None):
     """One planned batch: prefill each prompt once, decode counts[i] rows on it. Returns [[Sample]].
 
     Eager: decode_step as it is; finished rows are dropped from the decode batch (COMPACT_AT).
     torch.compile'd model: the compiled decode_step on the fixed shapes of a StaticDecode, all rows to
     the end. The host reads the device only every sync_every steps (rows still running: stop early,
     drop finished rows), and both forms draw the same uniforms: the compiled one gives the rows that
-    eager decoding would still run the numbers eager decoding would give them.
+    eager decoding would still run the numbers eager decoding would give them. Greedy decoding that
+    reads confidences as values (cv, value_reader) decodes eagerly: its reader runs on the host each step.
     """
     device = _model_device(model)
     max_new_tokens = sampling.max_new_tokens
@@ -572,7 +777,8 @@ def _generate_batch(model, prompts, counts, sampling, generator, bar):
     lengths = [len(p) for p in prompts]
     rows = sum(counts)
     eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model decodes; prefill (new shapes
-    compiled = eager is not model               # every batch) runs eagerly
+    reader = value_reader(sampling, cv, rows, eager.args.vocab_size, device)  # every batch) runs eagerly
+    compiled = eager is not model and reader is None
     if compiled:
         fixed = static_decode(model, eager, lengths, counts, sampling)
         last_logits = prefill(eager, prompts, fixed.prompt_cache)
@@ -589,7 +795,11 @@ def _generate_batch(model, prompts, counts, sampling, generator, bar):
 
     drawing = torch.arange(rows, device=device)  # the rows that draw a uniform each step (see the docstring)
     u = uniforms(rows, generator, device) if sampling.temperature > 0 else None
-    record_tokens(state, *sample_tokens(last_logits.index_select(0, row_prompt), *settings, u=u))
+    first = last_logits.index_select(0, row_prompt)
+    token, logprob = sample_tokens(first, *settings, u=u)
+    if reader is not None:  # no confidence starts at the first token: the reader only notes it
+        token, logprob = reader.choose(eager, state, None, first, token, logprob)
+    record_tokens(state, token, logprob)
     shown = 0  # tokens counted on the progress bar
     for i in range(1, max_new_tokens):  # the step that draws token i
         if i % sync_every == 0:  # the host reads the device: rows still running, tokens written
@@ -613,7 +823,7 @@ def _generate_batch(model, prompts, counts, sampling, generator, bar):
             torch.compiler.cudagraph_mark_step_begin()
             fixed.step(eager, state, cache, fixed.u)
         else:
-            decode_step(model, state, cache, u, *settings)
+            decode_step(eager, state, cache, u, *settings, reader=reader)
     bar.update(int(state.written) - shown)
 
     out_tokens, out_logprobs = state.out_tokens.cpu(), state.out_logprobs.cpu()
