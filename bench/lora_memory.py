@@ -6,6 +6,7 @@ LoRA through PEFT) on the same model, chats, batch, rank and targets, side by si
     python bench/smollm2_checkpoint.py --out runs/smollm2/base
     python bench/lora_memory.py --model runs/smollm2/base [--steps 4] [--batch-size 4] [--rank 16] \
         [--peer-venv /tmp/peer15] [--gradient-checkpointing]
+    python bench/lora_memory.py --smoke [--peer-venv /tmp/peer15]   # CI: a 2x64 student built on the fly
 
 Peak = max RSS of the process on CPU (the Python interpreter, torch and the tokenizer included: the
 "load only" row is that floor plus the weights), torch.cuda.max_memory_allocated on CUDA. Our runs stop
@@ -37,6 +38,7 @@ from benchlib import make_chats, peak_memory_mb  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, MAX_LEN, SEED = 1e-4, 2048, 0
+SMOKE_STUDENT = dict(vocab_size=2048, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128)
 
 
 # -----------------------------------------------------------------------------
@@ -133,21 +135,34 @@ def main():
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--peer-venv", default="", help="a venv with trl and peft (see the docstring); empty: ours only")
+    p.add_argument("--smoke", action="store_true", help="a tiny student (sft.build_demo_student, 2 layers x 64) "
+                   "instead of --model, 8 chats, 2 steps of 2, rank 4; the peer only if --peer-venv has trl and "
+                   "peft (CI: the benchmark still runs)")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return WORKERS[a.worker](a)
+    if a.smoke:
+        a.users, a.steps, a.batch_size, a.rank = 8, 2, 2, 4
     if a.steps < 2:
         sys.exit("bench/lora_memory.py: error: --steps: expected at least 2")
     a.model = os.path.abspath(a.model)
-    if not os.path.exists(os.path.join(a.model, "config.json")):
+    if not a.smoke and not os.path.exists(os.path.join(a.model, "config.json")):
         sys.exit(f"bench/lora_memory.py: error: {a.model}: no checkpoint there (python bench/smollm2_checkpoint.py)")
     peer_python = os.path.join(a.peer_venv, "bin", "python") if a.peer_venv else None
+    if a.smoke and peer_python and not (os.path.exists(peer_python) and subprocess.run(
+            [peer_python, "-c", "import trl, peft, datasets"], capture_output=True).returncode == 0):
+        peer_python = None
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as work:
         a.work, a.data = work, os.path.join(work, "sft.jsonl")
         make_chats(a.data, a.users)
+        if a.smoke:
+            sys.path.insert(0, ROOT)
+            from sft import build_demo_student, corpus_texts
+            a.model = os.path.join(work, "student")
+            build_demo_student(corpus_texts([a.data]), a.model, seed=SEED, **SMOKE_STUDENT)
         rows = [("load only (ours)", run_worker(sys.executable, "load", a)),
                 ("ours, full SFT", run_worker(sys.executable, "ours_full", a)),
                 (f"ours, LoRA r={a.rank}", run_worker(sys.executable, "ours_lora", a))]
@@ -161,6 +176,9 @@ def main():
     for name, r in rows:
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.1f}"
         print(f"{name:28}{r['peak_mb']:>10.0f}{step:>10}")
+    if not peer_python:
+        why = f"trl, peft or datasets is not installed in {a.peer_venv}" if a.peer_venv else "no --peer-venv given"
+        print(f"TRL / PEFT: skipped: {why}")
     base = rows[0][1]["peak_mb"]
     for name, r in rows[1:]:
         print(f"{name}: {r['peak_mb'] - base:+.0f} MB over load only")

