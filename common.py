@@ -439,25 +439,6 @@ def loads_strict(text):
                       parse_float=_finite_float)
 
 
-def read_json_strict(path, expected):
-    """A whole JSON file read strictly: invalid UTF-8 or JSON, a key repeated within one object (the last
-    would win silently), NaN, Infinity, a number that overflows, or nesting deeper than Python's recursion
-    limit is a DataError naming the file and what was `expected`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
-                             parse_float=_finite_float)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; expected {expected}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}; expected {expected}") from None
-    except DataError as e:  # from the strict hooks
-        raise DataError(f"{path}: {e}") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply; expected {expected}") from None
-    except ValueError as e:  # e.g. an integer of more than 4,300 digits
-        raise DataError(f"{path}: invalid JSON value: {e}; expected {expected}") from None
-
 # -----------------------------------------------------------------------------
 # Configs
 

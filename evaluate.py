@@ -861,11 +861,7 @@ def read_thresholds(path, taxonomy):
     ({dim: τ or None}, the whole document): {"dimensions": {dim: {"tau": integer 0..10 or null}, ...}} with every dimension of
     the taxonomy (τ null: the dimension abstains everywhere; τ 0: every non-NA label is kept). Errors
     name the file and the field."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise common.DataError(f"{path}: unreadable ({e}); expected the JSON evaluate.py writes") from None
+    doc = common.read_json(path, "the thresholds.json evaluate.py writes", strict=True)
     dims = doc.get("dimensions") if isinstance(doc, dict) else None
     if not isinstance(dims, dict):
         raise common.DataError(f"{path}: dimensions: expected an object {{dim: {{\"tau\": 0..10 or null}}}}")

@@ -43,7 +43,7 @@ from common import (DEVICE, ConfigError, DataError, Progress, atomic_write_text,
                     hold_output, is_distributed, iter_jsonl, load_config, load_tokenizer, loads_strict, opt, run_cli,
                     stop_ids_for, write_jsonl)
 from confprofile import load_taxonomy, read_users, render_prompt
-from model import load_model
+from model import check_tokenizer_fits, load_model
 
 # -----------------------------------------------------------------------------
 # Input files
@@ -351,6 +351,7 @@ class CheckpointTeacher:
     def __init__(self, path, sampling, template_kwargs, device, dtype):
         self.tokenizer = checked_tokenizer(path)  # first: a missing directory is named before weights load
         self.model = load_model(path, dtype=getattr(torch, dtype), device=device)
+        check_tokenizer_fits(self.tokenizer, self.model, path)
         self.sampling = dataclasses.replace(sampling, stop_ids=tuple(stop_ids_for(self.tokenizer)))
         self.template_kwargs = template_kwargs
         self.device = device
@@ -609,6 +610,7 @@ def run_prompts(args):
     check_own_output(args.out, ("id", "samples"), "sampler output", "label.py --model")  # replaced whole: only ours
     tokenizer = checked_tokenizer(args.model)  # first: a missing directory is named before weights load
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    check_tokenizer_fits(tokenizer, model, args.model)
     stop_ids = stop_ids_for(tokenizer)
     prompts = [chat_prompt_ids(tokenizer, r["messages"], **args.template_kwargs) for r in records]
     t0 = time.perf_counter()

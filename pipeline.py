@@ -195,9 +195,9 @@ def _file_changes(recorded, argv, out):
 
 
 def _stage_record(argv):
-    """What decides a stage's output: {"argv": its command line without --resume, "config_sha256":
-    {path: sha256} of the files given to --config}."""
-    args = [str(a) for a in argv if str(a) != "--resume"]
+    """What decides a stage's output: {"argv": its command line without --resume and --overwrite (how it
+    ran, not what it computes), "config_sha256": {path: sha256} of the files given to --config}."""
+    args = [str(a) for a in argv if str(a) not in ("--resume", "--overwrite")]
     configs = {path: file_sha256(path) for flag, path in zip(args, args[1:]) if flag == "--config" and os.path.isfile(path)}
     return {"argv": args, "config_sha256": configs}
 
@@ -233,8 +233,12 @@ def _flags(args):
 
 
 def _resume(run_dir):
-    """["--resume"] when sft.py / rl.py left a checkpoint in run_dir (killed before the end), else []."""
-    return ["--resume"] if os.path.isdir(os.path.join(run_dir, "train_state")) else []
+    """["--resume"] when sft.py / rl.py left a checkpoint in run_dir (killed before the end); ["--overwrite"]
+    when run_dir holds a finished run (a stage being redone: its marker is gone or its files changed; a
+    skipped stage never runs); else []."""
+    if os.path.isdir(os.path.join(run_dir, "train_state")):
+        return ["--resume"]
+    return ["--overwrite"] if os.path.isfile(os.path.join(run_dir, "config.json")) else []
 
 
 def _quote(arg):

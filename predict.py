@@ -35,7 +35,7 @@ import torch
 
 import label
 import rollout
-from common import DEVICE, ConfigError, DataError, check_fields, hold_output, load_config, opt, read_json_strict, run_cli
+from common import DEVICE, ConfigError, DataError, check_fields, hold_output, load_config, opt, run_cli
 from confprofile import WEIGHTINGS, load_taxonomy, parse_answer, read_users, vote
 from evaluate import abstains, checked_profile, read_thresholds
 
@@ -69,9 +69,8 @@ def check_profiles_line(record, where, known_ids, taxonomy):
 
 
 def read_taus(path, taxonomy):
-    """{dim: τ or None} of a thresholds.json (evaluate.read_thresholds), read strictly first: a key repeated
-    (the last would win silently), NaN or nesting too deep is one line naming the file."""
-    read_json_strict(path, "the thresholds.json evaluate.py writes")
+    """{dim: τ or None} of a thresholds.json (evaluate.read_thresholds reads it strictly: a key repeated
+    (the last would win silently), NaN or nesting too deep is one line naming the file)."""
     return read_thresholds(path, taxonomy)[0]
 
 

@@ -35,9 +35,9 @@ from torch.distributed.tensor import DTensor
 from checkpoint import (check_output_dir, clear_finished_run, load_training_state, open_metrics, run_record,
                         save_training_state)
 from common import (DEVICE, PARALLEL, ConfigError, Progress, all_reduce_sum, append_jsonl, barrier, check_fields,
-                    full_state_dict, hold_output, is_sharded, load_config, local_shard, save_config,
+                    full_state_dict, hold_output, is_sharded, load_config, load_tokenizer, local_shard, save_config,
                     opt, setup_distributed, shard_model, unwrap)
-from model import LORA_TARGETS, AdaptersOff, add_lora, load_model, save_adapter, save_model
+from model import LORA_TARGETS, AdaptersOff, add_lora, check_tokenizer_fits, load_model, save_adapter, save_model
 from plots import draw_training_curves
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -197,6 +197,7 @@ def build_policy(cfg, device):
     """The model to train: cfg.model in cfg.dtype; with lora_rank > 0 LoRA adapters on lora_targets (the
     base frozen: the optimizer and the training state see the adapters only); activation checkpointing."""
     model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
+    check_tokenizer_fits(load_tokenizer(cfg.model), model, cfg.model)  # before a prefill indexes past the embedding
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
     model.gradient_checkpointing = cfg.gradient_checkpointing
