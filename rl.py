@@ -842,7 +842,7 @@ class RLConfig(TrainingConfig, RLKeys):
         confidence_weighting agreement scale_rewards advantage loss_type epsilon epsilon_high beta num_iterations
         micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay adam_beta1 adam_beta2 grad_clip
         gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter device parallel
-        seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every save_every resume force_resume
+        seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every save_every resume force_resume overwrite
         stop_after_steps""".split())
     lr: float = default("lr", 1e-5)
     warmup_steps: int = default("warmup_steps", 0)

@@ -89,7 +89,7 @@ class SFTConfig(TrainingConfig, SFTKeys):
         student_vocab_size student_hidden student_layers student_heads student_kv_heads student_head_dim
         student_intermediate max_steps epochs lr warmup_steps min_lr_ratio weight_decay adam_beta1 adam_beta2 grad_clip
         batch_size grad_accum max_len length_group seed lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter
-        dtype device parallel gradient_checkpointing eval_every save_every log_every resume force_resume
+        dtype device parallel gradient_checkpointing eval_every save_every log_every resume force_resume overwrite
         stop_after_steps""".split())
     lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters on lora_targets, the base frozen; 0 = full "
                          "fine-tuning", min=0)
