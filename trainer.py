@@ -366,27 +366,8 @@ def train(cfg, model, step, total_steps, measures=(), env=Env(), made_by=None, l
     at the last one, and whenever a measure reports. Every cfg.save_every steps the model, optimizer,
     step and RNG states go to output_dir/train_state atomically, with `made_by` (what produced the run).
     short {metric: name} picks what the progress bar shows."""
-    optimizer = build_optimizer(model, cfg)
-    state_dir = os.path.join(cfg.output_dir, "train_state")
-    start, error = 0, None
-    if cfg.resume:
-        try:
-            start = load_training_state(state_dir, model, optimizer)[0]
-        except (ValueError, OSError) as e:  # a damaged file may be one rank's: every rank stops, none waits
-            error = e
-    if not agree(error is None, env):
-        raise error or ConfigError(f"{state_dir}: another rank could not load its part of the training state")
-    log = None
-    if env.main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        log = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)  # drops steps after the checkpoint
-        if start:
-            print(f"resumed from {state_dir} at step {start}", flush=True)
-    if start == 0:
-        record = {"step": 0, **measure_all(measures, model, 0)}
-        if env.main and len(record) > 1:
-            append_jsonl(log, record)
-            print(f"step 0 (the starting model): {fmt_metrics(record, short)}", flush=True)
+    optimizer, state_dir = build_optimizer(model, cfg), os.path.join(cfg.output_dir, "train_state")
+    start, log = begin(cfg, model, optimizer, state_dir, measures, env, short)
     bar = Progress(total_steps, name, "step", initial=start, disable=not env.main)
     device = next(model.parameters()).device
     done = start
