@@ -3,6 +3,7 @@ Seconds per GRPO step: rl.py's grpo_step vs TRL's GRPOTrainer (HF generate, no v
 model, prompts, G, completion length, optimizer and loss, in one run; plus the peak memory of both.
 
     python bench/grpo.py [--steps 5] [--users 4] [--generations 8] [--new-tokens 64] [--device cpu] [--repeats 2]
+    python bench/grpo.py --smoke      # CI: B=2, G=2, 4 new tokens, one timed step; TRL only if installed
 
 One GRPO step = sample G completions for each of B prompts, score them, compute advantages, one
 forward/backward over the B*G rollouts in one micro-batch, one AdamW step. Both sides: fp32, no

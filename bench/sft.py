@@ -3,6 +3,7 @@ SFT training throughput: sft.py's loop vs TRL's SFTTrainer, on the same tiny mod
 sequence length, optimizer and schedule, in one run; plus the peak memory of both.
 
     python bench/sft.py [--steps 30] [--warmup 3] [--batch-size 16] [--users 800] [--repeats 2] [--device cpu]
+    python bench/sft.py --smoke       # CI: a 2x64 student, 8 chats, 2 steps of 2; TRL only if installed
 
 Data: profilebench users rendered with confprofile.render_prompt, answered once by the simulated
 teacher (the demo's SFT chats, ~250 tokens each). Model: the demo student (sft.build_demo_student:
