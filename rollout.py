@@ -37,7 +37,9 @@ Sampling: temperature T (T = 0 is greedy), then top-k, then top-p (nucleus), the
 draw by inverse CDF with one uniform number per row per step, drawn from the seeded `torch.Generator`
 outside the step, so runs are reproducible on a given device, batch plan and sync_every, and the
 compiled step draws what eager decoding draws (it hands the rows that eager decoding would still run
-the same numbers).
+the same numbers). Greedy decoding given the prompts' tokenizer writes a stated confidence as its most
+probable VALUE 1..10, not token by token (SamplingParams.confidence; the section "A stated confidence
+read as a value"); sampling never does.
 
 Logprobs: each sampled token's logprob is log softmax(logits / T) — the tempered distribution
 BEFORE top-k / top-p truncation (T = 0 is treated as T = 1). That is exactly what the GRPO trainer
@@ -61,7 +63,8 @@ CLIs:
         every shard is complete, rank 0 merges them into teacher.jsonl, the same bytes as one process
         writes. `--merge` merges complete shards later (e.g. copied from nodes without a shared disk).
     `--samples 1 --temperature 0` gives any checkpoint's greedy predictions for evaluate.py.
-    Both: --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
+    Both: --confidence value|expected|token (how a greedy answer writes its confidence; value = the most
+    probable value), --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
     --device, --dtype, --progress false. `python rollout.py --help` lists every option. The last line printed gives tokens/s.
 """
 import contextlib
