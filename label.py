@@ -18,7 +18,8 @@ and a checkpoint's greedy answers for evaluate.py. The sampling itself is rollou
     python label.py --model DIR --prompts prompts.jsonl --samples N --max-new-tokens M \
         --temperature T --top-k K --top-p P --seed S --out out.jsonl
         prompts line {"id": ..., "messages": [...]} -> out line {"id": ..., "samples": [{"text", "finish_reason"}]}
-    Both: --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
+    Both: --confidence value|expected|token (how a greedy answer writes its confidence; value = the most
+    probable value), --max-batch-tokens (KV-cache budget), --template-kwargs '{"enable_thinking": false}',
     --device, --dtype, --progress false. `python label.py --help` lists every option. The last line printed gives tokens/s.
 """
 import contextlib

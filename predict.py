@@ -13,8 +13,10 @@ that was unreachable) abstains everywhere; without --thresholds every non-NA lab
 
 Answers: greedy by default (--samples 1 --temperature 0) through rollout.generate, users batched
 (--batch-users per generate() call, packed by its KV-cache budget), each prompt prefilled once and
-shared by its samples. With --samples N > 1, the Stage-1 vote of the N answers: label ŷ, confidence
-= the pooled r (0..10), evidence of the most confident agreeing answer. `--model sim` answers with the
+shared by its samples; a greedy answer writes its confidence as its most probable value 1..10
+(--confidence; docs/design.md, "A greedy answer's stated confidence is decoded as a value"). With
+--samples N > 1, the Stage-1 vote of the N answers: label ŷ, confidence = the pooled r (0..10),
+evidence of the most confident agreeing answer. `--model sim` answers with the
 simulated teacher (no weights).
 
 Output, one line per user: {"user_id", "profile": {dim: {"label": a class or "NA", "confidence",

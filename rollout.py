@@ -37,7 +37,9 @@ Sampling: temperature T (T = 0 is greedy), then top-k, then top-p (nucleus), the
 draw by inverse CDF with one uniform number per row per step, drawn from the seeded `torch.Generator`
 outside the step, so runs are reproducible on a given device, batch plan and sync_every, and the
 compiled step draws what eager decoding draws (it hands the rows that eager decoding would still run
-the same numbers).
+the same numbers). Greedy decoding given the prompts' tokenizer writes a stated confidence as its most
+probable VALUE 1..10, not token by token (SamplingParams.confidence; the section "A stated confidence
+read as a value"); sampling never does.
 
 Logprobs: each sampled token's logprob is log softmax(logits / T) — the tempered distribution
 BEFORE top-k / top-p truncation (T = 0 is treated as T = 1). That is exactly what the GRPO trainer
