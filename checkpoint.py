@@ -266,7 +266,7 @@ def load_sharded_training_state(path, model, optimizer):
     for name, t in list(tensors.items()):  # state.<param index>.<key>: a moment takes its parameter's layout
         p = by_index[int(name.split(".")[1])]
         if isinstance(p, DTensor) and t.shape == local_shard(p).shape and t.dim() > 0:
-            tensors[name] = DTensor.fromlocal_shard(t.to(local_shard(p).device), p.device_mesh, p.placements, run_check=False,
+            tensors[name] = DTensor.from_local(t.to(local_shard(p).device), p.device_mesh, p.placements, run_check=False,
                                                shape=p.shape, stride=p.stride())
     optimizer.load_state_dict(_join_optimizer_state(meta["optimizer"], tensors))
     _set_rng_state(meta["rng"], load_file(os.path.join(path, f"rank{rank}.rng.safetensors")))

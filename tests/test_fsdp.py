@@ -134,7 +134,7 @@ def batch_of(rank, world):
         def score(groups):
             rewards = torch.tensor([[0.5] * len(g) if p == [7] else [sum(t == 3 for t in s.tokens) / len(s.tokens)
                                                                       for s in g] for p, g in zip(mine, groups)])
-            return T.Scored(rewards, [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups])
+            return test_rl.Scored(rewards, [True] * len(groups), [[[1] * len(s.tokens) for s in g] for g in groups])
         return mine, score
     return next_batch
 
