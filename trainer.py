@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from checkpoint import (check_output_dir, clear_finished_run, load_training_state, open_metrics, run_record,
                         save_training_state)
-from common import (DEVICE, PARALLEL, ConfigError, Progress, all_reduce_sum, append_jsonl, barrier, check_fields,
+from common import (DEVICE, ConfigError, Progress, all_reduce_sum, append_jsonl, barrier, check_fields,
                     full_state_dict, hold_output, is_sharded, load_config, load_tokenizer, local_shard, save_config,
                     opt, setup_distributed, shard_model, unwrap)
 from model import LORA_TARGETS, AdaptersOff, add_lora, check_tokenizer_fits, load_model, save_adapter, save_model

@@ -3,7 +3,6 @@
 The model is a real model.Transformer whose next-token distribution depends on the last token only,
 set by hand (markov_model); the tokenizer writes numbers digit by digit, or with `10` as one token.
 """
-import json
 import math
 
 import pytest
