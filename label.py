@@ -39,8 +39,8 @@ import torch.distributed as dist
 
 import profilebench
 import rollout
-from common import (DEVICE, ConfigError, DataError, Progress, atomic_write_text, atomic_writer, chat_prompt_ids,
-                    check_fields, checkpoint_fingerprint, cleanup_distributed, completion_text, dumps_line, file_sha256,
+from common import (DEVICE, ConfigError, DataError, Progress, atomic_write_text, atomic_writer, before_process_group,
+                    chat_prompt_ids, check_fields, checkpoint_fingerprint, cleanup_distributed, completion_text, dumps_line, file_sha256,
                     hold_output, is_distributed, iter_jsonl, load_config, load_tokenizer, loads_strict, opt, run_cli,
                     stop_ids_for, write_jsonl)
 from confprofile import load_taxonomy, read_users, render_prompt
@@ -534,6 +534,7 @@ def start_ranks():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
+    before_process_group()
     dist.init_process_group("gloo", timeout=LABELLING_WAIT)
     return dist.get_rank(), world
 

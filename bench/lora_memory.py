@@ -174,7 +174,7 @@ def main():
           f"{a.steps} steps, fp32, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}")
     print(f"{'':28}{'peak MB':>10}{'s/step':>10}")
     for name, r in rows:
-        step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.1f}"
+        step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.3g}"  # 3 digits: a tiny smoke step rounds to 0.0 at .1f
         print(f"{name:28}{r['peak_mb']:>10.0f}{step:>10}")
     if not peer_python:
         why = f"trl, peft or datasets is not installed in {a.peer_venv}" if a.peer_venv else "no --peer-venv given"
