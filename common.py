@@ -907,6 +907,16 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def all_ranks(flag, device="cpu"):
+    """True when `flag` is true on every rank (every rank must call it: a barrier too); `device`: where
+    the backend's tensors live (cuda for NCCL)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def all_reduce_sum(t):
     """Sum a tensor over all processes (in place; a no-op in one process)."""
     if is_distributed():

@@ -39,9 +39,9 @@ import torch.distributed as dist
 
 import profilebench
 import rollout
-from common import (DEVICE, ConfigError, DataError, Progress, atomic_write_text, atomic_writer, before_process_group,
-                    chat_prompt_ids, check_fields, checkpoint_fingerprint, cleanup_distributed, completion_text, dumps_line, file_sha256,
-                    hold_output, is_distributed, iter_jsonl, load_config, load_tokenizer, loads_strict, opt, run_cli,
+from common import (DEVICE, ConfigError, DataError, Progress, all_ranks, atomic_write_text, atomic_writer,
+                    before_process_group, chat_prompt_ids, check_fields, checkpoint_fingerprint, cleanup_distributed,
+                    completion_text, dumps_line, file_sha256, hold_output, iter_jsonl, load_config, load_tokenizer, loads_strict, opt, run_cli,
                     stop_ids_for, write_jsonl)
 from confprofile import load_taxonomy, read_users, render_prompt
 from model import check_tokenizer_fits, load_model
@@ -537,15 +537,6 @@ def start_ranks():
     before_process_group()
     dist.init_process_group("gloo", timeout=LABELLING_WAIT)
     return dist.get_rank(), world
-
-
-def all_ranks(flag):
-    """True when `flag` is true on every rank (a barrier too)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def is_complete(out_path, users, settings, force):

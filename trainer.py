@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from checkpoint import (check_output_dir, clear_finished_run, load_training_state, open_metrics, run_record,
                         save_training_state)
-from common import (DEVICE, ConfigError, Progress, all_reduce_sum, append_jsonl, barrier, check_fields,
+from common import (DEVICE, ConfigError, all_ranks, Progress, all_reduce_sum, append_jsonl, barrier, check_fields,
                     full_state_dict, hold_output, is_sharded, load_config, load_tokenizer, local_shard, save_config,
                     opt, setup_distributed, shard_model, unwrap)
 from model import LORA_TARGETS, AdaptersOff, add_lora, check_tokenizer_fits, load_model, save_adapter, save_model
@@ -131,20 +131,11 @@ def hold_output_dir(cfg, env):
                 stack.enter_context(hold_output(os.path.abspath(cfg.output_dir).rstrip(os.sep)))
             except ValueError as e:
                 error = e
-        if not agree(error is None, env) and error is None:
+        if not all_ranks(error is None, env.device) and error is None:
             raise ConfigError(f"{cfg.output_dir}: in use by another run (rank 0 could not hold it)")
         if error is not None:
             raise error
         yield
-
-
-def agree(ok, env):
-    """True when `ok` is true on every rank (every rank must call it)."""
-    if env.world_size == 1:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=env.device)
-    all_reduce_sum(flag)
-    return flag.item() == 0
 
 
 def guard_output_dir(cfg, env, path_keys, inputs, may_change):
@@ -402,7 +393,7 @@ def begin(cfg, model, optimizer, state_dir, measures, env, short):
             start = load_training_state(state_dir, model, optimizer)[0]
         except (ValueError, OSError) as e:  # a damaged file may be one rank's: every rank stops, none waits
             error = e
-    if not agree(error is None, env):
+    if not all_ranks(error is None, env.device):
         raise error or ConfigError(f"{state_dir}: another rank could not load its part of the training state")
     log = None
     if env.main:
