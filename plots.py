@@ -172,17 +172,17 @@ def training_curves_figure(records, title=""):
     scale). A key is drawn over the steps whose record has it (eval loss and probe agreement are logged
     every few steps only): one line, or for a series of more than SMOOTH_ABOVE points a faint line of
     the raw values and a centred moving average over 1/20 of them on top (two lines, one colour)."""
-    is_rl = any("reward_mean" in r for r in records)
-    panels = RL_PANELS if is_rl else [("loss", SFT_LINES)]
+    panels = panels_of(records)
+    is_rl = panels is RL_PANELS
     fig = Figure(figsize=(9, 5.2) if is_rl else (5.6, 3.4), dpi=DPI, layout="constrained")
     axes = fig.subplots(2, 2).flatten() if is_rl else [fig.subplots()]
     for ax, (name, keys) in zip(axes, panels):
         notes = []
         for key, label in keys:
             points = series(records, key)
-            bad = [step for step, v in points if not math.isfinite(v)]
-            if bad:
-                notes.append(non_finite_note(label, bad, len(points)))
+            note = non_finite_note(label, points)
+            if note:
+                notes.append(note)
             points = [(step, v) for step, v in points if math.isfinite(v)]  # NaN would blank the moving average too
             if not points:
                 continue
@@ -215,23 +215,24 @@ def series(records, key):
             if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
 
 
-def non_finite_note(label, bad_steps, n):
-    """The note for a series that is NaN or infinite at `bad_steps` of its n steps (a diverged run)."""
-    where = "every step" if len(bad_steps) == n else f"{len(bad_steps)} of {n} steps, first at step {bad_steps[0]}"
+def panels_of(records):
+    """The panels of a run's curves: RL_PANELS for an RL log (it has reward_mean), else SFT's loss."""
+    return RL_PANELS if any("reward_mean" in r for r in records) else [("loss", SFT_LINES)]
+
+
+def non_finite_note(label, points):
+    """The note for a series [(step, value)] that is NaN or infinite somewhere (a diverged run), else None."""
+    bad = [step for step, v in points if not math.isfinite(v)]
+    if not bad:
+        return None
+    where = "every step" if len(bad) == len(points) else f"{len(bad)} of {len(points)} steps, first at step {bad[0]}"
     return f"{label}: NaN or infinite at {where}"
 
 
 def non_finite_notes(records):
     """A note per plotted series with a NaN or infinite value (what draw_training_curves prints)."""
-    is_rl = any("reward_mean" in r for r in records)
-    keys = [k for _, ks in (RL_PANELS if is_rl else [("loss", SFT_LINES)]) for k in ks]
-    notes = []
-    for key, label in keys:
-        points = series(records, key)
-        bad = [step for step, v in points if not math.isfinite(v)]
-        if bad:
-            notes.append(non_finite_note(label, bad, len(points)))
-    return notes
+    notes = [non_finite_note(label, series(records, key)) for _, keys in panels_of(records) for key, label in keys]
+    return [note for note in notes if note]
 
 
 def read_metrics(path):
