@@ -19,8 +19,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.tensor import DTensor
 
-from common import (ConfigError, atomic_write_text, checkpoint_fingerprint, file_sha256, fsync_file, is_distributed, is_sharded, local_shard,
-                    replace_dir, reshard, unwrap)
+from common import ConfigError, atomic_write_text, checkpoint_fingerprint, file_sha256, fsync_dir, fsync_file
+from distributed import is_distributed, is_sharded, local_shard, reshard, unwrap
 
 # -----------------------------------------------------------------------------
 # Resumable training state: safetensors + JSON only, so resuming never unpickles anything (a pickle
@@ -36,6 +36,19 @@ from common import (ConfigError, atomic_write_text, checkpoint_fingerprint, file
 
 
 TRAIN_STATE_FORMAT = 2  # 1: torch.save pickles (model.pt, optimizer.pt, rng.pt), refused when resuming
+
+
+def replace_dir(tmp, path):
+    """Put the finished folder `tmp` in the place of `path`: the old one is renamed aside, `tmp` renamed
+    in, the parent fsynced, the old one removed. A crash at any moment leaves `path` old or new whole
+    (or `path`.old beside a missing `path`, which the readers of training states look for)."""
+    old = path + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 PICKLE_FILES = ("model.pt", "optimizer.pt", "rng.pt")

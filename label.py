@@ -39,11 +39,11 @@ import torch.distributed as dist
 
 import profilebench
 import rollout
-from common import (DEVICE, ConfigError, DataError, Progress, all_ranks, atomic_write_text, atomic_writer,
-                    before_process_group, chat_prompt_ids, check_fields, checkpoint_fingerprint, cleanup_distributed,
-                    completion_text, dumps_line, file_sha256, hold_output, iter_jsonl, load_config, load_tokenizer, loads_strict, opt, run_cli,
-                    stop_ids_for, write_jsonl)
+from common import (ConfigError, DEVICE, DataError, Progress, atomic_write_text, atomic_writer, chat_prompt_ids,
+                    check_fields, checkpoint_fingerprint, completion_text, dumps_line, file_sha256, hold_output,
+                    iter_jsonl, load_config, load_tokenizer, loads_strict, opt, run_cli, stop_ids_for, write_jsonl)
 from confprofile import load_taxonomy, read_users, render_prompt
+from distributed import all_ranks, before_process_group, cleanup_distributed
 from model import check_tokenizer_fits, load_model
 
 # -----------------------------------------------------------------------------

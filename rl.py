@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import (PARALLEL, ConfigError, DataError, all_reduce_sum, barrier, chat_prompt_ids, cleanup_distributed,
-                    completion_text, full_parameters, is_sharded, iter_jsonl, load_tokenizer, opt, run_cli,
+from common import (ConfigError, DataError, chat_prompt_ids, completion_text, iter_jsonl, load_tokenizer, opt, run_cli,
                     stop_ids_for)
 from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer, parse_answer_spans, read_users, render_prompt,
                          vote)
+from distributed import PARALLEL, all_reduce_sum, barrier, cleanup_distributed, full_parameters, is_sharded
 from evaluate import evaluate, profile_from_parse
 from rollout import SamplingParams, generate, token_logprobs
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from common import (PARALLEL, ConfigError, all_reduce_sum, barrier, cleanup_distributed, is_sharded, iter_jsonl,
-                    load_tokenizer, neutralize_messages, opt, run_cli, stop_ids_for)
+from common import ConfigError, iter_jsonl, load_tokenizer, neutralize_messages, opt, run_cli, stop_ids_for
+from distributed import PARALLEL, all_reduce_sum, barrier, cleanup_distributed, is_sharded
 from profilebench import build_demo_student, corpus_texts
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
 from trainer import (TrainingConfig, announce, autocast_for, build_policy, finish, guard_output_dir, hold_output_dir, optimizer_step,

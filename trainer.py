@@ -15,7 +15,7 @@ optimiser and schedule; the loop; the final save.
 
 The one data-parallel rule: each rank's loss is its share of the GLOBAL loss (the normaliser counts
 every rank's tokens), so the gradient of the global loss is the SUM of the ranks' gradients:
-sum_gradients all-reduces them (FSDP2 has summed them in backward already: common.shard_model). With
+sum_gradients all-reduces them (FSDP2 has summed them in backward already: distributed.shard_model). With
 FSDP every forward and backward is a collective, so a rank with fewer micro-batches than another
 runs padding ones (pad_micro_batches). A step that trains nothing on any rank does not call
 optimizer_step: zero gradients would still move AdamW's weights by its momentum.
@@ -34,9 +34,10 @@ from torch.distributed.tensor import DTensor
 
 from checkpoint import (check_output_dir, clear_finished_run, load_training_state, open_metrics, run_record,
                         save_training_state)
-from common import (DEVICE, ConfigError, all_ranks, Progress, all_reduce_sum, append_jsonl, barrier, check_fields,
-                    full_state_dict, hold_output, is_sharded, load_config, load_tokenizer, local_shard, save_config,
-                    opt, setup_distributed, shard_model, unwrap)
+from common import (ConfigError, DEVICE, Progress, append_jsonl, check_fields, hold_output, load_config, load_tokenizer,
+                    opt, save_config)
+from distributed import (all_ranks, all_reduce_sum, barrier, full_state_dict, is_sharded, local_shard,
+                         setup_distributed, shard_model, unwrap)
 from model import LORA_TARGETS, AdaptersOff, add_lora, check_tokenizer_fits, load_model, save_adapter, save_model
 from plots import draw_training_curves
 
@@ -221,7 +222,7 @@ def sum_gradients(params, sharded):
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if not sharded:  # FSDP has summed them in backward (common.shard_model)
+        if not sharded:  # FSDP has summed them in backward (distributed.shard_model)
             all_reduce_sum(p.grad)
 
 

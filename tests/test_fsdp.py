@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import distributed
 import rl
 import sft
 import test_rl
@@ -86,7 +87,7 @@ import json, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import common, rl, test_fsdp as F, test_rl as T
 from safetensors.torch import save_file
-from common import setup_distributed, cleanup_distributed, shard_model, full_state_dict
+from distributed import setup_distributed, cleanup_distributed, shard_model, full_state_dict
 
 rank, world, _, device = setup_distributed()
 rl.sample_groups = F.rank_free_sample_groups
@@ -116,7 +117,7 @@ def rank_free_sample_groups(model, prompts, cfg, generator, stop_ids):
     seed = int(generator.initial_seed()) - 101 * rank  # rl.step_seed without its rank term
     sampling = rl.SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids))
     model.eval()
-    with common.full_parameters(model):  # as rl.sample_groups: the sampler runs on the gathered weights
+    with distributed.full_parameters(model):  # as rl.sample_groups: the sampler runs on the gathered weights
         return [rl.generate(model, [p], sampling, n=cfg.num_generations,
                             generator=torch.Generator().manual_seed(seed + 7 * sum(p) + len(p)))[0] for p in prompts]
 

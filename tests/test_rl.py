@@ -748,7 +748,7 @@ DDP_SCRIPT = r'''
 import json, os, sys, threading, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import rl, test_rl as T
-from common import setup_distributed, cleanup_distributed
+from distributed import setup_distributed, cleanup_distributed
 
 def native_threads():  # threads Python did not start: gloo's workers, among others
     return len(os.listdir("/proc/self/task")) - threading.active_count()

@@ -367,7 +367,7 @@ STEP_SCRIPT = r'''
 import sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import test_sft as T
-from common import setup_distributed, cleanup_distributed
+from distributed import setup_distributed, cleanup_distributed
 from safetensors.torch import save_file
 rank, world, _, _ = setup_distributed()
 delta = T.one_sft_step(grad_accum=1, rank=rank, world_size=world)
