@@ -3,7 +3,8 @@ Conf-Profile, the domain core: taxonomy, prompts, answer parsing, confidence-wei
 JSONL I/O with validation, strict config loading. Its CLI runs the whole pipeline (`demo`).
 
 Reads top to bottom: file I/O and configs, the taxonomy, user records, prompt rendering, answer
-parsing (`parse_answer`, with its acceptance rules in its docstring), the canonical answer text
+parsing (`parse_answer`, with its acceptance rules in its docstring; Stage 2 reads an answer without a
+stated confidence as invalid: `stated_answers`), the canonical answer text
 (`format_answer`), and the Stage-1 vote (`vote_scores`, `vote_label`, `pooled_confidence`, `vote`).
 """
 import functools
@@ -513,6 +514,15 @@ def ends_before_confidence(text):
         return is_confidence_key(json.loads(f'"{m.group(1)}"'))
     except ValueError:
         return False
+
+
+def stated_answers(parsed):
+    """A rollout's answers as Stage 2 reads them: a dimension without a stated confidence (the
+    labels-only form {"gender": "female"}, which parse_answer accepts) is invalid, exactly like an
+    unparseable one. Otherwise omitting the confidence would make a wrong label cheaper (-0.1 at the
+    labels-only weight of 1 instead of -c/10) and RL could learn to drop its confidences."""
+    dims = {d: (None if a is None or a["confidence"] is None else a) for d, a in parsed["dims"].items()}
+    return {**parsed, "dims": dims}
 
 
 def format_answer(profile, taxonomy, labels_only=False):

@@ -513,7 +513,7 @@ class Transformer(nn.Module):
 
         No cache: causal attention in index order; `positions` (default arange(T)) only set RoPE;
         attn_mask [B, T] (bool, True = real token) hides pad keys; `mask` [B, 1, T, T] (bool, True =
-        may attend) replaces the causal mask altogether (rl.pack_groups: completions that share a
+        may attend) replaces the causal mask altogether (rl_bookkeeping.pack_groups: completions that share a
         prompt but not each other). With a cache: see KVCache, or PrefixSharedCache for decode steps of
         n samples per prompt. logits_at: index tensors (rows, cols) of the positions whose logits are
         wanted, -> logits [*rows.shape, vocab]: the vocabulary projection, the biggest matmul of a small

@@ -58,6 +58,7 @@ def run_ours(args):
     import torch
 
     import rl
+    import rl_bookkeeping
     from common import load_tokenizer
     from model import load_model
     from trainer import build_optimizer
@@ -83,8 +84,8 @@ def run_ours(args):
         batch = rl.training_batch(groups, prompts, rewards, keep, (masks, None), cfg)
         t1 = time.perf_counter()
         sums, grad_norm, stepped = rl.policy_update(model, None, optimizer, batch, cfg, cfg.lr)
-        return rl.step_metrics(groups, rewards, keep, {}, sums, grad_norm, stepped, cfg.lr, cfg, t_rollout,
-                               time.perf_counter() - t1, device)
+        return rl_bookkeeping.step_metrics(groups, rewards, rl.flat_groups(rewards), keep, {}, sums, grad_norm, stepped,
+                                           cfg.lr, cfg, t_rollout, time.perf_counter() - t1, device)
 
     times = []
     for index in range(args.steps + 1):

@@ -15,6 +15,7 @@ import torch
 
 import profilebench
 import rl
+import rl_bookkeeping
 import trainer
 from common import DataError, load_tokenizer, stop_ids_for
 from confprofile import format_answer, load_taxonomy, parse_answer, parse_answer_spans
@@ -47,7 +48,7 @@ def score_profiles(groups, users, taxonomy, tokenizer, cfg, stage1=None):
     dim_rewards, rewards = rl.group_rewards(answers, quasi, frozen, cfg)
     token_masks, token_dims = rl.token_maps(answers, taxonomy, cfg)
     return types.SimpleNamespace(rewards=rewards, keep=keep, token_masks=token_masks, dim_rewards=dim_rewards,
-                                 token_dims=token_dims, stats=rl.profile_stats(answers, quasi, levels, counts, taxonomy))
+                                 token_dims=token_dims, stats=rl_bookkeeping.profile_stats(answers, quasi, levels, counts, taxonomy))
 
 
 @dataclass
@@ -69,8 +70,9 @@ def toy_grpo_step(model, ref_model, optimizer, prompts, score, cfg, generator, l
     batch = rl.training_batch(groups, prompts, scored.rewards, scored.keep, (scored.token_masks, None), cfg)
     t1 = time.time()
     sums, grad_norm, stepped = rl.policy_update(model, ref_model, optimizer, batch, cfg, lr)
-    return rl.step_metrics(groups, scored.rewards, scored.keep, scored.stats, sums, grad_norm, stepped, lr, cfg,
-                           t_rollout, time.time() - t1, next(model.parameters()).device)
+    return rl_bookkeeping.step_metrics(groups, scored.rewards, rl.flat_groups(scored.rewards), scored.keep, scored.stats,
+                                       sums, grad_norm, stepped, lr, cfg, t_rollout, time.time() - t1,
+                                       next(model.parameters()).device)
 
 
 def train(cfg, model, next_batch, stop_ids=(), rank=0, world_size=1, ref_model=None):
@@ -313,14 +315,14 @@ def test_clipped_surrogate_clip_fractions_and_their_zero_gradient():
     assert per_token[:, 0].tolist() == pytest.approx([-1.28, 0.8, 1.5, -2.0])
     per_token.sum().backward()
     assert logp.grad[:, 0].tolist() == pytest.approx([0.0, 0.0, 1.5, -2.0])  # clipped tokens get no gradient
-    fr = rl.clip_fractions(ratio.detach(), adv, torch.ones(4, 1), 0.2, 0.28)
+    fr = rl_bookkeeping.clip_fractions(ratio.detach(), adv, torch.ones(4, 1), 0.2, 0.28)
     assert fr == pytest.approx({"clip_low": 0.25, "clip_high": 0.25, "clip_region": 0.5})
     # one advantage per token ([N, T]) gives the same as one per sequence broadcast over its tokens
     per_token_adv = adv[:, None].expand(4, 3)
     logp3, old3 = logp.detach().expand(4, 3), old.expand(4, 3)
     assert torch.equal(rl.clipped_surrogate(logp3, old3, per_token_adv, 0.2, 0.28)[0],
                        rl.clipped_surrogate(logp3, old3, adv, 0.2, 0.28)[0])
-    assert rl.clip_fractions(ratio.detach(), adv[:, None], torch.ones(4, 1), 0.2, 0.28) == pytest.approx(fr)
+    assert rl_bookkeeping.clip_fractions(ratio.detach(), adv[:, None], torch.ones(4, 1), 0.2, 0.28) == pytest.approx(fr)
 
 
 def test_k3_kl_and_beta_term():
@@ -350,12 +352,12 @@ def test_micro_batches_with_the_global_normaliser_give_the_whole_batch_gradient(
 
 
 def test_token_entropy_uniform_and_tempered():
-    assert rl.token_entropy(torch.zeros(1, 4), 1.0).item() == pytest.approx(math.log(4))
+    assert rl_bookkeeping.token_entropy(torch.zeros(1, 4), 1.0).item() == pytest.approx(math.log(4))
     # logits (ln 3, 0) at T = 1: p = (3/4, 1/4)
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    assert rl.token_entropy(torch.tensor([[math.log(3), 0.0]]), 1.0).item() == pytest.approx(h)
+    assert rl_bookkeeping.token_entropy(torch.tensor([[math.log(3), 0.0]]), 1.0).item() == pytest.approx(h)
     # the same at T = 2 from logits (2 ln 3, 0)
-    assert rl.token_entropy(torch.tensor([[2 * math.log(3), 0.0]]), 2.0).item() == pytest.approx(h)
+    assert rl_bookkeeping.token_entropy(torch.tensor([[2 * math.log(3), 0.0]]), 2.0).item() == pytest.approx(h)
 
 
 # -----------------------------------------------------------------------------
@@ -462,8 +464,8 @@ def test_confidence_tokens_get_exactly_zero_policy_gradient_only_when_masked(tin
         captured["logits"] = logits
     model.lm_head.register_forward_hook(keep_logits)
     prompt = tok.encode("hello user data", add_special_tokens=False)
-    logp, _ = rl.completion_logprobs(model, [(prompt, [s.tokens for s in samples])], 1.0)
-    mask = rl.padded(scored.token_masks[0], logp.shape[1])
+    logp, _ = rl_bookkeeping.completion_logprobs(model, [(prompt, [s.tokens for s in samples])], 1.0)
+    mask = rl_bookkeeping.padded(scored.token_masks[0], logp.shape[1])
     rl.grpo_loss(logp, logp.detach(), adv, mask, "dapo", 0.2, 0.28).backward()
     for r, s in enumerate(samples):
         per_token = captured["logits"].grad[r, : len(s.tokens)].abs().sum(-1)
@@ -536,26 +538,26 @@ def test_label_agreement_by_hand():
     a = [answer("male", 8, "18-24", 5), answer("female", 3, "25-30", 6)]
     b = [answer("male", 2, "25-30", 5), BROKEN]
     # pairs: (male, male) (18-24, 25-30) (female, None) (25-30, None): 1 of 4
-    assert rl.label_agreement(a, b) == pytest.approx(0.25)
-    assert rl.label_agreement([BROKEN], [BROKEN]) == 1.0 and rl.label_agreement(a, a) == 1.0
+    assert rl_bookkeeping.label_agreement(a, b) == pytest.approx(0.25)
+    assert rl_bookkeeping.label_agreement([BROKEN], [BROKEN]) == 1.0 and rl_bookkeeping.label_agreement(a, a) == 1.0
 
 
 def test_prompt_shared_packs_give_the_logprobs_of_one_plain_forward_per_completion():
     model = toy_model(seed=1)
     packs = [([1, 2, 3], [[4, 5], [6, 7, 8, 9], [10]]), ([11, 12], [[13, 14, 15]])]
-    logp, entropy = rl.completion_logprobs(model, packs, 0.7)
+    logp, entropy = rl_bookkeeping.completion_logprobs(model, packs, 0.7)
     n = 0
     for prompt, completions in packs:
         for c in completions:
             logits = model(torch.tensor([prompt + c]))[0, len(prompt) - 1: len(prompt) + len(c) - 1]
             assert torch.allclose(logp[n, : len(c)], token_logprobs(logits, torch.tensor(c), 0.7), atol=1e-5)
-            assert torch.allclose(entropy[n, : len(c)], rl.token_entropy(logits, 0.7), atol=1e-5)
+            assert torch.allclose(entropy[n, : len(c)], rl_bookkeeping.token_entropy(logits, 0.7), atol=1e-5)
             n += 1
 
 
 def test_micro_batches_split_big_groups_and_fill_up_to_the_limit():
     groups = [("p", [1, 2, 3, 4, 5]), ("q", [6, 7]), ("r", [8])]
-    assert rl.micro_batches(groups, 3) == [[("p", [1, 2, 3])], [("p", [4, 5])], [("q", [6, 7]), ("r", [8])]]
+    assert rl_bookkeeping.micro_batches(groups, 3) == [[("p", [1, 2, 3])], [("p", [4, 5])], [("q", [6, 7]), ("r", [8])]]
 
 
 # -----------------------------------------------------------------------------
@@ -653,7 +655,8 @@ def test_step_metrics_normalise_over_iterations_and_all_loss_tokens():
             "lp_diff": 0.0, "lp_tokens": 4, "lp_diff_max": 0.0, "forward_tokens": 10, "seqs": 2, "loss_tokens": 3,
             "trained_seqs": 2}
     cfg = rl.RLConfig(num_generations=2, num_iterations=2)
-    m = rl.step_metrics(groups, scored.rewards, scored.keep, scored.stats, sums, 0.5, True, 1e-3, cfg, 1.0, 1.0, torch.device("cpu"))
+    m = rl_bookkeeping.step_metrics(groups, scored.rewards, rl.flat_groups(scored.rewards), scored.keep, scored.stats, sums,
+                                    0.5, True, 1e-3, cfg, 1.0, 1.0, torch.device("cpu"))
     assert m["loss"] == pytest.approx(0.3)            # mean over the 2 optimizer steps
     assert m["entropy"] == pytest.approx(1.5 / 3)     # over the 3 loss tokens
     assert m["clip_region"] == pytest.approx(3.0 / (2 * 3)) and m["clip_low"] == pytest.approx(1 / 6)
