@@ -20,7 +20,8 @@ What it does, and why:
   global batch's answer-token count: one process, gradient accumulation and K processes give the
   same update (up to float summation order).
 * The data order is a pure function of (seed, epoch), so the data position is just the step number,
-  and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly.
+  and a checkpoint (model, optimizer, step, RNG) resumes bit-exactly. Reading the records, the held-out
+  split, the epoch order, micro-batches and padding are sft_data.py's.
 * The final checkpoint is `output_dir` itself, an HF directory that transformers, rollout.py and rl.py
   load as is; beside it sft_config.json (the resolved config), metrics.jsonl (drawn at the end in
   training_curves.png: train and eval loss) and, until the run finishes, train_state/.
@@ -29,22 +30,21 @@ What it does, and why:
   (`parallel`, docs/fsdp.md), bf16 with stochastic rounding (`dtype`), LoRA (`lora_rank`: only the
   adapters train, merged into the final checkpoint; docs/design.md, "LoRA").
 """
-import json
 import math
 import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from common import ConfigError, iter_jsonl, load_tokenizer, neutralize_messages, opt, run_cli, stop_ids_for
+from common import ConfigError, load_tokenizer, neutralize_messages, opt, run_cli, stop_ids_for
 from distributed import PARALLEL, all_reduce_sum, barrier, cleanup_distributed, is_sharded
 from profilebench import build_demo_student, corpus_texts
+from sft_data import SFTData, local_micro_batches, pad_batch, read_chats, split_eval
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
-from trainer import (TrainingConfig, announce, autocast_for, build_policy, finish, guard_output_dir, hold_output_dir, optimizer_step,
-                     shard, start, train)
+from trainer import (TrainingConfig, announce, autocast_for, build_policy, finish, guard_output_dir, hold_output_dir,
+                     optimizer_step, shard, start, train)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_demo.json")
 
@@ -162,26 +162,6 @@ def _name(tokenizer):
     return getattr(tokenizer, "name_or_path", "") or "tokenizer"
 
 
-def read_chats(path):
-    """SFT records of a JSONL file; each needs messages ending with an assistant answer."""
-    records = []
-    for _, where, r in iter_jsonl(path, expected="one SFT record per line"):
-        msgs = r.get("messages") if isinstance(r, dict) else None
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError(f"{where}: messages: expected a list of {{'role', 'content'}} objects")
-        for k, m in enumerate(msgs):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise ValueError(f"{where}: messages[{k}]: expected {{\"role\": string, \"content\": string}}, "
-                                 f"got {json.dumps(m, ensure_ascii=False)[:80]}")
-        if msgs[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: messages: expected the last message to be the assistant answer, "
-                             f"got role {msgs[-1]['role']!r}")
-        records.append(r)
-    if not records:
-        raise ValueError(f"{path}: no SFT records")
-    return records
-
-
 def encode_chats(tokenizer, records, max_len, template_kwargs, where="data"):
     """assistant_mask for many records (rendered one by one, tokenized in one batch call);
     records longer than max_len are left out and counted. Returns ([(input_ids, loss_mask)], n_too_long)."""
@@ -198,52 +178,6 @@ def encode_chats(tokenizer, records, max_len, template_kwargs, where="data"):
             continue
         examples.append((ids, answer_loss_mask(p, ids, stops, f"{where}: record {n + 1}")))
     return examples, too_long
-
-
-def split_eval(records, fraction, seed):
-    """Hold out round(fraction * n) records (at least one when fraction > 0), chosen by seed."""
-    n_eval = max(1, round(fraction * len(records))) if fraction > 0 else 0
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
-
-
-def epoch_batches(lengths, batch_size, seed, epoch, length_group):
-    """Global batches of one epoch, a pure function of (seed, epoch): shuffle, then sort by length
-    within windows of `length_group` batches (similar lengths share a batch: less padding), then
-    shuffle the batches. The last incomplete batch is dropped."""
-    rng = random.Random(seed * 100_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    order = order[:len(order) // batch_size * batch_size]
-    window = batch_size * max(1, length_group)
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
-        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def local_micro_batches(batch, lengths, n_micro, rank, world_size):
-    """This process's micro-batches of a global batch: sort by length, cut into world*accum pieces,
-    piece k goes to process k % world_size."""
-    batch = sorted(batch, key=lambda i: lengths[i])
-    size = len(batch) // n_micro
-    pieces = [batch[k * size:(k + 1) * size] for k in range(n_micro)]
-    return pieces[rank::world_size]
-
-
-def pad_batch(sequences, masks, pad_id, device):
-    """Right-pad to the longest: (input_ids [B, T], loss_mask [B, T]); pads never carry loss."""
-    T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    lm = torch.zeros((len(sequences), T), dtype=torch.bool)
-    for b, (s, m) in enumerate(zip(sequences, masks)):
-        ids[b, :len(s)] = torch.tensor(s)
-        lm[b, :len(m)] = torch.tensor(m, dtype=torch.bool)
-    return ids.to(device), lm.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -342,27 +276,6 @@ def sft_step(model, optimizer, micro_batches, n_targets, cfg, lr):
 
 # -----------------------------------------------------------------------------
 # The run: data, the step's batch and metrics, the held-out measure
-
-
-@dataclass
-class SFTData:
-    """The encoded chats of a run and its schedule: examples [(input_ids, loss_mask)], their lengths and
-    predicted answer tokens, the held-out examples."""
-    examples: list
-    eval_examples: list
-    pad_id: int
-    steps_per_epoch: int
-    total_steps: int
-    lengths: list = field(default_factory=list)
-    targets: list = field(default_factory=list)
-    epoch: dict = field(default_factory=dict)  # {epoch: its batches}, the current epoch only
-
-    def batch(self, step, cfg):
-        """The global batch of 0-based `step`: the data order is a pure function of (seed, epoch)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if epoch not in self.epoch:
-            self.epoch = {epoch: epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_group)}
-        return self.epoch[epoch][k]
 
 
 def load_data(cfg, tokenizer, env):

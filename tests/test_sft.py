@@ -19,6 +19,7 @@ import common
 import profilebench
 import trainer
 import sft
+import sft_data
 from common import TOKEN_BREAKS, ConfigError, added_token_texts
 from confprofile import format_answer, load_taxonomy, render_prompt
 from model import ModelArgs, Transformer, init_weights, load_model
@@ -155,10 +156,10 @@ def test_lr_schedule_hand_computed():
 
 def test_batches_cover_epoch_and_split_evenly():
     lengths = [random.Random(0).randint(5, 50) for _ in range(50)]
-    batches = sft.epoch_batches(lengths, 8, seed=0, epoch=1, length_group=2)
+    batches = sft_data.epoch_batches(lengths, 8, seed=0, epoch=1, length_group=2)
     assert len(batches) == 6 and len({i for b in batches for i in b}) == 48
-    assert batches == sft.epoch_batches(lengths, 8, seed=0, epoch=1, length_group=2)  # pure function of (seed, epoch)
-    pieces = [sft.local_micro_batches(batches[0], lengths, 4, rank, 2) for rank in range(2)]
+    assert batches == sft_data.epoch_batches(lengths, 8, seed=0, epoch=1, length_group=2)  # pure function of (seed, epoch)
+    pieces = [sft_data.local_micro_batches(batches[0], lengths, 4, rank, 2) for rank in range(2)]
     assert sorted(i for p in pieces for m in p for i in m) == sorted(batches[0])
     assert [len(m) for p in pieces for m in p] == [2, 2, 2, 2]
 
@@ -353,9 +354,9 @@ def one_sft_step(grad_accum, rank=0, world_size=1):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     examples = [(torch.randint(1, 64, (5 + 2 * n,), generator=g).tolist(), [0] * 3 + [1] * (2 + 2 * n)) for n in range(8)]
-    mine = sft.local_micro_batches(list(range(8)), [len(ids) for ids, _ in examples], world_size * grad_accum, rank,
+    mine = sft_data.local_micro_batches(list(range(8)), [len(ids) for ids, _ in examples], world_size * grad_accum, rank,
                                    world_size)
-    micro = [sft.pad_batch([examples[i][0] for i in m], [examples[i][1] for i in m], 0, torch.device("cpu"))
+    micro = [sft_data.pad_batch([examples[i][0] for i in m], [examples[i][1] for i in m], 0, torch.device("cpu"))
              for m in mine]
     n_targets = sum(sum(mask[1:]) for _, mask in examples)  # the global batch's
     sft.sft_step(model, torch.optim.SGD(model.parameters(), lr=1.0), micro, n_targets, types.SimpleNamespace(grad_clip=0),
@@ -454,7 +455,7 @@ def test_answer_nll_sum_equals_full_logits_loss(world):
     model = load_model(world.student)
     chats = synthetic_chats(3, seed=5)
     examples, _ = sft.encode_chats(__import__("transformers").AutoTokenizer.from_pretrained(world.student), chats, 512, {})
-    ids, lm = sft.pad_batch([e[0] for e in examples], [e[1] for e in examples], 0, "cpu")
+    ids, lm = sft_data.pad_batch([e[0] for e in examples], [e[1] for e in examples], 0, "cpu")
     full, n_full = sft.masked_nll_sum(model(ids), ids, lm)
     fast, n_fast = sft.answer_nll_sum(model, ids, lm)
     assert n_full == n_fast == sum(sum(m[1:]) for _, m in examples)
@@ -522,6 +523,6 @@ def test_read_chats_and_a_missing_model_name_the_problem(world, tmp_path):
     chats[1]["messages"][1]["content"] = 7
     write_jsonl(bad, chats)
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: messages\[1\]: expected \{\"role\": string, \"content\": string\}"):
-        sft.read_chats(str(bad))
+        sft_data.read_chats(str(bad))
     with pytest.raises(FileNotFoundError, match=r"no-such-student: model directory not found"):
         sft.main(run_args(world, tmp_path / "out", model=str(tmp_path / "no-such-student"), init_student=False))

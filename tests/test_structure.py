@@ -10,14 +10,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each script may import only scripts of a lower layer: the pipeline on top, the stage scripts, the
-# labelling job (predict.py writes through it) and rl.py's bookkeeping, the sampler, the world /
+# labelling job (predict.py writes through it) and the trainers' helpers, the sampler, the world /
 # evaluation / calibration, the domain core and the model, the shared base and the processes.
 LAYERS = [
     {"common", "distributed"},
     {"confprofile", "model", "plots", "checkpoint"},
     {"profilebench", "evaluate", "calibrate", "trainer"},
     {"rollout"},
-    {"label", "rl_bookkeeping"},
+    {"label", "rl_bookkeeping", "sft_data"},
     {"sft", "rl", "predict"},
     {"pipeline"},
 ]
