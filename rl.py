@@ -527,7 +527,7 @@ def policy_update(model, ref_model, optimizer, batch, cfg, lr):
     sums = new_sums(local)
     with torch.no_grad():  # the rows with zero advantage: only their entropy and sampler gap are measured
         for mb in frozen:
-            forward_micro(model, mb, cfg, None if mb is PADDING else sums)
+            forward_micro(model, mb, cfg, sums)
     if n_trained == 0:
         return sums, 0.0, False
     model.train()
@@ -545,7 +545,7 @@ def surrogate_backward(model, ref_model, mb, at, cache, cfg, normaliser, sums):
     parameters that sampled: its logprobs are the ratio's "old" policy (ratio = 1 then), kept in
     `cache` with the reference's logprobs (beta > 0) for the later passes."""
     (it, k), device = at, next(model.parameters()).device
-    logp, mask, adv = forward_micro(model, mb, cfg, sums if it == 0 and mb is not PADDING else None)
+    logp, mask, adv = forward_micro(model, mb, cfg, sums if it == 0 else None)
     if it == 0:
         cache[k] = (logp.detach(), None)
         if cfg.beta > 0:

@@ -125,7 +125,7 @@ def even_micro_batches(model, groups, cfg):
 def forward_micro(model, mb, cfg, sums):
     """Teacher-forced logprobs of one micro-batch [(prompt, rows)] -> (logp, loss mask, advantages),
     each [N, C]. With `sums`, also adds this forward's entropy, sampler-vs-trainer logprob gap and
-    token counts to them (the first pass: the policy that sampled)."""
+    token counts to them (the first pass: the policy that sampled), unless mb is a PADDING one."""
     device = next(model.parameters()).device
     rows = [r for _, rs in mb for r in rs]
     c_max = max(len(r["tokens"]) for r in rows)
@@ -133,7 +133,7 @@ def forward_micro(model, mb, cfg, sums):
     adv = padded([r["adv"] for r in rows], c_max).to(device)
     with autocast_for(device):
         logp, entropy = completion_logprobs(model, [(p, [r["tokens"] for r in rs]) for p, rs in mb], cfg.temperature)
-    if sums is not None:
+    if sums is not None and mb is not PADDING:
         sums["forward_tokens"] += sum(len(p) + sum(len(r["tokens"]) for r in rs) for p, rs in mb)
         sums["entropy"] += float((entropy * mask).sum())
         filled = padded([[1] * len(r["tokens"]) for r in rows], c_max).to(device).bool()
