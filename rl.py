@@ -44,7 +44,7 @@ from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer_spans, re
                          vote)
 from distributed import PARALLEL, all_reduce_sum, cleanup_distributed, full_parameters
 from rl_bookkeeping import (PADDING, SHORT, clip_fractions, completion_logprobs, even_micro_batches, forward_micro,
-                            measures, new_sums, profile_stats, step_metrics)
+                            mechanism_stats, measures, new_sums, profile_stats, step_metrics)
 from rollout import SamplingParams, generate
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
 from trainer import (TrainingConfig, announce, autocast_for, build_policy, build_reference, default, finish,
@@ -160,7 +160,9 @@ def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
     batch = training_batch(groups, prompts, rewards, keep, maps, cfg, dim_rewards)          #    token maps
     t1 = time.time()
     sums, grad_norm, stepped = policy_update(model, ref_model, optimizer, batch, cfg, lr)   # 7. policy update
-    stats = profile_stats(answers, quasi, levels, counts, task.taxonomy)
+    stats = {**profile_stats(answers, quasi, levels, counts, task.taxonomy),
+             **mechanism_stats(answers, rewards, group_rewards(answers, quasi, frozen, cfg, "off")[1], task.taxonomy,
+                               cfg.na_weight)}
     return step_metrics(groups, rewards, flat_groups(rewards), keep, stats, sums, grad_norm, stepped, lr, cfg,
                         t_rollout, time.time() - t1, next(model.parameters()).device)
 
@@ -344,10 +346,10 @@ def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="
     return torch.tensor(terms, dtype=torch.float64).mean().item()
 
 
-def group_rewards(answers, quasi, frozen, cfg):
+def group_rewards(answers, quasi, frozen, cfg, weighting=None):
     """Phase 5 for B users of G rollouts: r_jd (dimension_rewards) [B, G, D] and r_j (rollout_reward)
-    [B, G], both float64."""
-    args = (cfg.confidence_weighting,)
+    [B, G], both float64; `weighting` in place of cfg.confidence_weighting (the metrics' reward_flip)."""
+    args = (weighting or cfg.confidence_weighting,)
     per_dim = [[dimension_rewards(a.parsed, q, *args, f, cfg.agreement) for a in reads]
                for reads, q, f in zip(answers, quasi, frozen)]
     per_rollout = [[rollout_reward(a.parsed, q, *args, f, cfg.agreement) for a in reads]

@@ -12,7 +12,7 @@ import math
 import torch
 
 from common import completion_text
-from confprofile import parse_answer, read_users, stated_answers
+from confprofile import parse_answer, read_users, stated_answers, vote
 from distributed import all_reduce_sum, barrier, full_parameters, is_sharded
 from evaluate import evaluate, profile_from_parse
 from rollout import SamplingParams, generate, token_logprobs
@@ -191,7 +191,8 @@ def step_metrics(groups, rewards, flat, keep, stats, sums, grad_norm, stepped, l
     iterations (a rollout with zero advantage is never clipped); format_fail, confidence (mean stated
     confidence of the answered dimensions), na_rate, no_confidence (dimensions answered without a
     confidence), majority_ratio (share of the G rollouts that gave the quasi label), difficulty,
-    kept / too_easy / too_hard: the Conf-Profile scores of all rollouts of the step."""
+    kept / too_easy / too_hard (counts) and kept_frac / too_easy_frac / too_hard_frac (shares of the users):
+    the Conf-Profile scores of all rollouts of the step; vote_flip, reward_flip: mechanism_stats."""
     t, peak = global_sums(step_sums(groups, rewards, flat, keep, stats, sums), sums["lp_diff_max"], device)
     n, per_tok, per_it_tok = max(t["rollouts_n"], 1), max(t["loss_tokens"], 1), max(t["loss_tokens"], 1) * cfg.num_iterations
     mean_r = t["reward_sum"] / n
@@ -228,12 +229,19 @@ def global_sums(local, peak, device):
 
 
 def profile_metrics(t, n):
-    """The Conf-Profile statistics (profile_stats' sums over all processes) as rates and means over n rollouts."""
-    return {"too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]), "format_fail": t["format_fail"] / n,
-            "confidence": t["conf_sum"] / max(t["answered"], 1), "na_rate": t["na"] / max(t["answered"], 1),
-            "no_confidence": t["no_confidence"] / max(t["dim_slots"], 1),
-            "majority_ratio": t["majority_sum"] / max(t["majority_n"], 1),
-            "difficulty": t["difficulty_sum"] / max(t["users"], 1)}
+    """The Conf-Profile statistics (profile_stats' sums over all processes) as rates and means over n rollouts;
+    with mechanism_stats' sums, vote_flip and reward_flip too."""
+    users = max(t["users"], 1)
+    out = {"too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]), "format_fail": t["format_fail"] / n,
+           "kept_frac": t["kept"] / users, "too_easy_frac": t["too_easy"] / users,
+           "too_hard_frac": t["too_hard"] / users,
+           "confidence": t["conf_sum"] / max(t["answered"], 1), "na_rate": t["na"] / max(t["answered"], 1),
+           "no_confidence": t["no_confidence"] / max(t["dim_slots"], 1),
+           "majority_ratio": t["majority_sum"] / max(t["majority_n"], 1),
+           "difficulty": t["difficulty_sum"] / users}
+    if "vote_flips" in t:
+        out.update(vote_flip=t["vote_flips"] / max(t["vote_labels"], 1), reward_flip=t["reward_flips"] / n)
+    return out
 
 
 def profile_stats(answers, quasi, levels, counts, taxonomy):
@@ -264,6 +272,36 @@ def profile_stats(answers, quasi, levels, counts, taxonomy):
                 stats["majority_n"] += 1
         stats["difficulty_sum"] += level
     return {**stats, **counts}
+
+
+def vote_flips(parsed, taxonomy, na_weight):
+    """How often confidence changes one user's quasi labels: (flips, labelled) with
+
+        labelled = #{d : both votes give a quasi label},  flips = #{d labelled : argmax_k S^conf_k != argmax_k S^maj_k}
+
+    S^conf_k = sum_j c_jd 1[y_jd = k] and S^maj_k = sum_j 1[y_jd = k] over the same rollouts (those that parse,
+    their stated answers: rl.quasi_labels), both with the run's na_weight and confprofile.vote's ties.
+    vote_flip = sum flips / sum labelled over the step's users."""
+    valid = [stated_answers(p) for p in parsed if p["format_ok"]]
+    if not valid:
+        return 0, 0
+    weighted, plain = (vote(valid, taxonomy, weighting=w, na_weight=na_weight) for w in ("confidence", "majority"))
+    both = [d for d in taxonomy["dimensions"] if weighted[d] is not None and plain[d] is not None]
+    return sum(weighted[d]["label"] != plain[d]["label"] for d in both), len(both)
+
+
+def reward_flips(rewards, unweighted, tol=1e-9):
+    """How often confidence changes a reward: #{j : |r_j - r_j^off| > tol}, r_j the step's rewards [B, G] and
+    r_j^off the same rollouts' rewards with confidence_weighting="off" (w_jd = 1), same quasi labels.
+    reward_flip = this count / the number of rollouts (0 under confidence_weighting=off)."""
+    return int(((rewards.double() - unweighted.double()).abs() > tol).sum())
+
+
+def mechanism_stats(answers, rewards, unweighted, taxonomy, na_weight):
+    """The mechanism sums of one step (step_metrics adds them over ranks): vote_flips and reward_flips."""
+    flips = [vote_flips([a.parsed for a in reads], taxonomy, na_weight) for reads in answers]
+    return {"vote_flips": sum(f for f, _ in flips), "vote_labels": sum(n for _, n in flips),
+            "reward_flips": reward_flips(rewards, unweighted)}
 
 
 SHORT = {"reward_mean": "r", "reward_std": "r_sd", "zero_var_frac": "0var", "kept": "kept", "format_fail": "fmt_fail",

@@ -663,6 +663,51 @@ def test_step_metrics_normalise_over_iterations_and_all_loss_tokens():
     assert m["reward_mean"] == 0.5 and m["truncated_frac"] == 0.5 and m["completion_len"] == 2.0
 
 
+# A hand-made group of 4 rollouts: on gender one confident "male" (9) against three hesitant "female" (2 each):
+# the confidence vote says male (9 > 6), the plain majority female (3 > 1); on age all four say 18-24.
+FLIP_GROUP = [answer("male", 9, "18-24", 5)] + [answer("female", 2, "18-24", 5)] * 3
+
+
+def test_vote_flips_count_the_dimensions_where_confidence_changes_the_winner():
+    assert rl_bookkeeping.vote_flips(FLIP_GROUP, TAX, 1.0) == (1, 2)       # gender flips, age does not
+    assert rl_bookkeeping.vote_flips(FLIP_GROUP[1:], TAX, 1.0) == (0, 2)   # no dissenter: both say female
+    # na_weight enters both votes: two NAs at 0.5 against one "male" at 9 (confidence) / 1 (majority: 0.5 * 2 = 1, a tie
+    # broken by the highest single confidence, 9: male) -> no flip
+    na = [answer("male", 9, "18-24", 5), answer("NA", 2, "18-24", 5), answer("NA", 2, "18-24", 5)]
+    assert rl_bookkeeping.vote_flips(na, TAX, 0.5) == (0, 2)
+    assert rl_bookkeeping.vote_flips([BROKEN], TAX, 1.0) == (0, 0)
+
+
+def test_reward_flips_compare_the_rewards_with_confidence_weighting_off():
+    cfg = rl.RLConfig(num_generations=4)  # rollout_masked, flat agreement
+    answers = [[rl.Read(p, None, None) for p in FLIP_GROUP]]
+    quasi = [rl.quasi_labels(FLIP_GROUP, TAX, "confidence", 1.0)]  # gender male, age 18-24
+    _, rewards = rl.group_rewards(answers, quasi, [None], cfg)
+    _, off = rl.group_rewards(answers, quasi, [None], cfg, "off")
+    # the male rollout agrees everywhere: 1 either way; each female one: (-0.2 + 1) / 2 = 0.4 weighted, (-1 + 1) / 2 = 0 off
+    assert rewards[0].tolist() == pytest.approx([1.0, 0.4, 0.4, 0.4]) and off.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert rl_bookkeeping.reward_flips(rewards, off) == 3
+    assert rl_bookkeeping.reward_flips(off, off) == 0
+    stats = rl_bookkeeping.mechanism_stats(answers, rewards, off, TAX, 1.0)
+    assert stats == {"vote_flips": 1, "vote_labels": 2, "reward_flips": 3}
+
+
+def test_step_metrics_report_the_mechanism_and_the_filter_shares():
+    groups = [[Sample([1], [0.0], "stop")] * 4] * 2
+    rewards = torch.tensor([[1.0, 0.4, 0.4, 0.4], [0.0] * 4], dtype=torch.float64)
+    answers = [[rl.Read(p, None, None) for p in FLIP_GROUP]] * 2
+    quasi = [rl.quasi_labels(FLIP_GROUP, TAX, "confidence", 1.0)] * 2
+    stats = {**rl_bookkeeping.profile_stats(answers, quasi, [5.0, 9.0], {"kept": 1, "too_easy": 1, "too_hard": 0}, TAX),
+             **rl_bookkeeping.mechanism_stats(answers, rewards, torch.tensor([[1.0, 0, 0, 0], [0.0] * 4]), TAX, 1.0)}
+    sums = rl_bookkeeping.new_sums([4, 4, 4])
+    m = rl_bookkeeping.step_metrics(groups, rewards, rl.flat_groups(rewards), [True, False], stats, sums, 0.0, True,
+                                    1e-3, rl.RLConfig(num_generations=4), 1.0, 1.0, torch.device("cpu"))
+    assert m["vote_flip"] == 2 / 4            # gender of each user flips, age of neither
+    assert m["reward_flip"] == 3 / 8          # 3 of the first user's rollouts; the second's are 0 either way
+    assert (m["kept"], m["too_easy"], m["too_hard"]) == (1, 1, 0)
+    assert (m["kept_frac"], m["too_easy_frac"], m["too_hard_frac"]) == (0.5, 0.5, 0.0)
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = toy_config(tmp_path / "a", max_steps=4, save_every=2, num_iterations=2)
     a = toy_model()
