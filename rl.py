@@ -94,6 +94,9 @@ class RLKeys:
                                     choices=CHOICES["confidence_weighting"])
     agreement: str = opt("flat", "an agreeing answer earns +1 (flat) or +w (weighted); a disagreeing one costs w",
                          choices=CHOICES["agreement"])
+    calibration_reward: float = opt(0.0, "lambda of RLCR's Brier term -lambda (c/10 - 1[label = quasi label])^2 "
+                                    "added to r_jd; > 0 trains the confidence tokens, so only with "
+                                    "confidence_weighting live or off (0 = off: the paper's reward)", min=0)
     scale_rewards: str = opt("group", "divide advantages by the group's reward std (group) or not (none)",
                              choices=CHOICES["scale_rewards"])
     advantage: str = opt("dimension", "one advantage per dimension, given to its answer's tokens, or one per "
@@ -118,8 +121,9 @@ class RLKeys:
 
     @property
     def mask_confidence(self):
-        """Frozen confidence: every weighting mode but the `live` ablation cuts the confidence tokens out."""
-        return self.confidence_weighting != "live"
+        """Frozen confidence: every weighting mode but the `live` ablation cuts the confidence tokens out, unless
+        the Brier term (calibration_reward > 0, with `off` or `live` only) trains them."""
+        return self.confidence_weighting != "live" and self.calibration_reward == 0
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def difficulty_filter(quasi, answers, frozen, cfg):
 # 5. Rewards
 
 
-def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None, agreement="flat"):
+def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None, agreement="flat", calibration=0.0):
     """The reward of one rollout split by dimension, r_jd = fmt_j + w_jd * s_jd, so that
     r_j = (1/|D|) sum_d r_jd. Returns [r_jd for d in quasi] (taxonomy order).
 
@@ -307,6 +311,9 @@ def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None, agreemen
     An unparseable answer gets -1 on every dimension; a dimension it left invalid, or answered without
     a stated confidence (confprofile.stated_answers), -1 (a wrong answer at full weight: omitting is
     never a way out); a dimension with no quasi label (no rollout answered it) 0.
+    calibration = lambda > 0 (RLCR's Brier term) subtracts lambda * (c_jd/10 - 1[y_jd = q_d])^2 from r_jd on
+    each dimension with a stated confidence and a quasi label, so r_j gains
+    -lambda * (1/|D|) sum_d (c_jd/10 - 1[y_jd = q_d])^2 (|D| all dimensions; the others add 0).
     """
     if not parsed["format_ok"]:
         return [-1.0] * len(quasi)
@@ -329,12 +336,14 @@ def dimension_rewards(parsed, quasi, weighting, stage1_confidence=None, agreemen
             else:
                 w = 1.0
             out.append(w * s)
+        if calibration and q is not None and answer is not None:
+            out[-1] -= calibration * (answer["confidence"] / 10 - (answer["label"] == q["label"])) ** 2
     return out
 
 
-def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="flat"):
+def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="flat", calibration=0.0):
     """Stage 2 reward of one rollout: r_j = fmt_j + (1/|D|) sum_d w_jd * s_jd  (= the mean of
-    dimension_rewards; see there for w, s and the `agreement` option).
+    dimension_rewards; see there for w, s, the `agreement` option and the Brier term `calibration`).
 
     fmt_j = -1 if the answer does not parse (and then no agreement terms), else 0. |D| is the
     number of dimensions of the taxonomy (the keys of `quasi`). The mean is taken in float64 by torch,
@@ -342,7 +351,7 @@ def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="
     """
     if not parsed["format_ok"]:
         return -1.0
-    terms = dimension_rewards(parsed, quasi, weighting, stage1_confidence, agreement)
+    terms = dimension_rewards(parsed, quasi, weighting, stage1_confidence, agreement, calibration)
     return torch.tensor(terms, dtype=torch.float64).mean().item()
 
 
@@ -350,9 +359,9 @@ def group_rewards(answers, quasi, frozen, cfg, weighting=None):
     """Phase 5 for B users of G rollouts: r_jd (dimension_rewards) [B, G, D] and r_j (rollout_reward)
     [B, G], both float64; `weighting` in place of cfg.confidence_weighting (the metrics' reward_flip)."""
     args = (weighting or cfg.confidence_weighting,)
-    per_dim = [[dimension_rewards(a.parsed, q, *args, f, cfg.agreement) for a in reads]
+    per_dim = [[dimension_rewards(a.parsed, q, *args, f, cfg.agreement, cfg.calibration_reward) for a in reads]
                for reads, q, f in zip(answers, quasi, frozen)]
-    per_rollout = [[rollout_reward(a.parsed, q, *args, f, cfg.agreement) for a in reads]
+    per_rollout = [[rollout_reward(a.parsed, q, *args, f, cfg.agreement, cfg.calibration_reward) for a in reads]
                    for reads, q, f in zip(answers, quasi, frozen)]
     return torch.tensor(per_dim, dtype=torch.float64), torch.tensor(per_rollout, dtype=torch.float64)
 
@@ -580,9 +589,9 @@ class RLConfig(TrainingConfig, RLKeys):
     WHERE = "rl config"
     HELP_ORDER = tuple("""model data stage1 taxonomy output_dir chat_template_kwargs batch_size num_generations
         max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight difficulty low high
-        confidence_weighting agreement scale_rewards advantage loss_type epsilon epsilon_high beta num_iterations
-        micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay adam_beta1 adam_beta2 grad_clip
-        gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter device parallel
+        confidence_weighting agreement calibration_reward scale_rewards advantage loss_type epsilon epsilon_high beta
+        num_iterations micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay adam_beta1 adam_beta2
+        grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter device parallel
         seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every save_every resume force_resume overwrite
         stop_after_steps""".split())
     lr: float = default("lr", 1e-5)
@@ -602,6 +611,10 @@ class RLConfig(TrainingConfig, RLKeys):
         super().__post_init__()
         if self.low > self.high:
             raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected low <= high")
+        if self.calibration_reward > 0 and self.confidence_weighting in ("rollout_masked", "stage1"):
+            raise ConfigError(f"rl config: calibration_reward={self.calibration_reward} trains the confidence tokens, "
+                              f"but confidence_weighting={self.confidence_weighting} is a frozen mode; expected "
+                              f"confidence_weighting live or off (RLCR: off), or calibration_reward 0")
 
 
 # Keys that may change on --resume (checkpoint.check_output_dir): evaluation, saving, stopping and placement only.

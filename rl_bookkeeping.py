@@ -189,10 +189,11 @@ def step_metrics(groups, rewards, flat, keep, stats, sums, grad_norm, stepped, l
     over the loss tokens of every kept rollout, at the first pass (the sampling policy); clip_low /
     clip_high / clip_region and kl: mean over the loss tokens of every kept rollout and over the
     iterations (a rollout with zero advantage is never clipped); format_fail, confidence (mean stated
-    confidence of the answered dimensions), na_rate, no_confidence (dimensions answered without a
-    confidence), majority_ratio (share of the G rollouts that gave the quasi label), difficulty,
-    kept / too_easy / too_hard (counts) and kept_frac / too_easy_frac / too_hard_frac (shares of the users):
-    the Conf-Profile scores of all rollouts of the step; vote_flip, reward_flip: mechanism_stats."""
+    confidence of the answered dimensions), conf_1_frac / conf_10_frac (shares of those confidences that
+    are 1 / 10), na_rate, no_confidence (dimensions answered without a confidence), majority_ratio (share
+    of the G rollouts that gave the quasi label), difficulty, kept / too_easy / too_hard (counts) and
+    kept_frac / too_easy_frac / too_hard_frac (shares of the users): the Conf-Profile scores of all
+    rollouts of the step; vote_flip, reward_flip: mechanism_stats."""
     t, peak = global_sums(step_sums(groups, rewards, flat, keep, stats, sums), sums["lp_diff_max"], device)
     n, per_tok, per_it_tok = max(t["rollouts_n"], 1), max(t["loss_tokens"], 1), max(t["loss_tokens"], 1) * cfg.num_iterations
     mean_r = t["reward_sum"] / n
@@ -235,7 +236,8 @@ def profile_metrics(t, n):
     out = {"too_easy": int(t["too_easy"]), "too_hard": int(t["too_hard"]), "format_fail": t["format_fail"] / n,
            "kept_frac": t["kept"] / users, "too_easy_frac": t["too_easy"] / users,
            "too_hard_frac": t["too_hard"] / users,
-           "confidence": t["conf_sum"] / max(t["answered"], 1), "na_rate": t["na"] / max(t["answered"], 1),
+           "confidence": t["conf_sum"] / max(t["answered"], 1), "conf_1_frac": t["conf_1"] / max(t["answered"], 1),
+           "conf_10_frac": t["conf_10"] / max(t["answered"], 1), "na_rate": t["na"] / max(t["answered"], 1),
            "no_confidence": t["no_confidence"] / max(t["dim_slots"], 1),
            "majority_ratio": t["majority_sum"] / max(t["majority_n"], 1),
            "difficulty": t["difficulty_sum"] / users}
@@ -246,11 +248,12 @@ def profile_metrics(t, n):
 
 def profile_stats(answers, quasi, levels, counts, taxonomy):
     """The Conf-Profile statistics of one step's rollouts, as sums (step_metrics adds them over ranks):
-    format failures, stated confidences, NA answers, answers without a confidence, the majority ratio
-    (the share of all G rollouts that gave the quasi label), difficulty, kept / too easy / too hard."""
+    format failures, stated confidences (their sum; how many are 1 and 10: RLCR's collapse telltales), NA
+    answers, answers without a confidence, the majority ratio (the share of all G rollouts that gave the quasi
+    label), difficulty, kept / too easy / too hard."""
     dims = list(taxonomy["dimensions"])
-    stats = dict.fromkeys(["format_fail", "dim_slots", "conf_sum", "answered", "na", "no_confidence", "majority_sum",
-                           "majority_n", "difficulty_sum"], 0.0)
+    stats = dict.fromkeys(["format_fail", "dim_slots", "conf_sum", "answered", "conf_1", "conf_10", "na",
+                           "no_confidence", "majority_sum", "majority_n", "difficulty_sum"], 0.0)
     for reads, q, level in zip(answers, quasi, levels):
         parsed = [a.parsed for a in reads]
         for p in parsed:
@@ -263,6 +266,8 @@ def profile_stats(answers, quasi, levels, counts, taxonomy):
                 if answer["confidence"] is not None:
                     stats["answered"] += 1
                     stats["conf_sum"] += answer["confidence"]
+                    stats["conf_1"] += answer["confidence"] == 1
+                    stats["conf_10"] += answer["confidence"] == 10
                     stats["na"] += answer["label"] == "NA"
         for d in dims:
             if q[d] is not None:

@@ -17,7 +17,7 @@ import profilebench
 import rl
 import rl_bookkeeping
 import trainer
-from common import DataError, load_tokenizer, stop_ids_for
+from common import ConfigError, DataError, load_tokenizer, stop_ids_for
 from confprofile import format_answer, load_taxonomy, parse_answer, parse_answer_spans
 from model import ModelArgs, Transformer, init_weights, load_model
 from rollout import Sample, token_logprobs
@@ -164,6 +164,41 @@ def test_rollout_reward_each_weighting(weighting, expected):
     flat = rl.rollout_reward(answer("male", 8, "18-24", 5), QUASI, weighting, {"gender": 3, "age": 6}, "flat")
     assert flat == pytest.approx({"rollout_masked": (1 - 0.5) / 2, "live": (1 - 0.5) / 2, "stage1": (1 - 0.6) / 2,
                                   "off": (1 - 1) / 2}[weighting])
+
+
+def test_calibration_reward_adds_the_brier_term_per_dimension():
+    # lambda 0.5, weighting off, flat: gender agrees at 8: 1 - 0.5 (0.8 - 1)^2 = 0.98; age disagrees at 5:
+    # -1 - 0.5 (0.5 - 0)^2 = -1.125; r_j = (0.98 - 1.125) / 2
+    parsed = answer("male", 8, "18-24", 5)
+    assert rl.dimension_rewards(parsed, QUASI, "off", calibration=0.5) == pytest.approx([0.98, -1.125])
+    assert rl.rollout_reward(parsed, QUASI, "off", calibration=0.5) == pytest.approx(-0.0725)
+    # no quasi label for age: no Brier term there either, |D| stays 2
+    assert rl.rollout_reward(parsed, {**QUASI, "age": None}, "off", calibration=0.5) == pytest.approx(0.49)
+    assert rl.rollout_reward(BROKEN, QUASI, "off", calibration=0.5) == -1.0
+    # a perfectly calibrated answer (10 and right) pays nothing; lambda 0 is the paper's reward exactly
+    assert rl.dimension_rewards(answer("male", 10, "25-30", 10), QUASI, "off", calibration=0.5) == [1.0, 1.0]
+    assert rl.dimension_rewards(parsed, QUASI, "rollout_masked", calibration=0.0) == [1.0, -0.5]
+    cfg = rl.RLConfig(num_generations=2, confidence_weighting="off", calibration_reward=0.5)
+    _, rewards = rl.group_rewards([[rl.Read(parsed, None, None), rl.Read(BROKEN, None, None)]], [QUASI], [None], cfg)
+    assert rewards[0].tolist() == pytest.approx([-0.0725, -1.0])
+
+
+def test_calibration_reward_trains_the_confidence_tokens_so_frozen_modes_refuse_it():
+    for weighting in ("rollout_masked", "stage1"):
+        with pytest.raises(ConfigError, match="calibration_reward"):
+            rl.RLConfig(confidence_weighting=weighting, calibration_reward=0.5)
+    assert rl.RLConfig(confidence_weighting="off", calibration_reward=0.5).mask_confidence is False
+    assert rl.RLConfig(confidence_weighting="live", calibration_reward=0.5).mask_confidence is False
+    assert rl.RLConfig().mask_confidence is True and rl.RLConfig(confidence_weighting="off").mask_confidence is True
+
+
+def test_profile_stats_count_the_stated_ones_and_tens():
+    answers = [[rl.Read(answer("male", 10, "18-24", 1), None, None), rl.Read(answer("male", 10, "18-24", 5), None, None)]]
+    quasi = [rl.quasi_labels([a.parsed for a in answers[0]], TAX)]
+    stats = rl_bookkeeping.profile_stats(answers, quasi, [5.0], {"kept": 1, "too_easy": 0, "too_hard": 0}, TAX)
+    assert (stats["answered"], stats["conf_1"], stats["conf_10"]) == (4, 1, 2)
+    m = rl_bookkeeping.profile_metrics({**stats, "users": 1}, 2)
+    assert (m["confidence"], m["conf_1_frac"], m["conf_10_frac"]) == (26 / 4, 1 / 4, 2 / 4)
 
 
 def test_rollout_reward_format_failure_and_missing_quasi_label():
