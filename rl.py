@@ -84,6 +84,9 @@ class RLKeys:
                            "a plain majority", choices=CHOICES["quasi_label"])
     na_weight: float = opt(1.0, "weight of the NA votes in the quasi-label vote (1 = as in Stage 1; below 1 a label "
                            "the rollouts agree on outvotes a few hesitant NAs)", min=0)
+    min_vote_share: float = opt(0.0, "vote-share gating (SRT/EMPO): a quasi label given by fewer than this share "
+                                "of the rollouts that answered its dimension is not trained on: its r_jd = 0 "
+                                "(0 = off)", min=0, max=1)
     difficulty: str = opt("rollout", "difficulty of a user: the rollouts' agreement and confidence, the frozen "
                           "Stage-1 confidence, or off (keep everyone)", choices=CHOICES["difficulty"])
     low: float = opt(0.0, "keep users whose difficulty is >= low (below: quasi label too scattered to trust)",
@@ -249,6 +252,22 @@ def quasi_labels(parsed, taxonomy, weighting="confidence", na_weight=1.0):
     return vote(valid, taxonomy, weighting=weighting, na_weight=na_weight)
 
 
+def vote_share_gate(parsed, quasi, min_share):
+    """Vote-share gating (SRT / EMPO): dimension d's quasi label is trained on iff its plain vote share
+
+        share_d = #{j : y_jd = q_d} / n_d >= min_share
+
+    over the n_d rollouts that parse and state an answer for d (as they vote, whatever `quasi_label`
+    weights them). A gated label becomes None for phase 5, so every rollout gets r_jd = 0 there: it
+    adds 0 to r_j and its per-dimension advantage is exactly 0 (a flat group); the difficulty and the
+    metrics still read the full vote. min_share = 0 keeps every label (the paper's method)."""
+    if not min_share:
+        return quasi
+    valid = [stated_answers(p)["dims"] for p in parsed if p["format_ok"]]
+    return {d: q if q is None or sum((v[d] or {}).get("label") == q["label"] for v in valid) / q["n_valid"]
+            >= min_share else None for d, q in quasi.items()}
+
+
 # -----------------------------------------------------------------------------
 # 4. Difficulty and filter
 
@@ -357,8 +376,10 @@ def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="
 
 def group_rewards(answers, quasi, frozen, cfg, weighting=None):
     """Phase 5 for B users of G rollouts: r_jd (dimension_rewards) [B, G, D] and r_j (rollout_reward)
-    [B, G], both float64; `weighting` in place of cfg.confidence_weighting (the metrics' reward_flip)."""
+    [B, G], both float64, against the quasi labels that pass the vote-share gate (vote_share_gate);
+    `weighting` in place of cfg.confidence_weighting (the metrics' reward_flip)."""
     args = (weighting or cfg.confidence_weighting,)
+    quasi = [vote_share_gate([a.parsed for a in reads], q, cfg.min_vote_share) for reads, q in zip(answers, quasi)]
     per_dim = [[dimension_rewards(a.parsed, q, *args, f, cfg.agreement, cfg.calibration_reward) for a in reads]
                for reads, q, f in zip(answers, quasi, frozen)]
     per_rollout = [[rollout_reward(a.parsed, q, *args, f, cfg.agreement, cfg.calibration_reward) for a in reads]
@@ -588,12 +609,12 @@ def surrogate_backward(model, ref_model, mb, at, cache, cfg, normaliser, sums):
 class RLConfig(TrainingConfig, RLKeys):
     WHERE = "rl config"
     HELP_ORDER = tuple("""model data stage1 taxonomy output_dir chat_template_kwargs batch_size num_generations
-        max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight difficulty low high
+        max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight min_vote_share difficulty low high
         confidence_weighting agreement calibration_reward scale_rewards advantage loss_type epsilon epsilon_high beta
         num_iterations micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay adam_beta1 adam_beta2
-        grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter device parallel
-        seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every save_every resume force_resume overwrite
-        stop_after_steps""".split())
+        grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter device
+        parallel seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every save_every resume
+        force_resume overwrite stop_after_steps""".split())
     lr: float = default("lr", 1e-5)
     warmup_steps: int = default("warmup_steps", 0)
     adam_beta2: float = default("adam_beta2", 0.99)

@@ -727,6 +727,24 @@ def test_reward_flips_compare_the_rewards_with_confidence_weighting_off():
     assert stats == {"vote_flips": 1, "vote_labels": 2, "reward_flips": 3}
 
 
+def test_vote_share_gate_drops_the_quasi_labels_too_few_rollouts_gave():
+    quasi = rl.quasi_labels(FLIP_GROUP, TAX)  # gender: male by confidence (9 > 6), 1 of 4 votes; age: 4 of 4
+    assert rl.vote_share_gate(FLIP_GROUP, quasi, 0.0) is quasi
+    assert rl.vote_share_gate(FLIP_GROUP, quasi, 0.25) == quasi          # share 1/4 >= 0.25: kept
+    gated = rl.vote_share_gate(FLIP_GROUP, quasi, 0.5)
+    assert gated["gender"] is None and gated["age"] == quasi["age"]
+    # a rollout that does not parse casts no vote: male is 1 of the 2 valid votes
+    two = [FLIP_GROUP[0], FLIP_GROUP[1], BROKEN]
+    assert rl.vote_share_gate(two, rl.quasi_labels(two, TAX), 0.5)["gender"]["label"] == "male"
+    # in phase 5 the gated gender gives r_jd = 0 on every rollout: r_j = (0 + 1) / 2, a flat group
+    answers = [[rl.Read(p, None, None) for p in FLIP_GROUP]]
+    dim_rewards, rewards = rl.group_rewards(answers, [quasi], [None], rl.RLConfig(num_generations=4, min_vote_share=0.5))
+    assert dim_rewards[0, :, 0].tolist() == [0.0] * 4 and rewards[0].tolist() == [0.5] * 4
+    assert rl.group_advantages(dim_rewards)[0, :, 0].tolist() == [0.0] * 4
+    _, ungated = rl.group_rewards(answers, [quasi], [None], rl.RLConfig(num_generations=4))
+    assert ungated[0].tolist() == pytest.approx([1.0, 0.4, 0.4, 0.4])
+
+
 def test_step_metrics_report_the_mechanism_and_the_filter_shares():
     groups = [[Sample([1], [0.0], "stop")] * 4] * 2
     rewards = torch.tensor([[1.0, 0.4, 0.4, 0.4], [0.0] * 4], dtype=torch.float64)
