@@ -75,6 +75,8 @@ class RLKeys:
     chat_template_kwargs: dict = opt({}, 'passed to the chat template, e.g. {"enable_thinking": false} for Qwen3')
     batch_size: int = opt(4, "B: users per step, all processes together", min=1)
     num_generations: int = opt(8, "G: rollouts per user (advantages are relative within these)", min=2)
+    vote_pool: int = opt(0, "TTRL: rollouts per user the quasi labels and difficulty vote over, >= G; only the first "
+                         "G are trained (0 = the G trained ones)", min=0)
     max_new_tokens: int = opt(256, "longest rollout (TRL: max_completion_length)", min=1)
     temperature: float = opt(1.0, "sampling temperature, also of the ratio's logprobs", gt=0)
     top_k: int = opt(0, "sample from the k most likely tokens (0 = all)", min=0)
@@ -162,13 +164,15 @@ def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
              for reads in answers]                                                          # 3. quasi labels
     frozen = [task.stage1[u["user_id"]] if task.stage1 is not None else None for u in users]
     levels, keep, counts = difficulty_filter(quasi, answers, frozen, cfg)                   # 4. difficulty, filter
-    dim_rewards, rewards = group_rewards(answers, quasi, frozen, cfg)                       # 5. rewards
+    labels = [vote_share_gate([a.parsed for a in reads], q, cfg.min_vote_share) for reads, q in zip(answers, quasi)]
+    groups, answers = trained_rollouts(groups, answers, cfg.num_generations)                # 5. rewards: against
+    dim_rewards, rewards = group_rewards(answers, labels, frozen, cfg)                      #    the gated labels
     maps = token_maps(answers, task.taxonomy, cfg)                                          # 6. advantages and
     batch = training_batch(groups, prompts, rewards, keep, maps, cfg, dim_rewards)          #    token maps
     t1 = time.time()
     sums, grad_norm, stepped = policy_update(model, ref_model, optimizer, batch, cfg, lr)   # 7. policy update
     stats = {**profile_stats(answers, quasi, levels, counts, task.taxonomy),
-             **mechanism_stats(answers, rewards, group_rewards(answers, quasi, frozen, cfg, "off")[1], task.taxonomy,
+             **mechanism_stats(answers, rewards, group_rewards(answers, labels, frozen, cfg, "off")[1], task.taxonomy,
                                cfg.na_weight)}
     return step_metrics(groups, rewards, flat_groups(rewards), keep, stats, sums, grad_norm, stepped, lr, cfg,
                         t_rollout, time.time() - t1, next(model.parameters()).device)
@@ -179,13 +183,13 @@ def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
 
 
 def sample_groups(model, prompts, cfg, generator, stop_ids):
-    """G samples of each of this process's prompts from the current policy (with every parameter at
-    hand: each process decodes its own number of steps)."""
+    """G samples (vote_pool > 0: vote_pool) of each of this process's prompts from the current policy
+    (with every parameter at hand: each process decodes its own number of steps)."""
     model.eval()
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids),
                               cfg.max_batch_tokens)
     with full_parameters(model):
-        return generate(model, prompts, sampling, n=cfg.num_generations, generator=generator)
+        return generate(model, prompts, sampling, n=cfg.vote_pool or cfg.num_generations, generator=generator)
 
 
 # -----------------------------------------------------------------------------
@@ -258,9 +262,10 @@ def vote_share_gate(parsed, quasi, min_share):
         share_d = #{j : y_jd = q_d} / n_d >= min_share
 
     over the n_d rollouts that parse and state an answer for d (as they vote, whatever `quasi_label`
-    weights them). A gated label becomes None for phase 5, so every rollout gets r_jd = 0 there: it
-    adds 0 to r_j and its per-dimension advantage is exactly 0 (a flat group); the difficulty and the
-    metrics still read the full vote. min_share = 0 keeps every label (the paper's method)."""
+    weights them; with a vote pool, all of its rollouts). A gated label becomes None for phase 5, so
+    every rollout gets r_jd = 0 there: it adds 0 to r_j and its per-dimension advantage is exactly 0
+    (a flat group); the difficulty and the metrics (but reward_flip) still read the full vote.
+    min_share = 0 keeps every label (the paper's method)."""
     if not min_share:
         return quasi
     valid = [stated_answers(p)["dims"] for p in parsed if p["format_ok"]]
@@ -309,6 +314,12 @@ def difficulty_filter(quasi, answers, frozen, cfg):
               for q, reads, f in zip(quasi, answers, frozen)]
     keep, counts = difficulty_mask([None if cfg.difficulty == "off" else v for v in levels], cfg.low, cfg.high)
     return levels, keep, counts
+
+
+def trained_rollouts(groups, answers, n):
+    """Vote pool (TTRL, vote_pool > G): quasi labels, gate and difficulty read all vote_pool rollouts of a
+    user; rewards, advantages and update only the first G = n. Without a pool nothing is cut."""
+    return [g[:n] for g in groups], [a[:n] for a in answers]
 
 
 # -----------------------------------------------------------------------------
@@ -376,10 +387,9 @@ def rollout_reward(parsed, quasi, weighting, stage1_confidence=None, agreement="
 
 def group_rewards(answers, quasi, frozen, cfg, weighting=None):
     """Phase 5 for B users of G rollouts: r_jd (dimension_rewards) [B, G, D] and r_j (rollout_reward)
-    [B, G], both float64, against the quasi labels that pass the vote-share gate (vote_share_gate);
+    [B, G], both float64, against `quasi` (in grpo_step the labels that pass vote_share_gate);
     `weighting` in place of cfg.confidence_weighting (the metrics' reward_flip)."""
     args = (weighting or cfg.confidence_weighting,)
-    quasi = [vote_share_gate([a.parsed for a in reads], q, cfg.min_vote_share) for reads, q in zip(answers, quasi)]
     per_dim = [[dimension_rewards(a.parsed, q, *args, f, cfg.agreement, cfg.calibration_reward) for a in reads]
                for reads, q, f in zip(answers, quasi, frozen)]
     per_rollout = [[rollout_reward(a.parsed, q, *args, f, cfg.agreement, cfg.calibration_reward) for a in reads]
@@ -609,7 +619,7 @@ def surrogate_backward(model, ref_model, mb, at, cache, cfg, normaliser, sums):
 class RLConfig(TrainingConfig, RLKeys):
     WHERE = "rl config"
     HELP_ORDER = tuple("""model data stage1 taxonomy output_dir chat_template_kwargs batch_size num_generations
-        max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight min_vote_share difficulty low high
+        vote_pool max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight min_vote_share difficulty low high
         confidence_weighting agreement calibration_reward scale_rewards advantage loss_type epsilon epsilon_high beta
         num_iterations micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay adam_beta1 adam_beta2
         grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter device
@@ -632,6 +642,9 @@ class RLConfig(TrainingConfig, RLKeys):
         super().__post_init__()
         if self.low > self.high:
             raise ConfigError(f"rl config: low={self.low}, high={self.high}; expected low <= high")
+        if 0 < self.vote_pool < self.num_generations:
+            raise ConfigError(f"rl config: vote_pool={self.vote_pool}; expected 0 or >= num_generations "
+                              f"{self.num_generations} (the trained rollouts are the pool's first G)")
         if self.calibration_reward > 0 and self.confidence_weighting in ("rollout_masked", "stage1"):
             raise ConfigError(f"rl config: calibration_reward={self.calibration_reward} trains the confidence tokens, "
                               f"but confidence_weighting={self.confidence_weighting} is a frozen mode; expected "

@@ -193,7 +193,7 @@ def test_calibration_reward_trains_the_confidence_tokens_so_frozen_modes_refuse_
 
 
 def test_profile_stats_count_the_stated_ones_and_tens():
-    answers = [[rl.Read(answer("male", 10, "18-24", 1), None, None), rl.Read(answer("male", 10, "18-24", 5), None, None)]]
+    answers = [[rl.Read(answer("male", 10, "18-24", c), None, None) for c in (1, 5)]]
     quasi = [rl.quasi_labels([a.parsed for a in answers[0]], TAX)]
     stats = rl_bookkeeping.profile_stats(answers, quasi, [5.0], {"kept": 1, "too_easy": 0, "too_hard": 0}, TAX)
     assert (stats["answered"], stats["conf_1"], stats["conf_10"]) == (4, 1, 2)
@@ -719,7 +719,8 @@ def test_reward_flips_compare_the_rewards_with_confidence_weighting_off():
     quasi = [rl.quasi_labels(FLIP_GROUP, TAX, "confidence", 1.0)]  # gender male, age 18-24
     _, rewards = rl.group_rewards(answers, quasi, [None], cfg)
     _, off = rl.group_rewards(answers, quasi, [None], cfg, "off")
-    # the male rollout agrees everywhere: 1 either way; each female one: (-0.2 + 1) / 2 = 0.4 weighted, (-1 + 1) / 2 = 0 off
+    # the male rollout agrees everywhere: 1 either way; each female one: (-0.2 + 1) / 2 = 0.4 weighted,
+    # (-1 + 1) / 2 = 0 off
     assert rewards[0].tolist() == pytest.approx([1.0, 0.4, 0.4, 0.4]) and off.tolist() == [[1.0, 0.0, 0.0, 0.0]]
     assert rl_bookkeeping.reward_flips(rewards, off) == 3
     assert rl_bookkeeping.reward_flips(off, off) == 0
@@ -738,11 +739,34 @@ def test_vote_share_gate_drops_the_quasi_labels_too_few_rollouts_gave():
     assert rl.vote_share_gate(two, rl.quasi_labels(two, TAX), 0.5)["gender"]["label"] == "male"
     # in phase 5 the gated gender gives r_jd = 0 on every rollout: r_j = (0 + 1) / 2, a flat group
     answers = [[rl.Read(p, None, None) for p in FLIP_GROUP]]
-    dim_rewards, rewards = rl.group_rewards(answers, [quasi], [None], rl.RLConfig(num_generations=4, min_vote_share=0.5))
+    dim_rewards, rewards = rl.group_rewards(answers, [gated], [None], rl.RLConfig(num_generations=4))
     assert dim_rewards[0, :, 0].tolist() == [0.0] * 4 and rewards[0].tolist() == [0.5] * 4
     assert rl.group_advantages(dim_rewards)[0, :, 0].tolist() == [0.0] * 4
     _, ungated = rl.group_rewards(answers, [quasi], [None], rl.RLConfig(num_generations=4))
     assert ungated[0].tolist() == pytest.approx([1.0, 0.4, 0.4, 0.4])
+
+
+def test_vote_pool_votes_over_all_rollouts_and_trains_the_first_g(tmp_path):
+    with pytest.raises(ConfigError, match="vote_pool"):
+        rl.RLConfig(num_generations=4, vote_pool=3)
+    cfg = rl.RLConfig(num_generations=2, vote_pool=4, quasi_label="majority")
+    # the pool of 4 (FLIP_GROUP) votes female on gender (3 of 4); the first G = 2 alone (male 9, female 2) tie 1-1,
+    # broken by the highest single confidence: male
+    answers = [[rl.Read(p, None, None) for p in FLIP_GROUP]]
+    quasi = [rl.quasi_labels(FLIP_GROUP, TAX, "majority")]
+    alone = rl.quasi_labels(FLIP_GROUP[:2], TAX, "majority")
+    assert quasi[0]["gender"]["label"] == "female" and alone["gender"]["label"] == "male"
+    groups, trained = rl.trained_rollouts([list("abcd")], answers, cfg.num_generations)
+    assert groups == [["a", "b"]] and trained == [answers[0][:2]]
+    _, rewards = rl.group_rewards(trained, quasi, [None], cfg)
+    # male at 9 against female: (-0.9 + 1) / 2; the female rollout agrees on both: 1
+    assert rewards[0].tolist() == pytest.approx([0.05, 1.0])
+    _, no_pool = rl.group_rewards(trained, [alone], [None], cfg)
+    assert no_pool[0].tolist() == pytest.approx([1.0, 0.4])
+    # phase 1 samples the pool: vote_pool rollouts per prompt (without one, G)
+    for pool, n in ((3, 3), (0, 2)):
+        config = toy_config(tmp_path, num_generations=2, vote_pool=pool)
+        assert len(rl.sample_groups(toy_model(), [[1, 2]], config, torch.Generator().manual_seed(0), [])[0]) == n
 
 
 def test_step_metrics_report_the_mechanism_and_the_filter_shares():
