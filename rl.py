@@ -21,6 +21,8 @@ starting checkpoint (`beta`, default 0: no reference). Added by Conf-Profile, ea
   * frozen confidence (`confidence_weighting`): the tokens that state a confidence are cut out of the
     loss, so RL cannot inflate the number it is weighted by;
   * credit per dimension (`advantage`): each dimension's own advantage on its answer's tokens.
+Later label-free RL as switches, each off by default: `calibration_reward` (RLCR's Brier term),
+`min_vote_share` (SRT/EMPO's vote-share gating), `vote_pool` (TTRL: vote over more rollouts than trained).
 Dropped: value and reward models, entropy bonuses, vLLM / TRL machinery. Rollouts share each prompt's
 KV cache (rollout.generate), and so does training (rl_bookkeeping.pack_groups: one row [prompt, c1..cG]).
 
@@ -126,8 +128,7 @@ class RLKeys:
 
     @property
     def mask_confidence(self):
-        """Frozen confidence: every weighting mode but the `live` ablation cuts the confidence tokens out, unless
-        the Brier term (calibration_reward > 0, with `off` or `live` only) trains them."""
+        """Frozen confidence: all weighting modes but `live` cut the confidence tokens out (not with a Brier term)."""
         return self.confidence_weighting != "live" and self.calibration_reward == 0
 
 
@@ -164,9 +165,10 @@ def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
              for reads in answers]                                                          # 3. quasi labels
     frozen = [task.stage1[u["user_id"]] if task.stage1 is not None else None for u in users]
     levels, keep, counts = difficulty_filter(quasi, answers, frozen, cfg)                   # 4. difficulty, filter
-    labels = [vote_share_gate([a.parsed for a in reads], q, cfg.min_vote_share) for reads, q in zip(answers, quasi)]
-    groups, answers = trained_rollouts(groups, answers, cfg.num_generations)                # 5. rewards: against
-    dim_rewards, rewards = group_rewards(answers, labels, frozen, cfg)                      #    the gated labels
+    labels = [vote_share_gate([a.parsed for a in reads], q, cfg.min_vote_share)
+              for reads, q in zip(answers, quasi)]                                          # 5. rewards: the gated
+    groups, answers = trained_rollouts(groups, answers, cfg.num_generations)                #    labels, the first G
+    dim_rewards, rewards = group_rewards(answers, labels, frozen, cfg)                      #    of a vote pool
     maps = token_maps(answers, task.taxonomy, cfg)                                          # 6. advantages and
     batch = training_batch(groups, prompts, rewards, keep, maps, cfg, dim_rewards)          #    token maps
     t1 = time.time()
@@ -257,15 +259,11 @@ def quasi_labels(parsed, taxonomy, weighting="confidence", na_weight=1.0):
 
 
 def vote_share_gate(parsed, quasi, min_share):
-    """Vote-share gating (SRT / EMPO): dimension d's quasi label is trained on iff its plain vote share
-
-        share_d = #{j : y_jd = q_d} / n_d >= min_share
-
-    over the n_d rollouts that parse and state an answer for d (as they vote, whatever `quasi_label`
-    weights them; with a vote pool, all of its rollouts). A gated label becomes None for phase 5, so
-    every rollout gets r_jd = 0 there: it adds 0 to r_j and its per-dimension advantage is exactly 0
-    (a flat group); the difficulty and the metrics (but reward_flip) still read the full vote.
-    min_share = 0 keeps every label (the paper's method)."""
+    """Vote-share gating (SRT / EMPO): d's quasi label is trained on iff share_d = #{j : y_jd = q_d} / n_d
+    >= min_share, over the n_d rollouts that parse and state an answer for d (plain counts, whatever
+    `quasi_label` weights; with a vote pool, all of it). A gated label becomes None for phase 5: every
+    rollout gets r_jd = 0, adding 0 to r_j, and d's advantage is exactly 0 (a flat group); the difficulty
+    and the metrics (but reward_flip) still read the full vote. min_share = 0 keeps every label."""
     if not min_share:
         return quasi
     valid = [stated_answers(p)["dims"] for p in parsed if p["format_ok"]]
@@ -619,12 +617,12 @@ def surrogate_backward(model, ref_model, mb, at, cache, cfg, normaliser, sums):
 class RLConfig(TrainingConfig, RLKeys):
     WHERE = "rl config"
     HELP_ORDER = tuple("""model data stage1 taxonomy output_dir chat_template_kwargs batch_size num_generations
-        vote_pool max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight min_vote_share difficulty low high
-        confidence_weighting agreement calibration_reward scale_rewards advantage loss_type epsilon epsilon_high beta
-        num_iterations micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay adam_beta1 adam_beta2
-        grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets lora_save_adapter device
-        parallel seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every save_every resume
-        force_resume overwrite stop_after_steps""".split())
+        vote_pool max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight min_vote_share
+        difficulty low high confidence_weighting agreement calibration_reward scale_rewards advantage loss_type
+        epsilon epsilon_high beta num_iterations micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay
+        adam_beta1 adam_beta2 grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets
+        lora_save_adapter device parallel seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every
+        save_every resume force_resume overwrite stop_after_steps""".split())
     lr: float = default("lr", 1e-5)
     warmup_steps: int = default("warmup_steps", 0)
     adam_beta2: float = default("adam_beta2", 0.99)
@@ -646,9 +644,9 @@ class RLConfig(TrainingConfig, RLKeys):
             raise ConfigError(f"rl config: vote_pool={self.vote_pool}; expected 0 or >= num_generations "
                               f"{self.num_generations} (the trained rollouts are the pool's first G)")
         if self.calibration_reward > 0 and self.confidence_weighting in ("rollout_masked", "stage1"):
-            raise ConfigError(f"rl config: calibration_reward={self.calibration_reward} trains the confidence tokens, "
-                              f"but confidence_weighting={self.confidence_weighting} is a frozen mode; expected "
-                              f"confidence_weighting live or off (RLCR: off), or calibration_reward 0")
+            raise ConfigError(f"rl config: calibration_reward={self.calibration_reward} trains the confidence tokens; "
+                              f"expected confidence_weighting live or off (RLCR: off), not "
+                              f"{self.confidence_weighting}")
 
 
 # Keys that may change on --resume (checkpoint.check_output_dir): evaluation, saving, stopping and placement only.

@@ -138,6 +138,20 @@ def test_difficulty_filter_sees_failed_rollouts_end_to_end(tiny_checkpoint):
     assert scored.stats["difficulty_sum"] == pytest.approx(1.0)
 
 
+def test_grpo_step_runs_with_every_switch_on_and_trains_only_the_first_g(tiny_checkpoint):
+    """vote_pool 4 > G = 2, the gate and the Brier term through rl.grpo_step itself: 8 new tokens never
+    parse, so every reward is -1 (nothing trains: no optimizer needed) and the batch holds the first G only."""
+    tok = load_tokenizer(tiny_checkpoint)
+    task = rl.Task(tok, load_taxonomy(), stop_ids_for(tok))
+    cfg = rl.RLConfig(batch_size=1, num_generations=2, vote_pool=4, max_new_tokens=8, min_vote_share=0.5,
+                      confidence_weighting="off", calibration_reward=0.5)
+    m = rl.grpo_step(load_model(tiny_checkpoint), None, None, [{"user_id": "u1"}], task, cfg,
+                     torch.Generator().manual_seed(0), 1e-3)
+    assert m["loss_seqs"] == 2 and m["optimizer_step"] == 0 and m["reward_mean"] == -1.0
+    assert (m["format_fail"], m["vote_flip"], m["reward_flip"], m["kept_frac"]) == (1.0, 0.0, 0.0, 1.0)
+    assert m["conf_1_frac"] == m["conf_10_frac"] == 0.0
+
+
 def test_difficulty_mask_counts_easy_and_hard_with_inclusive_bounds():
     keep, counts = rl.difficulty_mask([1.0, 2.0, 5.0, 9.0, 9.5, None], low=2.0, high=9.0)
     assert keep == [False, True, True, True, False, True]
