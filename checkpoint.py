@@ -308,11 +308,14 @@ def run_record(cfg, path_keys, inputs, checkpoints=None):
                             for name, path in (checkpoints or {}).items()}}
 
 
-def record_changes(saved, record, may_change):
-    """What differs between a saved run record and this run's, as "key old -> new" strings."""
+def record_changes(saved, record, may_change, defaults=None):
+    """What differs between a saved run record and this run's, as "key old -> new" strings. A key the
+    saved record lacks (an option added after the run started) is no change while this run keeps its
+    default {key: value} in `defaults`: the run was made with the behaviour that default stands for."""
     if not isinstance(saved.get("config"), dict):
         return ["the state records no settings to compare (written without a run record)"]
     old, new, absent = saved["config"], record["config"], "(absent)"
+    old = {**{k: v for k, v in (defaults or {}).items() if k in new and k not in old}, **old}
     diffs = [f"{key} {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in sorted(set(old) | set(new))
              if key not in may_change and old.get(key, absent) != new.get(key, absent)]
     old_inputs = saved.get("inputs") or {}
@@ -329,6 +332,13 @@ def record_changes(saved, record, may_change):
                 f for f in sorted(set(was) | set(now["files"])) if was.get(f) != now["files"].get(f))
             diffs.append(f"{name} checkpoint {now['path']} is not the one the run started from ({changed})")
     return diffs
+
+
+def config_defaults(cfg):
+    """{key: default} of a config dataclass, as its run record writes values (JSON types)."""
+    fields = dataclasses.fields(cfg)
+    return json.loads(json.dumps({f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                                  for f in fields if (f.default, f.default_factory) != (dataclasses.MISSING,) * 2}))
 
 
 def check_output_dir(cfg, record, may_change, rank=0):
@@ -354,7 +364,7 @@ def check_output_dir(cfg, record, may_change, rank=0):
         diffs = [f"{k} {old_layout.get(k)!r} -> {layout[k]!r}" for k in layout if old_layout.get(k) != layout[k]]
         raise ConfigError(f"{path}: a sharded (parallel=fsdp) training state resumes only with the parallel mode and "
                           f"the number of processes that wrote it: {'; '.join(diffs)}")
-    diffs = record_changes(saved, record, may_change)
+    diffs = record_changes(saved, record, may_change, config_defaults(cfg))
     if diffs and not cfg.force_resume:
         raise ConfigError(f"{path}: made with other settings than this --resume: {'; '.join(diffs)}. Resume with the "
                           "recorded settings, add --force-resume to go on with the new ones, or start afresh in another "

@@ -129,3 +129,20 @@ def test_fsdp_resume_with_a_missing_rank_file_stops_every_rank(world, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("sft.py: error:")]
     assert len(errors) == 2 and "rank1.optimizer.safetensors missing" in errors[0] and errors[0] == errors[1], r.stderr[-3000:]
     assert f'File "{ROOT}' not in r.stderr  # no traceback from our code (torchrun prints its own ChildFailedError)
+
+
+def test_an_option_added_after_a_run_started_is_no_change_while_it_keeps_its_default():
+    """A run record written before an option existed lacks its key: resuming with the option at its
+    default is the same run; set to anything else it is a change, named as one."""
+    import checkpoint
+    import rl
+    defaults = checkpoint.config_defaults(rl.RLConfig)
+    assert defaults["vote_pool"] == 0 and defaults["calibration_reward"] == 0.0 and defaults["lora_targets"][0] == "q_proj"
+    saved = {"config": {"lr": 0.1}}
+    record = {"config": {"lr": 0.1, "vote_pool": 0}, "inputs": {}}
+    assert checkpoint.record_changes(saved, record, set(), defaults) == []
+    assert checkpoint.record_changes(saved, record, set()) == ["vote_pool '(absent)' -> 0"]
+    record["config"]["vote_pool"] = 16
+    assert checkpoint.record_changes(saved, record, set(), defaults) == ["vote_pool 0 -> 16"]
+    record["config"]["vote_pool"], record["config"]["lr"] = 0, 0.2
+    assert checkpoint.record_changes(saved, record, set(), defaults) == ["lr 0.1 -> 0.2"]
