@@ -134,7 +134,6 @@ def test_fsdp_resume_with_a_missing_rank_file_stops_every_rank(world, tmp_path):
 def test_an_option_added_after_a_run_started_is_no_change_while_it_keeps_its_default():
     """A run record written before an option existed lacks its key: resuming with the option at its
     default is the same run; set to anything else it is a change, named as one."""
-    import checkpoint
     import rl
     defaults = checkpoint.config_defaults(rl.RLConfig)
     assert defaults["vote_pool"] == 0 and defaults["calibration_reward"] == 0.0 and defaults["lora_targets"][0] == "q_proj"
