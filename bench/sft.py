@@ -76,7 +76,8 @@ def worker_ours(a):
     sys.path.insert(0, ROOT)
     import sft
     out = os.path.join(a.work, "ours")
-    argv = [f"--model={a.model}", f"--data={a.data}", f"--output_dir={out}", f"--max_steps={a.steps + a.warmup}",
+    argv = [f"--model={a.model}", f"--data={a.data}", f"--output_dir={out}", "--overwrite",  # each repeat replaces the last
+            f"--max_steps={a.steps + a.warmup}",
             f"--batch_size={a.batch_size}", "--grad_accum=1", f"--max_len={a.max_len}", f"--lr={LR}",
             f"--warmup_steps={WARMUP}", "--min_lr_ratio=0.0", f"--adam_beta1={BETAS[0]}", f"--adam_beta2={BETAS[1]}",
             f"--grad_clip={CLIP}", "--weight_decay=0.0", f"--seed={SEED}", "--eval_fraction=0", "--eval_every=0",
