@@ -269,10 +269,10 @@ def profile_stats(answers, quasi, levels, counts, taxonomy):
                     stats["conf_1"] += answer["confidence"] == 1
                     stats["conf_10"] += answer["confidence"] == 10
                     stats["na"] += answer["label"] == "NA"
+        stated = [stated_answers(p)["dims"] for p in parsed if p["format_ok"]]  # once per rollout, not per dimension
         for d in dims:
             if q[d] is not None:
-                agreeing = sum(1 for p in parsed if p["format_ok"]
-                               and (stated_answers(p)["dims"][d] or {}).get("label") == q[d]["label"])
+                agreeing = sum((s[d] or {}).get("label") == q[d]["label"] for s in stated)
                 stats["majority_sum"] += agreeing / len(parsed)
                 stats["majority_n"] += 1
         stats["difficulty_sum"] += level
