@@ -797,6 +797,7 @@ def test_step_metrics_report_the_mechanism_and_the_filter_shares():
     assert m["reward_flip"] == 3 / 8          # 3 of the first user's rollouts; the second's are 0 either way
     assert (m["kept"], m["too_easy"], m["too_hard"]) == (1, 1, 0)
     assert (m["kept_frac"], m["too_easy_frac"], m["too_hard_frac"]) == (0.5, 0.5, 0.0)
+    assert m["majority_ratio"] == (1 / 4 + 4 / 4) / 2  # gender: male by 1 of 4 rollouts; age: all 4
 
 
 def test_resume_equals_uninterrupted(tmp_path):
