@@ -165,6 +165,22 @@ def iter_users(path, require_labels=False, taxonomy=None):
         yield offset, record
 
 
+def read_stage1(path, taxonomy):
+    """{user_id: {dim: calibrated confidence}} from calibrate.py's sft.jsonl ("calibrated" field)."""
+    out, dims = {}, list(taxonomy["dimensions"])
+    for _, where, record in iter_jsonl(path, expected="one calibrate.py SFT record per line"):
+        uid = record.get("user_id") if isinstance(record, dict) else None
+        if not isinstance(uid, str) or not uid:
+            raise DataError(f"{where}: user_id: expected a non-empty string, got {uid!r}")
+        calibrated = record.get("calibrated")
+        if not (isinstance(calibrated, dict) and set(calibrated) == set(dims) and all(
+                type(c) is int and 1 <= c <= 10 for c in calibrated.values())):
+            raise DataError(f"{where}: calibrated: expected {{dim: int 1..10}} for dims {dims}, "
+                            f"got {json.dumps(calibrated, ensure_ascii=False)[:120]}")
+        out[uid] = calibrated
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Prompt: a system instruction + the record as delimited data. The demo student is tiny and
 # trained from scratch, so the prompt is kept compact; histories are cut to a budget.

@@ -33,7 +33,6 @@ the metrics, the probe and the dev evaluation are rl_bookkeeping.py's; the loop,
 processes trainer.py's. Metrics: output_dir/metrics.jsonl, drawn at the end in
 output_dir/training_curves.png (plots.py).
 """
-import json
 import os
 import time
 from collections import namedtuple
@@ -41,13 +40,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import ConfigError, DataError, chat_prompt_ids, iter_jsonl, load_tokenizer, opt, run_cli, stop_ids_for
-from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer_spans, read_users, render_prompt, stated_answers,
-                         vote)
-from distributed import PARALLEL, all_reduce_sum, cleanup_distributed, full_parameters
-from rl_bookkeeping import (PADDING, SHORT, clip_fractions, completion_logprobs, even_micro_batches, forward_micro,
-                            mechanism_stats, measures, new_sums, profile_stats, step_metrics)
-from rollout import SamplingParams, generate
+from common import ConfigError, chat_prompt_ids, load_tokenizer, opt, run_cli, stop_ids_for
+from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer_spans, read_stage1, read_users, render_prompt,
+                         stated_answers, vote)
+from distributed import PARALLEL, all_reduce_sum, cleanup_distributed
+from rl_bookkeeping import (SHORT, clip_fractions, completion_char_ends, completion_logprobs, even_micro_batches,
+                            forward_micro, mechanism_stats, measures, new_sums, profile_stats, sample, step_metrics)
+from rollout import SamplingParams
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
 from trainer import (TrainingConfig, announce, autocast_for, build_policy, build_reference, default, finish,
                      guard_output_dir, hold_output_dir, optimizer_step, shard, start, train)
@@ -186,12 +185,11 @@ def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
 
 def sample_groups(model, prompts, cfg, generator, stop_ids):
     """G samples (vote_pool > 0: vote_pool) of each of this process's prompts from the current policy
-    (with every parameter at hand: each process decodes its own number of steps)."""
+    (rl_bookkeeping.sample: rollout.generate with every parameter at hand)."""
     model.eval()
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids),
                               cfg.max_batch_tokens)
-    with full_parameters(model):
-        return generate(model, prompts, sampling, n=cfg.vote_pool or cfg.num_generations, generator=generator)
+    return sample(model, prompts, sampling, cfg.vote_pool or cfg.num_generations, generator)
 
 
 # -----------------------------------------------------------------------------
@@ -211,32 +209,6 @@ def read_rollouts(samples, task):
         out.append(Read(parsed, spans, ends))
     return out
 
-
-def completion_char_ends(tokenizer, tokens, stop_ids):
-    """(text, ends): the completion's text as the reward reads it (common.completion_text: the final
-    stop token dropped, special tokens skipped) and, per token, the end offset of its characters in
-    that text (start = the previous token's end; a special token is zero-width, the stop token sits at
-    the end).
-
-    Fast path: decode the tokens one by one and keep the pieces if they join up to the text (the
-    usual case). Otherwise (a character split over tokens, e.g. Chinese in byte-level BPE) decode
-    growing prefixes, len(decode(ids[:i+1])), then take the running minimum from the right, so an
-    incomplete character's replacement glyphs never push later offsets past the text."""
-    ids = list(tokens)
-    if ids and ids[-1] in stop_ids:
-        ids = ids[:-1]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
-    if "".join(pieces) == text:
-        ends, n = [], 0
-        for p in pieces:
-            n += len(p)
-            ends.append(n)
-    else:
-        ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
-        for i in range(len(ends) - 1, -1, -1):
-            ends[i] = min(ends[i], ends[i + 1] if i + 1 < len(ends) else len(text))
-    return text, ends + [len(text)] * (len(tokens) - len(ids))
 
 
 # -----------------------------------------------------------------------------
@@ -596,9 +568,7 @@ def surrogate_backward(model, ref_model, mb, at, cache, cfg, normaliser, sums):
     old_logp, ref_logp = cache[k]
     loss = grpo_loss(logp, old_logp, adv, mask, cfg.loss_type, cfg.epsilon, cfg.epsilon_high, cfg.beta, ref_logp,
                      cfg.max_new_tokens, normaliser)
-    loss.backward()
-    if mb is PADDING:  # its loss is exactly 0: only the collectives were needed
-        return
+    loss.backward()  # a padding micro-batch's mask is all 0: it adds exactly 0 to every sum below
     ratio = torch.exp(logp.detach() - old_logp)
     for key, value in clip_fractions(ratio, adv, mask, cfg.epsilon, cfg.epsilon_high).items():
         sums[key] += value * float(mask.sum())
@@ -652,22 +622,6 @@ class RLConfig(TrainingConfig, RLKeys):
 # Keys that may change on --resume (checkpoint.check_output_dir): evaluation, saving, stopping and placement only.
 RESUME_MAY_CHANGE = TRAINER_MAY_CHANGE + ("dev_data", "dev_size", "eval_max_new_tokens", "probe_size", "probe_every")
 PATH_KEYS = ("model", "data", "stage1", "taxonomy", "output_dir", "dev_data")  # compared as absolute paths
-
-
-def read_stage1(path, taxonomy):
-    """{user_id: {dim: calibrated confidence}} from calibrate.py's sft.jsonl ("calibrated" field)."""
-    out, dims = {}, list(taxonomy["dimensions"])
-    for _, where, record in iter_jsonl(path, expected="one calibrate.py SFT record per line"):
-        uid = record.get("user_id") if isinstance(record, dict) else None
-        if not isinstance(uid, str) or not uid:
-            raise DataError(f"{where}: user_id: expected a non-empty string, got {uid!r}")
-        calibrated = record.get("calibrated")
-        if not (isinstance(calibrated, dict) and set(calibrated) == set(dims) and all(
-                type(c) is int and 1 <= c <= 10 for c in calibrated.values())):
-            raise DataError(f"{where}: calibrated: expected {{dim: int 1..10}} for dims {dims}, "
-                            f"got {json.dumps(calibrated, ensure_ascii=False)[:120]}")
-        out[uid] = calibrated
-    return out
 
 
 def load_task(cfg, env):

@@ -19,6 +19,48 @@ from rollout import SamplingParams, generate, token_logprobs
 from trainer import autocast_for, pad_micro_batches
 
 # -----------------------------------------------------------------------------
+# Sampling with every parameter at hand
+
+
+def sample(model, prompts, sampling, n, generator):
+    """rollout.generate(model, prompts, sampling, n) with the full parameters (FSDP2: gathered for the
+    whole sampling, so each process decodes its own number of steps without collectives)."""
+    with full_parameters(model):
+        return generate(model, prompts, sampling, n=n, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# Token offsets: where each rollout token's characters end in the text the reward reads (rl.read_rollouts)
+
+
+def completion_char_ends(tokenizer, tokens, stop_ids):
+    """(text, ends): the completion's text as the reward reads it (common.completion_text: the final
+    stop token dropped, special tokens skipped) and, per token, the end offset of its characters in
+    that text (start = the previous token's end; a special token is zero-width, the stop token sits at
+    the end).
+
+    Fast path: decode the tokens one by one and keep the pieces if they join up to the text (the
+    usual case). Otherwise (a character split over tokens, e.g. Chinese in byte-level BPE) decode
+    growing prefixes, len(decode(ids[:i+1])), then take the running minimum from the right, so an
+    incomplete character's replacement glyphs never push later offsets past the text."""
+    ids = list(tokens)
+    if ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    if "".join(pieces) == text:
+        ends, n = [], 0
+        for p in pieces:
+            n += len(p)
+            ends.append(n)
+    else:
+        ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+        for i in range(len(ends) - 1, -1, -1):
+            ends[i] = min(ends[i], ends[i + 1] if i + 1 < len(ends) else len(text))
+    return text, ends + [len(text)] * (len(tokens) - len(ids))
+
+
+# -----------------------------------------------------------------------------
 # The packed forward: logprobs of the rollouts under the current policy, prompt shared
 
 

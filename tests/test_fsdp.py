@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import common
 import distributed
 import rl
+import rollout
 import sft
 import test_rl
 from test_rl import read_metrics as rl_metrics, toy_config, toy_model
@@ -118,8 +119,9 @@ def rank_free_sample_groups(model, prompts, cfg, generator, stop_ids):
     sampling = rl.SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids))
     model.eval()
     with distributed.full_parameters(model):  # as rl.sample_groups: the sampler runs on the gathered weights
-        return [rl.generate(model, [p], sampling, n=cfg.num_generations,
-                            generator=torch.Generator().manual_seed(seed + 7 * sum(p) + len(p)))[0] for p in prompts]
+        return [rollout.generate(model, [p], sampling, n=cfg.num_generations,
+                                 generator=torch.Generator().manual_seed(seed + 7 * sum(p) + len(p)))[0]
+                for p in prompts]
 
 
 PROMPTS = [[1, 2], [4, 5, 6], [7], [8, 9, 10, 11]]  # the global batch; rank r takes PROMPTS[r::world]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import confprofile
 import profilebench
 import rl
 import rl_bookkeeping
@@ -284,7 +285,7 @@ def test_quasi_labels_with_na_discounted():
 
 def token_maps(tok, ids, tax=TAX, stop_ids=()):
     """The two token maps of one completion, as score_profiles computes them."""
-    text, ends = rl.completion_char_ends(tok, ids, set(stop_ids))
+    text, ends = rl_bookkeeping.completion_char_ends(tok, ids, set(stop_ids))
     _, spans = parse_answer_spans(text, tax)
     return rl.confidence_token_mask(ends, spans), rl.dimension_token_index(ends, spans, tax)
 
@@ -958,6 +959,6 @@ def test_read_stage1_errors_name_file_line(tmp_path):
                          ("[1]", r"sft\.jsonl:2: user_id: expected")):
         path.write_text(json.dumps(good) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
         with pytest.raises(DataError, match=message):
-            rl.read_stage1(str(path), TAX)
+            confprofile.read_stage1(str(path), TAX)
     path.write_text(json.dumps(good) + "\n")
-    assert rl.read_stage1(str(path), TAX) == {"u1": good["calibrated"]}
+    assert confprofile.read_stage1(str(path), TAX) == {"u1": good["calibrated"]}
