@@ -45,7 +45,8 @@ from confprofile import (DEFAULT_TAXONOMY, load_taxonomy, parse_answer_spans, re
                          stated_answers, vote)
 from distributed import PARALLEL, all_reduce_sum, cleanup_distributed
 from rl_bookkeeping import (SHORT, clip_fractions, completion_char_ends, completion_logprobs, even_micro_batches,
-                            forward_micro, mechanism_stats, measures, new_sums, profile_stats, sample, step_metrics)
+                            forward_micro, gathered, mechanism_stats, measures, new_sums, profile_stats,
+                            quasi_label_accuracy, sample, step_metrics, users_of_step)
 from rollout import SamplingParams
 from trainer import RESUME_MAY_CHANGE as TRAINER_MAY_CHANGE
 from trainer import (TrainingConfig, announce, autocast_for, build_policy, build_reference, default, finish,
@@ -121,6 +122,8 @@ class RLKeys:
     eval_every: int = opt(0, "steps between dev evaluations (0 = none)", min=0)
     eval_max_new_tokens: int = opt(0, "greedy answer length of the dev evaluation and the probe (0 = max_new_tokens)",
                                    min=0)
+    dev_vote_size: int = opt(0, "dev users whose sampled rollouts (vote_pool, else G) vote quasi labels at each dev "
+                             "evaluation: dev_quasi_acc, TTRL's label accuracy (0 = none)", min=0)
     probe_size: int = opt(32, "training users whose greedy answers are compared with the SFT student's (0 = no probe)",
                           min=0)
     probe_every: int = opt(10, "steps between probes (and at the last step)", min=0)
@@ -146,10 +149,12 @@ class Task:
     template_kwargs: dict = field(default_factory=dict)
     prompts: dict = field(default_factory=dict)  # user_id -> prompt token ids, rendered once
 
-    def prompt(self, user):
-        if user["user_id"] not in self.prompts:
-            messages = render_prompt(user, self.taxonomy)
-            self.prompts[user["user_id"]] = chat_prompt_ids(self.tokenizer, messages, **self.template_kwargs)
+    def prompt(self, user, cache=True):  # cache=False: a dev user, whose id may also be a training user's
+        if not cache or user["user_id"] not in self.prompts:
+            ids = chat_prompt_ids(self.tokenizer, render_prompt(user, self.taxonomy), **self.template_kwargs)
+            if not cache:
+                return ids
+            self.prompts[user["user_id"]] = ids
         return self.prompts[user["user_id"]]
 
 
@@ -183,13 +188,13 @@ def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
 # 1. Rollouts
 
 
-def sample_groups(model, prompts, cfg, generator, stop_ids):
+def sample_groups(model, prompts, cfg, generator, stop_ids, gathered=False):
     """G samples (vote_pool > 0: vote_pool) of each of this process's prompts from the current policy
-    (rl_bookkeeping.sample: rollout.generate with every parameter at hand)."""
+    (rl_bookkeeping.sample: rollout.generate with every parameter at hand, unless already `gathered`)."""
     model.eval()
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tuple(stop_ids),
                               cfg.max_batch_tokens)
-    return sample(model, prompts, sampling, cfg.vote_pool or cfg.num_generations, generator)
+    return sample(model, prompts, sampling, cfg.vote_pool or cfg.num_generations, generator, gathered)
 
 
 # -----------------------------------------------------------------------------
@@ -591,8 +596,8 @@ class RLConfig(TrainingConfig, RLKeys):
         difficulty low high confidence_weighting agreement calibration_reward scale_rewards advantage loss_type
         epsilon epsilon_high beta num_iterations micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay
         adam_beta1 adam_beta2 grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets
-        lora_save_adapter device parallel seed dev_data dev_size eval_every eval_max_new_tokens probe_size probe_every
-        save_every resume force_resume overwrite stop_after_steps""".split())
+        lora_save_adapter device parallel seed dev_data dev_size dev_vote_size eval_every eval_max_new_tokens probe_size
+        probe_every save_every resume force_resume overwrite stop_after_steps""".split())
     lr: float = default("lr", 1e-5)
     warmup_steps: int = default("warmup_steps", 0)
     adam_beta2: float = default("adam_beta2", 0.99)
@@ -620,7 +625,8 @@ class RLConfig(TrainingConfig, RLKeys):
 
 
 # Keys that may change on --resume (checkpoint.check_output_dir): evaluation, saving, stopping and placement only.
-RESUME_MAY_CHANGE = TRAINER_MAY_CHANGE + ("dev_data", "dev_size", "eval_max_new_tokens", "probe_size", "probe_every")
+RESUME_MAY_CHANGE = TRAINER_MAY_CHANGE + ("dev_data", "dev_size", "dev_vote_size", "eval_max_new_tokens", "probe_size",
+                                          "probe_every")
 PATH_KEYS = ("model", "data", "stage1", "taxonomy", "output_dir", "dev_data")  # compared as absolute paths
 
 
@@ -645,12 +651,19 @@ def load_task(cfg, env):
     return Task(tokenizer, taxonomy, stop_ids_for(tokenizer), stage1, cfg.chat_template_kwargs), users
 
 
-def users_of_step(users, step, cfg, env):
-    """This process's users of 0-based `step`: the data order is a pure function of (seed, epoch), so the
-    step number is the data position."""
-    epoch, k = divmod(step, len(users) // cfg.batch_size)
-    order = torch.randperm(len(users), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-    return [users[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size][env.rank::env.world_size]]
+def dev_vote(cfg, env, task):
+    """A measure: the quasi labels of phases 1-3 on the first dev_vote_size labelled dev users, scored
+    against their gold labels (rl_bookkeeping.quasi_label_accuracy), at each dev evaluation."""
+    every = cfg.eval_every if cfg.dev_data and cfg.dev_vote_size else 0  # the same on every rank
+    users = read_users(cfg.dev_data, require_labels=True, taxonomy=task.taxonomy)[: cfg.dev_vote_size] if every else []
+    prompts = [task.prompt(u, cache=False) for u in users]
+
+    def measure(model):  # its own generator: the training steps' rollouts do not move
+        groups = sample_groups(model, prompts, cfg, torch.Generator().manual_seed(cfg.seed), task.stop_ids, gathered=True)
+        quasi = [quasi_labels([a.parsed for a in read_rollouts(g, task)], task.taxonomy, cfg.quasi_label,
+                              cfg.na_weight) for g in groups]
+        return {"dev_quasi_acc": quasi_label_accuracy(quasi, [u["labels"] for u in users])}
+    return gathered(env, every, cfg.max_steps, measure, at_start=True)
 
 
 def run(cfg, env, made_by=None):
@@ -659,7 +672,7 @@ def run(cfg, env, made_by=None):
     task, users = load_task(cfg, env)
     model = build_policy(cfg, env.device)
     ref_model = build_reference(cfg, model, env.device) if cfg.beta > 0 else None  # beta = 0: none loaded
-    watch = measures(cfg, env, task, users, model)
+    watch = measures(cfg, env, task, users, model) + [dev_vote(cfg, env, task)]
     shard(cfg, env, model, ref_model)
     announce(cfg, env, model, "rl_config.json", made_by)
 

@@ -2,10 +2,11 @@
 The bookkeeping of a GRPO step (rl.py's BOOKKEEPING line): what the step needs around its formulas, and
 what a run watches. Nothing here changes what a step computes; rl.py holds the algorithm.
 
-Reads top to bottom: the packed forward (the trainer's side of the ratio: the rollouts' logprobs under
-the current policy, each group's prompt run once, in micro-batches that keep sharded ranks in step); the
-step's metrics (summed over processes, then normalised); the probe and the dev evaluation (greedy answers
-of the policy, measured by rank 0 with the full parameters).
+Reads top to bottom: sampling with every parameter at hand; each rollout token's character offsets;
+the packed forward (the trainer's side of the ratio: the rollouts' logprobs under the current policy,
+each group's prompt run once, in micro-batches that keep sharded ranks in step); the step's metrics
+(summed over processes, then normalised); the probe and the dev evaluation (greedy answers of the
+policy, and the quasi labels' accuracy, measured by rank 0 with the full parameters); the data order.
 """
 import math
 
@@ -22,9 +23,12 @@ from trainer import autocast_for, pad_micro_batches
 # Sampling with every parameter at hand
 
 
-def sample(model, prompts, sampling, n, generator):
+def sample(model, prompts, sampling, n, generator, gathered=False):
     """rollout.generate(model, prompts, sampling, n) with the full parameters (FSDP2: gathered for the
-    whole sampling, so each process decodes its own number of steps without collectives)."""
+    whole sampling, so each process decodes its own number of steps without collectives; `gathered`:
+    the caller holds them already, as a measure under `gathered` does)."""
+    if gathered:
+        return generate(model, prompts, sampling, n=n, generator=generator)
     with full_parameters(model):
         return generate(model, prompts, sampling, n=n, generator=generator)
 
@@ -355,7 +359,7 @@ SHORT = {"reward_mean": "r", "reward_std": "r_sd", "zero_var_frac": "0var", "kep
          "confidence": "conf", "na_rate": "na", "majority_ratio": "maj", "probe_agreement": "probe",
          "completion_len": "len", "entropy": "H", "kl": "kl", "clip_region": "clip", "grad_norm": "|g|",
          "lp_diff_max": "lp_gap", "rollout_s": "t_roll", "train_s": "t_train", "dev_avg_f1": "dev_f1",
-         "dev_confidence": "dev_conf"}  # the progress bar's names
+         "dev_confidence": "dev_conf", "dev_quasi_acc": "dev_qacc"}  # the progress bar's names
 
 
 # -----------------------------------------------------------------------------
@@ -377,6 +381,14 @@ def label_agreement(answers, reference):
     pairs = [((a["dims"][d] or {}).get("label"), (b["dims"][d] or {}).get("label"))
              for a, b in zip(answers, reference) for d in a["dims"]]
     return sum(x == y for x, y in pairs) / max(len(pairs), 1)
+
+
+def quasi_label_accuracy(quasi, gold):
+    """TTRL's label accuracy on labelled users: #{(u, d) : q_ud = g_ud} / #{(u, d) : q_ud exists}, q_ud the
+    quasi label the vote gives user u on dimension d (None when no rollout answered d: not counted) and
+    g_ud the gold label (NA included: a quasi NA on a gold NA is right). 0 when no quasi label exists."""
+    pairs = [(q[d]["label"], g[d]) for q, g in zip(quasi, gold) for d in q if q[d] is not None]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
 def greedy_eval(model, tokenizer, users, prompts, taxonomy, stop_ids, max_new_tokens):
@@ -411,7 +423,7 @@ def measures(cfg, env, task, users, model):
     dev_eval = probe = None
     if cfg.dev_data and env.main:
         dev_users = read_users(cfg.dev_data, require_labels=True, taxonomy=task.taxonomy)[: cfg.dev_size]
-        dev_prompts = [task.prompt(u) for u in dev_users]
+        dev_prompts = [task.prompt(u, cache=False) for u in dev_users]
         dev_eval = lambda m: greedy_eval(m, task.tokenizer, dev_users, dev_prompts, task.taxonomy,  # noqa: E731
                                          task.stop_ids, eval_tokens)
     if cfg.probe_size and env.main:
@@ -421,3 +433,15 @@ def measures(cfg, env, task, users, model):
             m, task.tokenizer, probe_prompts, task.taxonomy, task.stop_ids, eval_tokens), reference)}
     return [gathered(env, cfg.eval_every if cfg.dev_data else 0, cfg.max_steps, dev_eval, at_start=True),
             gathered(env, cfg.probe_every if cfg.probe_size else 0, cfg.max_steps, probe)]
+
+
+# -----------------------------------------------------------------------------
+# The data order
+
+
+def users_of_step(users, step, cfg, env):
+    """This process's users of 0-based `step`: the data order is a pure function of (seed, epoch), so the
+    step number is the data position."""
+    epoch, k = divmod(step, len(users) // cfg.batch_size)
+    order = torch.randperm(len(users), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
+    return [users[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size][env.rank::env.world_size]]

@@ -861,6 +861,38 @@ def test_rl_resume_with_other_settings_is_refused_naming_them(tiny_checkpoint, r
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 
 
+def test_quasi_label_accuracy_by_hand():
+    """TTRL's label accuracy: of the (user, dimension) pairs with a quasi label, the share equal to the gold
+    label; a dimension no rollout answered (None) is not counted; NA on gold NA is right."""
+    quasi = [{"gender": {"label": "male"}, "age": None}, {"gender": {"label": "NA"}, "age": {"label": "18-24"}}]
+    gold = [{"gender": "male", "age": "25-30"}, {"gender": "NA", "age": "25-30"}]
+    assert rl_bookkeeping.quasi_label_accuracy(quasi, gold) == pytest.approx(2 / 3)
+    assert rl_bookkeeping.quasi_label_accuracy([{"gender": None}], [{"gender": "male"}]) == 0
+
+
+def test_dev_vote_logs_quasi_label_accuracy_and_leaves_training_unchanged(tiny_checkpoint, rl_world):
+    """dev_vote_size: at each dev evaluation (step 0 too) the policy's quasi labels on labelled dev users are
+    scored against the gold; the measure samples with its own generator, so the run's rollouts, metrics and
+    weights equal those of the same run without it. A dev user sharing a training user's id gets its own
+    prompt (Task.prompt(cache=False) leaves the training prompts alone)."""
+    plain, voted = rl_world / "no_dev_vote", rl_world / "dev_vote"
+    dev = rl_world / "dev.jsonl"
+    train_users = [json.loads(line) for line in (rl_world / "world" / "train.jsonl").read_text().splitlines()]
+    test_users = [json.loads(line) for line in (rl_world / "world" / "test.jsonl").read_text().splitlines()]
+    dev.write_text("".join(json.dumps({**u, "user_id": t["user_id"]}) + "\n"  # ids of the training users
+                           for u, t in zip(test_users, train_users)))
+    rl.main(rl_args(tiny_checkpoint, rl_world, plain, save_every=0, probe_size=0))
+    rl.main(rl_args(tiny_checkpoint, rl_world, voted, save_every=0, dev_data=str(dev), dev_vote_size=2,
+                    eval_every=2, probe_size=0))
+    rows = read_metrics(voted)
+    assert [r["step"] for r in rows if "dev_quasi_acc" in r] == [0, 2, 3]
+    assert all(0 <= r["dev_quasi_acc"] <= 1 for r in rows if "dev_quasi_acc" in r)
+    strip = lambda rs: [{k: v for k, v in r.items() if not (k.endswith("_s") or k.startswith("dev_"))}  # noqa: E731
+                        for r in rs if "reward_mean" in r]  # the step's metrics but its times
+    assert strip(rows) == strip(read_metrics(plain))
+    assert (voted / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("values, message", [
     ({"beta": -0.1}, "beta: expected >= 0, got -0.1"), ({"epsilon": -0.2}, "epsilon: expected >= 0 and < 1"),
     ({"temperature": -1}, "temperature: expected > 0, got -1.0"), ({"temperature": float("nan")}, "temperature: expected a finite"),
