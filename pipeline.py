@@ -53,7 +53,11 @@ RL_ABLATIONS = [  # (key, description, rl.py flags)
     ("rl_sequence_advantage", "RL with one advantage per rollout (plain GRPO)", ["--advantage", "sequence"]),
     ("rl_na_as_class", "RL with NA a full class in the vote (na_weight 1)", ["--na-weight", "1"]),
     ("rl_agreement_weighted", "RL with agreeing answers also weighted by their confidence", ["--agreement", "weighted"]),
+    ("rl_shuffled_rewards", "control: RL with each group's rewards shuffled (no signal)", ["--shuffle-rewards", "true"]),
 ]
+# The other control: SFT continued from the SFT student for as many updates as RL makes, at RL's learning rate
+# and warm-up (the SFT config otherwise): how much of RL's gain more updates alone would give.
+SFT_CONTROL = ("sft_continued", "control: SFT continued for RL's number of updates")
 
 
 @dataclasses.dataclass
@@ -350,6 +354,15 @@ def thresholds_table(doc, applied):
     return "\n".join(lines)
 
 
+def _rl_budget(rl_config, rl_extra):
+    """sft.py flags for the continued-SFT control: RL's number of updates (max_steps x num_iterations), its lr
+    and warm-up, read from rl.py's config file and the pipeline's own rl.py flags (--quick's --max-steps)."""
+    rl = _read_json(rl_config)
+    flags = dict(zip(rl_extra[::2], rl_extra[1::2]))
+    steps = int(flags.get("--max-steps", rl.get("max_steps", 20))) * int(rl.get("num_iterations", 1))
+    return ["--max-steps", steps, "--lr", rl.get("lr", 1e-5), "--warmup-steps", rl.get("warmup_steps", 0)]
+
+
 def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=None):
     """Greedy answers of a checkpoint on the test users (label.py), then evaluate.py; returns metrics."""
     eval_dir = os.path.join(out, "eval", key)
@@ -485,9 +498,15 @@ def run_demo(cfg):
             _stage(f"rl_{key}", [*launch, "rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *_resume(f"{adir}/rl")],
                    out, log)
             ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
+        key, desc = SFT_CONTROL
+        adir = os.path.join(out, "ablations", key)
+        _stage(f"sft_{key}", [*launch, "sft.py", "--config", cfg.sft_config, "--model", sft_dir, "--init-student",
+                              "false", "--data", f"{out}/sft.jsonl", "--seed", seed, *_rl_budget(cfg.rl_config, rl_extra),
+                              "--output-dir", f"{adir}/sft", *_resume(f"{adir}/sft")], out, log)
+        ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log), "after SFT + more SFT"))
         results["ablations"] = {desc: m for desc, m, _ in ablation_rows}
         # Δ vs full: paired bootstrap of each variant against the full method on the same test users
-        keys = [key for key, _, _ in SFT_ABLATIONS + RL_ABLATIONS]
+        keys = [key for key, _, _ in SFT_ABLATIONS + RL_ABLATIONS] + [SFT_CONTROL[0]]
         ablation_dir = os.path.join(out, "eval", "compare_ablations")
         _stage("compare_ablations", ["evaluate.py", "compare", f"{out}/eval/student_rl/predictions.jsonl",
                                      *[f"{out}/eval/{key}/predictions.jsonl" for key in keys], "--data",

@@ -104,6 +104,8 @@ class RLKeys:
     calibration_reward: float = opt(0.0, "lambda of RLCR's Brier term -lambda (c/10 - 1[label = quasi label])^2 "
                                     "added to r_jd; > 0 trains the confidence tokens, so only with "
                                     "confidence_weighting live or off (0 = off: the paper's reward)", min=0)
+    shuffle_rewards: bool = opt(False, "control: deal each group's rewards out to its rollouts in a random order "
+                                "(the same steps and updates, no signal)")
     scale_rewards: str = opt("group", "divide advantages by the group's reward std (group) or not (none)",
                              choices=CHOICES["scale_rewards"])
     advantage: str = opt("dimension", "one advantage per dimension, given to its answer's tokens, or one per "
@@ -173,8 +175,9 @@ def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
               for reads, q in zip(answers, quasi)]                                          # 5. rewards: the gated
     groups, answers = trained_rollouts(groups, answers, cfg.num_generations)                #    labels, the first G
     dim_rewards, rewards = group_rewards(answers, labels, frozen, cfg)                      #    of a vote pool
+    signal = shuffled_rewards(dim_rewards, rewards, generator) if cfg.shuffle_rewards else (dim_rewards, rewards)
     maps = token_maps(answers, task.taxonomy, cfg)                                          # 6. advantages and
-    batch = training_batch(groups, prompts, rewards, keep, maps, cfg, dim_rewards)          #    token maps
+    batch = training_batch(groups, prompts, signal[1], keep, maps, cfg, signal[0])          #    token maps
     t1 = time.time()
     sums, grad_norm, stepped = policy_update(model, ref_model, optimizer, batch, cfg, lr)   # 7. policy update
     stats = {**profile_stats(answers, quasi, levels, counts, task.taxonomy),
@@ -370,6 +373,16 @@ def group_rewards(answers, quasi, frozen, cfg, weighting=None):
     per_rollout = [[rollout_reward(a.parsed, q, *args, f, cfg.agreement, cfg.calibration_reward) for a in reads]
                    for reads, q, f in zip(answers, quasi, frozen)]
     return torch.tensor(per_dim, dtype=torch.float64), torch.tensor(per_rollout, dtype=torch.float64)
+
+
+def shuffled_rewards(dim_rewards, rewards, generator):
+    """The no-signal control: the rewards of each group dealt out again in a random order, r'_j = r_pi(j)
+    and r'_jd = r_pi(j)d with pi a uniform permutation of the group's G rollouts (one per user, from
+    `generator`). Each group keeps its reward values, so the same rows are trained with advantages of
+    the same size, but which rollout gets which is chance: the same steps and updates, no signal."""
+    keys = torch.rand(rewards.shape, generator=generator, device=generator.device).cpu()
+    order = torch.argsort(keys, dim=1)                                                 # [B, G]
+    return dim_rewards.gather(1, order[..., None].expand_as(dim_rewards)), rewards.gather(1, order)
 
 
 # -----------------------------------------------------------------------------
@@ -593,11 +606,11 @@ class RLConfig(TrainingConfig, RLKeys):
     WHERE = "rl config"
     HELP_ORDER = tuple("""model data stage1 taxonomy output_dir chat_template_kwargs batch_size num_generations
         vote_pool max_new_tokens temperature top_k top_p max_batch_tokens quasi_label na_weight min_vote_share
-        difficulty low high confidence_weighting agreement calibration_reward scale_rewards advantage loss_type
-        epsilon epsilon_high beta num_iterations micro_batch_size max_steps lr min_lr_ratio warmup_steps weight_decay
-        adam_beta1 adam_beta2 grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout lora_targets
-        lora_save_adapter device parallel seed dev_data dev_size dev_vote_size eval_every eval_max_new_tokens probe_size
-        probe_every save_every resume force_resume overwrite stop_after_steps""".split())
+        difficulty low high confidence_weighting agreement calibration_reward shuffle_rewards scale_rewards advantage
+        loss_type epsilon epsilon_high beta num_iterations micro_batch_size max_steps lr min_lr_ratio warmup_steps
+        weight_decay adam_beta1 adam_beta2 grad_clip gradient_checkpointing dtype lora_rank lora_alpha lora_dropout
+        lora_targets lora_save_adapter device parallel seed dev_data dev_size dev_vote_size eval_every
+        eval_max_new_tokens probe_size probe_every save_every resume force_resume overwrite stop_after_steps""".split())
     lr: float = default("lr", 1e-5)
     warmup_steps: int = default("warmup_steps", 0)
     adam_beta2: float = default("adam_beta2", 0.99)

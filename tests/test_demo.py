@@ -96,9 +96,12 @@ def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):
     shown = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
     for flags in ("--single-answer", "--weighting majority", "--method none", "--target labels_only",
                   "--difficulty off", "--quasi-label majority", "--confidence-weighting off", "--confidence-weighting live",
-                  "--advantage sequence", "--na-weight 1", "--agreement weighted"):
+                  "--advantage sequence", "--na-weight 1", "--agreement weighted", "--shuffle-rewards true"):
         assert any(flags in line for line in shown), flags
+    # the continued-SFT control: from the SFT student, RL's 3 quick updates at rl_demo.json's lr and warm-up
+    assert any("sft.py" in line and f"--model {out}/sft --init-student false" in line
+               and "--max-steps 3 --lr 0.0001 --warmup-steps 2" in line for line in shown), shown
     ablations = json.loads((out / "results.json").read_text(encoding="utf-8"))["ablations"]
-    assert len(ablations) == 12 and "full method" in ablations
+    assert len(ablations) == 14 and "full method" in ablations
     assert all(0.0 <= m["avg_f1"] <= 1.0 for m in ablations.values())
     assert "## Ablations" in (out / "results.md").read_text(encoding="utf-8")

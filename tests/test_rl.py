@@ -140,12 +140,13 @@ def test_difficulty_filter_sees_failed_rollouts_end_to_end(tiny_checkpoint):
 
 
 def test_grpo_step_runs_with_every_switch_on_and_trains_only_the_first_g(tiny_checkpoint):
-    """vote_pool 4 > G = 2, the gate and the Brier term through rl.grpo_step itself: 8 new tokens never
-    parse, so every reward is -1 (nothing trains: no optimizer needed) and the batch holds the first G only."""
+    """vote_pool 4 > G = 2, the gate, the Brier term and the shuffled-rewards control through rl.grpo_step
+    itself: 8 new tokens never parse, so every reward is -1 (nothing trains: no optimizer needed) and the
+    batch holds the first G only."""
     tok = load_tokenizer(tiny_checkpoint)
     task = rl.Task(tok, load_taxonomy(), stop_ids_for(tok))
     cfg = rl.RLConfig(batch_size=1, num_generations=2, vote_pool=4, max_new_tokens=8, min_vote_share=0.5,
-                      confidence_weighting="off", calibration_reward=0.5)
+                      confidence_weighting="off", calibration_reward=0.5, shuffle_rewards=True)
     m = rl.grpo_step(load_model(tiny_checkpoint), None, None, [{"user_id": "u1"}], task, cfg,
                      torch.Generator().manual_seed(0), 1e-3)
     assert m["loss_seqs"] == 2 and m["optimizer_step"] == 0 and m["reward_mean"] == -1.0
@@ -859,6 +860,22 @@ def test_rl_resume_with_other_settings_is_refused_naming_them(tiny_checkpoint, r
         rl.main(rl_args(tiny_checkpoint, rl_world, out))
     assert rl.main(rl_args(tiny_checkpoint, rl_world, out, resume=True, eval_max_new_tokens=4)) == str(out)
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_shuffled_rewards_deal_each_groups_rewards_out_again_whole_and_uniformly():
+    """The no-signal control: within each group the rollouts' rewards are permuted, each rollout's r_jd moving
+    with its r_j; the values of a group stay; every order of 3 rollouts comes up; a seed gives one order."""
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
+    dim_rewards = rewards[..., None] * 10 + torch.arange(2, dtype=torch.float64)  # r_jd = 10 r_j + d
+    orders = set()
+    for seed in range(200):
+        dims, rs = rl.shuffled_rewards(dim_rewards, rewards, torch.Generator().manual_seed(seed))
+        assert sorted(rs[0].tolist()) == [1.0, 2.0, 3.0] and sorted(rs[1].tolist()) == [4.0, 5.0, 6.0]
+        assert torch.equal(dims, rs[..., None] * 10 + torch.arange(2, dtype=torch.float64))
+        orders.add(tuple(rs[0].tolist()))
+    assert len(orders) == 6
+    again = rl.shuffled_rewards(dim_rewards, rewards, torch.Generator().manual_seed(7))
+    assert torch.equal(again[1], rl.shuffled_rewards(dim_rewards, rewards, torch.Generator().manual_seed(7))[1])
 
 
 def test_quasi_label_accuracy_by_hand():
