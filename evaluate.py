@@ -548,6 +548,11 @@ def f1_from_counts(counts_d):
     return precision_recall_f1(counts_d[:, 2].sum(), counts_d[:, 1:].sum(), counts_d[1].sum())[2]
 
 
+def avg_f1_from_counts(counts):
+    """avg F1 at τ = 0 from a count table [D, 2, 3, L + 1]: (1/D) Σ_d F1_d (f1_from_counts)."""
+    return sum(f1_from_counts(counts[d]) for d in range(counts.shape[0])) / counts.shape[0]
+
+
 def headline_metrics(counts, levels):
     """The headline numbers from a count table [D, 2, 3, L + 1]: an array [D + 1, len(HEADLINE)], one row per
     dimension (F1_d, ECE, Brier, AUROC, AURC of its predictions) and a last, pooled row (avg F1 = the
@@ -556,8 +561,7 @@ def headline_metrics(counts, levels):
     for g in range(counts.shape[0] + 1):
         pooled = g == counts.shape[0]
         right, wrong = level_counts(counts if pooled else counts[g])
-        f1 = (sum(f1_from_counts(counts[d]) for d in range(counts.shape[0])) / counts.shape[0] if pooled
-              else f1_from_counts(counts[g]))
+        f1 = avg_f1_from_counts(counts) if pooled else f1_from_counts(counts[g])
         values = (f1, calibration_error(reliability_from_levels(levels, right, wrong)),
                   brier_score(levels, right, wrong), auroc_from_levels(levels, right, wrong), aurc(levels, right, wrong))
         out[g] = [np.nan if v is None else v for v in values]
@@ -1262,6 +1266,18 @@ def same_users(answered, first, path, first_path, user_ids):
                                f"{where}; {differ.size} users differ); expected prediction files over the same users")
 
 
+def prediction_table(path, data, taxonomy, use_vote=False, weighting="confidence", na_weight=1.0):
+    """(Table, answers read, format failures) of one predictions file on the labelled users of `data`."""
+    users = (u for _, u in confprofile.iter_users(data, require_labels=True, taxonomy=taxonomy))
+    table, row_of = gold_table(users, taxonomy)
+    n_answers = n_failures = 0
+    for uid, profile, answers, failures in iter_predictions(path, taxonomy, row_of, use_vote, weighting, na_weight):
+        set_prediction(table, row_of[uid], uid, profile, taxonomy)
+        n_answers += answers
+        n_failures += failures
+    return table, n_answers, n_failures
+
+
 def compare_main(argv):
     """evaluate.py compare A.jsonl B.jsonl ... --data test.jsonl --out DIR: each file's headline numbers with
     their bootstrap intervals and, for every file after the first, the paired difference from the first
@@ -1280,14 +1296,8 @@ def compare_main(argv):
     dims = list(taxonomy["dimensions"])
     summaries, user_counts, first = [], [], None
     for path in files:
-        users = (u for _, u in confprofile.iter_users(args.data, require_labels=True, taxonomy=taxonomy))
-        table, row_of = gold_table(users, taxonomy)
-        n_answers = n_failures = 0
-        for uid, profile, answers, failures in iter_predictions(path, taxonomy, row_of, args.vote, args.weighting,
-                                                                args.na_weight):
-            set_prediction(table, row_of[uid], uid, profile, taxonomy)
-            n_answers += answers
-            n_failures += failures
+        table, n_answers, n_failures = prediction_table(path, args.data, taxonomy, args.vote, args.weighting,
+                                                        args.na_weight)
         if first is None:
             first = table.answered.copy()
         same_users(table.answered, first, path, files[0], table.user_ids)
@@ -1295,7 +1305,7 @@ def compare_main(argv):
         summaries.append({k: m[k] for k in ("avg_f1", "ece", "mce", "brier", "auroc", "aurc", "mean_confidence",
                                              "format_failure_rate", "n_missing")})
         user_counts.append(cell_codes(table))
-        del table, row_of
+        del table
     estimates = [headline_metrics(count_table(uc), uc.levels) for uc in user_counts]
     boot = bootstrap_headline(user_counts, args.bootstrap, args.seed)
     doc = {"method": "paired percentile bootstrap over users", "replicates": args.bootstrap, "seed": args.seed,

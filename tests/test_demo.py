@@ -13,7 +13,8 @@ ROWS = ["teacher_single", "teacher_vote", "student_init", "student_sft", "studen
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+    out = tmp_path_factory.mktemp("study") / "seed0"  # where study.py --seeds 0 keeps seed 0 (the last test)
+    out.mkdir()
     cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=str(out))  # run from another folder
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -105,3 +106,27 @@ def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):
     assert len(ablations) == 14 and "full method" in ablations
     assert all(0.0 <= m["avg_f1"] <= 1.0 for m in ablations.values())
     assert "## Ablations" in (out / "results.md").read_text(encoding="utf-8")
+
+
+def test_quick_study_reads_the_seed_back_into_one_table(quick_run):
+    """study.py --quick --seeds 0 on the folder above the quick demo: pipeline.py --seed 0 --ablations skips
+    every finished stage (the ablations test ran them; alone, this test runs them), then the table has a row
+    per evaluated run with its interval, the full method as reference, and the RL runs' mechanism metrics."""
+    out, _ = quick_run
+    cmd = [sys.executable, os.path.join(ROOT, "study.py"), "--quick", "--seeds", "0", "--out", str(out.parent),
+           "--bootstrap", "50"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out.parent / "study.json").read_text(encoding="utf-8"))
+    rows = {r["key"]: r for r in doc["rows"]}
+    assert len(rows) == 15 and doc["n_users"] == 200
+    full = rows["student_rl"]
+    assert full["reading"] == "reference" and full["delta"] == 0 and full["delta_per_seed"] == {"0": 0.0}
+    metrics = json.loads((out / "eval" / "student_sft" / "metrics.json").read_text(encoding="utf-8"))
+    assert rows["student_sft"]["avg_f1"] == pytest.approx(metrics["avg_f1"], abs=1e-12)
+    for r in rows.values():
+        assert r["avg_f1_low"] <= r["avg_f1"] <= r["avg_f1_high"] and r["delta_low"] <= r["delta_high"]
+    assert set(full["mechanism"]) == {"kept_frac", "too_easy_frac", "too_hard_frac", "vote_flip", "reward_flip"}
+    assert rows["rl_no_weighting"]["mechanism"]["reward_flip"] == 0.0  # confidence_weighting off: w = 1
+    assert rows["student_sft"]["mechanism"] == {}
+    assert "| after SFT + RL (full method) |" in (out.parent / "study.md").read_text(encoding="utf-8")

@@ -9,7 +9,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Each script may import only scripts of a lower layer: the pipeline on top, the stage scripts, the
+# Each script may import only scripts of a lower layer: the study on top, then the pipeline, the stage scripts, the
 # labelling job (predict.py writes through it) and the trainers' helpers, the sampler, the world /
 # evaluation / calibration, the domain core and the model, the shared base and the processes.
 LAYERS = [
@@ -20,6 +20,7 @@ LAYERS = [
     {"label", "rl_bookkeeping", "sft_data"},
     {"sft", "rl", "predict"},
     {"pipeline"},
+    {"study"},
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 
@@ -95,10 +96,12 @@ def test_help_explains_every_option():
     import rl
     import label
     import sft
+    import study
     for script, cls in (("rl.py", rl.RLConfig), ("sft.py", sft.SFTConfig), ("pipeline.py", pipeline.DemoConfig),
                         ("label.py", label.LabelConfig), ("evaluate.py", evaluate.EvaluateConfig),
                         ("calibrate.py", calibrate.CalibrateConfig), ("profilebench.py", profilebench.WorldArgs),
-                        ("predict.py", predict.PredictConfig), ("plots.py", plots.PlotsConfig)):
+                        ("predict.py", predict.PredictConfig), ("plots.py", plots.PlotsConfig),
+                        ("study.py", study.StudyConfig)):
         out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr
