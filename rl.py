@@ -23,6 +23,7 @@ starting checkpoint (`beta`, default 0: no reference). Added by Conf-Profile, ea
   * credit per dimension (`advantage`): each dimension's own advantage on its answer's tokens.
 Later label-free RL as switches, each off by default: `calibration_reward` (RLCR's Brier term),
 `min_vote_share` (SRT/EMPO's vote-share gating), `vote_pool` (TTRL: vote over more rollouts than trained).
+A control, off by default: `shuffle_rewards` (each group's rewards dealt out at random: no signal).
 Dropped: value and reward models, entropy bonuses, vLLM / TRL machinery. Rollouts share each prompt's
 KV cache (rollout.generate), and so does training (rl_bookkeeping.pack_groups: one row [prompt, c1..cG]).
 
