@@ -90,8 +90,7 @@ class RLKeys:
     na_weight: float = opt(1.0, "weight of the NA votes in the quasi-label vote (1 = as in Stage 1; below 1 a label "
                            "the rollouts agree on outvotes a few hesitant NAs)", min=0)
     min_vote_share: float = opt(0.0, "vote-share gating (SRT/EMPO): a quasi label given by fewer than this share "
-                                "of the rollouts that answered its dimension is not trained on: its r_jd = 0 "
-                                "(0 = off)", min=0, max=1)
+                                "of the rollouts that answered its dimension gives r_jd = 0 (0 = off)", min=0, max=1)
     difficulty: str = opt("rollout", "difficulty of a user: the rollouts' agreement and confidence, the frozen "
                           "Stage-1 confidence, or off (keep everyone)", choices=CHOICES["difficulty"])
     low: float = opt(0.0, "keep users whose difficulty is >= low (below: quasi label too scattered to trust)",
@@ -141,28 +140,9 @@ class RLKeys:
 # One GRPO step
 
 
-@dataclass
-class Task:
-    """What the Conf-Profile phases read besides the rollouts: the tokenizer (a rollout's text), the
-    taxonomy, the stop ids, the frozen Stage-1 confidences {user_id: {dim: c}} (None: not read)."""
-    tokenizer: object
-    taxonomy: dict
-    stop_ids: list
-    stage1: dict = None
-    template_kwargs: dict = field(default_factory=dict)
-    prompts: dict = field(default_factory=dict)  # user_id -> prompt token ids, rendered once
-
-    def prompt(self, user, cache=True):  # cache=False: a dev user, whose id may also be a training user's
-        if not cache or user["user_id"] not in self.prompts:
-            ids = chat_prompt_ids(self.tokenizer, render_prompt(user, self.taxonomy), **self.template_kwargs)
-            if not cache:
-                return ids
-            self.prompts[user["user_id"]] = ids
-        return self.prompts[user["user_id"]]
-
-
 def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
-    """One GRPO step on this process's users, in seven phases; returns the step's metrics."""
+    """One GRPO step on this process's users, in seven phases; returns the step's metrics. `task`: what the
+    phases read besides the rollouts (Task, below)."""
     t0 = time.time()
     prompts = [task.prompt(u) for u in users]
     groups = sample_groups(model, prompts, cfg, generator, task.stop_ids)                    # 1. rollouts
@@ -186,6 +166,26 @@ def grpo_step(model, ref_model, optimizer, users, task, cfg, generator, lr):
                                cfg.na_weight)}
     return step_metrics(groups, rewards, flat_groups(rewards), keep, stats, sums, grad_norm, stepped, lr, cfg,
                         t_rollout, time.time() - t1, next(model.parameters()).device)
+
+
+@dataclass
+class Task:
+    """What the Conf-Profile phases read besides the rollouts: the tokenizer (a rollout's text), the
+    taxonomy, the stop ids, the frozen Stage-1 confidences {user_id: {dim: c}} (None: not read)."""
+    tokenizer: object
+    taxonomy: dict
+    stop_ids: list
+    stage1: dict = None
+    template_kwargs: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)  # user_id -> prompt token ids, rendered once
+
+    def prompt(self, user, cache=True):  # cache=False: a dev user, whose id may also be a training user's
+        if not cache or user["user_id"] not in self.prompts:
+            ids = chat_prompt_ids(self.tokenizer, render_prompt(user, self.taxonomy), **self.template_kwargs)
+            if not cache:
+                return ids
+            self.prompts[user["user_id"]] = ids
+        return self.prompts[user["user_id"]]
 
 
 # -----------------------------------------------------------------------------
@@ -673,7 +673,8 @@ def dev_vote(cfg, env, task):
     prompts = [task.prompt(u, cache=False) for u in users]
 
     def measure(model):  # its own generator: the training steps' rollouts do not move
-        groups = sample_groups(model, prompts, cfg, torch.Generator().manual_seed(cfg.seed), task.stop_ids, gathered=True)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        groups = sample_groups(model, prompts, cfg, generator, task.stop_ids, gathered=True)
         quasi = [quasi_labels([a.parsed for a in read_rollouts(g, task)], task.taxonomy, cfg.quasi_label,
                               cfg.na_weight) for g in groups]
         return {"dev_quasi_acc": quasi_label_accuracy(quasi, [u["labels"] for u in users])}
