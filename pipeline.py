@@ -53,6 +53,11 @@ RL_ABLATIONS = [  # (key, description, rl.py flags)
     ("rl_sequence_advantage", "RL with one advantage per rollout (plain GRPO)", ["--advantage", "sequence"]),
     ("rl_na_as_class", "RL with NA a full class in the vote (na_weight 1)", ["--na-weight", "1"]),
     ("rl_agreement_weighted", "RL with agreeing answers also weighted by their confidence", ["--agreement", "weighted"]),
+    # the label-free RL ideas after the paper, at nominal values (RLCR's lambda 1, a majority share of 1/2, a pool of 2G)
+    ("rl_calibration_reward", "RL with RLCR's Brier term, confidence trained (lambda 1, w = 1)",
+     ["--calibration-reward", "1", "--confidence-weighting", "off"]),
+    ("rl_vote_share_gate", "RL trained only on quasi labels of vote share >= 1/2", ["--min-vote-share", "0.5"]),
+    ("rl_vote_pool", "RL with quasi labels voted over 2G rollouts", ["--vote-pool", "16"]),
     ("rl_shuffled_rewards", "control: RL with each group's rewards shuffled (no signal)", ["--shuffle-rewards", "true"]),
 ]
 # The other control: SFT continued from the SFT student for as many updates as RL makes, at RL's learning rate

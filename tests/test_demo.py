@@ -97,13 +97,14 @@ def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):
     shown = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
     for flags in ("--single-answer", "--weighting majority", "--method none", "--target labels_only",
                   "--difficulty off", "--quasi-label majority", "--confidence-weighting off", "--confidence-weighting live",
-                  "--advantage sequence", "--na-weight 1", "--agreement weighted", "--shuffle-rewards true"):
+                  "--advantage sequence", "--na-weight 1", "--agreement weighted", "--shuffle-rewards true",
+                  "--calibration-reward 1 --confidence-weighting off", "--min-vote-share 0.5", "--vote-pool 16"):
         assert any(flags in line for line in shown), flags
     # the continued-SFT control: from the SFT student, RL's 3 quick updates at rl_demo.json's lr and warm-up
     assert any("sft.py" in line and f"--model {out}/sft --init-student false" in line
                and "--max-steps 3 --lr 0.0001 --warmup-steps 2" in line for line in shown), shown
     ablations = json.loads((out / "results.json").read_text(encoding="utf-8"))["ablations"]
-    assert len(ablations) == 14 and "full method" in ablations
+    assert len(ablations) == 17 and "full method" in ablations
     assert all(0.0 <= m["avg_f1"] <= 1.0 for m in ablations.values())
     assert "## Ablations" in (out / "results.md").read_text(encoding="utf-8")
 
@@ -119,7 +120,7 @@ def test_quick_study_reads_the_seed_back_into_one_table(quick_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out.parent / "study.json").read_text(encoding="utf-8"))
     rows = {r["key"]: r for r in doc["rows"]}
-    assert len(rows) == 15 and doc["n_users"] == 200
+    assert len(rows) == 18 and doc["n_users"] == 200
     full = rows["student_rl"]
     assert full["reading"] == "reference" and full["delta"] == 0 and full["delta_per_seed"] == {"0": 0.0}
     metrics = json.loads((out / "eval" / "student_sft" / "metrics.json").read_text(encoding="utf-8"))
