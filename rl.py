@@ -179,12 +179,14 @@ class Task:
     template_kwargs: dict = field(default_factory=dict)
     prompts: dict = field(default_factory=dict)  # user_id -> prompt token ids, rendered once
 
-    def prompt(self, user, cache=True):  # cache=False: a dev user, whose id may also be a training user's
-        if not cache or user["user_id"] not in self.prompts:
-            ids = chat_prompt_ids(self.tokenizer, render_prompt(user, self.taxonomy), **self.template_kwargs)
-            if not cache:
-                return ids
-            self.prompts[user["user_id"]] = ids
+    def render(self, user):
+        """The prompt token ids of one user (uncached: dev users, whose ids may also be training users')."""
+        return chat_prompt_ids(self.tokenizer, render_prompt(user, self.taxonomy), **self.template_kwargs)
+
+    def prompt(self, user):
+        """render(user) of a training user, rendered once."""
+        if user["user_id"] not in self.prompts:
+            self.prompts[user["user_id"]] = self.render(user)
         return self.prompts[user["user_id"]]
 
 
@@ -669,8 +671,9 @@ def dev_vote(cfg, env, task):
     """A measure: the quasi labels of phases 1-3 on the first dev_vote_size labelled dev users, scored
     against their gold labels (rl_bookkeeping.quasi_label_accuracy), at each dev evaluation."""
     every = cfg.eval_every if cfg.dev_data and cfg.dev_vote_size else 0  # the same on every rank
-    users = read_users(cfg.dev_data, require_labels=True, taxonomy=task.taxonomy)[: cfg.dev_vote_size] if every else []
-    prompts = [task.prompt(u, cache=False) for u in users]
+    users = (read_users(cfg.dev_data, require_labels=True, taxonomy=task.taxonomy)[: cfg.dev_vote_size]
+             if every and env.main else [])  # rank 0 measures; the others only meet it at the barrier
+    prompts = [task.render(u) for u in users]
 
     def measure(model):  # its own generator: the training steps' rollouts do not move
         generator = torch.Generator().manual_seed(cfg.seed)

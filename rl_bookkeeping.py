@@ -8,6 +8,7 @@ each group's prompt run once, in micro-batches that keep sharded ranks in step);
 (summed over processes, then normalised); the probe and the dev evaluation (greedy answers of the
 policy, and the quasi labels' accuracy, measured by rank 0 with the full parameters); the data order.
 """
+import contextlib
 import math
 
 import torch
@@ -27,9 +28,7 @@ def sample(model, prompts, sampling, n, generator, gathered=False):
     """rollout.generate(model, prompts, sampling, n) with the full parameters (FSDP2: gathered for the
     whole sampling, so each process decodes its own number of steps without collectives; `gathered`:
     the caller holds them already, as a measure under `gathered` does)."""
-    if gathered:
-        return generate(model, prompts, sampling, n=n, generator=generator)
-    with full_parameters(model):
+    with contextlib.nullcontext() if gathered else full_parameters(model):
         return generate(model, prompts, sampling, n=n, generator=generator)
 
 
@@ -423,7 +422,7 @@ def measures(cfg, env, task, users, model):
     dev_eval = probe = None
     if cfg.dev_data and env.main:
         dev_users = read_users(cfg.dev_data, require_labels=True, taxonomy=task.taxonomy)[: cfg.dev_size]
-        dev_prompts = [task.prompt(u, cache=False) for u in dev_users]
+        dev_prompts = [task.render(u) for u in dev_users]
         dev_eval = lambda m: greedy_eval(m, task.tokenizer, dev_users, dev_prompts, task.taxonomy,  # noqa: E731
                                          task.stop_ids, eval_tokens)
     if cfg.probe_size and env.main:

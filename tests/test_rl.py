@@ -891,7 +891,7 @@ def test_dev_vote_logs_quasi_label_accuracy_and_leaves_training_unchanged(tiny_c
     """dev_vote_size: at each dev evaluation (step 0 too) the policy's quasi labels on labelled dev users are
     scored against the gold; the measure samples with its own generator, so the run's rollouts, metrics and
     weights equal those of the same run without it. A dev user sharing a training user's id gets its own
-    prompt (Task.prompt(cache=False) leaves the training prompts alone)."""
+    prompt (Task.render, uncached, leaves the training prompts alone)."""
     plain, voted = rl_world / "no_dev_vote", rl_world / "dev_vote"
     dev = rl_world / "dev.jsonl"
     train_users = [json.loads(line) for line in (rl_world / "world" / "train.jsonl").read_text().splitlines()]
