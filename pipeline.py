@@ -30,6 +30,7 @@ from common import (TEMP_PREFIX, ConfigError, atomic_write_text, check_fields, f
 from confprofile import ROOT, dimensions, load_taxonomy
 from evaluate import mean_defined
 from plots import draw_training_curves, f1_comparison_figure, save_png
+from rl import RLConfig
 
 DEMO_ROWS = [  # (key, row of the paper-shaped table)
     ("teacher_single", "teacher, one answer"),
@@ -361,11 +362,10 @@ def thresholds_table(doc, applied):
 
 def _rl_budget(rl_config, rl_extra):
     """sft.py flags for the continued-SFT control: RL's number of updates (max_steps x num_iterations), its lr
-    and warm-up, read from rl.py's config file and the pipeline's own rl.py flags (--quick's --max-steps)."""
-    rl = _read_json(rl_config)
-    flags = dict(zip(rl_extra[::2], rl_extra[1::2]))
-    steps = int(flags.get("--max-steps", rl.get("max_steps", 20))) * int(rl.get("num_iterations", 1))
-    return ["--max-steps", steps, "--lr", rl.get("lr", 1e-5), "--warmup-steps", rl.get("warmup_steps", 0)]
+    and warm-up, as rl.py itself resolves them from its config file and the pipeline's own rl.py flags
+    (--quick's --max-steps), defaults included."""
+    rl, _ = load_config(RLConfig, ["--config", rl_config, *map(str, rl_extra)], prog="rl.py")
+    return ["--max-steps", rl.max_steps * rl.num_iterations, "--lr", rl.lr, "--warmup-steps", rl.warmup_steps]
 
 
 def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=None):
