@@ -2,7 +2,7 @@
 The whole Conf-Profile pipeline on the embedded default (synthetic world, simulated teacher, tiny
 student), every stage through its own script's command line.
 
-    python pipeline.py [--out runs/demo] [--seed S] [--quick] [--ablations] [--target-precision P]
+    python pipeline.py [--out runs/demo] [--seed S] [--quick] [--ablations [--variants K,K]] [--target-precision P]
 
 world (profilebench.py) -> teacher answers (label.py --teacher sim) -> vote + calibration
 (calibrate.py) -> SFT of a tiny from-scratch student (sft.py) -> confidence-guided GRPO (rl.py) ->
@@ -64,6 +64,7 @@ RL_ABLATIONS = [  # (key, description, rl.py flags)
 # The other control: SFT continued from the SFT student for as many updates as RL makes, at RL's learning rate
 # and warm-up (the SFT config otherwise): how much of RL's gain more updates alone would give.
 SFT_CONTROL = ("sft_continued", "control: SFT continued for RL's number of updates")
+VARIANT_KEYS = [key for key, _, _ in SFT_ABLATIONS + RL_ABLATIONS] + [SFT_CONTROL[0]]  # the order of the table
 
 
 @dataclasses.dataclass
@@ -72,6 +73,8 @@ class DemoConfig:
     seed: int = opt(0, "world, teacher, SFT and RL seed", min=0)
     quick: bool = opt(False, "a smaller world and fewer steps (a few minutes; the CI end-to-end test)")
     ablations: bool = opt(False, "also run the component study: each variant is one switch of the normal scripts")
+    variants: str = opt("", "with --ablations: the comma-separated keys of the variants to run (empty = every one; "
+                            "the keys: docs/results.md, 'Ablations')")
     n_train: int = opt(4000, "unlabelled training users", min=1)
     n_test: int = opt(1000, "labelled test users", min=1)
     teacher_samples: int = opt(8, "N: teacher answers per user", min=1)
@@ -87,6 +90,21 @@ class DemoConfig:
 
     def __post_init__(self):
         check_fields(self, "demo config")
+        named = self._named_variants()
+        unknown = [k for k in named if k not in VARIANT_KEYS]
+        if unknown:
+            raise ConfigError(f"demo config: variants: unknown {', '.join(map(repr, unknown))}; expected keys among "
+                              f"{', '.join(VARIANT_KEYS)}")
+        if named and not self.ablations:
+            raise ConfigError("demo config: variants: only with --ablations (it picks which variants that runs)")
+
+    def _named_variants(self):
+        return [k.strip() for k in self.variants.split(",") if k.strip()]
+
+    def variant_keys(self):
+        """The variants --ablations runs, in the table's order: every one unless `variants` names some."""
+        named = self._named_variants()
+        return [k for k in VARIANT_KEYS if not named or k in named]
 
 
 # --quick: what changes (everything else is the default run)
@@ -491,31 +509,36 @@ def run_demo(cfg):
 
     if cfg.ablations:
         ablation_rows = [("full method", rows["student_rl"], "after SFT + RL")]
-        for key, desc, flags in SFT_ABLATIONS:
+        keys = cfg.variant_keys()
+        for key, desc, flags in [a for a in SFT_ABLATIONS if a[0] in keys]:
             adir = os.path.join(out, "ablations", key)
             _stage(f"calibrate_{key}", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users",
                                         f"{world}/train.jsonl", "--out", f"{adir}/sft.jsonl", *flags], out, log)
             sft_stage(f"sft_{key}", f"{adir}/sft.jsonl", f"{adir}/sft")
             ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
                                   f"after SFT (compare: {100 * rows['student_sft']['avg_f1']:.2f})"))
-        for key, desc, flags in RL_ABLATIONS:
+        for key, desc, flags in [a for a in RL_ABLATIONS if a[0] in keys]:
             adir = os.path.join(out, "ablations", key)
             _stage(f"rl_{key}", [*launch, "rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *_resume(f"{adir}/rl")],
                    out, log)
             ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
         key, desc = SFT_CONTROL
-        adir = os.path.join(out, "ablations", key)
-        _stage(f"sft_{key}", [*launch, "sft.py", "--config", cfg.sft_config, "--model", sft_dir, "--init-student",
-                              "false", "--data", f"{out}/sft.jsonl", "--seed", seed, *_rl_budget(cfg.rl_config, rl_extra),
-                              "--output-dir", f"{adir}/sft", *_resume(f"{adir}/sft")], out, log)
-        ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log), "after SFT + more SFT"))
+        if key in keys:
+            adir = os.path.join(out, "ablations", key)
+            _stage(f"sft_{key}", [*launch, "sft.py", "--config", cfg.sft_config, "--model", sft_dir, "--init-student",
+                                  "false", "--data", f"{out}/sft.jsonl", "--seed", seed,
+                                  *_rl_budget(cfg.rl_config, rl_extra), "--output-dir", f"{adir}/sft",
+                                  *_resume(f"{adir}/sft")], out, log)
+            ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
+                                  "after SFT + more SFT"))
         results["ablations"] = {desc: m for desc, m, _ in ablation_rows}
-        # Δ vs full: paired bootstrap of each variant against the full method on the same test users
-        keys = [key for key, _, _ in SFT_ABLATIONS + RL_ABLATIONS] + [SFT_CONTROL[0]]
+        # Δ vs full: paired bootstrap of each variant against the full method on the same test users. It only
+        # reads predictions, so it runs every time (done=False): another set of variants on the same --out is
+        # compared anew instead of refused.
         ablation_dir = os.path.join(out, "eval", "compare_ablations")
         _stage("compare_ablations", ["evaluate.py", "compare", f"{out}/eval/student_rl/predictions.jsonl",
                                      *[f"{out}/eval/{key}/predictions.jsonl" for key in keys], "--data",
-                                     f"{world}/test.jsonl", "--out", ablation_dir], out, log)
+                                     f"{world}/test.jsonl", "--out", ablation_dir], out, log, done=False)
         paired = _read_json(os.path.join(ablation_dir, "comparison.json"))
         results["ablation_differences"] = paired
         deltas = dict(zip(keys, paired["differences"]))

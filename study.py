@@ -3,6 +3,7 @@ The Stage-2 study: the whole pipeline with its ablations and controls on K seeds
 
     python study.py --seeds 0,1,2,3,4 --out runs/study      # each seed: pipeline.py --seed S --ablations
     python study.py --seeds 0,1 --out runs/study --quick     # the --quick world and steps (CI's smoke: one seed)
+    python study.py --variants rl_no_filter,rl_majority,rl_no_weighting   # some variants only (pipeline.py --variants)
 
 Seed S is `python pipeline.py --seed S --ablations --out OUT/seedS`: its own world, teacher, SFT student
 and RL run, and every variant of the component study from that same SFT student. A finished stage is
@@ -33,7 +34,7 @@ from common import ConfigError, atomic_write_text, check_fields, iter_jsonl, loa
 from confprofile import ROOT, load_taxonomy
 from evaluate import (avg_f1_from_counts, bootstrap_weights, cell_codes, count_table, percentile_interval,
                       prediction_table)
-from pipeline import RL_ABLATIONS, SFT_ABLATIONS, SFT_CONTROL
+from pipeline import RL_ABLATIONS, SFT_ABLATIONS, SFT_CONTROL, DemoConfig
 
 FULL = "student_rl"
 ROWS = ([("student_sft", "after SFT", None), (FULL, "after SFT + RL (full method)", "rl")]
@@ -50,6 +51,8 @@ class StudyConfig:
     quick: bool = opt(False, "pipeline.py --quick for every seed (a small world, a few steps: a smoke run)")
     procs: int = opt(2, "pipeline.py --procs: processes of SFT and RL", min=1)
     bootstrap: int = opt(1000, "replicates of the two-level bootstrap", min=10)
+    variants: str = opt("", "pipeline.py --variants: the comma-separated variants to run (empty = every one); the "
+                            "table has after SFT, the full method and these")
 
     def __post_init__(self):
         check_fields(self, "study")
@@ -59,6 +62,12 @@ class StudyConfig:
             raise ConfigError(f"study: seeds: expected comma-separated integers, got {self.seeds!r}") from None
         if len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise ConfigError(f"study: seeds: expected distinct integers >= 0, got {self.seeds!r}")
+        DemoConfig(ablations=True, variants=self.variants)  # the same check of the keys as pipeline.py's
+
+    def rows(self):
+        """The rows of ROWS this study reads: after SFT, the full method and the chosen variants."""
+        keys = DemoConfig(ablations=True, variants=self.variants).variant_keys()
+        return [row for row in ROWS if row[0] in ("student_sft", FULL) or row[0] in keys]
 
 
 # -----------------------------------------------------------------------------
@@ -99,11 +108,11 @@ def reading(low, high):
 # Reading the seeds back
 
 
-def seed_counts(seed_dir, taxonomy):
-    """[UserCounts of each row of ROWS] on this seed's test users."""
+def seed_counts(seed_dir, taxonomy, rows=ROWS):
+    """[UserCounts of each row of `rows`] on this seed's test users."""
     data = os.path.join(seed_dir, "world", "test.jsonl")
     out = []
-    for key, _, _ in ROWS:
+    for key, _, _ in rows:
         path = os.path.join(seed_dir, "eval", key, "predictions.jsonl")
         if not os.path.exists(path):
             raise ConfigError(f"{path}: missing; expected pipeline.py --ablations to have evaluated {key}")
@@ -118,12 +127,12 @@ def mechanism(run_dir):
     return {m: float(np.mean([r[m] for r in rows if m in r])) for m in MECHANISM if any(m in r for r in rows)}
 
 
-def study_table(seeds, per_seed, mechanisms, replicates):
+def study_table(seeds, per_seed, mechanisms, replicates, study_rows=ROWS):
     """The study's rows as dicts (study.json) from the seeds' counts and their RL runs' mechanism metrics."""
     estimate, boot = two_level_bootstrap(per_seed, replicates)
-    full = [key for key, _, _ in ROWS].index(FULL)
+    full = [key for key, _, _ in study_rows].index(FULL)
     rows = []
-    for r, (key, name, run) in enumerate(ROWS):
+    for r, (key, name, run) in enumerate(study_rows):
         per = [avg_f1_from_counts(count_table(rows_k[r])) - avg_f1_from_counts(count_table(rows_k[full]))
                for rows_k in per_seed]
         low, high = percentile_interval(boot[:, r] - boot[:, full])
@@ -160,18 +169,20 @@ def main(argv=None):
     if rest:
         raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
     seeds = [int(s) for s in cfg.seeds.split(",")]
+    study_rows = cfg.rows()
     taxonomy = load_taxonomy()
     per_seed, mechanisms = [], []
     for s in seeds:
         seed_dir = os.path.join(cfg.out, f"seed{s}")
         cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--seed", str(s), "--ablations", "--out", seed_dir,
-               "--procs", str(cfg.procs), *(["--quick"] if cfg.quick else [])]
+               "--procs", str(cfg.procs), *(["--quick"] if cfg.quick else []),
+               *(["--variants", cfg.variants] if cfg.variants else [])]
         print(f"\n=== seed {s}\n$ python {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode:
             raise ConfigError(f"pipeline.py --seed {s} failed (its own error is above); the finished stages are kept")
-        per_seed.append(seed_counts(seed_dir, taxonomy))
-        mechanisms.append({key: mechanism(os.path.join(seed_dir, run)) for key, _, run in ROWS if run})
-    rows = study_table(seeds, per_seed, mechanisms, cfg.bootstrap)
+        per_seed.append(seed_counts(seed_dir, taxonomy, study_rows))
+        mechanisms.append({key: mechanism(os.path.join(seed_dir, run)) for key, _, run in study_rows if run})
+    rows = study_table(seeds, per_seed, mechanisms, cfg.bootstrap, study_rows)
     n_users = per_seed[0][0].n_users
     md = render(rows, seeds, cfg.bootstrap, n_users)
     atomic_write_text(os.path.join(cfg.out, "study.md"), md)

@@ -131,3 +131,21 @@ def test_quick_study_reads_the_seed_back_into_one_table(quick_run):
     assert rows["rl_no_weighting"]["mechanism"]["reward_flip"] == 0.0  # confidence_weighting off: w = 1
     assert rows["student_sft"]["mechanism"] == {}
     assert "| after SFT + RL (full method) |" in (out.parent / "study.md").read_text(encoding="utf-8")
+
+
+def test_quick_ablations_of_chosen_variants_table_only_those(quick_run):
+    """--variants runs (here: finds finished) only the named variants, and the ablation table and its paired
+    comparison hold the full method and those, in the table's order whatever the order given."""
+    out, _ = quick_run
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--quick", "--ablations", "--variants",
+           "sft_continued,rl_no_filter", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = [line[4:] for line in proc.stdout.splitlines() if line.startswith("=== ")]
+    assert "compare_ablations" in ran and all(  # after the test above only the comparison; alone, these two too
+        name == "compare_ablations" or name.endswith(("_rl_no_filter", "_sft_continued")) for name in ran), ran
+    ablations = json.loads((out / "results.json").read_text(encoding="utf-8"))["ablations"]
+    assert list(ablations) == ["full method", "RL without difficulty filter",
+                               "control: SFT continued for RL's number of updates"]
+    paired = json.loads((out / "eval" / "compare_ablations" / "comparison.json").read_text(encoding="utf-8"))
+    assert len(paired["differences"]) == 2

@@ -56,3 +56,13 @@ def test_seeds_must_be_distinct_integers():
         study.StudyConfig(seeds="0,one")
     with pytest.raises(study.ConfigError, match="seeds: expected distinct integers"):
         study.StudyConfig(seeds="1,1")
+
+
+def test_variants_pick_the_rows_and_unknown_keys_are_refused():
+    rows = study.StudyConfig(variants="rl_no_weighting, sft_continued,rl_no_filter").rows()
+    assert [key for key, _, _ in rows] == ["student_sft", "student_rl", "rl_no_filter", "rl_no_weighting",
+                                           "sft_continued"]
+    assert [run for _, _, run in rows] == [None, "rl", "ablations/rl_no_filter/rl", "ablations/rl_no_weighting/rl", None]
+    assert len(study.StudyConfig().rows()) == len(study.ROWS) == 18
+    with pytest.raises(study.ConfigError, match="variants: unknown 'rl_nofilter'; expected keys among sft_single"):
+        study.StudyConfig(variants="rl_nofilter")
