@@ -115,7 +115,7 @@ QUICK_SFT = ["--max-steps", "60", "--eval-every", "30"]
 QUICK_RL = ["--max-steps", "3"]
 
 
-def _stage(name, argv, out, log, done=True):
+def run_stage(name, argv, out, log, done=True):
     """Run `python argv...` as its own process unless out/.done/<name> says it already finished.
 
     The marker records what made the stage's output: its command line (without --resume, which only
@@ -260,7 +260,7 @@ def _flags(args):
     return out
 
 
-def _resume(run_dir):
+def resume_flags(run_dir):
     """["--resume"] when sft.py / rl.py left a checkpoint in run_dir (killed before the end); ["--overwrite"]
     when run_dir holds a finished run (a stage being redone: its marker is gone or its files changed; a
     skipped stage never runs); else []."""
@@ -386,14 +386,14 @@ def _rl_budget(rl_config, rl_extra):
     return ["--max-steps", rl.max_steps * rl.num_iterations, "--lr", rl.lr, "--warmup-steps", rl.warmup_steps]
 
 
-def _predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=None):
+def predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=None):
     """Greedy answers of a checkpoint on the test users (label.py), then evaluate.py; returns metrics."""
     eval_dir = os.path.join(out, "eval", key)
     preds = os.path.join(eval_dir, "predictions.jsonl")
-    _stage(f"predict_{key}", ["label.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
+    run_stage(f"predict_{key}", ["label.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
                               "--temperature", "0", "--max-new-tokens", max_new_tokens or cfg.eval_max_new_tokens,
                               "--out", preds], out, log)
-    _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
+    run_stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
            out, log)
     return _read_json(os.path.join(eval_dir, "metrics.json"))
 
@@ -422,41 +422,41 @@ def run_demo(cfg):
     rl_extra = QUICK_RL if cfg.quick else []
 
     # Stage 0: the synthetic world (users with hidden attributes; labels only for the test users).
-    _stage("world", ["profilebench.py", "--out", world, "--n-train", cfg.n_train, "--n-test", cfg.n_test, "--seed", seed],
+    run_stage("world", ["profilebench.py", "--out", world, "--n-train", cfg.n_train, "--n-test", cfg.n_test, "--seed", seed],
            out, log)
     # Stage 1a: the (simulated) teacher answers every user N times; the test answers give the teacher rows.
     for split in ("train", "test"):
-        _stage(f"teacher_{split}", ["label.py", "--teacher", "sim", "--users", f"{world}/{split}.jsonl", "--samples",
+        run_stage(f"teacher_{split}", ["label.py", "--teacher", "sim", "--users", f"{world}/{split}.jsonl", "--samples",
                                     cfg.teacher_samples, "--seed", seed, "--out", f"{out}/teacher_{split}.jsonl"], out, log)
     rows = {}
     for key, extra in (("teacher_single", []), ("teacher_vote", ["--vote"])):
         eval_dir = os.path.join(out, "eval", key)
-        _stage(f"evaluate_{key}", ["evaluate.py", "--predictions", f"{out}/teacher_test.jsonl", "--data",
+        run_stage(f"evaluate_{key}", ["evaluate.py", "--predictions", f"{out}/teacher_test.jsonl", "--data",
                                    f"{world}/test.jsonl", "--out", eval_dir, *extra], out, log)
         rows[key] = _read_json(os.path.join(eval_dir, "metrics.json"))
     # Stage 1b: vote + calibrate into the SFT set; Stage 1c: build the tiny student and distil.
-    _stage("calibrate", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users", f"{world}/train.jsonl",
+    run_stage("calibrate", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users", f"{world}/train.jsonl",
                          "--out", f"{out}/sft.jsonl", "--audit", f"{out}/audit.jsonl"], out, log)
 
     def sft_stage(name, data, run_dir):  # the main SFT run and each SFT ablation differ only in data and folder
-        _stage(name, [*launch, "sft.py", "--config", cfg.sft_config, "--model", init_dir, "--data", data, "--seed", seed,
-                      *sft_extra, "--output-dir", run_dir, *_resume(run_dir)], out, log)
+        run_stage(name, [*launch, "sft.py", "--config", cfg.sft_config, "--model", init_dir, "--data", data, "--seed", seed,
+                      *sft_extra, "--output-dir", run_dir, *resume_flags(run_dir)], out, log)
 
     sft_stage("sft", f"{out}/sft.jsonl", sft_dir)
     # The untrained tiny student never stops and never writes a valid answer: 64 tokens show that as well as
     # 320. A pretrained student may answer before training: it gets the full budget.
-    rows["student_init"] = _predict_and_evaluate("student_init", init_dir, cfg, world, out, log,
+    rows["student_init"] = predict_and_evaluate("student_init", init_dir, cfg, world, out, log,
                                                  max_new_tokens=None if cfg.student_model else 64)
-    rows["student_sft"] = _predict_and_evaluate("student_sft", sft_dir, cfg, world, out, log)
+    rows["student_sft"] = predict_and_evaluate("student_sft", sft_dir, cfg, world, out, log)
     # Stage 2: confidence-guided GRPO from the SFT student, on the unlabelled train users.
     rl_common = ["--config", cfg.rl_config, "--model", sft_dir, "--data", f"{world}/train.jsonl", "--stage1",
                  f"{out}/sft.jsonl", "--seed", seed, *rl_extra]
-    _stage("rl", [*launch, "rl.py", *rl_common, "--output-dir", rl_dir, *_resume(rl_dir)], out, log)
-    rows["student_rl"] = _predict_and_evaluate("student_rl", rl_dir, cfg, world, out, log)
+    run_stage("rl", [*launch, "rl.py", *rl_common, "--output-dir", rl_dir, *resume_flags(rl_dir)], out, log)
+    rows["student_rl"] = predict_and_evaluate("student_rl", rl_dir, cfg, world, out, log)
 
     # Is RL above SFT? The paired bootstrap over the same test users (evaluate.py compare).
     compare_dir = os.path.join(out, "eval", "compare_rl_sft")
-    _stage("compare_rl_sft", ["evaluate.py", "compare", f"{out}/eval/student_sft/predictions.jsonl",
+    run_stage("compare_rl_sft", ["evaluate.py", "compare", f"{out}/eval/student_sft/predictions.jsonl",
                               f"{out}/eval/student_rl/predictions.jsonl", "--data", f"{world}/test.jsonl",
                               "--out", compare_dir], out, log)
     rl_vs_sft = _read_json(os.path.join(compare_dir, "comparison.json"))
@@ -487,14 +487,14 @@ def run_demo(cfg):
         # Thresholds for deployment: chosen on a labelled dev world of its own, then applied to the test users.
         tdir, dev_world = os.path.join(out, "thresholds"), os.path.join(out, "thresholds", "dev_world")
         # Its test users are the dev users (its 10 train users go unused), as in the command of docs/results.md.
-        _stage("dev_world", ["profilebench.py", "--out", dev_world, "--n-train", 10, "--n-test", cfg.n_dev, "--seed",
+        run_stage("dev_world", ["profilebench.py", "--out", dev_world, "--n-train", 10, "--n-test", cfg.n_dev, "--seed",
                              cfg.seed + DEV_SEED_OFFSET], out, log)
-        _stage("predict_dev", ["predict.py", "--model", rl_dir, "--users", f"{dev_world}/test.jsonl", "--max-new-tokens",
+        run_stage("predict_dev", ["predict.py", "--model", rl_dir, "--users", f"{dev_world}/test.jsonl", "--max-new-tokens",
                                cfg.eval_max_new_tokens, "--out", f"{tdir}/dev_profiles.jsonl"], out, log)
-        _stage("thresholds_dev", ["evaluate.py", "--predictions", f"{tdir}/dev_profiles.jsonl", "--data",
+        run_stage("thresholds_dev", ["evaluate.py", "--predictions", f"{tdir}/dev_profiles.jsonl", "--data",
                                   f"{dev_world}/test.jsonl", "--out", f"{tdir}/dev", "--target-precision",
                                   cfg.target_precision], out, log)
-        _stage("thresholds_test", ["evaluate.py", "--predictions", f"{out}/eval/student_rl/predictions.jsonl", "--data",
+        run_stage("thresholds_test", ["evaluate.py", "--predictions", f"{out}/eval/student_rl/predictions.jsonl", "--data",
                                    f"{world}/test.jsonl", "--out", f"{tdir}/test", "--thresholds",
                                    f"{tdir}/dev/thresholds.json"], out, log)
         doc = _read_json(os.path.join(tdir, "dev", "thresholds.json"))
@@ -512,31 +512,31 @@ def run_demo(cfg):
         keys = cfg.variant_keys()
         for key, desc, flags in [a for a in SFT_ABLATIONS if a[0] in keys]:
             adir = os.path.join(out, "ablations", key)
-            _stage(f"calibrate_{key}", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users",
+            run_stage(f"calibrate_{key}", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users",
                                         f"{world}/train.jsonl", "--out", f"{adir}/sft.jsonl", *flags], out, log)
             sft_stage(f"sft_{key}", f"{adir}/sft.jsonl", f"{adir}/sft")
-            ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
+            ablation_rows.append((desc, predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
                                   f"after SFT (compare: {100 * rows['student_sft']['avg_f1']:.2f})"))
         for key, desc, flags in [a for a in RL_ABLATIONS if a[0] in keys]:
             adir = os.path.join(out, "ablations", key)
-            _stage(f"rl_{key}", [*launch, "rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *_resume(f"{adir}/rl")],
+            run_stage(f"rl_{key}", [*launch, "rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *resume_flags(f"{adir}/rl")],
                    out, log)
-            ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
+            ablation_rows.append((desc, predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
         key, desc = SFT_CONTROL
         if key in keys:
             adir = os.path.join(out, "ablations", key)
-            _stage(f"sft_{key}", [*launch, "sft.py", "--config", cfg.sft_config, "--model", sft_dir, "--init-student",
+            run_stage(f"sft_{key}", [*launch, "sft.py", "--config", cfg.sft_config, "--model", sft_dir, "--init-student",
                                   "false", "--data", f"{out}/sft.jsonl", "--seed", seed,
                                   *_rl_budget(cfg.rl_config, rl_extra), "--output-dir", f"{adir}/sft",
-                                  *_resume(f"{adir}/sft")], out, log)
-            ablation_rows.append((desc, _predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
+                                  *resume_flags(f"{adir}/sft")], out, log)
+            ablation_rows.append((desc, predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
                                   "after SFT + more SFT"))
         results["ablations"] = {desc: m for desc, m, _ in ablation_rows}
         # Δ vs full: paired bootstrap of each variant against the full method on the same test users. It only
         # reads predictions, so it runs every time (done=False): another set of variants on the same --out is
         # compared anew instead of refused.
         ablation_dir = os.path.join(out, "eval", "compare_ablations")
-        _stage("compare_ablations", ["evaluate.py", "compare", f"{out}/eval/student_rl/predictions.jsonl",
+        run_stage("compare_ablations", ["evaluate.py", "compare", f"{out}/eval/student_rl/predictions.jsonl",
                                      *[f"{out}/eval/{key}/predictions.jsonl" for key in keys], "--data",
                                      f"{world}/test.jsonl", "--out", ablation_dir], out, log, done=False)
         paired = _read_json(os.path.join(ablation_dir, "comparison.json"))

@@ -154,6 +154,22 @@ def f1_comparison_figure(rows, dims, title=""):
     return fig
 
 
+def budget_figure(runs, title=""):
+    """dev avg F1 (%) over the steps of each RL run (budget.py). runs: [(label, [(step, dev_avg_f1)])]."""
+    fig = Figure(figsize=(7, 3.6), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    for label, curve in runs:
+        if curve:
+            ax.plot([s for s, _ in curve], [100 * v for _, v in curve], marker="o", markersize=3, label=label)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("dev avg F1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
 def moving_average(values, half_width):
     """Centred mean m_i = mean(v_j : |j − i| ≤ h), the window cut at both ends (no lag, unlike a trailing mean)."""
     prefix = [0.0]

@@ -624,17 +624,17 @@ def test_demo_stage_is_skipped_only_when_its_command_and_configs_are_the_same(tm
     config, ran, out, log = tmp_path / "c.json", tmp_path / "ran.txt", str(tmp_path / "out"), []
     config.write_text('{"lr": 1}')
     argv = [str(script), "--config", str(config), "--seed", "0", str(ran)]
-    pipeline._stage("s", argv, out, log)
-    pipeline._stage("s", argv[:1] + ["--resume"] + argv[1:], out, log)  # finished: skipped, --resume or not
+    pipeline.run_stage("s", argv, out, log)
+    pipeline.run_stage("s", argv[:1] + ["--resume"] + argv[1:], out, log)  # finished: skipped, --resume or not
     assert ran.read_text() == "ran\n" and log[-1]["skipped"]
     with pytest.raises(common.ConfigError, match=r"stage s: .* from another command \(--seed 0 -> 1\); use a fresh --out"):
-        pipeline._stage("s", argv[:4] + ["1", str(ran)], out, log)
+        pipeline.run_stage("s", argv[:4] + ["1", str(ran)], out, log)
     config.write_text('{"lr": 2}')
     with pytest.raises(common.ConfigError, match=r"c\.json changed since \(sha256 "):
-        pipeline._stage("s", argv, out, log)
+        pipeline.run_stage("s", argv, out, log)
     (tmp_path / "out" / ".done" / "s").write_text('{"command": "python stage.py", "seconds": 1}')  # an older marker
     with pytest.raises(common.ConfigError, match="records no command line to compare"):
-        pipeline._stage("s", argv, out, log)
+        pipeline.run_stage("s", argv, out, log)
     assert ran.read_text() == "ran\n"
 
 

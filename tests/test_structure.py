@@ -20,7 +20,7 @@ LAYERS = [
     {"label", "rl_bookkeeping", "sft_data"},
     {"sft", "rl", "predict"},
     {"pipeline"},
-    {"study"},
+    {"study", "budget"},
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 

@@ -305,8 +305,8 @@ def test_pipeline_skips_a_stage_only_when_its_files_are_the_ones_it_wrote(tmp_pa
 
     def run_both():
         log = []
-        pipeline._stage("teacher", [str(script), "--count", str(count), "--out", str(teacher)], str(out), log)
-        pipeline._stage("calibrate", [str(script), "--in", str(teacher), "--out", str(sft)], str(out), log)
+        pipeline.run_stage("teacher", [str(script), "--count", str(count), "--out", str(teacher)], str(out), log)
+        pipeline.run_stage("calibrate", [str(script), "--in", str(teacher), "--out", str(sft)], str(out), log)
         return capsys.readouterr().out
 
     run_both()

@@ -1,0 +1,175 @@
+"""
+The RL budget chosen on a dev world: steps, users a step and learning rate, on a labelled world of its
+own seed. The test users of the demo and of the study never enter it.
+
+    python budget.py --out runs/budget                  # the dev world of seed 1000, the grid below
+    python budget.py --out runs/budget --quick --steps 2,3 --users 2,4 --lrs 1e-4,3e-4 --eval-every 1   # CI
+
+First `pipeline.py --seed SEED --out OUT/world --target-precision 0`: the dev world (its own train users,
+unlabelled, and its labelled users, here the dev users), the teacher, the SFT student, and RL at
+rl_demo.json. Then, from that SFT student, rl.py at each point of a one-factor grid around rl_demo.json's
+budget (max_steps, batch_size = users a step, lr): every value of `steps` at the config's users and lr,
+every value of `users` at its steps and lr, every value of `lrs` at its steps and users. Each run
+evaluates its greedy answers on dev users every `eval_every` steps (rl.py --dev-data: the curve), and at
+its end on all of them as pipeline.py evaluates a student (label.py, evaluate.py).
+
+The table (OUT/budget.md, budget.json): each point's dev avg F1 with its paired Δ against the config's
+point (evaluate.py compare: a 95 % bootstrap over the dev users), and the collapse metrics of its last
+tenth of steps (entropy, majority_ratio, na_rate, kept_frac, probe_agreement, stated confidence: what
+collapses when self-consistency RL runs too long or too fast; docs/design.md, "Reading a Stage-2 run").
+The choice (`choose`): the point of highest dev avg F1 among those whose Δ's interval lies above 0;
+none such, and the config's point stays. OUT/budget.png: dev avg F1 over the steps of each run.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from common import ConfigError, atomic_write_text, check_fields, load_config, opt, run_cli
+from confprofile import ROOT
+from pipeline import QUICK_RL, predict_and_evaluate, resume_flags, run_stage
+from plots import budget_figure, read_metrics, save_png
+from rl import RLConfig
+
+COLLAPSE = ("entropy", "majority_ratio", "na_rate", "kept_frac", "probe_agreement", "confidence")
+
+
+@dataclasses.dataclass
+class BudgetConfig:
+    out: str = opt("runs/budget", "the study's folder (the dev world's pipeline in OUT/world)", nonempty=True)
+    seed: int = opt(1000, "the dev world's seed: a world of its own (the demo's seeds are 0..4, their threshold "
+                          "dev worlds seed + 100)", min=0)
+    steps: str = opt("50,100,200,400", "comma-separated max_steps, at the config's users a step and lr", nonempty=True)
+    users: str = opt("2,4,8", "comma-separated batch_size (users a step), at the config's steps and lr", nonempty=True)
+    lrs: str = opt("3e-5,1e-4,3e-4", "comma-separated lr, at the config's steps and users a step", nonempty=True)
+    rl_config: str = opt("configs/rl_demo.json", "rl.py's config: the grid's centre and every other setting",
+                         nonempty=True)
+    eval_every: int = opt(50, "the dev curve: rl.py's greedy dev evaluation every this many steps", min=1)
+    dev_size: int = opt(500, "dev users of each point of the curve (the end of a run is evaluated on all)", min=1)
+    eval_max_new_tokens: int = opt(320, "greedy answer budget at the end-of-run evaluation (as pipeline.py's)", min=1)
+    quick: bool = opt(False, "pipeline.py --quick: a small world and SFT (a smoke run)")
+    procs: int = opt(2, "rl.py / pipeline.py processes (torchrun, one thread each); 1 = plain python", min=1)
+
+    def __post_init__(self):
+        check_fields(self, "budget")
+        for key, kind in (("steps", int), ("users", int), ("lrs", float)):
+            try:
+                values = [kind(v) for v in getattr(self, key).split(",")]
+            except ValueError:
+                raise ConfigError(f"budget: {key}: expected comma-separated {kind.__name__}s, "
+                                  f"got {getattr(self, key)!r}") from None
+            if min(values) <= 0 or len(set(values)) != len(values):
+                raise ConfigError(f"budget: {key}: expected distinct values > 0, got {getattr(self, key)!r}")
+
+
+def grid(centre, steps, users, lrs):
+    """The one-factor grid around centre = (steps, users, lr): the centre first, then each factor's other
+    values with the other two at the centre."""
+    points = [centre]
+    points += [(s, centre[1], centre[2]) for s in steps]
+    points += [(centre[0], u, centre[2]) for u in users]
+    points += [(centre[0], centre[1], lr) for lr in lrs]
+    return list(dict.fromkeys(points))
+
+
+def point_name(point):
+    steps, users, lr = point
+    return f"s{steps}_u{users}_lr{lr:g}"
+
+
+def collapse_metrics(records):
+    """{metric: mean over the last tenth of the run's steps (at least one)} of an rl.py metrics.jsonl."""
+    steps = [r for r in records if "kept_frac" in r]  # training steps (a dev-only record has no kept_frac)
+    tail = steps[len(steps) - max(1, len(steps) // 10):]
+    return {m: float(np.mean([r[m] for r in tail if m in r])) for m in COLLAPSE if any(m in r for r in tail)}
+
+
+def choose(rows):
+    """The row of highest dev avg F1 among those measured above the centre (the lower end of Δ's
+    interval > 0); the centre's row when none is."""
+    better = [r for r in rows if r["delta_low"] is not None and r["delta_low"] > 0]
+    return max(better, key=lambda r: r["avg_f1"]) if better else rows[0]
+
+
+def render(rows, chosen, cfg, n_dev):
+    pct = lambda x: "–" if x is None else f"{100 * x:.2f}"  # noqa: E731
+    sgn = lambda x: "–" if x is None else f"{100 * x:+.2f}"  # noqa: E731
+    lines = [f"# RL budget on the dev world (seed {cfg.seed}, {n_dev} labelled dev users)", "",
+             "Δ vs centre: the point's dev avg F1 minus the config's point's, with its 95 % paired bootstrap over the "
+             "dev users (evaluate.py compare). Collapse metrics: rl.py's metrics.jsonl, mean over the last tenth of "
+             "the steps.", "",
+             "| steps | users a step | lr | dev avg F1 | Δ vs centre [95 %] | " + " | ".join(COLLAPSE) + " |",
+             "|---" * (5 + len(COLLAPSE)) + "|"]
+    for r in rows:
+        c = r["collapse"]
+        lines.append(f"| {r['steps']} | {r['users']} | {r['lr']:g} | {pct(r['avg_f1'])} | "
+                     + ("reference" if r is rows[0] else f"{sgn(r['delta'])} [{sgn(r['delta_low'])}, "
+                        f"{sgn(r['delta_high'])}]")
+                     + " | " + " | ".join(f"{c[m]:.3f}" if m in c else "–" for m in COLLAPSE) + " |")
+    same = chosen is rows[0]
+    lines += ["", f"Choice: {chosen['steps']} steps, {chosen['users']} users a step, lr {chosen['lr']:g}"
+              + (" (the config's point: no other point is measured above it)." if same else
+                 " (measured above the config's point)."), "", "![dev avg F1 over the steps of each run](budget.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    cfg, rest = load_config(BudgetConfig, argv, prog="budget.py", description=__doc__.strip().split("\n\n")[0])
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
+    rl_config = os.path.abspath(cfg.rl_config if os.path.exists(cfg.rl_config) else os.path.join(ROOT, cfg.rl_config))
+    rl, _ = load_config(RLConfig, ["--config", rl_config], prog="rl.py")
+    wdir = os.path.join(cfg.out, "world")
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--seed", str(cfg.seed), "--out", wdir,
+           "--rl-config", rl_config, "--target-precision", "0", "--procs", str(cfg.procs),
+           *(["--quick"] if cfg.quick else [])]
+    print(f"=== the dev world's pipeline\n$ python {' '.join(cmd[1:])}", flush=True)
+    if subprocess.run(cmd).returncode:
+        raise ConfigError(f"pipeline.py --seed {cfg.seed} failed (its own error is above); the finished stages are kept")
+    world, sft_dir, dev = os.path.join(wdir, "world"), os.path.join(wdir, "sft"), os.path.join(wdir, "world", "test.jsonl")
+    launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
+    centre_steps = int(QUICK_RL[QUICK_RL.index("--max-steps") + 1]) if cfg.quick else rl.max_steps  # pipeline's RL
+    points = grid((centre_steps, rl.batch_size, rl.lr), [int(v) for v in cfg.steps.split(",")],
+                  [int(v) for v in cfg.users.split(",")], [float(v) for v in cfg.lrs.split(",")])
+    log, runs = [], {}
+    for point in points:
+        name = point_name(point)
+        run_dir = os.path.join(cfg.out, "runs", name)
+        run_stage(f"rl_{name}", [*launch, "rl.py", "--config", rl_config, "--model", sft_dir, "--data",
+                                 f"{world}/train.jsonl", "--stage1", f"{wdir}/sft.jsonl", "--seed", cfg.seed,
+                                 "--max-steps", point[0], "--batch-size", point[1], "--lr", point[2], "--dev-data", dev,
+                                 "--dev-size", cfg.dev_size, "--eval-every", cfg.eval_every, "--output-dir", run_dir,
+                                 *resume_flags(run_dir)], cfg.out, log)
+        predict_and_evaluate(name, run_dir, cfg, world, cfg.out, log)
+        runs[name] = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    names = [point_name(p) for p in points]
+    compare_dir = os.path.join(cfg.out, "eval", "compare")
+    run_stage("compare", ["evaluate.py", "compare", *[f"{cfg.out}/eval/{n}/predictions.jsonl" for n in names],
+                          "--data", dev, "--out", compare_dir], cfg.out, log, done=False)
+    differences = json.load(open(os.path.join(compare_dir, "comparison.json"), encoding="utf-8"))["differences"]
+    rows = []
+    for i, (point, name) in enumerate(zip(points, names)):
+        metrics = json.load(open(os.path.join(cfg.out, "eval", name, "metrics.json"), encoding="utf-8"))
+        d = differences[i - 1]["pooled"]["f1"] if i else {"delta": 0.0, "low": None, "high": None}
+        curve = [(r["step"], r["dev_avg_f1"]) for r in runs[name] if "dev_avg_f1" in r]
+        rows.append({"name": name, "steps": point[0], "users": point[1], "lr": point[2], "avg_f1": metrics["avg_f1"],
+                     "delta": d["delta"], "delta_low": d["low"], "delta_high": d["high"],
+                     "collapse": collapse_metrics(runs[name]), "dev_curve": curve})
+    chosen = choose(rows)
+    n_dev = sum(1 for _ in open(dev, encoding="utf-8"))
+    md = render(rows, chosen, cfg, n_dev)
+    save_png(budget_figure([(f"{r['steps']} steps, {r['users']} users, lr {r['lr']:g}", r["dev_curve"]) for r in rows]),
+             os.path.join(cfg.out, "budget.png"))
+    atomic_write_text(os.path.join(cfg.out, "budget.md"), md)
+    atomic_write_text(os.path.join(cfg.out, "budget.json"), json.dumps(
+        {"config": dataclasses.asdict(cfg), "rl_config": rl_config, "rows": rows, "choice": chosen["name"]},
+        indent=2, ensure_ascii=False) + "\n")
+    print("\n" + md + f"\nwrote {cfg.out}/budget.md, budget.json and budget.png")
+    return rows, chosen
+
+
+if __name__ == "__main__":
+    run_cli(main, "budget.py")
