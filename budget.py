@@ -128,8 +128,9 @@ def main(argv=None):
            *(["--quick"] if cfg.quick else [])]
     print(f"=== the dev world's pipeline\n$ python {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd).returncode:
-        raise ConfigError(f"pipeline.py --seed {cfg.seed} failed (its own error is above); the finished stages are kept")
-    world, sft_dir, dev = os.path.join(wdir, "world"), os.path.join(wdir, "sft"), os.path.join(wdir, "world", "test.jsonl")
+        raise ConfigError(f"pipeline.py --seed {cfg.seed} failed (its error is above); the finished stages are kept")
+    world, sft_dir = os.path.join(wdir, "world"), os.path.join(wdir, "sft")
+    dev = os.path.join(world, "test.jsonl")
     launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
     centre_steps = int(QUICK_RL[QUICK_RL.index("--max-steps") + 1]) if cfg.quick else rl.max_steps  # pipeline's RL
     points = grid((centre_steps, rl.batch_size, rl.lr), [int(v) for v in cfg.steps.split(",")],
@@ -161,8 +162,8 @@ def main(argv=None):
     chosen = choose(rows)
     n_dev = sum(1 for _ in open(dev, encoding="utf-8"))
     md = render(rows, chosen, cfg, n_dev)
-    save_png(budget_figure([(f"{r['steps']} steps, {r['users']} users, lr {r['lr']:g}", r["dev_curve"]) for r in rows]),
-             os.path.join(cfg.out, "budget.png"))
+    curves = [(f"{r['steps']} steps, {r['users']} users, lr {r['lr']:g}", r["dev_curve"]) for r in rows]
+    save_png(budget_figure(curves), os.path.join(cfg.out, "budget.png"))
     atomic_write_text(os.path.join(cfg.out, "budget.md"), md)
     atomic_write_text(os.path.join(cfg.out, "budget.json"), json.dumps(
         {"config": dataclasses.asdict(cfg), "rl_config": rl_config, "rows": rows, "choice": chosen["name"]},
