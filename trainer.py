@@ -114,6 +114,10 @@ def start(config_class, argv, default_config, prog, doc):
     if positional:
         raise ConfigError(f"unexpected argument(s) {positional}; use --key value (see --help)")
     rank, world_size, _, device = setup_distributed()
+    # The thread count set once, explicitly: torch.set_num_threads also turns MKL's dynamic threading off
+    # (mkl_set_dynamic(false)). Left on, MKL may use fewer threads while the machine is loaded, and a
+    # float32 backward then adds in another order (docs/results.md, "A pretrained student").
+    torch.set_num_threads(torch.get_num_threads())
     if cfg.device != "auto" and world_size == 1:
         device = torch.device(cfg.device)
     return cfg, Env(rank, world_size, device)
