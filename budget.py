@@ -5,20 +5,23 @@ own seed. The test users of the demo and of the study never enter it.
     python budget.py --out runs/budget                  # the dev world of seed 1000, the grid below
     python budget.py --out runs/budget --quick --steps 2,3 --users 2,4 --lrs 1e-4,3e-4 --eval-every 1   # CI
 
-First `pipeline.py --seed SEED --out OUT/world --target-precision 0`: the dev world (its own train users,
-unlabelled, and its labelled users, here the dev users), the teacher, the SFT student, and RL at
-rl_demo.json. Then, from that SFT student, rl.py at each point of a one-factor grid around rl_demo.json's
-budget (max_steps, batch_size = users a step, lr): every value of `steps` at the config's users and lr,
-every value of `users` at its steps and lr, every value of `lrs` at its steps and users. Each run
-evaluates its greedy answers on dev users every `eval_every` steps (rl.py --dev-data: the curve), and at
-its end on all of them as pipeline.py evaluates a student (label.py, evaluate.py).
+First `pipeline.py --seed SEED --out OUT/world --target-precision 0 --untrained-row false`: the dev
+world (its own train users, unlabelled, and its labelled users, here the dev users), the teacher, the
+SFT student, and RL at rl_demo.json. Then, from that SFT student, rl.py at each point of a one-factor
+grid around rl_demo.json's budget (max_steps, batch_size = users a step, lr): every value of `steps` at
+the config's users and lr, every value of `users` at its steps and lr, every value of `lrs` at its steps
+and users. Each run evaluates its greedy answers on dev users every `eval_every` steps (rl.py
+--dev-data: the curve), and at its end on all of them as pipeline.py evaluates a student (label.py,
+evaluate.py).
 
 The table (OUT/budget.md, budget.json): each point's dev avg F1 with its paired Δ against the config's
 point (evaluate.py compare: a 95 % bootstrap over the dev users), and the collapse metrics of its last
 tenth of steps (entropy, majority_ratio, na_rate, kept_frac, probe_agreement, stated confidence: what
 collapses when self-consistency RL runs too long or too fast; docs/design.md, "Reading a Stage-2 run").
-The choice (`choose`): the point of highest dev avg F1 among those whose Δ's interval lies above 0;
-none such, and the config's point stays. OUT/budget.png: dev avg F1 over the steps of each run.
+Above it, the headroom: the SFT student's greedy answers on the dev users against the vote of its own G
+samples (label.py, evaluate.py --vote --na-weight W: RL's quasi labels, which RL moves the greedy answer
+towards). The choice (`choose`): the point of highest dev avg F1 among those whose Δ's interval lies
+above 0; none such, and the config's point stays. OUT/budget.png: dev avg F1 over the steps of each run.
 """
 import dataclasses
 import json
@@ -28,7 +31,7 @@ import sys
 
 import numpy as np
 
-from common import ConfigError, atomic_write_text, check_fields, load_config, opt, run_cli
+from common import ConfigError, atomic_write_text, check_fields, load_config, opt, read_json, run_cli
 from confprofile import ROOT
 from pipeline import QUICK_RL, predict_and_evaluate, resume_flags, run_stage
 from plots import budget_figure, read_metrics, save_png
@@ -94,13 +97,18 @@ def choose(rows):
     return max(better, key=lambda r: r["avg_f1"]) if better else rows[0]
 
 
-def render(rows, chosen, cfg, n_dev):
+def render(rows, chosen, cfg, n_dev, headroom):
     pct = lambda x: "–" if x is None else f"{100 * x:.2f}"  # noqa: E731
     sgn = lambda x: "–" if x is None else f"{100 * x:+.2f}"  # noqa: E731
     lines = [f"# RL budget on the dev world (seed {cfg.seed}, {n_dev} labelled dev users)", "",
              "Δ vs centre: the point's dev avg F1 minus the config's point's, with its 95 % paired bootstrap over the "
              "dev users (evaluate.py compare). Collapse metrics: rl.py's metrics.jsonl, mean over the last tenth of "
              "the steps.", "",
+             f"Headroom: the SFT student on the dev users answers greedily at {pct(headroom['sft_greedy'])} avg F1; "
+             f"the vote of its own {headroom['samples']} samples (na_weight {headroom['na_weight']:g}, what RL's quasi "
+             f"labels are) reaches {pct(headroom['sft_self_vote'])} "
+             f"({sgn(headroom['sft_self_vote'] - headroom['sft_greedy'])} points): RL moves the greedy answer towards "
+             "that vote.", "",
              "| steps | users a step | lr | dev avg F1 | Δ vs centre [95 %] | " + " | ".join(COLLAPSE) + " |",
              "|---" * (5 + len(COLLAPSE)) + "|"]
     for r in rows:
@@ -124,7 +132,7 @@ def main(argv=None):
     rl, _ = load_config(RLConfig, ["--config", rl_config], prog="rl.py")
     wdir = os.path.join(cfg.out, "world")
     cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--seed", str(cfg.seed), "--out", wdir,
-           "--rl-config", rl_config, "--target-precision", "0", "--procs", str(cfg.procs),
+           "--rl-config", rl_config, "--target-precision", "0", "--untrained-row", "false", "--procs", str(cfg.procs),
            *(["--quick"] if cfg.quick else [])]
     print(f"=== the dev world's pipeline\n$ python {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd).returncode:
@@ -146,14 +154,25 @@ def main(argv=None):
                                  *resume_flags(run_dir)], cfg.out, log)
         predict_and_evaluate(name, run_dir, cfg, world, cfg.out, log)
         runs[name] = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    # The headroom: RL moves the greedy answer towards the vote of the student's own samples, so the SFT
+    # student's self-vote on the dev users, against its greedy answer there, says how much RL can find.
+    vote_dir = os.path.join(cfg.out, "eval", "self_vote")
+    run_stage("self_vote_samples", ["label.py", "--teacher", sft_dir, "--users", dev, "--samples", rl.num_generations,
+                                    "--temperature", rl.temperature, "--max-new-tokens", rl.max_new_tokens, "--seed",
+                                    cfg.seed, "--out", f"{vote_dir}/samples.jsonl"], cfg.out, log)
+    run_stage("self_vote", ["evaluate.py", "--predictions", f"{vote_dir}/samples.jsonl", "--data", dev, "--vote",
+                            "--na-weight", rl.na_weight, "--out", vote_dir], cfg.out, log)
+    headroom = {"sft_greedy": read_json(os.path.join(wdir, "eval", "student_sft", "metrics.json"))["avg_f1"],
+                "sft_self_vote": read_json(os.path.join(vote_dir, "metrics.json"))["avg_f1"],
+                "samples": rl.num_generations, "na_weight": rl.na_weight}
     names = [point_name(p) for p in points]
     compare_dir = os.path.join(cfg.out, "eval", "compare")
     run_stage("compare", ["evaluate.py", "compare", *[f"{cfg.out}/eval/{n}/predictions.jsonl" for n in names],
                           "--data", dev, "--out", compare_dir], cfg.out, log, done=False)
-    differences = json.load(open(os.path.join(compare_dir, "comparison.json"), encoding="utf-8"))["differences"]
+    differences = read_json(os.path.join(compare_dir, "comparison.json"))["differences"]
     rows = []
     for i, (point, name) in enumerate(zip(points, names)):
-        metrics = json.load(open(os.path.join(cfg.out, "eval", name, "metrics.json"), encoding="utf-8"))
+        metrics = read_json(os.path.join(cfg.out, "eval", name, "metrics.json"))
         d = differences[i - 1]["pooled"]["f1"] if i else {"delta": 0.0, "low": None, "high": None}
         curve = [(r["step"], r["dev_avg_f1"]) for r in runs[name] if "dev_avg_f1" in r]
         rows.append({"name": name, "steps": point[0], "users": point[1], "lr": point[2], "avg_f1": metrics["avg_f1"],
@@ -161,12 +180,13 @@ def main(argv=None):
                      "collapse": collapse_metrics(runs[name]), "dev_curve": curve})
     chosen = choose(rows)
     n_dev = sum(1 for _ in open(dev, encoding="utf-8"))
-    md = render(rows, chosen, cfg, n_dev)
+    md = render(rows, chosen, cfg, n_dev, headroom)
     curves = [(f"{r['steps']} steps, {r['users']} users, lr {r['lr']:g}", r["dev_curve"]) for r in rows]
     save_png(budget_figure(curves), os.path.join(cfg.out, "budget.png"))
     atomic_write_text(os.path.join(cfg.out, "budget.md"), md)
     atomic_write_text(os.path.join(cfg.out, "budget.json"), json.dumps(
-        {"config": dataclasses.asdict(cfg), "rl_config": rl_config, "rows": rows, "choice": chosen["name"]},
+        {"config": dataclasses.asdict(cfg), "rl_config": rl_config, "headroom": headroom, "rows": rows,
+         "choice": chosen["name"]},
         indent=2, ensure_ascii=False) + "\n")
     print("\n" + md + f"\nwrote {cfg.out}/budget.md, budget.json and budget.png")
     return rows, chosen

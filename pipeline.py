@@ -87,6 +87,8 @@ class DemoConfig:
     target_precision: float = opt(0.9, "choose the final student's per-dimension thresholds for this precision on a "
                                        "labelled dev world and apply them to the test users (0 = skip)", min=0, max=1)
     n_dev: int = opt(1000, "labelled dev users (a world of its own, seed + 100) for choosing the thresholds", min=1)
+    untrained_row: bool = opt(True, "evaluate the student before training (a row of the table; study.py and "
+                                    "budget.py go without it)")
 
     def __post_init__(self):
         check_fields(self, "demo config")
@@ -391,10 +393,10 @@ def predict_and_evaluate(key, model_dir, cfg, world, out, log, max_new_tokens=No
     eval_dir = os.path.join(out, "eval", key)
     preds = os.path.join(eval_dir, "predictions.jsonl")
     run_stage(f"predict_{key}", ["label.py", "--teacher", model_dir, "--users", f"{world}/test.jsonl", "--samples", "1",
-                              "--temperature", "0", "--max-new-tokens", max_new_tokens or cfg.eval_max_new_tokens,
-                              "--out", preds], out, log)
+                                 "--temperature", "0", "--max-new-tokens", max_new_tokens or cfg.eval_max_new_tokens,
+                                 "--out", preds], out, log)
     run_stage(f"evaluate_{key}", ["evaluate.py", "--predictions", preds, "--data", f"{world}/test.jsonl", "--out", eval_dir],
-           out, log)
+              out, log)
     return _read_json(os.path.join(eval_dir, "metrics.json"))
 
 
@@ -423,30 +425,31 @@ def run_demo(cfg):
 
     # Stage 0: the synthetic world (users with hidden attributes; labels only for the test users).
     run_stage("world", ["profilebench.py", "--out", world, "--n-train", cfg.n_train, "--n-test", cfg.n_test, "--seed", seed],
-           out, log)
+              out, log)
     # Stage 1a: the (simulated) teacher answers every user N times; the test answers give the teacher rows.
     for split in ("train", "test"):
         run_stage(f"teacher_{split}", ["label.py", "--teacher", "sim", "--users", f"{world}/{split}.jsonl", "--samples",
-                                    cfg.teacher_samples, "--seed", seed, "--out", f"{out}/teacher_{split}.jsonl"], out, log)
+                                       cfg.teacher_samples, "--seed", seed, "--out", f"{out}/teacher_{split}.jsonl"], out, log)
     rows = {}
     for key, extra in (("teacher_single", []), ("teacher_vote", ["--vote"])):
         eval_dir = os.path.join(out, "eval", key)
         run_stage(f"evaluate_{key}", ["evaluate.py", "--predictions", f"{out}/teacher_test.jsonl", "--data",
-                                   f"{world}/test.jsonl", "--out", eval_dir, *extra], out, log)
+                                      f"{world}/test.jsonl", "--out", eval_dir, *extra], out, log)
         rows[key] = _read_json(os.path.join(eval_dir, "metrics.json"))
     # Stage 1b: vote + calibrate into the SFT set; Stage 1c: build the tiny student and distil.
     run_stage("calibrate", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users", f"{world}/train.jsonl",
-                         "--out", f"{out}/sft.jsonl", "--audit", f"{out}/audit.jsonl"], out, log)
+                            "--out", f"{out}/sft.jsonl", "--audit", f"{out}/audit.jsonl"], out, log)
 
     def sft_stage(name, data, run_dir):  # the main SFT run and each SFT ablation differ only in data and folder
         run_stage(name, [*launch, "sft.py", "--config", cfg.sft_config, "--model", init_dir, "--data", data, "--seed", seed,
-                      *sft_extra, "--output-dir", run_dir, *resume_flags(run_dir)], out, log)
+                         *sft_extra, "--output-dir", run_dir, *resume_flags(run_dir)], out, log)
 
     sft_stage("sft", f"{out}/sft.jsonl", sft_dir)
     # The untrained tiny student never stops and never writes a valid answer: 64 tokens show that as well as
     # 320. A pretrained student may answer before training: it gets the full budget.
-    rows["student_init"] = predict_and_evaluate("student_init", init_dir, cfg, world, out, log,
-                                                 max_new_tokens=None if cfg.student_model else 64)
+    if cfg.untrained_row:
+        rows["student_init"] = predict_and_evaluate("student_init", init_dir, cfg, world, out, log,
+                                                    max_new_tokens=None if cfg.student_model else 64)
     rows["student_sft"] = predict_and_evaluate("student_sft", sft_dir, cfg, world, out, log)
     # Stage 2: confidence-guided GRPO from the SFT student, on the unlabelled train users.
     rl_common = ["--config", cfg.rl_config, "--model", sft_dir, "--data", f"{world}/train.jsonl", "--stage1",
@@ -457,11 +460,12 @@ def run_demo(cfg):
     # Is RL above SFT? The paired bootstrap over the same test users (evaluate.py compare).
     compare_dir = os.path.join(out, "eval", "compare_rl_sft")
     run_stage("compare_rl_sft", ["evaluate.py", "compare", f"{out}/eval/student_sft/predictions.jsonl",
-                              f"{out}/eval/student_rl/predictions.jsonl", "--data", f"{world}/test.jsonl",
-                              "--out", compare_dir], out, log)
+                                 f"{out}/eval/student_rl/predictions.jsonl", "--data", f"{world}/test.jsonl",
+                                 "--out", compare_dir], out, log)
     rl_vs_sft = _read_json(os.path.join(compare_dir, "comparison.json"))
-    named = [(name, rows[key]) for key, name in DEMO_ROWS]
-    results = {"config": dataclasses.asdict(cfg), "rows": {key: rows[key] for key, _ in DEMO_ROWS}, "stages": log,
+    named = [(name, rows[key]) for key, name in DEMO_ROWS if key in rows]
+    results = {"config": dataclasses.asdict(cfg), "rows": {key: rows[key] for key, _ in DEMO_ROWS if key in rows},
+               "stages": log,
                "comparisons": {"rl_vs_sft": rl_vs_sft}}
     save_png(f1_comparison_figure([(name, rows[key]) for key, name in DEMO_ROWS if key in F1_FIGURE_ROWS],
                                   dimensions(taxonomy)), os.path.join(out, "f1_comparison.png"))
@@ -477,7 +481,7 @@ def run_demo(cfg):
           "## SFT + RL against SFT (paired bootstrap over the same test users)", "",
           paired_table(rl_vs_sft, {"student_sft": "after SFT", "student_rl": "after SFT + RL"}), "",
           "## Precision / recall over the confidence threshold τ", "",
-          sweep_table(named[2:]), "", "After SFT + RL, per dimension:", "",
+          sweep_table([(name, rows[key]) for key, name in DEMO_ROWS if key.startswith("student_") and key in rows]), "", "After SFT + RL, per dimension:", "",
           "![precision and recall against τ after SFT + RL](eval/student_rl/pr_curve.png)", "",
           "![reliability after SFT + RL: accuracy per bin of stated confidence, with counts](eval/student_rl/reliability.png)", "",
           "## Training curves", "", "![SFT: train and eval loss](sft/training_curves.png)", "",
@@ -488,15 +492,15 @@ def run_demo(cfg):
         tdir, dev_world = os.path.join(out, "thresholds"), os.path.join(out, "thresholds", "dev_world")
         # Its test users are the dev users (its 10 train users go unused), as in the command of docs/results.md.
         run_stage("dev_world", ["profilebench.py", "--out", dev_world, "--n-train", 10, "--n-test", cfg.n_dev, "--seed",
-                             cfg.seed + DEV_SEED_OFFSET], out, log)
+                                cfg.seed + DEV_SEED_OFFSET], out, log)
         run_stage("predict_dev", ["predict.py", "--model", rl_dir, "--users", f"{dev_world}/test.jsonl", "--max-new-tokens",
-                               cfg.eval_max_new_tokens, "--out", f"{tdir}/dev_profiles.jsonl"], out, log)
+                                  cfg.eval_max_new_tokens, "--out", f"{tdir}/dev_profiles.jsonl"], out, log)
         run_stage("thresholds_dev", ["evaluate.py", "--predictions", f"{tdir}/dev_profiles.jsonl", "--data",
-                                  f"{dev_world}/test.jsonl", "--out", f"{tdir}/dev", "--target-precision",
-                                  cfg.target_precision], out, log)
+                                     f"{dev_world}/test.jsonl", "--out", f"{tdir}/dev", "--target-precision",
+                                     cfg.target_precision], out, log)
         run_stage("thresholds_test", ["evaluate.py", "--predictions", f"{out}/eval/student_rl/predictions.jsonl", "--data",
-                                   f"{world}/test.jsonl", "--out", f"{tdir}/test", "--thresholds",
-                                   f"{tdir}/dev/thresholds.json"], out, log)
+                                      f"{world}/test.jsonl", "--out", f"{tdir}/test", "--thresholds",
+                                      f"{tdir}/dev/thresholds.json"], out, log)
         doc = _read_json(os.path.join(tdir, "dev", "thresholds.json"))
         applied = _read_json(os.path.join(tdir, "test", "metrics.json"))["at_thresholds"]
         results["thresholds"] = {"dev": doc, "test": applied}
@@ -513,22 +517,22 @@ def run_demo(cfg):
         for key, desc, flags in [a for a in SFT_ABLATIONS if a[0] in keys]:
             adir = os.path.join(out, "ablations", key)
             run_stage(f"calibrate_{key}", ["calibrate.py", "--samples", f"{out}/teacher_train.jsonl", "--users",
-                                        f"{world}/train.jsonl", "--out", f"{adir}/sft.jsonl", *flags], out, log)
+                                           f"{world}/train.jsonl", "--out", f"{adir}/sft.jsonl", *flags], out, log)
             sft_stage(f"sft_{key}", f"{adir}/sft.jsonl", f"{adir}/sft")
             ablation_rows.append((desc, predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
                                   f"after SFT (compare: {100 * rows['student_sft']['avg_f1']:.2f})"))
         for key, desc, flags in [a for a in RL_ABLATIONS if a[0] in keys]:
             adir = os.path.join(out, "ablations", key)
             run_stage(f"rl_{key}", [*launch, "rl.py", *rl_common, *flags, "--output-dir", f"{adir}/rl", *resume_flags(f"{adir}/rl")],
-                   out, log)
+                      out, log)
             ablation_rows.append((desc, predict_and_evaluate(key, f"{adir}/rl", cfg, world, out, log), "after SFT + RL"))
         key, desc = SFT_CONTROL
         if key in keys:
             adir = os.path.join(out, "ablations", key)
             run_stage(f"sft_{key}", [*launch, "sft.py", "--config", cfg.sft_config, "--model", sft_dir, "--init-student",
-                                  "false", "--data", f"{out}/sft.jsonl", "--seed", seed,
-                                  *_rl_budget(cfg.rl_config, rl_extra), "--output-dir", f"{adir}/sft",
-                                  *resume_flags(f"{adir}/sft")], out, log)
+                                     "false", "--data", f"{out}/sft.jsonl", "--seed", seed,
+                                     *_rl_budget(cfg.rl_config, rl_extra), "--output-dir", f"{adir}/sft",
+                                     *resume_flags(f"{adir}/sft")], out, log)
             ablation_rows.append((desc, predict_and_evaluate(key, f"{adir}/sft", cfg, world, out, log),
                                   "after SFT + more SFT"))
         results["ablations"] = {desc: m for desc, m, _ in ablation_rows}
@@ -537,8 +541,8 @@ def run_demo(cfg):
         # compared anew instead of refused.
         ablation_dir = os.path.join(out, "eval", "compare_ablations")
         run_stage("compare_ablations", ["evaluate.py", "compare", f"{out}/eval/student_rl/predictions.jsonl",
-                                     *[f"{out}/eval/{key}/predictions.jsonl" for key in keys], "--data",
-                                     f"{world}/test.jsonl", "--out", ablation_dir], out, log, done=False)
+                                        *[f"{out}/eval/{key}/predictions.jsonl" for key in keys], "--data",
+                                        f"{world}/test.jsonl", "--out", ablation_dir], out, log, done=False)
         paired = _read_json(os.path.join(ablation_dir, "comparison.json"))
         results["ablation_differences"] = paired
         deltas = dict(zip(keys, paired["differences"]))

@@ -5,11 +5,12 @@ The Stage-2 study: the whole pipeline with its ablations and controls on K seeds
     python study.py --seeds 0,1 --out runs/study --quick     # the --quick world and steps (CI's smoke: one seed)
     python study.py --variants rl_no_filter,rl_majority,rl_no_weighting   # some variants only (pipeline.py --variants)
 
-Seed S is `python pipeline.py --seed S --ablations --out OUT/seedS`: its own world, teacher, SFT student
-and RL run, and every variant of the component study from that same SFT student. A finished stage is
-skipped, so a killed study resumes where it stopped and a seed finished by hand is reused. Then each
-row (after SFT, after SFT + RL, every variant and both controls) is read back from
-OUT/seedS/eval/KEY/predictions.jsonl on that seed's test users, and the table gives:
+Seed S is `python pipeline.py --seed S --ablations --untrained-row false --target-precision 0 --out
+OUT/seedS`: its own world, teacher, SFT student and RL run, and every variant of the component study
+from that same SFT student. A finished stage is skipped, so a killed study resumes where it stopped and
+a seed finished by hand is reused. Then each row (after SFT, after SFT + RL, every variant and both
+controls) is read back from OUT/seedS/eval/KEY/predictions.jsonl on that seed's test users, and the
+table gives: (the untrained student and the thresholds are not the study's)
 
 * avg F1, the mean over the seeds, and Δ vs full: the row's avg F1 minus the full method's (after SFT +
   RL) on the same seed and users, mean over the seeds;
@@ -175,7 +176,8 @@ def main(argv=None):
     for s in seeds:
         seed_dir = os.path.join(cfg.out, f"seed{s}")
         cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--seed", str(s), "--ablations", "--out", seed_dir,
-               "--procs", str(cfg.procs), *(["--quick"] if cfg.quick else []),
+               "--procs", str(cfg.procs), "--untrained-row", "false", "--target-precision", "0",
+               *(["--quick"] if cfg.quick else []),
                *(["--variants", cfg.variants] if cfg.variants else [])]
         print(f"\n=== seed {s}\n$ python {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode:
