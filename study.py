@@ -7,10 +7,10 @@ The Stage-2 study: the whole pipeline with its ablations and controls on K seeds
 
 Seed S is `python pipeline.py --seed S --ablations --untrained-row false --target-precision 0 --out
 OUT/seedS`: its own world, teacher, SFT student and RL run, and every variant of the component study
-from that same SFT student. A finished stage is skipped, so a killed study resumes where it stopped and
-a seed finished by hand is reused. Then each row (after SFT, after SFT + RL, every variant and both
-controls) is read back from OUT/seedS/eval/KEY/predictions.jsonl on that seed's test users, and the
-table gives: (the untrained student and the thresholds are not the study's)
+from that same SFT student (without the untrained student's row and the thresholds, which no row of the
+study reads). A finished stage is skipped, so a killed study resumes where it stopped and a seed
+finished by hand is reused. Then each row (after SFT, after SFT + RL, every variant and both controls)
+is read back from OUT/seedS/eval/KEY/predictions.jsonl on that seed's test users, and the table gives:
 
 * avg F1, the mean over the seeds, and Δ vs full: the row's avg F1 minus the full method's (after SFT +
   RL) on the same seed and users, mean over the seeds;
