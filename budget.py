@@ -84,7 +84,7 @@ def point_name(point):
 
 
 def collapse_metrics(records):
-    """{metric: mean over the last tenth of the run's steps (at least one)} of an rl.py metrics.jsonl."""
+    """{metric: mean over the last max(1, floor(n / 10)) of the run's n training steps} of an rl.py metrics.jsonl."""
     steps = [r for r in records if "kept_frac" in r]  # training steps (a dev-only record has no kept_frac)
     tail = steps[len(steps) - max(1, len(steps) // 10):]
     return {m: float(np.mean([r[m] for r in tail if m in r])) for m in COLLAPSE if any(m in r for r in tail)}
