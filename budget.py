@@ -84,7 +84,7 @@ def point_name(point):
 
 
 def collapse_metrics(records):
-    """{metric: mean over the last max(1, floor(n / 10)) of the run's n training steps} of an rl.py metrics.jsonl."""
+    """{metric: mean over the last max(1, floor(n / 10)) of the n training steps} of rl.py's metrics.jsonl."""
     steps = [r for r in records if "kept_frac" in r]  # training steps (a dev-only record has no kept_frac)
     tail = steps[len(steps) - max(1, len(steps) // 10):]
     return {m: float(np.mean([r[m] for r in tail if m in r])) for m in COLLAPSE if any(m in r for r in tail)}
@@ -129,7 +129,8 @@ def main(argv=None):
     if rest:
         raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
     rl_config = os.path.abspath(cfg.rl_config if os.path.exists(cfg.rl_config) else os.path.join(ROOT, cfg.rl_config))
-    rl, _ = load_config(RLConfig, ["--config", rl_config], prog="rl.py")
+    # the grid's centre as rl.py resolves it, with the pipeline's own rl.py flags (--quick's --max-steps)
+    rl, _ = load_config(RLConfig, ["--config", rl_config, *(QUICK_RL if cfg.quick else [])], prog="rl.py")
     wdir = os.path.join(cfg.out, "world")
     cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--seed", str(cfg.seed), "--out", wdir,
            "--rl-config", rl_config, "--target-precision", "0", "--untrained-row", "false", "--procs", str(cfg.procs),
@@ -140,8 +141,7 @@ def main(argv=None):
     world, sft_dir = os.path.join(wdir, "world"), os.path.join(wdir, "sft")
     dev = os.path.join(world, "test.jsonl")
     launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
-    centre_steps = int(QUICK_RL[QUICK_RL.index("--max-steps") + 1]) if cfg.quick else rl.max_steps  # pipeline's RL
-    points = grid((centre_steps, rl.batch_size, rl.lr), [int(v) for v in cfg.steps.split(",")],
+    points = grid((rl.max_steps, rl.batch_size, rl.lr), [int(v) for v in cfg.steps.split(",")],
                   [int(v) for v in cfg.users.split(",")], [float(v) for v in cfg.lrs.split(",")])
     log, runs = [], {}
     for point in points:
@@ -155,7 +155,8 @@ def main(argv=None):
         predict_and_evaluate(name, run_dir, cfg, world, cfg.out, log)
         runs[name] = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     # The headroom: RL moves the greedy answer towards the vote of the student's own samples, so the SFT
-    # student's self-vote on the dev users, against its greedy answer there, says how much RL can find.
+    # student's self-vote on the dev users, against its greedy answer there, says whether RL has anything to
+    # find (not how much: the vote RL follows is the current policy's, which improves as it trains).
     vote_dir = os.path.join(cfg.out, "eval", "self_vote")
     run_stage("self_vote_samples", ["label.py", "--teacher", sft_dir, "--users", dev, "--samples", rl.num_generations,
                                     "--temperature", rl.temperature, "--max-new-tokens", rl.max_new_tokens, "--seed",
@@ -169,7 +170,8 @@ def main(argv=None):
     compare_dir = os.path.join(cfg.out, "eval", "compare")
     run_stage("compare", ["evaluate.py", "compare", *[f"{cfg.out}/eval/{n}/predictions.jsonl" for n in names],
                           "--data", dev, "--out", compare_dir], cfg.out, log, done=False)
-    differences = read_json(os.path.join(compare_dir, "comparison.json"))["differences"]
+    comparison = read_json(os.path.join(compare_dir, "comparison.json"))
+    differences = comparison["differences"]
     rows = []
     for i, (point, name) in enumerate(zip(points, names)):
         metrics = read_json(os.path.join(cfg.out, "eval", name, "metrics.json"))
@@ -179,8 +181,7 @@ def main(argv=None):
                      "delta": d["delta"], "delta_low": d["low"], "delta_high": d["high"],
                      "collapse": collapse_metrics(runs[name]), "dev_curve": curve})
     chosen = choose(rows)
-    n_dev = sum(1 for _ in open(dev, encoding="utf-8"))
-    md = render(rows, chosen, cfg, n_dev, headroom)
+    md = render(rows, chosen, cfg, comparison["n_users"], headroom)
     curves = [(f"{r['steps']} steps, {r['users']} users, lr {r['lr']:g}", r["dev_curve"]) for r in rows]
     save_png(budget_figure(curves), os.path.join(cfg.out, "budget.png"))
     atomic_write_text(os.path.join(cfg.out, "budget.md"), md)

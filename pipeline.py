@@ -464,9 +464,9 @@ def run_demo(cfg):
                                  "--out", compare_dir], out, log)
     rl_vs_sft = _read_json(os.path.join(compare_dir, "comparison.json"))
     named = [(name, rows[key]) for key, name in DEMO_ROWS if key in rows]
+    students = [(name, rows[key]) for key, name in DEMO_ROWS if key.startswith("student_") and key in rows]
     results = {"config": dataclasses.asdict(cfg), "rows": {key: rows[key] for key, _ in DEMO_ROWS if key in rows},
-               "stages": log,
-               "comparisons": {"rl_vs_sft": rl_vs_sft}}
+               "stages": log, "comparisons": {"rl_vs_sft": rl_vs_sft}}
     save_png(f1_comparison_figure([(name, rows[key]) for key, name in DEMO_ROWS if key in F1_FIGURE_ROWS],
                                   dimensions(taxonomy)), os.path.join(out, "f1_comparison.png"))
     for run_dir in (sft_dir, rl_dir):  # sft.py / rl.py draw them at the end; a run made before they did gets them here
@@ -481,7 +481,7 @@ def run_demo(cfg):
           "## SFT + RL against SFT (paired bootstrap over the same test users)", "",
           paired_table(rl_vs_sft, {"student_sft": "after SFT", "student_rl": "after SFT + RL"}), "",
           "## Precision / recall over the confidence threshold τ", "",
-          sweep_table([(name, rows[key]) for key, name in DEMO_ROWS if key.startswith("student_") and key in rows]), "", "After SFT + RL, per dimension:", "",
+          sweep_table(students), "", "After SFT + RL, per dimension:", "",
           "![precision and recall against τ after SFT + RL](eval/student_rl/pr_curve.png)", "",
           "![reliability after SFT + RL: accuracy per bin of stated confidence, with counts](eval/student_rl/reliability.png)", "",
           "## Training curves", "", "![SFT: train and eval loss](sft/training_curves.png)", "",
