@@ -3,25 +3,26 @@ The RL budget chosen on a dev world: steps, users a step and learning rate, on a
 own seed. The test users of the demo and of the study never enter it.
 
     python budget.py --out runs/budget                  # the dev world of seed 1000, the grid below
+    python budget.py --out runs/budget --steps 50,100,200 --centre 100,4,1e-4   # around another budget
     python budget.py --out runs/budget --quick --steps 2,3 --users 2,4 --lrs 1e-4,3e-4 --eval-every 1   # CI
 
 First `pipeline.py --seed SEED --out OUT/world --target-precision 0 --untrained-row false`: the dev
 world (its own train users, unlabelled, and its labelled users, here the dev users), the teacher, the
 SFT student, and RL at rl_demo.json. Then, from that SFT student, rl.py at each point of a one-factor
-grid around rl_demo.json's budget (max_steps, batch_size = users a step, lr): every value of `steps` at
-the config's users and lr, every value of `users` at its steps and lr, every value of `lrs` at its steps
-and users. Each run evaluates its greedy answers on dev users every `eval_every` steps (rl.py
+grid around a centre, rl_demo.json's budget (max_steps, batch_size = users a step, lr) unless --centre
+names another: every value of `steps` at the centre's users and lr, every value of `users` at its steps
+and lr, every value of `lrs` at its steps and users. Each run evaluates its greedy answers on dev users every `eval_every` steps (rl.py
 --dev-data: the curve), and at its end on all of them as pipeline.py evaluates a student (label.py,
 evaluate.py).
 
-The table (OUT/budget.md, budget.json): each point's dev avg F1 with its paired Δ against the config's
+The table (OUT/budget.md, budget.json): each point's dev avg F1 with its paired Δ against the centre's
 point (evaluate.py compare: a 95 % bootstrap over the dev users), and the collapse metrics of its last
 tenth of steps (entropy, majority_ratio, na_rate, kept_frac, probe_agreement, stated confidence: what
 collapses when self-consistency RL runs too long or too fast; docs/design.md, "Reading a Stage-2 run").
 Above it, the headroom: the SFT student's greedy answers on the dev users against the vote of its own G
 samples (label.py, evaluate.py --vote --na-weight W: RL's quasi labels, which RL moves the greedy answer
 towards). The choice (`choose`): the point of highest dev avg F1 among those whose Δ's interval lies
-above 0; none such, and the config's point stays. OUT/budget.png: dev avg F1 over the steps of each run.
+above 0; none such, and the centre stays. OUT/budget.png: dev avg F1 over the steps of each run.
 """
 import dataclasses
 import json
@@ -45,11 +46,13 @@ class BudgetConfig:
     out: str = opt("runs/budget", "the study's folder (the dev world's pipeline in OUT/world)", nonempty=True)
     seed: int = opt(1000, "the dev world's seed: a world of its own (the demo's seeds are 0..4, their threshold "
                           "dev worlds seed + 100)", min=0)
-    steps: str = opt("50,100,200,400", "comma-separated max_steps, at the config's users a step and lr", nonempty=True)
-    users: str = opt("2,4,8", "comma-separated batch_size (users a step), at the config's steps and lr", nonempty=True)
-    lrs: str = opt("3e-5,1e-4,3e-4", "comma-separated lr, at the config's steps and users a step", nonempty=True)
+    steps: str = opt("50,100,200,400", "comma-separated max_steps, at the centre's users a step and lr", nonempty=True)
+    users: str = opt("2,4,8", "comma-separated batch_size (users a step), at the centre's steps and lr", nonempty=True)
+    lrs: str = opt("3e-5,1e-4,3e-4", "comma-separated lr, at the centre's steps and users a step", nonempty=True)
     rl_config: str = opt("configs/rl_demo.json", "rl.py's config: the grid's centre and every other setting",
                          nonempty=True)
+    centre: str = opt("", "the grid's centre as STEPS,USERS,LR (a grid around another budget than the config's); "
+                          "empty: rl_config's max_steps, batch_size and lr")
     eval_every: int = opt(50, "the dev curve: rl.py's greedy dev evaluation every this many steps", min=1)
     dev_size: int = opt(500, "dev users of each point of the curve (the end of a run is evaluated on all)", min=1)
     eval_max_new_tokens: int = opt(320, "greedy answer budget at the end-of-run evaluation (as pipeline.py's)", min=1)
@@ -66,6 +69,20 @@ class BudgetConfig:
                                   f"got {getattr(self, key)!r}") from None
             if min(values) <= 0 or len(set(values)) != len(values):
                 raise ConfigError(f"budget: {key}: expected distinct values > 0, got {getattr(self, key)!r}")
+        if self.centre:
+            parse_centre(self.centre)
+
+
+def parse_centre(text):
+    """'STEPS,USERS,LR' -> (int, int, float), each > 0."""
+    parts = text.split(",")
+    try:
+        centre = (int(parts[0]), int(parts[1]), float(parts[2])) if len(parts) == 3 else None
+    except ValueError:
+        centre = None
+    if centre is None or min(centre) <= 0:
+        raise ConfigError(f"budget: centre: expected STEPS,USERS,LR (two integers and a number, each > 0), got {text!r}")
+    return centre
 
 
 def grid(centre, steps, users, lrs):
@@ -101,7 +118,7 @@ def render(rows, chosen, cfg, n_dev, headroom):
     pct = lambda x: "–" if x is None else f"{100 * x:.2f}"  # noqa: E731
     sgn = lambda x: "–" if x is None else f"{100 * x:+.2f}"  # noqa: E731
     lines = [f"# RL budget on the dev world (seed {cfg.seed}, {n_dev} labelled dev users)", "",
-             "Δ vs centre: the point's dev avg F1 minus the config's point's, with its 95 % paired bootstrap over the "
+             "Δ vs centre: the point's dev avg F1 minus the centre's, with its 95 % paired bootstrap over the "
              "dev users (evaluate.py compare). Collapse metrics: rl.py's metrics.jsonl, mean over the last tenth of "
              "the steps.", "",
              f"Headroom: the SFT student on the dev users answers greedily at {pct(headroom['sft_greedy'])} avg F1; "
@@ -119,8 +136,8 @@ def render(rows, chosen, cfg, n_dev, headroom):
                      + " | " + " | ".join(f"{c[m]:.3f}" if m in c else "–" for m in COLLAPSE) + " |")
     same = chosen is rows[0]
     lines += ["", f"Choice: {chosen['steps']} steps, {chosen['users']} users a step, lr {chosen['lr']:g}"
-              + (" (the config's point: no other point is measured above it)." if same else
-                 " (measured above the config's point)."), "", "![dev avg F1 over the steps of each run](budget.png)"]
+              + (" (the centre: no other point is measured above it)." if same else
+                 " (measured above the centre)."), "", "![dev avg F1 over the steps of each run](budget.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +158,8 @@ def main(argv=None):
     world, sft_dir = os.path.join(wdir, "world"), os.path.join(wdir, "sft")
     dev = os.path.join(world, "test.jsonl")
     launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
-    points = grid((rl.max_steps, rl.batch_size, rl.lr), [int(v) for v in cfg.steps.split(",")],
+    centre = parse_centre(cfg.centre) if cfg.centre else (rl.max_steps, rl.batch_size, rl.lr)
+    points = grid(centre, [int(v) for v in cfg.steps.split(",")],
                   [int(v) for v in cfg.users.split(",")], [float(v) for v in cfg.lrs.split(",")])
     log, runs = [], {}
     for point in points:

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import budget
+from common import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,10 +36,19 @@ def test_the_choice_is_the_best_point_measured_above_the_centre_else_the_centre(
     assert budget.choose([centre, noisy])["name"] == "c"
 
 
+def test_the_centre_is_three_positive_numbers_or_one_line_of_error():
+    assert budget.parse_centre("100,4,1e-4") == (100, 4, 1e-4)
+    for bad in ("100,4", "100,4,0", "1e-4,4,100", "a,b,c", "100,4,1e-4,2"):
+        with pytest.raises(ConfigError, match="centre: expected STEPS,USERS,LR"):
+            budget.parse_centre(bad)
+    with pytest.raises(ConfigError, match="centre"):
+        budget.BudgetConfig(centre="100,-4,1e-4")
+
+
 def test_quick_budget_runs_each_point_and_writes_the_table(tmp_path):
     out = tmp_path / "budget"
     cmd = [sys.executable, os.path.join(ROOT, "budget.py"), "--quick", "--out", str(out), "--steps", "2", "--users",
-           "4", "--lrs", "3e-4", "--eval-every", "1", "--dev-size", "10"]
+           "4", "--lrs", "3e-4", "--eval-every", "1", "--dev-size", "10", "--centre", "3,4,1e-4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "budget.json").read_text(encoding="utf-8"))
