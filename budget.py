@@ -11,9 +11,9 @@ world (its own train users, unlabelled, and its labelled users, here the dev use
 SFT student, and RL at rl_demo.json. Then, from that SFT student, rl.py at each point of a one-factor
 grid around a centre, rl_demo.json's budget (max_steps, batch_size = users a step, lr) unless --centre
 names another: every value of `steps` at the centre's users and lr, every value of `users` at its steps
-and lr, every value of `lrs` at its steps and users. Each run evaluates its greedy answers on dev users every `eval_every` steps (rl.py
---dev-data: the curve), and at its end on all of them as pipeline.py evaluates a student (label.py,
-evaluate.py).
+and lr, every value of `lrs` at its steps and users. Each run evaluates its greedy answers on dev
+users every `eval_every` steps (rl.py --dev-data: the curve), and at its end on all of them as
+pipeline.py evaluates a student (label.py, evaluate.py).
 
 The table (OUT/budget.md, budget.json): each point's dev avg F1 with its paired Δ against the centre's
 point (evaluate.py compare: a 95 % bootstrap over the dev users), and the collapse metrics of its last
@@ -81,7 +81,8 @@ def parse_centre(text):
     except ValueError:
         centre = None
     if centre is None or min(centre) <= 0:
-        raise ConfigError(f"budget: centre: expected STEPS,USERS,LR (two integers and a number, each > 0), got {text!r}")
+        raise ConfigError(f"budget: centre: expected STEPS,USERS,LR (two integers and a number, each > 0), "
+                          f"got {text!r}")
     return centre
 
 

@@ -51,7 +51,8 @@ def convert(out_dir):
     # Copies in torch's own (64-byte aligned) memory. On the GGUF reader's arrays, which sit wherever numpy
     # put them, the reference's logits moved from one run to the next (gaps of 0, 5.1e-3 and 1.1e-2 in three
     # runs); on the copies the gap is 0 in five.
-    tensors = {k: v.clone() for k, v in load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf)["tensors"].items()}
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf)["tensors"]
+    tensors = {k: v.clone() for k, v in tensors.items()}
     result = hf.load_state_dict(tensors, strict=False, assign=True)
     if result.missing_keys != ["lm_head.weight"] or result.unexpected_keys:  # tied embeddings: lm_head is embed_tokens
         raise ValueError(f"{path}: unexpected tensors (missing {result.missing_keys}, unexpected {result.unexpected_keys})")
