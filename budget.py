@@ -61,6 +61,13 @@ class BudgetConfig:
 
     def __post_init__(self):
         check_fields(self, "budget")
+        self.axes()
+        if self.centre:
+            parse_centre(self.centre)
+
+    def axes(self):
+        """(steps, users, lrs): the grid's values of each factor, parsed; distinct and > 0, else ConfigError."""
+        axes = []
         for key, kind in (("steps", int), ("users", int), ("lrs", float)):
             try:
                 values = [kind(v) for v in getattr(self, key).split(",")]
@@ -69,8 +76,8 @@ class BudgetConfig:
                                   f"got {getattr(self, key)!r}") from None
             if min(values) <= 0 or len(set(values)) != len(values):
                 raise ConfigError(f"budget: {key}: expected distinct values > 0, got {getattr(self, key)!r}")
-        if self.centre:
-            parse_centre(self.centre)
+            axes.append(values)
+        return tuple(axes)
 
 
 def parse_centre(text):
@@ -160,8 +167,7 @@ def main(argv=None):
     dev = os.path.join(world, "test.jsonl")
     launch = ["torchrun", "--standalone", f"--nproc_per_node={cfg.procs}"] if cfg.procs > 1 else []
     centre = parse_centre(cfg.centre) if cfg.centre else (rl.max_steps, rl.batch_size, rl.lr)
-    points = grid(centre, [int(v) for v in cfg.steps.split(",")],
-                  [int(v) for v in cfg.users.split(",")], [float(v) for v in cfg.lrs.split(",")])
+    points = grid(centre, *cfg.axes())
     log, runs = [], {}
     for point in points:
         name = point_name(point)

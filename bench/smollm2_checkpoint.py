@@ -48,9 +48,8 @@ def convert(out_dir):
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     with torch.device("meta"):  # no random init of 135M weights that are overwritten anyway
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Copies in torch's own (64-byte aligned) memory. On the GGUF reader's arrays, which sit wherever numpy
-    # put them, the reference's logits moved from one run to the next (gaps of 0, 5.1e-3 and 1.1e-2 in three
-    # runs); on the copies the gap is 0 in five.
+    # Copies in torch's own (64-byte aligned) memory: on the GGUF reader's arrays, which sit wherever numpy
+    # put them, the reference's logits move from one run to the next (docs/results.md, "A pretrained student").
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf)["tensors"]
     tensors = {k: v.clone() for k, v in tensors.items()}
     result = hf.load_state_dict(tensors, strict=False, assign=True)

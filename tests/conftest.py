@@ -16,8 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def one_thread(monkeypatch):
     """One intra-op thread in this process and in the processes it starts, for the tests that compare two
     trainings bit for bit: at two threads a CPU backward can add in an order that depends on the
-    machine's load (docs/results.md, "A pretrained student"), about 1 kill-and-resume in 30 under load
-    on a 2-core machine; at one thread, 0 in 60. The demo's trainers run one thread per process."""
+    machine's load (docs/results.md, "A pretrained student", counts the runs). The demo's trainers run
+    one thread per process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
