@@ -5,6 +5,8 @@ own seed. The test users of the demo and of the study never enter it.
     python budget.py --out runs/budget                  # the dev world of seed 1000, the grid below
     python budget.py --out runs/budget --steps 50,100,200 --centre 100,4,1e-4   # around another budget
     python budget.py --out runs/budget --quick --steps 2,3 --users 2,4 --lrs 1e-4,3e-4 --eval-every 1   # CI
+    python budget.py --seed 1001 --out runs/budget_1001 ...       # the same grid on another dev world
+    python budget.py choose runs/budget runs/budget_1001 runs/budget_1002 --out runs/budget_choice
 
 First `pipeline.py --seed SEED --out OUT/world --target-precision 0 --untrained-row false`: the dev
 world (its own train users, unlabelled, and its labelled users, here the dev users), the teacher, the
@@ -23,6 +25,11 @@ Above it, the headroom: the SFT student's greedy answers on the dev users agains
 samples (label.py, evaluate.py --vote --na-weight W: RL's quasi labels, which RL moves the greedy answer
 towards). The choice (`choose`): the point of highest dev avg F1 among those whose Δ's interval lies
 above 0; none such, and the centre stays. OUT/budget.png: dev avg F1 over the steps of each run.
+
+One dev world's choice can be that world's luck. `budget.py choose` reads several finished budget
+folders, each on a dev world of its own seed around the same centre with the same rl.py settings, and
+moves the config only to a point measured above the centre on every world (`choose_across`): the
+highest mean dev avg F1 among those, else the centre -> OUT/choice.md, choice.json.
 """
 import dataclasses
 import json
@@ -122,6 +129,23 @@ def choose(rows):
     return max(better, key=lambda r: r["avg_f1"]) if better else rows[0]
 
 
+def choose_across(worlds):
+    """worlds: [(seed, rows)], each world's rows as budget.json writes them, the centre first and the same
+    centre on every world. A point is a candidate when every world ran it and measured it above the centre
+    there (the lower end of its Δ's interval > 0 on each world); the choice is the candidate of highest mean
+    dev avg F1 over the worlds, else the centre: a point moves the config only where it helps on every dev
+    world. -> (the chosen point's name, {name: [each world's row or None]}), names in first-seen order."""
+    table = {}
+    for i, (_, rows) in enumerate(worlds):
+        for r in rows:
+            table.setdefault(r["name"], [None] * len(worlds))[i] = r
+    centre = worlds[0][1][0]["name"]
+    better = [name for name, per_world in table.items() if name != centre
+              and all(r is not None and r["delta_low"] is not None and r["delta_low"] > 0 for r in per_world)]
+    chosen = max(better, key=lambda n: np.mean([r["avg_f1"] for r in table[n]])) if better else centre
+    return chosen, table
+
+
 def render(rows, chosen, cfg, n_dev, headroom):
     pct = lambda x: "–" if x is None else f"{100 * x:.2f}"  # noqa: E731
     sgn = lambda x: "–" if x is None else f"{100 * x:+.2f}"  # noqa: E731
@@ -149,7 +173,96 @@ def render(rows, chosen, cfg, n_dev, headroom):
     return "\n".join(lines) + "\n"
 
 
+@dataclasses.dataclass
+class ChooseConfig:
+    out: str = opt("runs/budget_choice", "where the choice across the dev worlds is written (choice.md, choice.json)",
+                   nonempty=True)
+
+
+# rl.py settings that differ between dev worlds by construction (their files, their seed, how a run was resumed)
+PER_WORLD = ("model", "data", "stage1", "output_dir", "dev_data", "seed", "resume", "force_resume", "overwrite")
+
+
+def read_world(folder):
+    """(seed, budget.json's document, the centre run's rl_config.json without PER_WORLD) of a budget folder."""
+    path = os.path.join(folder, "budget.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"choose: {path}: not found; expected the --out folder of a finished budget.py run")
+    doc = read_json(path)
+    centre = doc["rows"][0]["name"]
+    settings = read_json(os.path.join(folder, "runs", centre, "rl_config.json"))
+    return doc["config"]["seed"], doc, {k: v for k, v in settings.items() if k not in PER_WORLD}
+
+
+def render_choice(worlds, chosen, table):
+    pct = lambda x: f"{100 * x:.2f}"  # noqa: E731
+    sgn = lambda x: "–" if x is None else f"{100 * x:+.2f}"  # noqa: E731
+    seeds = [seed for seed, _, _ in worlds]
+    centre = worlds[0][1]["rows"][0]["name"]
+    lines = [f"# RL budget across {len(worlds)} dev worlds (seeds {', '.join(map(str, seeds))})", "",
+             "Each world: budget.py on its own seed (its own train users, SFT student and labelled dev users). A cell: "
+             "the point's dev avg F1 and its Δ against the centre on that world [95 % paired bootstrap over its dev "
+             "users]. A point moves the config only where it is measured above the centre on every world "
+             "(`choose_across`).", "",
+             "Headroom (SFT greedy → the vote of its own samples, on each world's dev users): " + "; ".join(
+                 f"seed {seed}: {pct(doc['headroom']['sft_greedy'])} → {pct(doc['headroom']['sft_self_vote'])}"
+                 for seed, doc, _ in worlds) + ".", "",
+             "| steps | users a step | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean dev avg F1 | above on every world |",
+             "|---" * (5 + len(seeds)) + "|"]
+    for name, per_world in table.items():
+        r = next(r for r in per_world if r is not None)
+        cells = ["–" if w is None else pct(w["avg_f1"]) + (" (centre)" if name == centre else
+                 f", {sgn(w['delta'])} [{sgn(w['delta_low'])}, {sgn(w['delta_high'])}]") for w in per_world]
+        ran_all = all(w is not None for w in per_world)
+        above = name != centre and ran_all and all(w["delta_low"] is not None and w["delta_low"] > 0 for w in per_world)
+        mean = pct(np.mean([w["avg_f1"] for w in per_world])) if ran_all else "–"
+        lines.append(f"| {r['steps']} | {r['users']} | {r['lr']:g} | " + " | ".join(cells)
+                     + f" | {mean} | {'–' if name == centre else ('yes' if above else 'no')} |")
+    r = next(r for r in table[chosen] if r is not None)
+    lines += ["", f"Choice: {r['steps']} steps, {r['users']} users a step, lr {r['lr']:g}"
+              + (" (the centre: no other point is measured above it on every world)." if chosen == centre
+                 else " (measured above the centre on every world).")]
+    return "\n".join(lines) + "\n"
+
+
+def choose_main(argv):
+    """budget.py choose DIR DIR ... --out OUT: the choice across dev worlds, each DIR a budget.py --out of
+    its own seed around the same centre with the same rl.py settings -> OUT/choice.md, OUT/choice.json."""
+    cfg, folders = load_config(ChooseConfig, argv, prog="budget.py choose", description=(
+        "The RL budget across dev worlds:\n  python budget.py choose runs/budget runs/budget_1001 runs/budget_1002 "
+        "--out runs/budget_choice\neach folder a finished budget.py run on a dev world of its own seed"))
+    if len(folders) < 2:
+        raise ConfigError(f"choose: expected two or more budget folders (each budget.py --out of its own dev world), "
+                          f"got {len(folders)}")
+    worlds = [read_world(f) for f in folders]
+    seeds = [seed for seed, _, _ in worlds]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"choose: the folders' dev worlds have seeds {seeds}; expected a world of its own seed each")
+    for folder, (seed, doc, settings) in zip(folders[1:], worlds[1:]):
+        first_doc, first_settings = worlds[0][1], worlds[0][2]
+        if doc["rows"][0]["name"] != first_doc["rows"][0]["name"]:
+            raise ConfigError(f"choose: {folder} has centre {doc['rows'][0]['name']}, {folders[0]} has "
+                              f"{first_doc['rows'][0]['name']}; expected one centre on every world")
+        differ = sorted(k for k in set(settings) | set(first_settings) if settings.get(k) != first_settings.get(k))
+        if differ:
+            raise ConfigError(f"choose: {folder} and {folders[0]} ran rl.py with other settings ({', '.join(differ)}); "
+                              "expected the same rl.py config on every world")
+    chosen, table = choose_across([(seed, doc["rows"]) for seed, doc, _ in worlds])
+    md = render_choice(worlds, chosen, table)
+    atomic_write_text(os.path.join(cfg.out, "choice.md"), md)
+    atomic_write_text(os.path.join(cfg.out, "choice.json"), json.dumps(
+        {"folders": folders, "seeds": seeds, "choice": chosen,
+         "points": {name: [None if r is None else {k: r[k] for k in ("avg_f1", "delta", "delta_low", "delta_high")}
+                           for r in per_world] for name, per_world in table.items()}},
+        indent=2, ensure_ascii=False) + "\n")
+    print(md + f"\nwrote {cfg.out}/choice.md and choice.json")
+    return chosen, table
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["choose"]:
+        return choose_main(argv[1:])
     cfg, rest = load_config(BudgetConfig, argv, prog="budget.py", description=__doc__.strip().split("\n\n")[0])
     if rest:
         raise ConfigError(f"unexpected arguments {rest}; use --key value (see --help)")
