@@ -184,14 +184,15 @@ PER_WORLD = ("model", "data", "stage1", "output_dir", "dev_data", "seed", "resum
 
 
 def read_world(folder):
-    """(seed, budget.json's document, the centre run's rl_config.json without PER_WORLD) of a budget folder."""
+    """(seed, budget.json's document, the centre run's rl.py settings but PER_WORLD) of a budget folder."""
     path = os.path.join(folder, "budget.json")
     if not os.path.exists(path):
         raise ConfigError(f"choose: {path}: not found; expected the --out folder of a finished budget.py run")
     doc = read_json(path)
     centre = doc["rows"][0]["name"]
     settings = read_json(os.path.join(folder, "runs", centre, "rl_config.json"))
-    return doc["config"]["seed"], doc, {k: v for k, v in settings.items() if k not in PER_WORLD}
+    return doc["config"]["seed"], doc, {k: v for k, v in settings.items()  # "_inputs": the files' fingerprints
+                                        if k not in PER_WORLD and not k.startswith("_")}
 
 
 def render_choice(worlds, chosen, table):

@@ -87,7 +87,7 @@ def test_across_worlds_a_point_moves_the_config_only_where_it_is_above_the_centr
 def _world(folder, seed, rows, **settings):
     """A finished budget folder by hand: budget.json and the centre run's rl_config.json."""
     rl = {"model": f"{folder}/world/sft", "seed": seed, "output_dir": f"{folder}/runs/{rows[0]['name']}",
-          "temperature": 1.0, "num_generations": 8, **settings}
+          "temperature": 1.0, "num_generations": 8, "_inputs": {"data": f"sha256 of world {seed}"}, **settings}
     os.makedirs(folder / "runs" / rows[0]["name"])
     (folder / "runs" / rows[0]["name"] / "rl_config.json").write_text(json.dumps(rl), encoding="utf-8")
     doc = {"config": {"seed": seed}, "rows": rows, "choice": rows[0]["name"],
