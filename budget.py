@@ -122,33 +122,44 @@ def collapse_metrics(records):
     return {m: float(np.mean([r[m] for r in tail if m in r])) for m in COLLAPSE if any(m in r for r in tail)}
 
 
+def above_centre(row):
+    """A row measured above the centre: the lower end of its Δ's interval > 0 (the centre's own row has none).
+    None (a point a world did not run) is not above."""
+    return row is not None and row["delta_low"] is not None and row["delta_low"] > 0
+
+
 def choose(rows):
-    """The row of highest dev avg F1 among those measured above the centre (the lower end of Δ's
-    interval > 0); the centre's row when none is."""
-    better = [r for r in rows if r["delta_low"] is not None and r["delta_low"] > 0]
+    """The row of highest dev avg F1 among those measured above the centre; the centre's row when none is."""
+    better = [r for r in rows if above_centre(r)]
     return max(better, key=lambda r: r["avg_f1"]) if better else rows[0]
 
 
 def choose_across(worlds):
-    """worlds: [(seed, rows)], each world's rows as budget.json writes them, the centre first and the same
-    centre on every world. A point is a candidate when every world ran it and measured it above the centre
-    there (the lower end of its Δ's interval > 0 on each world); the choice is the candidate of highest mean
-    dev avg F1 over the worlds, else the centre: a point moves the config only where it helps on every dev
-    world. -> (the chosen point's name, {name: [each world's row or None]}), names in first-seen order."""
+    """worlds: each world's rows as budget.json writes them, the centre first and the same centre on every
+    world. A point is a candidate when every world ran it and measured it above the centre there; the
+    choice is the candidate of highest mean dev avg F1 over the worlds, else the centre: a point moves the
+    config only where it helps on every dev world. -> (the chosen point's name, {name: [each world's row
+    or None]}), names in first-seen order."""
     table = {}
-    for i, (_, rows) in enumerate(worlds):
+    for i, rows in enumerate(worlds):
         for r in rows:
             table.setdefault(r["name"], [None] * len(worlds))[i] = r
-    centre = worlds[0][1][0]["name"]
-    better = [name for name, per_world in table.items() if name != centre
-              and all(r is not None and r["delta_low"] is not None and r["delta_low"] > 0 for r in per_world)]
-    chosen = max(better, key=lambda n: np.mean([r["avg_f1"] for r in table[n]])) if better else centre
+    better = [name for name, per_world in table.items() if all(map(above_centre, per_world))]
+    chosen = max(better, key=lambda n: np.mean([r["avg_f1"] for r in table[n]])) if better else worlds[0][0]["name"]
     return chosen, table
 
 
+def pct(x):
+    """A share as a percentage with two decimals (0.6543 -> '65.43'); '–' for None."""
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def sgn(x):
+    """A difference of shares in signed points (0.0087 -> '+0.87'); '–' for None."""
+    return "–" if x is None else f"{100 * x:+.2f}"
+
+
 def render(rows, chosen, cfg, n_dev, headroom):
-    pct = lambda x: "–" if x is None else f"{100 * x:.2f}"  # noqa: E731
-    sgn = lambda x: "–" if x is None else f"{100 * x:+.2f}"  # noqa: E731
     lines = [f"# RL budget on the dev world (seed {cfg.seed}, {n_dev} labelled dev users)", "",
              "Δ vs centre: the point's dev avg F1 minus the centre's, with its 95 % paired bootstrap over the "
              "dev users (evaluate.py compare). Collapse metrics: rl.py's metrics.jsonl, mean over the last tenth of "
@@ -196,8 +207,6 @@ def read_world(folder):
 
 
 def render_choice(worlds, chosen, table):
-    pct = lambda x: f"{100 * x:.2f}"  # noqa: E731
-    sgn = lambda x: "–" if x is None else f"{100 * x:+.2f}"  # noqa: E731
     seeds = [seed for seed, _, _ in worlds]
     centre = worlds[0][1]["rows"][0]["name"]
     lines = [f"# RL budget across {len(worlds)} dev worlds (seeds {', '.join(map(str, seeds))})", "",
@@ -214,11 +223,9 @@ def render_choice(worlds, chosen, table):
         r = next(r for r in per_world if r is not None)
         cells = ["–" if w is None else pct(w["avg_f1"]) + (" (centre)" if name == centre else
                  f", {sgn(w['delta'])} [{sgn(w['delta_low'])}, {sgn(w['delta_high'])}]") for w in per_world]
-        ran_all = all(w is not None for w in per_world)
-        above = name != centre and ran_all and all(w["delta_low"] is not None and w["delta_low"] > 0 for w in per_world)
-        mean = pct(np.mean([w["avg_f1"] for w in per_world])) if ran_all else "–"
-        lines.append(f"| {r['steps']} | {r['users']} | {r['lr']:g} | " + " | ".join(cells)
-                     + f" | {mean} | {'–' if name == centre else ('yes' if above else 'no')} |")
+        mean = pct(np.mean([w["avg_f1"] for w in per_world])) if None not in per_world else "–"
+        above = "–" if name == centre else ("yes" if all(map(above_centre, per_world)) else "no")
+        lines.append(f"| {r['steps']} | {r['users']} | {r['lr']:g} | " + " | ".join(cells) + f" | {mean} | {above} |")
     r = next(r for r in table[chosen] if r is not None)
     lines += ["", f"Choice: {r['steps']} steps, {r['users']} users a step, lr {r['lr']:g}"
               + (" (the centre: no other point is measured above it on every world)." if chosen == centre
@@ -239,8 +246,8 @@ def choose_main(argv):
     seeds = [seed for seed, _, _ in worlds]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"choose: the folders' dev worlds have seeds {seeds}; expected a world of its own seed each")
-    for folder, (seed, doc, settings) in zip(folders[1:], worlds[1:]):
-        first_doc, first_settings = worlds[0][1], worlds[0][2]
+    _, first_doc, first_settings = worlds[0]
+    for folder, (_, doc, settings) in zip(folders[1:], worlds[1:]):
         if doc["rows"][0]["name"] != first_doc["rows"][0]["name"]:
             raise ConfigError(f"choose: {folder} has centre {doc['rows'][0]['name']}, {folders[0]} has "
                               f"{first_doc['rows'][0]['name']}; expected one centre on every world")
@@ -248,7 +255,7 @@ def choose_main(argv):
         if differ:
             raise ConfigError(f"choose: {folder} and {folders[0]} ran rl.py with other settings ({', '.join(differ)}); "
                               "expected the same rl.py config on every world")
-    chosen, table = choose_across([(seed, doc["rows"]) for seed, doc, _ in worlds])
+    chosen, table = choose_across([doc["rows"] for _, doc, _ in worlds])
     md = render_choice(worlds, chosen, table)
     atomic_write_text(os.path.join(cfg.out, "choice.md"), md)
     atomic_write_text(os.path.join(cfg.out, "choice.json"), json.dumps(

@@ -75,13 +75,13 @@ def _row(name, avg_f1, low=None, high=None, steps=100, users=4, lr=1e-4):
 def test_across_worlds_a_point_moves_the_config_only_where_it_is_above_the_centre_on_every_world():
     w1 = [_row("c", 0.60), _row("a", 0.62, 0.005, 0.03), _row("b", 0.66, 0.02, 0.08), _row("d", 0.70, 0.05, 0.15)]
     w2 = [_row("c", 0.61), _row("a", 0.625, 0.001, 0.02), _row("b", 0.60, -0.02, 0.00)]  # b: not above; d: not run
-    chosen, table = budget.choose_across([(1000, w1), (1001, w2)])
+    chosen, table = budget.choose_across([w1, w2])
     assert chosen == "a"  # b and d are higher on world 1000, but b is not above on 1001 and d did not run there
     assert list(table) == ["c", "a", "b", "d"] and table["d"][1] is None and table["a"][1]["avg_f1"] == 0.625
     w2[1] = _row("a", 0.63, -0.001, 0.02)  # a's interval on 1001 now holds 0: no point is above everywhere
-    assert budget.choose_across([(1000, w1), (1001, w2)])[0] == "c"
+    assert budget.choose_across([w1, w2])[0] == "c"
     w2 += [_row("d", 0.64, 0.01, 0.05)]  # d above on both, its mean (0.70 + 0.64) / 2 above a's
-    assert budget.choose_across([(1000, w1), (1001, w2)])[0] == "d"
+    assert budget.choose_across([w1, w2])[0] == "d"
 
 
 def _world(folder, seed, rows, **settings):
