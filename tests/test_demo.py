@@ -102,7 +102,7 @@ def test_quick_ablations_run_each_switch_and_write_one_table(quick_run):
         assert any(flags in line for line in shown), flags
     # the continued-SFT control: from the SFT student, RL's 3 quick updates at rl_demo.json's lr and warm-up
     assert any("sft.py" in line and f"--model {out}/sft --init-student false" in line
-               and "--max-steps 3 --lr 0.0003 --warmup-steps 2" in line for line in shown), shown
+               and "--max-steps 3 --lr 0.0001 --warmup-steps 2" in line for line in shown), shown
     ablations = json.loads((out / "results.json").read_text(encoding="utf-8"))["ablations"]
     assert len(ablations) == 17 and "full method" in ablations
     assert all(0.0 <= m["avg_f1"] <= 1.0 for m in ablations.values())
