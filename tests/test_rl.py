@@ -22,6 +22,7 @@ from common import ConfigError, DataError, load_tokenizer, stop_ids_for
 from confprofile import format_answer, load_taxonomy, parse_answer, parse_answer_spans
 from model import ModelArgs, Transformer, init_weights, load_model
 from rollout import Sample, token_logprobs
+from pipeline import RL_ABLATIONS
 from sft import build_demo_student
 
 # A two-dimension taxonomy keeps the hand computations short (the functions only read its dimensions).
@@ -847,6 +848,26 @@ def test_rl_main_leaves_no_train_state_after_the_final_checkpoint(tiny_checkpoin
     assert not (out / "train_state").exists()
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG")  # drawn at the end of the run
+
+
+@pytest.mark.parametrize("key,flags", [(key, flags) for key, _, flags in RL_ABLATIONS])
+def test_each_rl_variant_of_the_ablations_trains_with_its_flags(tiny_checkpoint, rl_world, key, flags):
+    """Every RL row of `pipeline.py --ablations` is rl.py with its flags (pipeline.RL_ABLATIONS): each trains
+    here through rl.main, its rl_config.json holds the flags' values, and where a switch removes a mechanism
+    the metrics say so. (The quick pipeline test runs one RL variant end to end through the scripts.)"""
+    out = rl_world / "variants" / key
+    assert rl.main(rl_args(tiny_checkpoint, rl_world, out, max_steps=2, save_every=0) + flags) == str(out)
+    config = json.loads((out / "rl_config.json").read_text(encoding="utf-8"))
+    for flag, value in zip(flags[::2], flags[1::2]):
+        expected = {"true": True, "false": False}.get(value, value)
+        got = config[flag[2:].replace("-", "_")]
+        assert (got == float(expected) if isinstance(got, (int, float)) and not isinstance(got, bool) else got == expected), flag
+    metrics = read_metrics(out)
+    assert [r["step"] for r in metrics] == [1, 2] and (out / "model.safetensors").exists()
+    if "--confidence-weighting" in flags and config["confidence_weighting"] == "off":  # w = 1: confidence changes no reward
+        assert all(r["reward_flip"] == 0 for r in metrics)
+    if key == "rl_no_filter":
+        assert all(r["kept_frac"] == 1 for r in metrics)
 
 
 def test_rl_resume_with_other_settings_is_refused_naming_them(tiny_checkpoint, rl_world):
