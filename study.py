@@ -18,6 +18,8 @@ is read back from OUT/seedS/eval/KEY/predictions.jsonl on that seed's test users
   K seeds with replacement and, within each drawn seed, its test users with replacement; every row is
   scored on the same draw, so Δ is paired (`two_level_bootstrap`);
 * each seed's own Δ, and the reading: "no difference measured" when the interval of Δ holds 0;
+* Δ vs after SFT: the row minus the SFT student's, on the same draws (what RL, a variant or a control adds
+  over the student it starts from);
 * the RL runs' mechanism metrics (rl.py's metrics.jsonl, mean over a run's steps, then over the seeds):
   the difficulty filter's kept / too-easy / too-hard shares, vote_flip and reward_flip.
 
@@ -37,8 +39,8 @@ from evaluate import (avg_f1_from_counts, bootstrap_weights, cell_codes, count_t
                       prediction_table)
 from pipeline import RL_ABLATIONS, SFT_ABLATIONS, SFT_CONTROL, DemoConfig
 
-FULL = "student_rl"
-ROWS = ([("student_sft", "after SFT", None), (FULL, "after SFT + RL (full method)", "rl")]
+FULL, SFT = "student_rl", "student_sft"  # the reference of Δ vs full, and of Δ vs after SFT
+ROWS = ([(SFT, "after SFT", None), (FULL, "after SFT + RL (full method)", "rl")]
         + [(key, desc, None) for key, desc, _ in SFT_ABLATIONS]
         + [(key, desc, f"ablations/{key}/rl") for key, desc, _ in RL_ABLATIONS]
         + [(SFT_CONTROL[0], SFT_CONTROL[1], None)])  # (eval key, row name, the RL run's folder in a seed's out)
@@ -68,7 +70,7 @@ class StudyConfig:
     def rows(self):
         """The rows of ROWS this study reads: after SFT, the full method and the chosen variants."""
         keys = DemoConfig(ablations=True, variants=self.variants).variant_keys()
-        return [row for row in ROWS if row[0] in ("student_sft", FULL) or row[0] in keys]
+        return [row for row in ROWS if row[0] in (SFT, FULL) or row[0] in keys]
 
 
 # -----------------------------------------------------------------------------
@@ -131,16 +133,19 @@ def mechanism(run_dir):
 def study_table(seeds, per_seed, mechanisms, replicates, study_rows=ROWS):
     """The study's rows as dicts (study.json) from the seeds' counts and their RL runs' mechanism metrics."""
     estimate, boot = two_level_bootstrap(per_seed, replicates)
-    full = [key for key, _, _ in study_rows].index(FULL)
+    keys = [key for key, _, _ in study_rows]
+    full, sft = keys.index(FULL), keys.index(SFT)
     rows = []
     for r, (key, name, run) in enumerate(study_rows):
         per = [avg_f1_from_counts(count_table(rows_k[r])) - avg_f1_from_counts(count_table(rows_k[full]))
                for rows_k in per_seed]
         low, high = percentile_interval(boot[:, r] - boot[:, full])
         f1_low, f1_high = percentile_interval(boot[:, r])
+        sft_low, sft_high = percentile_interval(boot[:, r] - boot[:, sft])
         rows.append({"key": key, "row": name, "avg_f1": float(estimate[r]), "avg_f1_low": f1_low, "avg_f1_high": f1_high,
                      "delta": float(estimate[r] - estimate[full]), "delta_low": low, "delta_high": high,
                      "delta_per_seed": dict(zip(seeds, per)), "reading": "reference" if r == full else reading(low, high),
+                     "delta_sft": float(estimate[r] - estimate[sft]), "delta_sft_low": sft_low, "delta_sft_high": sft_high,
                      "mechanism": {m: float(np.mean([mk[key][m] for mk in mechanisms]))
                                    for m in MECHANISM if run and all(m in mk[key] for mk in mechanisms)}})
     return rows
@@ -154,14 +159,15 @@ def render(rows, seeds, replicates, n_users):
              f"avg F1 (%): mean over the seeds. Δ vs full: the row minus the full method on the same seed and users, "
              f"mean over the seeds. [95 %]: two-level percentile bootstrap over seeds and users ({replicates} "
              "replicates, paired). Mechanism: rl.py's metrics.jsonl, mean over the steps, then over the seeds.", "",
-             "| row | avg F1 [95 %] | Δ vs full [95 %] | Δ per seed | reading | kept | too easy | too hard | vote_flip "
-             "| reward_flip |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | avg F1 [95 %] | Δ vs full [95 %] | Δ per seed | reading | Δ vs after SFT [95 %] | kept | too easy "
+             "| too hard | vote_flip | reward_flip |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["mechanism"]
         mech = " | ".join(f"{m[k]:.3f}" if k in m else "–" for k in MECHANISM)
         lines.append(f"| {r['row']} | {pct(r['avg_f1'])} [{pct(r['avg_f1_low'])}, {pct(r['avg_f1_high'])}] | "
                      f"{sgn(r['delta'])} [{sgn(r['delta_low'])}, {sgn(r['delta_high'])}] | "
-                     f"{' / '.join(sgn(d) for d in r['delta_per_seed'].values())} | {r['reading']} | {mech} |")
+                     f"{' / '.join(sgn(d) for d in r['delta_per_seed'].values())} | {r['reading']} | "
+                     f"{sgn(r['delta_sft'])} [{sgn(r['delta_sft_low'])}, {sgn(r['delta_sft_high'])}] | {mech} |")
     return "\n".join(lines) + "\n"
 
 

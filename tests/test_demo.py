@@ -128,14 +128,19 @@ def test_quick_study_reads_the_seed_back_into_one_table(quick_run):
     assert len(rows) == 2 + len(VARIANTS) and doc["n_users"] == 200
     full = rows["student_rl"]
     assert full["reading"] == "reference" and full["delta"] == 0 and full["delta_per_seed"] == {"0": 0.0}
+    sft = rows["student_sft"]
+    assert sft["delta_sft"] == 0 and full["delta_sft"] == pytest.approx(-sft["delta"], abs=1e-12)  # RL over SFT
+    assert full["delta_sft_low"] == pytest.approx(-sft["delta_high"], abs=1e-12)  # the same draws, the other way round
     metrics = json.loads((out / "eval" / "student_sft" / "metrics.json").read_text(encoding="utf-8"))
     assert rows["student_sft"]["avg_f1"] == pytest.approx(metrics["avg_f1"], abs=1e-12)
     for r in rows.values():
         assert r["avg_f1_low"] <= r["avg_f1"] <= r["avg_f1_high"] and r["delta_low"] <= r["delta_high"]
+        assert r["delta_sft_low"] <= r["delta_sft_high"]
     assert set(full["mechanism"]) == {"kept_frac", "too_easy_frac", "too_hard_frac", "vote_flip", "reward_flip"}
     assert rows["rl_no_weighting"]["mechanism"]["reward_flip"] == 0.0  # confidence_weighting off: w = 1
     assert rows["student_sft"]["mechanism"] == {}
-    assert "| after SFT + RL (full method) |" in (out.parent / "study.md").read_text(encoding="utf-8")
+    md = (out.parent / "study.md").read_text(encoding="utf-8")
+    assert "| after SFT + RL (full method) |" in md and "| Δ vs after SFT [95 %] |" in md
 
 
 def test_quick_ablations_of_chosen_variants_table_only_those(quick_run):
