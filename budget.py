@@ -39,7 +39,7 @@ import sys
 
 import numpy as np
 
-from common import ConfigError, atomic_write_text, check_fields, load_config, opt, read_json, run_cli
+from common import ConfigError, atomic_write_text, check_fields, load_config, opt, pct, read_json, run_cli, sgn
 from confprofile import ROOT
 from pipeline import QUICK_RL, predict_and_evaluate, resume_flags, run_stage
 from plots import budget_figure, read_metrics, save_png
@@ -147,16 +147,6 @@ def choose_across(worlds):
     better = [name for name, per_world in table.items() if all(map(above_centre, per_world))]
     chosen = max(better, key=lambda n: np.mean([r["avg_f1"] for r in table[n]])) if better else worlds[0][0]["name"]
     return chosen, table
-
-
-def pct(x):
-    """A share as a percentage with two decimals (0.6543 -> '65.43'); '–' for None."""
-    return "–" if x is None else f"{100 * x:.2f}"
-
-
-def sgn(x):
-    """A difference of shares in signed points (0.0087 -> '+0.87'); '–' for None."""
-    return "–" if x is None else f"{100 * x:+.2f}"
 
 
 def render(rows, chosen, cfg, n_dev, headroom):

@@ -788,6 +788,20 @@ def require_model_dir(path):
                                 "directory (config.json, *.safetensors, tokenizer files)")
 
 # -----------------------------------------------------------------------------
+# Tables: shares written as percentages (the study's and the budget's markdown)
+
+
+def pct(x):
+    """A share as a percentage with two decimals (0.6543 -> '65.43'); '–' for None."""
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def sgn(x):
+    """A difference of shares in signed points (0.0087 -> '+0.87'); '–' for None."""
+    return "–" if x is None else f"{100 * x:+.2f}"
+
+
+# -----------------------------------------------------------------------------
 # Progress that reads well in a terminal and in a log file
 
 PROGRESS_EVERY_S = 30.0  # seconds between progress lines when the output is a log file, not a terminal

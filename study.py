@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from common import ConfigError, atomic_write_text, check_fields, iter_jsonl, load_config, opt, run_cli
+from common import ConfigError, atomic_write_text, check_fields, iter_jsonl, load_config, opt, pct, run_cli, sgn
 from confprofile import ROOT, load_taxonomy
 from evaluate import (avg_f1_from_counts, bootstrap_weights, cell_codes, count_table, percentile_interval,
                       prediction_table)
@@ -153,8 +153,6 @@ def study_table(seeds, per_seed, mechanisms, replicates, study_rows=ROWS):
 
 def render(rows, seeds, replicates, n_users):
     """study.md: one line per row."""
-    pct = lambda x: "–" if x is None else f"{100 * x:.2f}"  # noqa: E731
-    sgn = lambda x: "–" if x is None else f"{100 * x:+.2f}"  # noqa: E731
     lines = [f"# Stage-2 study: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {n_users} test users a seed", "",
              f"avg F1 (%): mean over the seeds. Δ vs full: the row minus the full method on the same seed and users, "
              f"mean over the seeds. [95 %]: two-level percentile bootstrap over seeds and users ({replicates} "

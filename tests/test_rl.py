@@ -859,12 +859,14 @@ def test_each_rl_variant_of_the_ablations_trains_with_its_flags(tiny_checkpoint,
     assert rl.main(rl_args(tiny_checkpoint, rl_world, out, max_steps=2, save_every=0) + flags) == str(out)
     config = json.loads((out / "rl_config.json").read_text(encoding="utf-8"))
     for flag, value in zip(flags[::2], flags[1::2]):
-        expected = {"true": True, "false": False}.get(value, value)
-        got = config[flag[2:].replace("-", "_")]
-        assert (got == float(expected) if isinstance(got, (int, float)) and not isinstance(got, bool) else got == expected), flag
+        try:
+            expected = json.loads(value)  # '1' -> 1, '0.5' -> 0.5, 'true' -> True
+        except ValueError:
+            expected = value  # 'off', 'majority', ...
+        assert config[flag[2:].replace("-", "_")] == expected, flag
     metrics = read_metrics(out)
     assert [r["step"] for r in metrics] == [1, 2] and (out / "model.safetensors").exists()
-    if "--confidence-weighting" in flags and config["confidence_weighting"] == "off":  # w = 1: confidence changes no reward
+    if config["confidence_weighting"] == "off":  # w = 1: confidence changes no reward
         assert all(r["reward_flip"] == 0 for r in metrics)
     if key == "rl_no_filter":
         assert all(r["kept_frac"] == 1 for r in metrics)
